@@ -1,0 +1,1 @@
+"""The Director repository: inventory, assignments, per-vehicle metadata (DESIGN 6)."""

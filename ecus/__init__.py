@@ -1,0 +1,1 @@
+"""ECU code: primary and secondary orchestrators, transport, slots, WASM host."""

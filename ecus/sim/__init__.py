@@ -1,0 +1,1 @@
+"""The ECU simulator harness: whole vehicles, faults and attacks (DESIGN 9)."""

@@ -1,0 +1,1 @@
+"""Primary <-> secondary links (DESIGN 4)."""

@@ -1,0 +1,204 @@
+"""One exception hierarchy for uptane-wasm (DESIGN 8).
+
+``UptaneError`` is the root. Errors about bad remote data also derive from
+python-tuf's ``RepositoryError`` so that code catching the TUF family catches
+them too. Every error that is evidence of an attack names it in ``attack``:
+that name is what an ECU puts into its next version report (Uptane 2.1,
+5.4.2.1 "attacks detected"), and ``attack_name()`` maps python-tuf's own
+exceptions onto the same vocabulary.
+
+Caller bugs are not ``UptaneError``: they raise ``ValueError``/``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+from tuf.api import exceptions as tuf_exc
+
+# Attack names of the Uptane threat model (Uptane 2.1, 4.3.1 - 4.3.4) plus the
+# CAN- and vehicle-level ones this project detects. Reports carry these strings.
+ATTACK_EAVESDROP: Final = "eavesdrop"
+ATTACK_DROP_REQUEST: Final = "drop_request"
+ATTACK_SLOW_RETRIEVAL: Final = "slow_retrieval"
+ATTACK_FREEZE: Final = "freeze"
+ATTACK_PARTIAL_BUNDLE: Final = "partial_bundle_installation"
+ATTACK_ROLLBACK: Final = "rollback"
+ATTACK_ENDLESS_DATA: Final = "endless_data"
+ATTACK_MIX_AND_MATCH: Final = "mix_and_match"
+ATTACK_ARBITRARY_SOFTWARE: Final = "arbitrary_software"
+ATTACK_WRONG_ECU: Final = "wrong_ecu"
+ATTACK_WRONG_VEHICLE: Final = "wrong_vehicle"
+ATTACK_REPLAYED_REPORT: Final = "replayed_report"
+ATTACK_SPOOFED_MESSAGE: Final = "spoofed_message"
+ATTACK_INVALID_METADATA: Final = "invalid_metadata"
+
+ATTACKS: Final = frozenset(
+    {
+        ATTACK_EAVESDROP,
+        ATTACK_DROP_REQUEST,
+        ATTACK_SLOW_RETRIEVAL,
+        ATTACK_FREEZE,
+        ATTACK_PARTIAL_BUNDLE,
+        ATTACK_ROLLBACK,
+        ATTACK_ENDLESS_DATA,
+        ATTACK_MIX_AND_MATCH,
+        ATTACK_ARBITRARY_SOFTWARE,
+        ATTACK_WRONG_ECU,
+        ATTACK_WRONG_VEHICLE,
+        ATTACK_REPLAYED_REPORT,
+        ATTACK_SPOOFED_MESSAGE,
+        ATTACK_INVALID_METADATA,
+    }
+)
+
+
+class UptaneError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    attack: ClassVar[str | None] = None
+
+
+# --- bad remote data (metadata, images, manifests) ---------------------------
+
+
+class UptaneRepositoryError(UptaneError, tuf_exc.RepositoryError):
+    """Remote metadata or images are invalid in an Uptane-specific way."""
+
+    attack: ClassVar[str | None] = ATTACK_INVALID_METADATA
+
+
+class MetadataError(UptaneRepositoryError):
+    """An Uptane field of TUF metadata is missing or malformed (DESIGN 3)."""
+
+
+class TargetMismatchError(UptaneRepositoryError):
+    """Director and Image repository disagree about a target (5.4.4.2 step 7)."""
+
+    attack: ClassVar[str | None] = ATTACK_ARBITRARY_SOFTWARE
+
+
+class HardwareIdMismatchError(TargetMismatchError):
+    """A target's hardware id does not fit the ECU (5.4.4.2, 5.4.4.1)."""
+
+    attack: ClassVar[str | None] = ATTACK_WRONG_ECU
+
+
+class ReleaseCounterRollbackError(UptaneRepositoryError):
+    """A target's release counter is lower than the installed one (5.4.4.2)."""
+
+    attack: ClassVar[str | None] = ATTACK_ROLLBACK
+
+
+class UnknownEcuError(UptaneRepositoryError):
+    """Director targets name an ECU that is not in this vehicle (5.4.4.2)."""
+
+    attack: ClassVar[str | None] = ATTACK_WRONG_ECU
+
+
+class DuplicateEcuError(UptaneRepositoryError):
+    """Director targets name one ECU more than once (5.4.4.2)."""
+
+    attack: ClassVar[str | None] = ATTACK_PARTIAL_BUNDLE
+
+
+class DelegationNotAllowedError(UptaneRepositoryError):
+    """Director targets carry delegations, which Uptane forbids (5.2.3)."""
+
+    attack: ClassVar[str | None] = ATTACK_INVALID_METADATA
+
+
+class VehicleIdMismatchError(UptaneRepositoryError):
+    """Director metadata was issued for another vehicle."""
+
+    attack: ClassVar[str | None] = ATTACK_WRONG_VEHICLE
+
+
+class UnsafeTargetPathError(UptaneRepositoryError):
+    """A target name would escape its directory or is not a plain relative path."""
+
+    attack: ClassVar[str | None] = ATTACK_ARBITRARY_SOFTWARE
+
+
+class ImageMismatchError(UptaneRepositoryError):
+    """Downloaded or received image bytes do not match their metadata."""
+
+    attack: ClassVar[str | None] = ATTACK_ARBITRARY_SOFTWARE
+
+
+class EndlessDataError(UptaneRepositoryError):
+    """More bytes arrived than the metadata allows."""
+
+    attack: ClassVar[str | None] = ATTACK_ENDLESS_DATA
+
+
+class SlowRetrievalError(UptaneRepositoryError):
+    """A download fell below the minimum rate."""
+
+    attack: ClassVar[str | None] = ATTACK_SLOW_RETRIEVAL
+
+
+# --- manifests ---------------------------------------------------------------
+
+
+class ManifestError(UptaneError):
+    """A vehicle version manifest or ECU version report is refused (5.4.2)."""
+
+    reason: str = "invalid_manifest"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+# --- ECU side ----------------------------------------------------------------
+
+
+class TransportError(UptaneError):
+    """The link to a secondary failed: timeout, bus off, oversized message."""
+
+
+class CodecError(UptaneError):
+    """Bytes could not be encoded or decoded as the expected ASN.1/DER value."""
+
+
+class InstallError(UptaneError):
+    """An image could not be installed; the previous slot stays active."""
+
+
+class WasmError(InstallError):
+    """A WASM module failed to validate, instantiate or run within its limits."""
+
+
+class KeyLoadError(UptaneError):
+    """A key or signer could not be loaded or generated."""
+
+
+class ConfigError(UptaneError):
+    """Configuration is missing or invalid; the message says what to fix."""
+
+
+# --- mapping onto reported attack names -------------------------------------
+
+_TUF_ATTACKS: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (tuf_exc.ExpiredMetadataError, ATTACK_FREEZE),
+    (tuf_exc.BadVersionNumberError, ATTACK_ROLLBACK),
+    (tuf_exc.EqualVersionNumberError, ATTACK_ROLLBACK),
+    (tuf_exc.DownloadLengthMismatchError, ATTACK_ENDLESS_DATA),
+    (tuf_exc.SlowRetrievalError, ATTACK_SLOW_RETRIEVAL),
+    (tuf_exc.LengthOrHashMismatchError, ATTACK_MIX_AND_MATCH),
+    (tuf_exc.UnsignedMetadataError, ATTACK_ARBITRARY_SOFTWARE),
+    (tuf_exc.RepositoryError, ATTACK_INVALID_METADATA),
+    (tuf_exc.DownloadError, ATTACK_DROP_REQUEST),
+)
+
+
+def attack_name(exc: BaseException) -> str | None:
+    """Return the attack an exception is evidence of, or None for plain faults."""
+    if isinstance(exc, UptaneError):
+        return exc.attack
+    for exc_type, name in _TUF_ATTACKS:
+        if isinstance(exc, exc_type):
+            return name
+    return None

@@ -1,0 +1,1 @@
+"""Sans-IO Uptane verification: bytes + reference time in, typed results out."""
