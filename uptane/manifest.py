@@ -1,0 +1,280 @@
+"""ECU version reports and vehicle version manifests (Uptane 2.1, 5.4.2).
+
+An ECU version report is a DER ``EcuVersionReport`` signed over its exact
+DER bytes (``SignedEcuVersionReport``); those bytes travel unchanged from
+the ECU through the primary to the Director, which verifies the signature
+with the key in its inventory. The vehicle version manifest is a JSON
+envelope (like TUF metadata) signed by the primary over canonical JSON:
+
+    {"signed": {"_type": "vehicle_manifest", "vin": ..., "primary_ecu_serial": ...,
+                "ecu_version_reports": {SERIAL: base64(SignedEcuVersionReport DER)}},
+     "signatures": [{"keyid": ..., "sig": ...}]}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from securesystemslib.formats import encode_canonical
+from securesystemslib.signer import Key, Signature, Signer
+
+from uptane import codec
+from uptane.errors import ATTACKS, CodecError, ManifestError
+from uptane.metadata import check_identifier
+
+MANIFEST_TYPE: Final = "vehicle_manifest"
+MAX_MANIFEST_SIZE: Final = 1_000_000
+MAX_REPORT_SIZE: Final = 8192
+
+RESULT_CODES: Final = (
+    "ok",
+    "metadataRejected",
+    "imageMismatch",
+    "transferIncomplete",
+    "trialFailed",
+    "rolledBack",
+    "noSpace",
+    "badRequest",
+    "busy",
+    "notReady",
+    "internalError",
+    "noUpdate",
+)
+
+
+@dataclass(frozen=True)
+class InstalledImage:
+    """What an ECU runs: target name, length, hashes (hex) and release counter."""
+
+    filename: str
+    length: int
+    hashes: Mapping[str, str]
+    release_counter: int
+
+    def to_asn1(self) -> dict[str, Any]:
+        try:
+            hashes = [
+                {"function": k, "digest": bytes.fromhex(v)} for k, v in sorted(self.hashes.items())
+            ]
+        except ValueError as e:
+            raise CodecError(f"hash is not hex: {e}") from e
+        return {
+            "filename": self.filename,
+            "length": self.length,
+            "hashes": hashes,
+            "releaseCounter": self.release_counter,
+        }
+
+    @classmethod
+    def from_asn1(cls, value: Mapping[str, Any]) -> InstalledImage:
+        hashes = {h["function"]: bytes(h["digest"]).hex() for h in value["hashes"]}
+        if len(hashes) != len(value["hashes"]):
+            raise CodecError("duplicate hash function in image info")
+        return cls(
+            filename=value["filename"],
+            length=value["length"],
+            hashes=hashes,
+            release_counter=value["releaseCounter"],
+        )
+
+
+@dataclass(frozen=True)
+class EcuVersionReport:
+    """Uptane 2.1, 5.4.2.1: what one ECU says it runs, and what it saw."""
+
+    ecu_serial: str
+    hardware_id: str
+    installed: InstalledImage | None
+    report_counter: int
+    latest_time: datetime
+    nonce: bytes = b""
+    attacks_detected: tuple[str, ...] = ()
+    last_result: str = "ok"
+    last_result_text: str = ""
+
+    def to_der(self) -> bytes:
+        if self.last_result not in RESULT_CODES:
+            raise ValueError(f"unknown result code {self.last_result!r}")
+        value: dict[str, Any] = {
+            "ecuSerial": self.ecu_serial,
+            "hardwareId": self.hardware_id,
+            "reportCounter": self.report_counter,
+            "nonce": self.nonce,
+            "latestTime": int(self.latest_time.timestamp()),
+            "attacksDetected": list(self.attacks_detected),
+            "lastResult": self.last_result,
+            "lastResultText": self.last_result_text,
+        }
+        if self.installed is not None:
+            value["installed"] = self.installed.to_asn1()
+        return codec.encode("EcuVersionReport", value)
+
+    @classmethod
+    def from_der(cls, data: bytes) -> EcuVersionReport:
+        v = codec.decode("EcuVersionReport", data, MAX_REPORT_SIZE)
+        for attack in v["attacksDetected"]:
+            if attack not in ATTACKS:
+                raise CodecError(f"unknown attack name {attack!r} in report")
+        return cls(
+            ecu_serial=v["ecuSerial"],
+            hardware_id=v["hardwareId"],
+            installed=InstalledImage.from_asn1(v["installed"]) if "installed" in v else None,
+            report_counter=v["reportCounter"],
+            latest_time=datetime.fromtimestamp(v["latestTime"], UTC),
+            nonce=bytes(v["nonce"]),
+            attacks_detected=tuple(v["attacksDetected"]),
+            last_result=v["lastResult"],
+            last_result_text=v["lastResultText"],
+        )
+
+
+@dataclass(frozen=True)
+class SignedEcuVersionReport:
+    """A report's exact DER bytes plus signatures over them."""
+
+    report_der: bytes
+    signatures: tuple[Signature, ...]
+
+    @classmethod
+    def sign(cls, report: EcuVersionReport, signer: Signer) -> SignedEcuVersionReport:
+        der = report.to_der()
+        return cls(report_der=der, signatures=(signer.sign(der),))
+
+    @property
+    def report(self) -> EcuVersionReport:
+        """The decoded report (unverified: call ``verify`` for trust)."""
+        return EcuVersionReport.from_der(self.report_der)
+
+    def to_der(self) -> bytes:
+        sigs = []
+        for s in self.signatures:
+            try:
+                sigs.append({"keyid": s.keyid, "value": bytes.fromhex(s.signature)})
+            except ValueError as e:
+                raise CodecError(f"signature is not hex: {e}") from e
+        return codec.encode(
+            "SignedEcuVersionReport", {"report": self.report_der, "signatures": sigs}
+        )
+
+    @classmethod
+    def from_der(cls, data: bytes) -> SignedEcuVersionReport:
+        v = codec.decode("SignedEcuVersionReport", data, MAX_REPORT_SIZE)
+        sigs = tuple(Signature(s["keyid"], bytes(s["value"]).hex()) for s in v["signatures"])
+        return cls(report_der=bytes(v["report"]), signatures=sigs)
+
+    def verify(self, key: Key) -> EcuVersionReport:
+        """Return the report if ``key`` signed these exact bytes (5.4.2.1)."""
+        for sig in self.signatures:
+            if sig.keyid != key.keyid:
+                continue
+            try:
+                key.verify_signature(sig, self.report_der)
+            except Exception as e:  # securesystemslib raises UnverifiedSignatureError
+                raise ManifestError(
+                    f"ECU version report signature by {key.keyid[:8]} is invalid: {e}",
+                    reason="bad_ecu_signature",
+                ) from e
+            return self.report
+        raise ManifestError(
+            f"ECU version report is not signed by key {key.keyid[:8]}",
+            reason="bad_ecu_signature",
+        )
+
+
+@dataclass(frozen=True)
+class VehicleVersionManifest:
+    """Uptane 2.1, 5.4.2.2: the primary's signed bundle of all ECU reports."""
+
+    vin: str
+    primary_ecu_serial: str
+    reports: Mapping[str, SignedEcuVersionReport] = field(default_factory=dict)
+
+    def signed_dict(self) -> dict[str, Any]:
+        return {
+            "_type": MANIFEST_TYPE,
+            "vin": self.vin,
+            "primary_ecu_serial": self.primary_ecu_serial,
+            "ecu_version_reports": {
+                serial: base64.b64encode(r.to_der()).decode("ascii")
+                for serial, r in sorted(self.reports.items())
+            },
+        }
+
+    def sign(self, signer: Signer) -> bytes:
+        """Return the signed JSON envelope, ready to PUT to the Director."""
+        signed = self.signed_dict()
+        sig = signer.sign(encode_canonical(signed).encode("utf-8"))
+        return json.dumps({"signed": signed, "signatures": [sig.to_dict()]}).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class SignedVehicleManifest:
+    """A parsed, not yet trusted, vehicle version manifest envelope."""
+
+    manifest: VehicleVersionManifest
+    signed_bytes: bytes
+    signatures: tuple[Signature, ...]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_size: int = MAX_MANIFEST_SIZE) -> SignedVehicleManifest:
+        """Parse and schema-check a manifest; every problem is a ``ManifestError``."""
+        if len(data) > max_size:
+            raise ManifestError(f"manifest is {len(data)} bytes, over {max_size}", "too_large")
+        try:
+            doc = json.loads(data)
+            signed = doc["signed"]
+            if not isinstance(signed, dict) or signed.get("_type") != MANIFEST_TYPE:
+                raise ManifestError("not a vehicle manifest", "malformed")
+            if set(signed) != {"_type", "vin", "primary_ecu_serial", "ecu_version_reports"}:
+                raise ManifestError("unexpected or missing fields in manifest", "malformed")
+            vin = check_identifier(signed["vin"], "vin")
+            primary = check_identifier(signed["primary_ecu_serial"], "primary_ecu_serial")
+            raw_reports = signed["ecu_version_reports"]
+            if not isinstance(raw_reports, dict) or len(raw_reports) > 256:
+                raise ManifestError("ecu_version_reports must be an object", "malformed")
+            reports = {}
+            for serial, b64 in raw_reports.items():
+                check_identifier(serial, "ecu serial")
+                if not isinstance(b64, str):
+                    raise ManifestError(f"report of {serial} must be base64", "malformed")
+                report = SignedEcuVersionReport.from_der(base64.b64decode(b64, validate=True))
+                reports[serial] = report
+            sig_list = doc["signatures"]
+            if not isinstance(sig_list, list) or not 1 <= len(sig_list) <= 8:
+                raise ManifestError("signatures must be a list of 1-8 entries", "malformed")
+            sigs = tuple(Signature.from_dict(dict(s)) for s in sig_list)
+        except ManifestError:
+            raise
+        except CodecError as e:
+            raise ManifestError(f"malformed ECU version report: {e}", "malformed") from e
+        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            raise ManifestError(f"malformed manifest: {e}", "malformed") from e
+        except Exception as e:  # e.g. MetadataError from check_identifier
+            raise ManifestError(f"malformed manifest: {e}", "malformed") from e
+        return cls(
+            manifest=VehicleVersionManifest(vin=vin, primary_ecu_serial=primary, reports=reports),
+            signed_bytes=encode_canonical(signed).encode("utf-8"),
+            signatures=sigs,
+        )
+
+    def verify(self, primary_key: Key) -> VehicleVersionManifest:
+        """Return the manifest if ``primary_key`` signed it (5.4.2.2)."""
+        for sig in self.signatures:
+            if sig.keyid == primary_key.keyid:
+                try:
+                    primary_key.verify_signature(sig, self.signed_bytes)
+                except Exception as e:
+                    raise ManifestError(
+                        f"vehicle manifest signature is invalid: {e}", "bad_primary_signature"
+                    ) from e
+                return self.manifest
+        raise ManifestError(
+            "vehicle manifest is not signed by the registered primary key",
+            "bad_primary_signature",
+        )
