@@ -120,6 +120,12 @@ class UnsafeTargetPathError(UptaneRepositoryError):
     attack: ClassVar[str | None] = ATTACK_ARBITRARY_SOFTWARE
 
 
+class DelegationViolationError(UptaneRepositoryError):
+    """A target is outside its delegation's paths or hardware ids (5.3.3)."""
+
+    attack: ClassVar[str | None] = ATTACK_ARBITRARY_SOFTWARE
+
+
 class ImageMismatchError(UptaneRepositoryError):
     """Downloaded or received image bytes do not match their metadata."""
 
@@ -136,6 +142,12 @@ class SlowRetrievalError(UptaneRepositoryError):
     """A download fell below the minimum rate."""
 
     attack: ClassVar[str | None] = ATTACK_SLOW_RETRIEVAL
+
+
+class MixAndMatchError(UptaneRepositoryError):
+    """A metadata file is newer than the signed index that points at it (4.3.3)."""
+
+    attack: ClassVar[str | None] = ATTACK_MIX_AND_MATCH
 
 
 # --- manifests ---------------------------------------------------------------
@@ -159,6 +171,22 @@ class TransportError(UptaneError):
     """The link to a secondary failed: timeout, bus off, oversized message."""
 
 
+class TransportTimeout(TransportError):
+    """No complete response arrived within the timeout (DESIGN 4)."""
+
+
+class MessageTooLarge(TransportError):
+    """A message exceeds the size limit of the link, on sending or on receipt."""
+
+
+class BusOffError(TransportError):
+    """The CAN controller is bus-off and cannot transmit."""
+
+
+class FramingError(TransportError):
+    """Transport framing broke (e.g. ISO-TP wrong sequence number, invalid frame)."""
+
+
 class CodecError(UptaneError):
     """Bytes could not be encoded or decoded as the expected ASN.1/DER value."""
 
@@ -168,7 +196,75 @@ class InstallError(UptaneError):
 
 
 class WasmError(InstallError):
-    """A WASM module failed to validate, instantiate or run within its limits."""
+    """A WASM module failed to validate, instantiate or run within its limits.
+
+    ``reason`` is one of ``WASM_REASONS``; the ECU reports it when it rolls back.
+    """
+
+    reason: ClassVar[str] = "invalid_module"
+
+
+class WasmInvalidModuleError(WasmError):
+    """The bytes are not a valid WASM binary module, or an import has the wrong type."""
+
+    reason: ClassVar[str] = "invalid_module"
+
+
+class WasmForbiddenImportError(WasmError):
+    """The module imports something its signed capabilities do not grant."""
+
+    reason: ClassVar[str] = "forbidden_import"
+
+
+class WasmTrapError(WasmError):
+    """The module trapped (unreachable, out-of-bounds access, bad host call...)."""
+
+    reason: ClassVar[str] = "trap"
+
+
+class WasmFuelExhaustedError(WasmError):
+    """A call used up its fuel budget (an endless loop, or too much work)."""
+
+    reason: ClassVar[str] = "fuel_exhausted"
+
+
+class WasmMemoryLimitError(WasmError):
+    """The module needs more linear memory than its signed ``memory_pages``."""
+
+    reason: ClassVar[str] = "memory_limit"
+
+
+class WasmSelfTestFailedError(WasmError):
+    """The module's ``self_test`` export returned non-zero."""
+
+    reason: ClassVar[str] = "self_test_failed"
+
+
+class WasmMissingExportError(WasmError):
+    """A required export (memory, self_test, tick) is missing or has the wrong type."""
+
+    reason: ClassVar[str] = "missing_export"
+
+
+class WasmHealthFailedError(WasmError):
+    """The module reported a non-zero health code during its trial."""
+
+    reason: ClassVar[str] = "health_failed"
+
+
+WASM_REASONS: Final = frozenset(
+    cls.reason
+    for cls in (
+        WasmInvalidModuleError,
+        WasmForbiddenImportError,
+        WasmTrapError,
+        WasmFuelExhaustedError,
+        WasmMemoryLimitError,
+        WasmSelfTestFailedError,
+        WasmMissingExportError,
+        WasmHealthFailedError,
+    )
+)
 
 
 class KeyLoadError(UptaneError):
@@ -177,6 +273,10 @@ class KeyLoadError(UptaneError):
 
 class ConfigError(UptaneError):
     """Configuration is missing or invalid; the message says what to fix."""
+
+
+class RepositoryEditError(UptaneError):
+    """An offline repository edit is refused; nothing was written."""
 
 
 # --- mapping onto reported attack names -------------------------------------

@@ -92,16 +92,38 @@ def generate_ed25519(directory: str | os.PathLike[str], name: str) -> KeyRef:
 
     Refuses to overwrite an existing key. The private key file is mode 0600.
     """
+    check_key_free(directory, name)
+    return write_key(directory, name, CryptoSigner.generate_ed25519())
+
+
+def check_key_free(directory: str | os.PathLike[str], name: str) -> None:
+    """Raise ``KeyLoadError`` if ``name`` is not a usable, unused key name."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise KeyLoadError(f"bad key name {name!r}")
+    d = Path(directory)
+    if (d / f"{name}.pem").exists() or (d / f"{name}.pub.json").exists():
+        raise KeyLoadError(f"key {name!r} already exists in {d}; refusing to overwrite")
+
+
+def write_key(directory: str | os.PathLike[str], name: str, signer: CryptoSigner) -> KeyRef:
+    """Write ``signer`` (a key generated in memory) as ``name.pem`` + ``name.pub.json``.
+
+    Lets a caller generate keys, sign with them, and store them only once the
+    whole edit succeeded. Refuses to overwrite an existing key.
+    """
+    check_key_free(directory, name)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     pem = d / f"{name}.pem"
     pub = d / f"{name}.pub.json"
-    if pem.exists() or pub.exists():
-        raise KeyLoadError(f"key {name!r} already exists in {d}; refusing to overwrite")
-    signer = CryptoSigner.generate_ed25519()
     _write_private(pem, signer.private_bytes)
     pub.write_text(json.dumps(public_key_dict(signer.public_key), indent=2), encoding="utf-8")
-    return KeyRef(public=signer.public_key, uri=f"file2:{pem.resolve()}")
+    return keyref_for(directory, name, signer.public_key)
+
+
+def keyref_for(directory: str | os.PathLike[str], name: str, public: Key) -> KeyRef:
+    """The ``KeyRef`` of a key stored (or to be stored) as ``directory/name.pem``."""
+    return KeyRef(public=public, uri=f"file2:{(Path(directory) / f'{name}.pem').resolve()}")
 
 
 def load_keyref(directory: str | os.PathLike[str], name: str) -> KeyRef:
@@ -109,3 +131,11 @@ def load_keyref(directory: str | os.PathLike[str], name: str) -> KeyRef:
     d = Path(directory)
     public = load_public_key(d / f"{name}.pub.json")
     return KeyRef(public=public, uri=f"file2:{(d / f'{name}.pem').resolve()}")
+
+
+def keyref_from_public_file(path: str | os.PathLike[str]) -> KeyRef:
+    """Load ``NAME.pub.json``; its private part, if held, is ``NAME.pem`` beside it."""
+    pub = Path(path)
+    public = load_public_key(pub)
+    name = pub.name.removesuffix(".json").removesuffix(".pub")
+    return keyref_for(pub.parent, name, public)

@@ -48,6 +48,13 @@ RESULT_CODES: Final = (
 )
 
 
+def _canonical(obj: Any) -> bytes:
+    """Canonical JSON bytes, the form a manifest signature covers."""
+    text = encode_canonical(obj)
+    assert text is not None  # only None when an output function is passed
+    return text.encode("utf-8")
+
+
 @dataclass(frozen=True)
 class InstalledImage:
     """What an ECU runs: target name, length, hashes (hex) and release counter."""
@@ -209,7 +216,7 @@ class VehicleVersionManifest:
     def sign(self, signer: Signer) -> bytes:
         """Return the signed JSON envelope, ready to PUT to the Director."""
         signed = self.signed_dict()
-        sig = signer.sign(encode_canonical(signed).encode("utf-8"))
+        sig = signer.sign(_canonical(signed))
         return json.dumps({"signed": signed, "signatures": [sig.to_dict()]}).encode("utf-8")
 
 
@@ -259,7 +266,7 @@ class SignedVehicleManifest:
             raise ManifestError(f"malformed manifest: {e}", "malformed") from e
         return cls(
             manifest=VehicleVersionManifest(vin=vin, primary_ecu_serial=primary, reports=reports),
-            signed_bytes=encode_canonical(signed).encode("utf-8"),
+            signed_bytes=_canonical(signed),
             signatures=sigs,
         )
 

@@ -99,6 +99,37 @@ class DirectoryStore:
         atomic_write(self._path(filename), data)
 
 
+class StagedStore:
+    """A ``MetadataStore`` that buffers writes over another store until ``commit``.
+
+    Lets an edit sign and check every role before anything is stored: reads
+    see the staged files, ``commit`` writes them to the base store in the
+    order they were last written (targets -> snapshot -> timestamp), and
+    ``discard`` drops them.
+    """
+
+    def __init__(self, base: MetadataStore) -> None:
+        self.base = base
+        self.pending: dict[str, bytes] = {}
+
+    def read(self, filename: str) -> bytes | None:
+        if filename in self.pending:
+            return self.pending[filename]
+        return self.base.read(filename)
+
+    def write(self, filename: str, data: bytes) -> None:
+        self.pending.pop(filename, None)  # keep the order of last writes
+        self.pending[filename] = data
+
+    def commit(self) -> None:
+        for filename, data in self.pending.items():
+            self.base.write(filename, data)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        self.pending.clear()
+
+
 class MemoryStore:
     """A ``MetadataStore`` in a dict, for tests and simulators."""
 
@@ -121,8 +152,12 @@ class ExpiryPolicy:
     snapshot: timedelta = timedelta(days=7)
     timestamp: timedelta = timedelta(days=1)
     delegated: timedelta = timedelta(days=90)
+    overrides: dict[str, timedelta] = field(default_factory=dict)
+    """Per-role expiry that wins over the defaults above (e.g. a one-off re-sign)."""
 
     def for_role(self, role: str) -> timedelta:
+        if role in self.overrides:
+            return self.overrides[role]
         return {
             Root.type: self.root,
             Targets.type: self.targets,
@@ -202,6 +237,14 @@ class SigningRepository(Repository):
         if delegated is None:
             raise ConfigError(f"role {role!r} is not delegated by any targets role")
         return set(delegated.keyids), delegated.threshold
+
+    def role_keys(self, role: str) -> tuple[set[str], int]:
+        """Keyids allowed to sign ``role`` and its signature threshold."""
+        return self._role_keyids(role, self.open(role))
+
+    def delegation(self, role: str) -> DelegatedRole | None:
+        """The ``DelegatedRole`` that delegates ``role``, or None if none does."""
+        return self._find_delegation(role)
 
     def _find_delegation(self, role: str) -> DelegatedRole | None:
         for parent in self.targets_roles():

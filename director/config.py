@@ -1,0 +1,174 @@
+"""Director configuration: a director directory with ``director.json`` (DESIGN 6).
+
+Layout written by ``uptane director init``::
+
+    DIR/director.json     this config (mode 0600: it holds the operator token)
+    DIR/keys/             NAME.pem + NAME.pub.json (root keys belong offline)
+    DIR/root/N.root.json  the Director root chain, signed offline (+ N.root.der)
+    DIR/image_root.json   trusted root of the Image repository (bootstrap)
+    DIR/director.db       the SQLite inventory, unless ``db_url`` says otherwise
+
+The app process only loads the online keys (targets, snapshot, timestamp);
+``root_keys`` are read by the CLI's ``init`` and ``rotate`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer
+
+from director.db import default_sqlite_url
+from uptane.errors import ConfigError, KeyLoadError
+from uptane.keys import KeyRef
+
+CONFIG_FILE = "director.json"
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+DEFAULT_PORT = 8084
+DEFAULT_MAX_BODY = 1_000_000
+TOKEN_ENV = "UPTANE_DIRECTOR_TOKEN"
+
+
+@dataclass
+class DirectorConfig:
+    """Everything a Director process needs; loaded from ``DIR/director.json``.
+
+    ``metadata_expiry`` is how long per-vehicle targets, snapshot and timestamp
+    stay valid; they are re-signed when less than ``refresh_margin`` is left
+    (or when assignments change), never per request.
+    """
+
+    directory: Path
+    token: str
+    db_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    image_repo_url: str | None = None
+    image_repo_root: str | None = "image_root.json"
+    image_repo_cache: str | None = None
+    online_keys: dict[str, list[KeyRef]] = field(default_factory=dict)
+    root_keys: list[KeyRef] = field(default_factory=list)
+    root_threshold: int = 1
+    metadata_expiry: timedelta = timedelta(days=1)
+    refresh_margin: timedelta = timedelta(hours=6)
+    root_expiry: timedelta = timedelta(days=365)
+    max_body: int = DEFAULT_MAX_BODY
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if not self.db_url:
+            self.db_url = default_sqlite_url(self.directory)
+        if self.refresh_margin >= self.metadata_expiry:
+            raise ConfigError("refresh_margin must be shorter than metadata_expiry")
+        if self.max_body < 1024:
+            raise ConfigError("max_body must be at least 1024 bytes")
+
+    @property
+    def root_dir(self) -> Path:
+        return self.directory / "root"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.directory / "keys"
+
+    def online_signers(self) -> list[Signer]:
+        """Signers of the online roles (loaded from their signer URIs)."""
+        signers = []
+        for role in ONLINE_ROLES:
+            refs = self.online_keys.get(role, [])
+            if not refs:
+                raise ConfigError(f"no {role} key in {self.directory / CONFIG_FILE}")
+            signers.extend(ref.signer() for ref in refs)
+        return signers
+
+    def root_signers(self) -> list[Signer]:
+        """Offline root signers: only for ``init``/``rotate``."""
+        return [ref.signer() for ref in self.root_keys]
+
+    def image_repo_root_bytes(self) -> bytes | None:
+        if self.image_repo_root is None:
+            return None
+        path = self.directory / self.image_repo_root
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ConfigError(f"cannot read Image repository root {path}: {e}") from e
+
+    # --- file form ---------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "db_url": self.db_url,
+            "token": self.token,
+            "host": self.host,
+            "port": self.port,
+            "image_repo_url": self.image_repo_url,
+            "image_repo_root": self.image_repo_root,
+            "image_repo_cache": self.image_repo_cache,
+            "online_keys": {
+                role: [ref.to_dict() for ref in refs] for role, refs in self.online_keys.items()
+            },
+            "root_keys": [ref.to_dict() for ref in self.root_keys],
+            "root_threshold": self.root_threshold,
+            "metadata_expiry_seconds": int(self.metadata_expiry.total_seconds()),
+            "refresh_margin_seconds": int(self.refresh_margin.total_seconds()),
+            "root_expiry_seconds": int(self.root_expiry.total_seconds()),
+            "max_body": self.max_body,
+        }
+
+    @classmethod
+    def from_dict(cls, directory: Path, data: Any) -> DirectorConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("director config must be a JSON object")
+        try:
+            return cls(
+                directory=directory,
+                token=os.environ.get(TOKEN_ENV) or str(data["token"]),
+                db_url=str(data.get("db_url") or ""),
+                host=str(data.get("host", "127.0.0.1")),
+                port=int(data.get("port", DEFAULT_PORT)),
+                image_repo_url=data.get("image_repo_url"),
+                image_repo_root=data.get("image_repo_root"),
+                image_repo_cache=data.get("image_repo_cache"),
+                online_keys={
+                    str(role): [KeyRef.from_dict(k) for k in refs]
+                    for role, refs in dict(data.get("online_keys", {})).items()
+                },
+                root_keys=[KeyRef.from_dict(k) for k in data.get("root_keys", [])],
+                root_threshold=int(data.get("root_threshold", 1)),
+                metadata_expiry=timedelta(seconds=int(data.get("metadata_expiry_seconds", 86400))),
+                refresh_margin=timedelta(seconds=int(data.get("refresh_margin_seconds", 21600))),
+                root_expiry=timedelta(seconds=int(data.get("root_expiry_seconds", 365 * 86400))),
+                max_body=int(data.get("max_body", DEFAULT_MAX_BODY)),
+            )
+        except (KeyError, TypeError, ValueError, KeyLoadError) as e:
+            raise ConfigError(f"invalid director config: {e}") from e
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> DirectorConfig:
+        d = Path(directory)
+        path = d / CONFIG_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path} not found: run `uptane director init {d}` first"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from e
+        return cls.from_dict(d, data)
+
+    def save(self) -> None:
+        """Write ``director.json`` (mode 0600) atomically."""
+        from uptane.repository import atomic_write
+
+        path = self.directory / CONFIG_FILE
+        atomic_write(path, json.dumps(self.to_dict(), indent=2).encode("utf-8") + b"\n")
+        os.chmod(path, 0o600)

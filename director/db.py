@@ -1,0 +1,270 @@
+"""The Director's inventory: SQLAlchemy 2 models, engine and transactions (DESIGN 6).
+
+Everything the Director knows lives here, so several app processes can share
+one PostgreSQL database: vehicles, their ECUs (serial, hardware id, public key,
+primary or not, last report counter), vehicle version manifests as received,
+assignments, install results, detected attacks, the Director root chain, and
+each vehicle's signed metadata files. The schema is created and upgraded by
+the Alembic migrations in ``director/migrations`` (``Database.migrate``).
+
+Write transactions lock what they change: on PostgreSQL the vehicle rows
+(``SELECT ... FOR UPDATE``), on SQLite the whole database (``BEGIN
+IMMEDIATE``), so check-then-write sequences such as the report counter check
+are atomic across threads and processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.pool import ConnectionPoolEntry
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Arbitrary constant key of the PostgreSQL advisory lock held while migrating.
+_MIGRATION_LOCK = 0x5550_7461_6E65
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Vehicle(Base):
+    __tablename__ = "vehicles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vin: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Per-vehicle metadata state: the earliest expiry of targets/snapshot/
+    # timestamp, the root version they were signed under, the targets version.
+    metadata_expires: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    root_version: Mapped[int] = mapped_column(Integer, default=0)
+    targets_version: Mapped[int] = mapped_column(Integer, default=0)
+
+    ecus: Mapped[list[Ecu]] = relationship(
+        back_populates="vehicle", order_by="Ecu.serial", cascade="all, delete-orphan"
+    )
+
+
+class Ecu(Base):
+    __tablename__ = "ecus"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    serial: Mapped[str] = mapped_column(String(128), unique=True)
+    hardware_id: Mapped[str] = mapped_column(String(128), index=True)
+    # TUF key dict including "keyid"
+    public_key: Mapped[dict[str, Any]] = mapped_column(JSON)
+    is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_report_counter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # InstalledImage as reported: filename, length, hashes, release_counter
+    installed: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_result: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    last_result_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    vehicle: Mapped[Vehicle] = relationship(back_populates="ecus")
+
+
+class VehicleManifestRecord(Base):
+    """A vehicle version manifest exactly as received (5.4.2.2)."""
+
+    __tablename__ = "manifests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Assignment(Base):
+    """An image the Director wants one ECU to install."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ecu_id: Mapped[int] = mapped_column(ForeignKey("ecus.id", ondelete="CASCADE"), index=True)
+    image: Mapped[str] = mapped_column(String(255))
+    length: Mapped[int] = mapped_column(BigInteger)
+    hashes: Mapped[dict[str, str]] = mapped_column(JSON)
+    # the Director target's custom: SHALL-match fields + ecu_serial
+    custom: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # pending -> installed | superseded
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    ecu: Mapped[Ecu] = relationship()
+
+
+class InstallResult(Base):
+    """An install outcome an ECU reported (its ``lastResult``), or a completion."""
+
+    __tablename__ = "install_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ecu_id: Mapped[int] = mapped_column(ForeignKey("ecus.id", ondelete="CASCADE"), index=True)
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id", ondelete="CASCADE"))
+    assignment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("assignments.id", ondelete="SET NULL"), nullable=True
+    )
+    result: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+    image: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DetectedAttack(Base):
+    """An attack an ECU named in its version report (5.4.2.1)."""
+
+    __tablename__ = "attacks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    ecu_id: Mapped[int] = mapped_column(ForeignKey("ecus.id", ondelete="CASCADE"))
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id", ondelete="CASCADE"))
+    attack: Mapped[str] = mapped_column(String(64))
+    report_counter: Mapped[int] = mapped_column(BigInteger)
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class MetadataFile(Base):
+    """One signed per-vehicle metadata file (``N.targets.json``, ``timestamp.json``, ...)."""
+
+    __tablename__ = "metadata_files"
+
+    vehicle_id: Mapped[int] = mapped_column(
+        ForeignKey("vehicles.id", ondelete="CASCADE"), primary_key=True
+    )
+    filename: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RootMetadata(Base):
+    """One version of the Director root, shared by every vehicle (JSON and DER)."""
+
+    __tablename__ = "root_metadata"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    der: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+def default_sqlite_url(directory: str | Path) -> str:
+    return f"sqlite:///{Path(directory).resolve() / 'director.db'}"
+
+
+def _sqlite_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's implicit
+    # transactions would leave reads outside the transaction).
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    write = conn.get_execution_options().get("director_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``: SQLite (file) or PostgreSQL (``postgresql+psycopg://``)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if u.get_backend_name() == "postgresql" and u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    return create_engine(u, pool_pre_ping=True)
+
+
+class Database:
+    """An engine plus short transactions; all Director state goes through here."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Session]:
+        """One database transaction: committed on exit, rolled back on error."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(director_write=write)
+            with conn.begin():
+                session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+                try:
+                    yield session
+                    session.flush()
+                finally:
+                    session.close()
+
+    def migrate(self) -> None:
+        """Bring the schema to the latest Alembic revision (safe to run concurrently)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(director_write=True)
+            with conn.begin():
+                if self.is_postgresql:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()

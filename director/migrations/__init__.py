@@ -1,0 +1,1 @@
+"""Alembic migrations of the Director inventory (run by ``Database.migrate``)."""

@@ -1,0 +1,78 @@
+"""The primary's HTTP fetcher for ngclient: slow-retrieval detection (4.3.1).
+
+A ``tuf.ngclient.Urllib3Fetcher`` that reads what arrives as it arrives
+(``read1``) and fails with ``uptane.errors.SlowRetrievalError`` when a
+download's average rate stays below the policy's minimum after its grace
+period, or when nothing arrives for ``socket_timeout`` seconds. Length caps
+(4.3.2 endless data) stay ngclient's: ``download_file(url, max_length)``.
+
+It also remembers the last metadata file it downloaded, so that the primary
+can tell a rollback from a mix-and-match when ngclient refuses a version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import unquote, urlsplit
+
+import urllib3
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import Urllib3Fetcher
+
+from ecus.config import DownloadPolicy
+from uptane.errors import SlowRetrievalError
+
+
+class PolicyFetcher(Urllib3Fetcher):
+    """``Urllib3Fetcher`` with a minimum average rate and a gap timeout."""
+
+    def __init__(
+        self, policy: DownloadPolicy, *, timer: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(socket_timeout=policy.socket_timeout, chunk_size=policy.chunk_size)  # type: ignore[arg-type]
+        self.policy = policy
+        self._timer = timer
+        self.last_metadata: tuple[str, bytes] | None = None
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            return super()._fetch(url)
+        except tuf_exc.SlowRetrievalError as e:
+            raise SlowRetrievalError(f"{url}: no response within {self.policy.socket_timeout}s") from e
+
+    def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
+        start = self._timer()
+        received = 0
+        url = getattr(response, "url", None) or "download"
+        try:
+            while True:
+                try:
+                    chunk = response.read1(self.chunk_size)
+                except urllib3.exceptions.TimeoutError as e:
+                    raise SlowRetrievalError(
+                        f"{url}: nothing received for {self.policy.socket_timeout}s "
+                        f"after {received} bytes"
+                    ) from e
+                if not chunk:
+                    return
+                received += len(chunk)
+                elapsed = self._timer() - start
+                if (
+                    elapsed > self.policy.grace_seconds
+                    and received < self.policy.min_bytes_per_second * elapsed
+                ):
+                    raise SlowRetrievalError(
+                        f"{url}: {received} bytes in {elapsed:.1f}s is below the minimum "
+                        f"of {self.policy.min_bytes_per_second:.0f} bytes/s"
+                    )
+                yield chunk
+        finally:
+            response.release_conn()
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """Download metadata (ngclient calls this for every metadata file)."""
+        self.last_metadata = None
+        data = super().download_bytes(url, max_length)
+        self.last_metadata = (unquote(urlsplit(url).path.rsplit("/", 1)[-1]), data)
+        return data

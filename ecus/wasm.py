@@ -1,0 +1,548 @@
+"""The WASM host of a secondary ECU, on wasmtime (DESIGN 5; Uptane 2.1, 5.4.3).
+
+An image is a binary WebAssembly module. It runs in a wasmtime ``Store`` with
+fuel (a deterministic budget per call) and a memory cap taken from the
+image's signed ``limits``; the only way out of the sandbox is the host
+functions that its signed ``capabilities`` grant.
+
+ABI (version 1)
+---------------
+Imports, all from module ``"uptane"``; each is granted only if its
+capability is among the image's signed capabilities:
+
+================================================  =================  ==================
+import                                            capability         behaviour
+================================================  =================  ==================
+``log(ptr: i32, len: i32)``                       ``log``            UTF-8 text from
+                                                                     memory to the log
+                                                                     sink (at most
+                                                                     ``MAX_LOG_BYTES``
+                                                                     kept, at most
+                                                                     ``MAX_LOGS_PER_CALL``
+                                                                     messages per call)
+``health(code: i32)``                             ``health``         0 = healthy; any
+                                                                     other code fails a
+                                                                     trial
+``sensor_read(channel: i32) -> i64``              ``sensor.read``    reads a sensor
+``actuator_write(channel: i32, value: i64)``      ``actuator.write`` 0 = written; -1 =
+``-> i32``                                                           refused: more than
+                                                                     ``actuator_writes_
+                                                                     per_tick`` writes
+                                                                     in this call (a
+                                                                     rate-limit violation
+                                                                     is recorded)
+================================================  =================  ==================
+
+Any other import (another module, another name, a memory/table/global
+import) or an import the capabilities do not grant fails with
+``WasmForbiddenImportError`` before any code of the module runs (the start
+function included); a granted import with the wrong signature is
+``WasmInvalidModuleError``.
+
+Exports: ``memory`` (the one linear memory, 32-bit), ``self_test() -> i32``
+(0 = pass), ``tick(t: i64) -> i64`` (the module's output for tick ``t``: its
+observable behaviour), optional ``version() -> i32``. A missing or mistyped
+export is ``WasmMissingExportError``.
+
+Limits (``uptane.metadata.Limits``): every call (the start function, each
+tick) gets ``fuel_per_call`` fuel, ``self_test`` gets ``self_test_fuel``;
+running out is ``WasmFuelExhaustedError``. Linear memory is capped at
+``memory_pages`` 64 KiB pages by the store limiter: a module that declares a
+larger minimum is refused (``WasmMemoryLimitError``) before it runs, and
+``memory.grow`` past the cap returns -1, so a module can never hold more. A
+trap (``unreachable`` or an out-of-bounds access, as an allocator failure
+ends in) while the memory has grown to the cap is reported as
+``WasmMemoryLimitError``; any other trap is ``WasmTrapError``.
+
+A trial (``WasmHost.trial``) compiles and instantiates the module, runs
+``self_test`` and then ``confirm_ticks`` ticks; the first failure stops it
+and names its ``reason`` (``uptane.errors.WASM_REASONS``). Rate-limit
+violations do not fail a trial (the write is refused, the module sees -1);
+they are counted in the result for the ECU to report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeVar
+
+import wasmtime
+
+from uptane.errors import (
+    WasmError,
+    WasmForbiddenImportError,
+    WasmFuelExhaustedError,
+    WasmHealthFailedError,
+    WasmInvalidModuleError,
+    WasmMemoryLimitError,
+    WasmMissingExportError,
+    WasmSelfTestFailedError,
+    WasmTrapError,
+)
+from uptane.metadata import (
+    CAP_ACTUATOR_WRITE,
+    CAP_HEALTH,
+    CAP_LOG,
+    CAP_SENSOR_READ,
+    Limits,
+    check_capabilities,
+)
+
+_T = TypeVar("_T")
+
+ABI_MODULE: Final = "uptane"
+WASM_MAGIC: Final = b"\0asm"
+PAGE_SIZE: Final = 65536
+MAX_LOG_BYTES: Final = 1024
+MAX_LOGS_PER_CALL: Final = 64
+# Store limits besides memory: one instance, one memory, a few small tables.
+MAX_TABLES: Final = 4
+MAX_TABLE_ELEMENTS: Final = 65536
+
+_I64_MIN: Final = -(2**63)
+_I64_MAX: Final = 2**63 - 1
+
+# Traps an allocator failure ends in; at the memory cap they mean "out of memory".
+_OOM_TRAPS: Final = frozenset(
+    {wasmtime.TrapCode.UNREACHABLE, wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS}
+)
+
+
+class Peripherals(Protocol):
+    """What an ECU lends its WASM app: sensors, actuators and a log sink."""
+
+    def read_sensor(self, channel: int) -> int:
+        """Return the current reading of ``channel`` (a signed 64-bit value)."""
+
+    def write_actuator(self, channel: int, value: int) -> None:
+        """Drive actuator ``channel`` to ``value``."""
+
+    def log(self, message: str) -> None:
+        """Record one log line from the app."""
+
+
+@dataclass
+class SimPeripherals:
+    """Deterministic simulated peripherals: fixed sensor values, recorded writes."""
+
+    sensors: dict[int, int] = field(default_factory=dict)
+    default_sensor: int = 0
+    writes: list[tuple[int, int]] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+
+    def read_sensor(self, channel: int) -> int:
+        return self.sensors.get(channel, self.default_sensor)
+
+    def write_actuator(self, channel: int, value: int) -> None:
+        self.writes.append((channel, value))
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+
+_VALTYPES: Final = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
+
+
+@dataclass(frozen=True)
+class _Sig:
+    """A function signature over i32/i64, comparable with wasmtime's ``FuncType``."""
+
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+
+    def functype(self) -> wasmtime.FuncType:
+        return wasmtime.FuncType(
+            [_VALTYPES[p]() for p in self.params], [_VALTYPES[r]() for r in self.results]
+        )
+
+    def matches(self, ty: wasmtime.FuncType) -> bool:
+        return _Sig.of(ty) == self
+
+    @staticmethod
+    def of(ty: wasmtime.FuncType) -> _Sig:
+        return _Sig(tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
+
+    def __str__(self) -> str:
+        return f"({', '.join(self.params)}) -> ({', '.join(self.results)})"
+
+
+# Host functions: name -> (capability, signature).
+_HOST_FUNCS: Final[dict[str, tuple[str, _Sig]]] = {
+    "log": (CAP_LOG, _Sig(("i32", "i32"), ())),
+    "health": (CAP_HEALTH, _Sig(("i32",), ())),
+    "sensor_read": (CAP_SENSOR_READ, _Sig(("i32",), ("i64",))),
+    "actuator_write": (CAP_ACTUATOR_WRITE, _Sig(("i32", "i64"), ("i32",))),
+}
+
+# Exported functions: name -> (signature, required).
+_EXPORT_FUNCS: Final[dict[str, tuple[_Sig, bool]]] = {
+    "self_test": (_Sig((), ("i32",)), True),
+    "tick": (_Sig(("i64",), ("i64",)), True),
+    "version": (_Sig((), ("i32",)), False),
+}
+
+
+def _trap_text(trap: wasmtime.Trap) -> str:
+    lines = [line.strip() for line in trap.message.splitlines() if line.strip()]
+    return lines[-1] if lines else "trap"
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """Outcome of trying an image: self-test plus confirmation window (DESIGN 5).
+
+    ``reason`` is None when ``passed``, else one of ``uptane.errors.WASM_REASONS``.
+    ``app`` is the instance that passed, ready to keep running (None on failure).
+    """
+
+    passed: bool
+    reason: str | None
+    detail: str
+    ticks_run: int
+    outputs: tuple[int, ...]
+    self_test_code: int | None = None
+    version: int | None = None
+    rate_limit_violations: int = 0
+    fuel_used: int = 0
+    app: WasmApp | None = field(default=None, repr=False, compare=False)
+
+
+class WasmHost:
+    """Compiles and runs images; holds the one wasmtime ``Engine`` of an ECU."""
+
+    def __init__(self) -> None:
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.wasm_threads = False
+        config.shared_memory = False
+        config.wasm_multi_memory = False
+        config.wasm_memory64 = False
+        config.cranelift_nan_canonicalization = True
+        config.wasm_relaxed_simd_deterministic = True
+        self.engine = wasmtime.Engine(config)
+
+    def compile(
+        self, module_bytes: bytes, capabilities: Iterable[str], limits: Limits
+    ) -> wasmtime.Module:
+        """Compile ``module_bytes`` and check its imports, exports and memory.
+
+        Raises a ``WasmError`` before any of the module's code has run.
+        """
+        granted = set(check_capabilities(capabilities))
+        if not module_bytes.startswith(WASM_MAGIC):
+            # wasmtime would parse non-binary input as WAT text: images are binary only.
+            raise WasmInvalidModuleError("image is not a binary WebAssembly module")
+        try:
+            module = wasmtime.Module(self.engine, module_bytes)
+        except wasmtime.WasmtimeError as e:
+            raise WasmInvalidModuleError(f"invalid WebAssembly module: {_first_line(e)}") from None
+        self._check_imports(module, granted)
+        self._check_exports(module, limits)
+        return module
+
+    @staticmethod
+    def _check_imports(module: wasmtime.Module, granted: set[str]) -> None:
+        for imp in module.imports:
+            where = f"{imp.module}.{imp.name}"
+            spec = _HOST_FUNCS.get(imp.name or "") if imp.module == ABI_MODULE else None
+            if spec is None:
+                raise WasmForbiddenImportError(f"import {where} is not a host function")
+            capability, sig = spec
+            if capability not in granted:
+                raise WasmForbiddenImportError(
+                    f"import {where} needs capability {capability!r}, which the image "
+                    "is not granted"
+                )
+            ty = imp.type
+            if not isinstance(ty, wasmtime.FuncType):
+                raise WasmForbiddenImportError(f"import {where} is not a function")
+            if not sig.matches(ty):
+                raise WasmInvalidModuleError(
+                    f"import {where} has signature {_Sig.of(ty)}, expected {sig}"
+                )
+
+    @staticmethod
+    def _check_exports(module: wasmtime.Module, limits: Limits) -> None:
+        exports = {exp.name: exp.type for exp in module.exports}
+        memory = exports.get("memory")
+        if not isinstance(memory, wasmtime.MemoryType):
+            raise WasmMissingExportError("module does not export its memory as 'memory'")
+        if memory.is_64 or memory.is_shared:
+            raise WasmInvalidModuleError("memory must be a plain 32-bit memory")
+        if memory.limits.min > limits.memory_pages:
+            raise WasmMemoryLimitError(
+                f"module needs {memory.limits.min} memory pages, limit is {limits.memory_pages}"
+            )
+        for name, (sig, required) in _EXPORT_FUNCS.items():
+            ty = exports.get(name)
+            if ty is None and not required:
+                continue
+            if not isinstance(ty, wasmtime.FuncType):
+                raise WasmMissingExportError(f"module does not export function {name}{sig}")
+            if not sig.matches(ty):
+                raise WasmMissingExportError(
+                    f"export {name} has signature {_Sig.of(ty)}, expected {sig}"
+                )
+
+    def load(
+        self,
+        module_bytes: bytes,
+        capabilities: Iterable[str],
+        limits: Limits,
+        peripherals: Peripherals,
+    ) -> WasmApp:
+        """Compile, check and instantiate an image under its limits (no self-test)."""
+        caps = check_capabilities(capabilities)
+        module = self.compile(module_bytes, caps, limits)
+        return WasmApp(self.engine, module, caps, limits, peripherals)
+
+    def trial(
+        self,
+        module_bytes: bytes,
+        capabilities: Iterable[str],
+        limits: Limits,
+        peripherals: Peripherals,
+        *,
+        start_tick: int = 0,
+    ) -> TrialResult:
+        """Try an image: load, ``self_test`` within its budget, then the confirmation window.
+
+        Ticks ``start_tick .. start_tick + confirm_ticks - 1`` each run within
+        ``fuel_per_call``. Any ``WasmError`` (including a non-zero self-test
+        result or a non-zero health code) ends the trial as not passed.
+        """
+        outputs: list[int] = []
+        app: WasmApp | None = None
+        self_test_code: int | None = None
+        try:
+            app = self.load(module_bytes, capabilities, limits, peripherals)
+            self_test_code = app.self_test()
+            if self_test_code != 0:
+                raise WasmSelfTestFailedError(f"self_test returned {self_test_code}")
+            app.check_health("self_test")
+            for t in range(start_tick, start_tick + limits.confirm_ticks):
+                outputs.append(app.tick(t))
+                app.check_health(f"tick {t}")
+        except WasmError as e:
+            return TrialResult(
+                passed=False,
+                reason=e.reason,
+                detail=str(e),
+                ticks_run=len(outputs),
+                outputs=tuple(outputs),
+                self_test_code=self_test_code,
+                rate_limit_violations=app.rate_limit_violations if app else 0,
+                fuel_used=app.fuel_used if app else 0,
+            )
+        return TrialResult(
+            passed=True,
+            reason=None,
+            detail=f"self_test passed and {len(outputs)} ticks confirmed",
+            ticks_run=len(outputs),
+            outputs=tuple(outputs),
+            self_test_code=self_test_code,
+            version=app.version(),
+            rate_limit_violations=app.rate_limit_violations,
+            fuel_used=app.fuel_used,
+            app=app,
+        )
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) if lines else type(e).__name__
+
+
+class WasmApp:
+    """One instantiated image, called under its limits (DESIGN 5).
+
+    Not thread-safe. After a call fails with a ``WasmError`` the app is
+    stopped: every later call raises that error again.
+    """
+
+    def __init__(
+        self,
+        engine: wasmtime.Engine,
+        module: wasmtime.Module,
+        capabilities: Iterable[str],
+        limits: Limits,
+        peripherals: Peripherals,
+    ) -> None:
+        self.limits = limits
+        self.capabilities = check_capabilities(capabilities)
+        self.peripherals = peripherals
+        self.rate_limit_violations = 0
+        self.logs_dropped = 0
+        self.fuel_used = 0
+        self.health = 0
+        self.health_reports: list[int] = []
+        self._failed: WasmError | None = None
+        self._call_name = "instantiate"
+        self._writes_this_call = 0
+        self._logs_this_call = 0
+        self._bad_health_this_call: list[int] = []
+
+        self._store = wasmtime.Store(engine)
+        self._store.set_limits(
+            memory_size=limits.memory_pages * PAGE_SIZE,
+            table_elements=MAX_TABLE_ELEMENTS,
+            instances=1,
+            tables=MAX_TABLES,
+            memories=1,
+        )
+        linker = wasmtime.Linker(engine)
+        self._define_host_functions(linker)
+        self._memory: wasmtime.Memory | None = None
+        self._initial_pages = 0
+        instance = self._run(
+            "instantiate", limits.fuel_per_call, lambda: linker.instantiate(self._store, module)
+        )
+        exports = instance.exports(self._store)
+        memory = exports["memory"]
+        if not isinstance(memory, wasmtime.Memory):  # pragma: no cover - checked in compile
+            raise WasmMissingExportError("'memory' export is not a memory")
+        self._memory = memory
+        self._initial_pages = memory.size(self._store)
+        self._funcs: dict[str, wasmtime.Func] = {}
+        for name in _EXPORT_FUNCS:
+            func = exports.get(name)
+            if isinstance(func, wasmtime.Func):
+                self._funcs[name] = func
+
+    # --- host functions -----------------------------------------------------
+
+    def _define_host_functions(self, linker: wasmtime.Linker) -> None:
+        impls: dict[str, tuple[Callable[..., object], bool]] = {
+            "log": (self._host_log, True),
+            "health": (self._host_health, False),
+            "sensor_read": (self._host_sensor_read, False),
+            "actuator_write": (self._host_actuator_write, False),
+        }
+        for name, (capability, sig) in _HOST_FUNCS.items():
+            if capability not in self.capabilities:
+                continue
+            func, access_caller = impls[name]
+            linker.define_func(
+                ABI_MODULE,
+                name,
+                sig.functype(),
+                func,
+                access_caller=access_caller,
+            )
+
+    def _host_log(self, caller: wasmtime.Caller, ptr: int, length: int) -> None:
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise WasmTrapError(f"{self._call_name}: log called without an exported memory")
+        size = memory.data_len(caller)
+        if ptr < 0 or length < 0 or ptr + length > size:
+            raise WasmTrapError(
+                f"{self._call_name}: log({ptr}, {length}) is outside memory of {size} bytes"
+            )
+        if self._logs_this_call >= MAX_LOGS_PER_CALL:
+            self.logs_dropped += 1
+            return
+        self._logs_this_call += 1
+        data = bytes(memory.read(caller, ptr, ptr + min(length, MAX_LOG_BYTES)))
+        self.peripherals.log(data.decode("utf-8", errors="replace"))
+
+    def _host_health(self, code: int) -> None:
+        self.health = code
+        self.health_reports.append(code)
+        if code != 0:
+            self._bad_health_this_call.append(code)
+
+    def _host_sensor_read(self, channel: int) -> int:
+        value = self.peripherals.read_sensor(channel)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not _I64_MIN <= value <= _I64_MAX
+        ):
+            raise ValueError(f"sensor {channel} returned {value!r}, not a signed 64-bit integer")
+        return value
+
+    def _host_actuator_write(self, channel: int, value: int) -> int:
+        if self._writes_this_call >= self.limits.actuator_writes_per_tick:
+            self.rate_limit_violations += 1
+            return -1
+        self._writes_this_call += 1
+        self.peripherals.write_actuator(channel, value)
+        return 0
+
+    # --- calls --------------------------------------------------------------
+
+    def _run(self, name: str, fuel: int, call: Callable[[], _T]) -> _T:
+        if self._failed is not None:
+            raise self._failed
+        self._call_name = name
+        self._writes_this_call = 0
+        self._logs_this_call = 0
+        self._bad_health_this_call = []
+        self._store.set_fuel(fuel)
+        try:
+            return call()
+        except WasmError as e:
+            self._failed = e
+            raise
+        except wasmtime.Trap as trap:
+            self._failed = self._classify(name, trap)
+            raise self._failed from None
+        except wasmtime.WasmtimeError as e:
+            self._failed = WasmTrapError(f"{name} failed: {_first_line(e)}")
+            raise self._failed from None
+        finally:
+            self.fuel_used += fuel - self._store.get_fuel()
+
+    def _classify(self, name: str, trap: wasmtime.Trap) -> WasmError:
+        code = trap.trap_code
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            budget = (
+                self.limits.self_test_fuel if name == "self_test" else self.limits.fuel_per_call
+            )
+            return WasmFuelExhaustedError(f"{name} used up its fuel ({budget})")
+        if self._memory is not None and code in _OOM_TRAPS:
+            pages = self._memory.size(self._store)
+            if pages >= self.limits.memory_pages and pages > self._initial_pages:
+                return WasmMemoryLimitError(
+                    f"{name} trapped ({_trap_text(trap)}) after growing memory to its cap of "
+                    f"{self.limits.memory_pages} pages"
+                )
+        return WasmTrapError(f"{name} trapped: {_trap_text(trap)}")
+
+    def _call_export(self, name: str, fuel: int, *args: int) -> int:
+        func = self._funcs[name]
+        result: object = self._run(name, fuel, lambda: func(self._store, *args))
+        if not isinstance(result, int):  # pragma: no cover - export types are checked
+            raise WasmTrapError(f"{name} returned {result!r}")
+        return result
+
+    def self_test(self) -> int:
+        """Run ``self_test`` within ``self_test_fuel``; return its code (0 = pass)."""
+        return self._call_export("self_test", self.limits.self_test_fuel)
+
+    def tick(self, t: int) -> int:
+        """Run ``tick(t)`` within ``fuel_per_call``; return the module's output."""
+        if not _I64_MIN <= t <= _I64_MAX:
+            raise ValueError(f"tick {t} is not a signed 64-bit integer")
+        return self._call_export("tick", self.limits.fuel_per_call, t)
+
+    def version(self) -> int | None:
+        """The module's ``version()`` if it exports one."""
+        if "version" not in self._funcs:
+            return None
+        return self._call_export("version", self.limits.fuel_per_call)
+
+    def check_health(self, what: str) -> None:
+        """Raise ``WasmHealthFailedError`` if the last call reported a non-zero health code."""
+        if self._bad_health_this_call:
+            codes = ", ".join(str(c) for c in self._bad_health_this_call)
+            self._failed = WasmHealthFailedError(f"{what} reported health code {codes}")
+            raise self._failed
+
+    @property
+    def memory_pages(self) -> int:
+        """Current size of the app's linear memory in pages."""
+        assert self._memory is not None
+        return self._memory.size(self._store)

@@ -1,0 +1,226 @@
+"""DER codec of the primary/secondary messages (DESIGN 4; uptane/asn1/uptane.asn)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uptane import codec
+from uptane.errors import CodecError
+
+# --- strategies for every SecondaryMessage alternative ------------------------
+
+_visible = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
+identifiers = _visible.filter(lambda s: len(s) <= 128).map(lambda s: s[:128])
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+filenames = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+lengths = st.integers(0, 2**32 - 1)
+nonces = st.binary(max_size=32)
+result_codes = st.sampled_from(
+    [
+        "ok",
+        "metadataRejected",
+        "imageMismatch",
+        "transferIncomplete",
+        "trialFailed",
+        "rolledBack",
+        "noSpace",
+        "badRequest",
+        "busy",
+        "notReady",
+        "internalError",
+        "noUpdate",
+    ]
+)
+hashes = st.lists(
+    st.fixed_dictionaries(
+        {
+            "function": st.sampled_from(["sha256", "sha512", "blake2b"]),
+            "digest": st.binary(min_size=16, max_size=64),
+        }
+    ),
+    min_size=1,
+    max_size=4,
+)
+image_infos = st.fixed_dictionaries(
+    {
+        "filename": filenames,
+        "length": lengths,
+        "hashes": hashes,
+        "releaseCounter": st.integers(0, 2**63 - 1),
+    }
+)
+signed_blobs = st.binary(min_size=1, max_size=300)
+
+MESSAGES: dict[str, st.SearchStrategy[Any]] = {
+    "infoRequest": st.fixed_dictionaries({"protocolVersion": st.integers(0, 255)}),
+    "infoResponse": st.fixed_dictionaries(
+        {
+            "ecuSerial": identifiers,
+            "hardwareId": identifiers,
+            "keyType": st.sampled_from(["ed25519", "ecdsa"]),
+            "scheme": st.sampled_from(["ed25519", "ecdsa-sha2-nistp256"]),
+            "publicKey": st.binary(min_size=1, max_size=100),
+            "protocolVersion": st.integers(0, 255),
+            "verificationMode": st.sampled_from(["partial", "full"]),
+            "freeSlotSize": lengths,
+        }
+    ),
+    "versionReportRequest": st.fixed_dictionaries({"nonce": nonces}),
+    "versionReportResponse": st.fixed_dictionaries({"signedReport": signed_blobs}),
+    "metadataPush": st.fixed_dictionaries(
+        {
+            "repository": st.sampled_from(["director", "image"]),
+            "role": st.sampled_from(["root", "targets"]),
+            "version": st.integers(1, 2**31 - 1),
+            "der": signed_blobs,
+        }
+    ),
+    "ack": st.fixed_dictionaries({"code": result_codes, "text": texts}),
+    "imageOffer": st.fixed_dictionaries({"image": image_infos}),
+    "imageChunk": st.fixed_dictionaries(
+        {"offset": lengths, "data": st.binary(min_size=1, max_size=500)}
+    ),
+    "chunkAck": st.fixed_dictionaries({"code": result_codes, "nextOffset": lengths}),
+    "installRequest": st.fixed_dictionaries({"filename": filenames}),
+    "installResult": st.fixed_dictionaries(
+        {"code": result_codes, "text": texts, "signedReport": signed_blobs}
+    ),
+    "timeMessage": st.fixed_dictionaries({"time": st.integers(0, 253402300799)}),
+}
+
+messages = st.sampled_from(sorted(MESSAGES)).flatmap(
+    lambda kind: st.tuples(st.just(kind), MESSAGES[kind])
+)
+
+
+def test_every_alternative_has_a_strategy() -> None:
+    alternatives = {m.name for m in codec.spec().types[codec.MESSAGE_TYPE].type.members}
+    assert alternatives == set(MESSAGES)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_message_round_trip(message: tuple[str, Any]) -> None:
+    kind, value = message
+    data = codec.encode_message(kind, value)
+    assert codec.decode_message(data) == (kind, value)
+    assert codec.expect_message(data, kind) == value
+    # DER is deterministic: decoding and re-encoding gives the same bytes.
+    assert codec.encode_message(*codec.decode_message(data)) == data
+
+
+def test_expect_message_refuses_other_kind() -> None:
+    data = codec.encode_message("timeMessage", {"time": 5})
+    with pytest.raises(CodecError, match="expected a ack message, got timeMessage"):
+        codec.expect_message(data, "ack")
+
+
+def test_decode_refuses_trailing_bytes() -> None:
+    data = codec.encode_message("timeMessage", {"time": 5})
+    assert codec.decode_message(data) == ("timeMessage", {"time": 5})
+    with pytest.raises(CodecError, match="trailing bytes"):
+        codec.decode_message(data + b"\x00")
+    with pytest.raises(CodecError, match="trailing bytes"):
+        codec.decode_message(data + data)
+
+
+def test_decode_refuses_oversize_before_parsing() -> None:
+    data = codec.encode_message("imageChunk", {"offset": 0, "data": b"x" * 100})
+    assert codec.decode_message(data, max_size=len(data))[0] == "imageChunk"
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        codec.decode_message(data, max_size=len(data) - 1)
+    # Garbage over the limit is refused for its size, not parsed.
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        codec.decode_message(b"\xff" * (codec.DEFAULT_MAX_MESSAGE + 1))
+
+
+def test_decode_refuses_empty_and_non_bytes() -> None:
+    with pytest.raises(CodecError, match="empty"):
+        codec.decode_message(b"")
+    with pytest.raises(CodecError, match="expected bytes"):
+        codec.decode_message("not bytes")  # type: ignore[arg-type]
+    # bytearray and memoryview are accepted.
+    data = codec.encode_message("timeMessage", {"time": 1})
+    assert codec.decode_message(bytearray(data)) == ("timeMessage", {"time": 1})
+    assert codec.decode_message(memoryview(data)) == ("timeMessage", {"time": 1})
+
+
+def test_decode_refuses_truncated_and_lying_lengths() -> None:
+    data = codec.encode_message("ack", {"code": "ok", "text": "fine"})
+    for cut in range(1, len(data)):
+        with pytest.raises(CodecError):
+            codec.decode_message(data[:cut])
+    # A header announcing 4 GiB with 2 bytes behind it.
+    with pytest.raises(CodecError):
+        codec.decode_message(b"\x30\x84\xff\xff\xff\xff\x00\x00")
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "needle"),
+    [
+        ("infoRequest", {"protocolVersion": 256}, "protocolVersion"),
+        ("versionReportRequest", {"nonce": b"n" * 33}, "nonce"),
+        ("timeMessage", {"time": -1}, "time"),
+        ("timeMessage", {"time": 253402300800}, "time"),
+        ("metadataPush", {"repository": "director", "role": "", "version": 1, "der": b"x"}, "role"),
+        ("metadataPush", {"repository": "director", "role": "r", "version": 0, "der": b"x"}, "version"),
+        ("imageChunk", {"offset": 0, "data": b""}, "data"),
+        ("installRequest", {"filename": ""}, "filename"),
+        ("ack", {"code": "ok", "text": "t" * 513}, "text"),
+        (
+            "infoResponse",
+            {
+                "ecuSerial": "a\x01",  # a control character is not a VisibleString
+                "hardwareId": "hw",
+                "keyType": "ed25519",
+                "scheme": "ed25519",
+                "publicKey": b"k",
+                "protocolVersion": 1,
+                "verificationMode": "full",
+                "freeSlotSize": 1,
+            },
+            "ecuSerial",
+        ),
+    ],
+)
+def test_constraint_violations_refused_both_ways(kind: str, value: Any, needle: str) -> None:
+    with pytest.raises(CodecError, match=needle):
+        codec.encode_message(kind, value)
+    # The same value encoded without constraint checks is refused on decode.
+    raw = bytes(codec.spec().encode(codec.MESSAGE_TYPE, (kind, value), check_constraints=False))
+    with pytest.raises(CodecError, match=needle):
+        codec.decode_message(raw)
+
+
+def test_unknown_enumeration_value_refused() -> None:
+    data = bytearray(codec.encode_message("ack", {"code": "noUpdate", "text": ""}))
+    # ack is [5] { code [0] ENUMERATED, text [1] }: the enumeration is 80 01 0b.
+    index = data.index(bytes([0x80, 0x01, 11]))
+    data[index + 2] = 99
+    with pytest.raises(CodecError):
+        codec.decode_message(bytes(data))
+
+
+def test_unknown_choice_alternative_refused() -> None:
+    data = bytearray(codec.encode_message("timeMessage", {"time": 5}))
+    assert data[0] == 0xAB  # [11] constructed
+    data[0] = 0xBE  # [30]: no such alternative
+    with pytest.raises(CodecError):
+        codec.decode_message(bytes(data))
+
+
+def test_encode_refuses_bad_values() -> None:
+    with pytest.raises(CodecError, match="cannot encode"):
+        codec.encode_message("noSuchMessage", {})
+    with pytest.raises(CodecError, match="cannot encode"):
+        codec.encode_message("timeMessage", {})
+    with pytest.raises(CodecError, match="cannot encode"):
+        codec.encode_message("timeMessage", {"time": "soon"})
+
+
+def test_spec_is_compiled_once() -> None:
+    assert codec.spec() is codec.spec()
