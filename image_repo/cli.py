@@ -156,8 +156,12 @@ def delegate(
 
 @cli.command()
 @_DIR
-@click.option("--role", "roles", multiple=True, help="Role to re-sign (default snapshot+timestamp).")
-@click.option("--expires-in", type=click.IntRange(min=1), help="Days until the new versions expire.")
+@click.option(
+    "--role", "roles", multiple=True, help="Role to re-sign (default snapshot+timestamp)."
+)
+@click.option(
+    "--expires-in", type=click.IntRange(min=1), help="Days until the new versions expire."
+)
 @_refusals
 def resign(repo_dir: Path, roles: tuple[str, ...], expires_in: int | None) -> None:
     """Re-sign roles with new versions and expiry."""

@@ -84,8 +84,7 @@ def create_app(repo_dir: str | os.PathLike[str]) -> Starlette:
         return serve_file
 
     routes = [
-        Route(f"/{kind}/{{path:path}}", handler(kind), methods=["GET", "HEAD"])
-        for kind in bases
+        Route(f"/{kind}/{{path:path}}", handler(kind), methods=["GET", "HEAD"]) for kind in bases
     ]
     return Starlette(routes=routes)
 

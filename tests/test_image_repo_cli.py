@@ -23,6 +23,12 @@ from uptane.repository import ExpiryPolicy
 WASM = bytes(wasmtime.wat2wasm("(module)"))
 WASM2 = bytes(wasmtime.wat2wasm('(module (func (export "self_test") (result i32) i32.const 0))'))
 
+
+def words(text: str) -> list[str]:
+    """Command-line arguments written as one string."""
+    return text.split()
+
+
 Run = Callable[..., Result]
 
 
@@ -71,9 +77,11 @@ def repo(tmp_path: Path, run: Run) -> Path:
 @pytest.fixture
 def supplier_repo(repo: Path, run: Run) -> Path:
     result = run(
-        "delegate", repo, "acme", "--path", "acme/*", "--hardware-id", "brake-ecu",
-        "--hardware-id", "abs-ecu",
-    )  # fmt: skip
+        "delegate",
+        repo,
+        "acme",
+        *words("--path acme/* --hardware-id brake-ecu --hardware-id abs-ecu"),
+    )
     assert result.exit_code == 0, result.output
     return repo
 
@@ -132,13 +140,11 @@ def test_commands_refuse_a_dir_that_is_not_a_repository(tmp_path: Path, run: Run
 def test_add_publishes_hash_prefixed_image_with_custom_fields(
     repo: Path, run: Run, app: Path
 ) -> None:
-    ok(
-        run(
-            "add", repo, app, "--name", "body/app.wasm", "--hardware-id", "door-ecu",
-            "--hardware-id", "seat-ecu", "--release-counter", 7, "--capability", "log",
-            "--capability", "sensor.read", "--fuel", 5000, "--memory-pages", 2,
-        )  # fmt: skip
+    args = (
+        "--name body/app.wasm --hardware-id door-ecu --hardware-id seat-ecu --release-counter 7 "
+        "--capability log --capability sensor.read --fuel 5000 --memory-pages 2"
     )
+    ok(run("add", repo, app, *words(args)))
     sha = hashlib.sha256(WASM).hexdigest()
     assert (repo / "targets" / "body" / f"{sha}.app.wasm").read_bytes() == WASM
     targets = md(repo, "2.targets.json").signed
@@ -174,12 +180,8 @@ def test_add_to_supplier_role_signs_it_with_the_supplier_key(
     supplier_repo: Path, run: Run, app: Path
 ) -> None:
     top_before = version(supplier_repo, "targets")
-    ok(
-        run(
-            "add", supplier_repo, app, "--name", "acme/brake.wasm", "--hardware-id",
-            "brake-ecu", "--release-counter", 1, "--role", "acme",
-        )  # fmt: skip
-    )
+    args = "--name acme/brake.wasm --hardware-id brake-ecu --release-counter 1 --role acme"
+    ok(run("add", supplier_repo, app, *words(args)))
     assert version(supplier_repo, "targets") == top_before  # only the supplier role changed
     acme = md(supplier_repo, "acme.json")
     assert "acme/brake.wasm" in acme.signed.targets
@@ -197,12 +199,16 @@ REFUSALS = [
         id="release-counter-rollback",
     ),
     pytest.param(
-        [("app.wasm", ["--release-counter", 5, "--name", "acme/x.wasm", "--role", "acme",
-                       "--hardware-id", "brake-ecu"])],
+        [
+            (
+                "app.wasm",
+                words("--release-counter 5 --name acme/x.wasm --role acme --hardware-id brake-ecu"),
+            )
+        ],
         ["--release-counter", 4, "--name", "acme/x.wasm"],
         "already published by role 'acme'",
         id="release-counter-rollback-other-role",
-    ),  # fmt: skip
+    ),
     pytest.param([], ["--capability", "network.raw"], "unknown capability", id="capability"),
     pytest.param([], ["--name", "../evil.wasm"], "not a plain relative path", id="dotdot"),
     pytest.param([], ["--name", "/etc/evil.wasm"], "not a plain relative path", id="absolute"),
@@ -293,12 +299,20 @@ def test_delegate_adds_terminating_role_with_hardware_ids(supplier_repo: Path) -
 def test_delegate_with_external_key_and_threshold(repo: Path, run: Run, tmp_path: Path) -> None:
     k1 = generate_ed25519(tmp_path / "supplier", "s1")
     k2 = generate_ed25519(tmp_path / "supplier", "s2")
+    keys = [
+        "--key",
+        tmp_path / "supplier" / "s1.pub.json",
+        "--key",
+        tmp_path / "supplier" / "s2.pub.json",
+    ]
     ok(
         run(
-            "delegate", repo, "tier1", "--path", "tier1/*", "--hardware-id", "hw",
-            "--key", tmp_path / "supplier" / "s1.pub.json",
-            "--key", tmp_path / "supplier" / "s2.pub.json", "--threshold", 2,
-        )  # fmt: skip
+            "delegate",
+            repo,
+            "tier1",
+            *words("--path tier1/* --hardware-id hw --threshold 2"),
+            *keys,
+        )
     )
     status = ImageRepository(repo).status().role("tier1")
     assert set(status.keyids) == {k1.keyid, k2.keyid}
@@ -313,12 +327,8 @@ def test_delegate_external_public_key_only_defers_the_role(
     pem = tmp_path / "supplier" / "s1.pem"
     held = pem.read_bytes()
     pem.unlink()  # the supplier keeps the private key
-    ok(
-        run(
-            "delegate", repo, "tier1", "--path", "tier1/*", "--hardware-id", "hw",
-            "--key", tmp_path / "supplier" / "s1.pub.json",
-        )  # fmt: skip
-    )
+    key = ["--key", tmp_path / "supplier" / "s1.pub.json"]
+    ok(run("delegate", repo, "tier1", *words("--path tier1/* --hardware-id hw"), *key))
     assert not (repo / "metadata" / "tier1.json").exists()
     args = ["--name", "tier1/a.wasm", "--role", "tier1", "--hardware-id", "hw"]
     before = tree(repo)
@@ -354,10 +364,8 @@ def test_delegate_refusals(supplier_repo: Path, run: Run, args: list[str], messa
 def test_delegate_refuses_threshold_above_keys(repo: Path, run: Run, tmp_path: Path) -> None:
     generate_ed25519(tmp_path, "s1")
     before = tree(repo)
-    result = run(
-        "delegate", repo, "s", "--path", "s/*", "--hardware-id", "hw",
-        "--key", tmp_path / "s1.pub.json", "--threshold", 2,
-    )  # fmt: skip
+    key = ["--key", tmp_path / "s1.pub.json"]
+    result = run("delegate", repo, "s", *words("--path s/* --hardware-id hw --threshold 2"), *key)
     assert result.exit_code != 0 and "cannot be reached" in result.output
     assert tree(repo) == before
 
@@ -407,7 +415,8 @@ def test_status_lists_roles_and_targets(supplier_repo: Path, run: Run, app: Path
     for word in ("root", "targets", "snapshot", "timestamp", "acme", "app.wasm", "acme/*"):
         assert word in text
     data = json.loads(ok(run("status", supplier_repo, "--json")).output)
-    assert {r["name"] for r in data["roles"]} == {"root", "targets", "snapshot", "timestamp", "acme"}
+    names = {r["name"] for r in data["roles"]}
+    assert names == {"root", "targets", "snapshot", "timestamp", "acme"}
     assert all(r["signed"] for r in data["roles"])
     [target] = data["targets"]
     assert target["name"] == "app.wasm" and target["custom"]["release_counter"] == 4
@@ -432,8 +441,8 @@ def test_rotate_targets_key(repo: Path, run: Run) -> None:
 def test_rotate_supplier_key(supplier_repo: Path, run: Run, tmp_path: Path) -> None:
     new = generate_ed25519(tmp_path, "acme-next")
     old = ImageRepository(supplier_repo).status().role("acme").keyids[0]
-    ok(run("rotate-key", supplier_repo, "acme", "--old", old, "--new-key",
-           tmp_path / "acme-next.pub.json"))  # fmt: skip
+    new_key = ["--new-key", tmp_path / "acme-next.pub.json"]
+    ok(run("rotate-key", supplier_repo, "acme", "--old", old, *new_key))
     acme = ImageRepository(supplier_repo).status().role("acme")
     assert acme.keyids == (new.keyid,) and acme.signed
     assert set(md(supplier_repo, "acme.json").signatures) == {new.keyid}
@@ -457,8 +466,8 @@ def test_rotate_key_refusals(repo: Path, run: Run, args: list[str], message: str
 def test_rotate_key_refuses_a_key_already_in_the_role(repo: Path, run: Run) -> None:
     keyids = md(repo, "root.json").signed.roles["root"].keyids
     before = tree(repo)
-    result = run("rotate-key", repo, "root", "--old", keyids[0],
-                 "--new-key", repo / "keys" / "root-2.pub.json")  # fmt: skip
+    new_key = ["--new-key", repo / "keys" / "root-2.pub.json"]
+    result = run("rotate-key", repo, "root", "--old", keyids[0], *new_key)
     assert result.exit_code != 0 and "already signs role 'root'" in result.output
     assert tree(repo) == before
 

@@ -14,7 +14,7 @@ import pytest
 import wasmtime
 from click.testing import CliRunner, Result
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, Timestamp
+from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import Updater
 
@@ -26,6 +26,12 @@ from uptane.keys import KeyRef
 
 WASM = bytes(wasmtime.wat2wasm("(module)"))
 SUPPLIER_WASM = bytes(wasmtime.wat2wasm('(module (func (export "tick")))'))
+
+
+def words(text: str) -> list[str]:
+    """Command-line arguments written as one string."""
+    return text.split()
+
 
 Server = Callable[[Any], str]
 
@@ -67,9 +73,8 @@ def get(base: str, raw_path: str, method: str = "GET") -> tuple[int, dict[str, s
 def retired_signer(repo: Path, role: str) -> Any:
     config = json.loads((repo / "image-repo.json").read_text())
     [ref] = [KeyRef.from_dict(r) for r in config["retired"]]
-    assert ref.keyid not in Metadata.from_bytes(
-        (repo / "metadata" / "root.json").read_bytes()
-    ).signed.roles[role].keyids
+    root = Metadata[Root].from_bytes((repo / "metadata" / "root.json").read_bytes())
+    assert ref.keyid not in root.signed.roles[role].keyids
     return ref.signer()
 
 
@@ -87,14 +92,13 @@ def test_ngclient_downloads_images_including_a_delegated_one(
     app.write_bytes(WASM)
     brake = tmp_path / "brake.wasm"
     brake.write_bytes(SUPPLIER_WASM)
-    run("add", repo, app, "--name", "body/app.wasm", "--hardware-id", "door-ecu",
-        "--release-counter", 3, "--capability", "log", "--fuel", 1234)  # fmt: skip
+    args = "--name body/app.wasm --hardware-id door-ecu --release-counter 3 --capability log"
+    run("add", repo, app, *words(args), "--fuel", 1234)
     run("delegate", repo, "acme", "--path", "acme/*", "--hardware-id", "brake-ecu")
-    run("add", repo, brake, "--name", "acme/brake.wasm", "--hardware-id", "brake-ecu",
-        "--release-counter", 9, "--capability", "actuator.write", "--role", "acme")  # fmt: skip
-    assert "acme/brake.wasm" not in Metadata.from_bytes(
-        (repo / "metadata" / "targets.json").read_bytes()
-    ).signed.targets  # reachable only through the delegation
+    args = "--name acme/brake.wasm --hardware-id brake-ecu --release-counter 9 --role acme"
+    run("add", repo, brake, *words(args), "--capability", "actuator.write")
+    top = Metadata[Targets].from_bytes((repo / "metadata" / "targets.json").read_bytes())
+    assert "acme/brake.wasm" not in top.signed.targets  # reachable only through the delegation
 
     base = asgi_server(create_app(repo))
     client = tmp_path / "client"
