@@ -8,30 +8,18 @@ functions that its signed ``capabilities`` grant.
 ABI (version 1)
 ---------------
 Imports, all from module ``"uptane"``; each is granted only if its
-capability is among the image's signed capabilities:
+capability (in brackets) is among the image's signed capabilities:
 
-================================================  =================  ==================
-import                                            capability         behaviour
-================================================  =================  ==================
-``log(ptr: i32, len: i32)``                       ``log``            UTF-8 text from
-                                                                     memory to the log
-                                                                     sink (at most
-                                                                     ``MAX_LOG_BYTES``
-                                                                     kept, at most
-                                                                     ``MAX_LOGS_PER_CALL``
-                                                                     messages per call)
-``health(code: i32)``                             ``health``         0 = healthy; any
-                                                                     other code fails a
-                                                                     trial
-``sensor_read(channel: i32) -> i64``              ``sensor.read``    reads a sensor
-``actuator_write(channel: i32, value: i64)``      ``actuator.write`` 0 = written; -1 =
-``-> i32``                                                           refused: more than
-                                                                     ``actuator_writes_
-                                                                     per_tick`` writes
-                                                                     in this call (a
-                                                                     rate-limit violation
-                                                                     is recorded)
-================================================  =================  ==================
+- ``log(ptr: i32, len: i32)`` [``log``]: UTF-8 text at ``ptr`` in the
+  module's memory goes to the log sink (at most ``MAX_LOG_BYTES`` bytes kept,
+  at most ``MAX_LOGS_PER_CALL`` messages per call); a range outside memory
+  traps.
+- ``health(code: i32)`` [``health``]: 0 = healthy; any other code fails a
+  trial (``WasmHealthFailedError``).
+- ``sensor_read(channel: i32) -> i64`` [``sensor.read``]: a sensor reading.
+- ``actuator_write(channel: i32, value: i64) -> i32`` [``actuator.write``]:
+  0 = written; -1 = refused because the call already made
+  ``actuator_writes_per_tick`` writes (a rate-limit violation is recorded).
 
 Any other import (another module, another name, a memory/table/global
 import) or an import the capabilities do not grant fails with

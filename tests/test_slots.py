@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,7 +57,9 @@ def write_all(store: SlotStore, target: InstalledTarget, data: bytes) -> None:
     writer.finish()
 
 
-def install(store: SlotStore, target: InstalledTarget, data: bytes, outcome: str = "commit") -> None:
+def install(
+    store: SlotStore, target: InstalledTarget, data: bytes, outcome: str = "commit"
+) -> None:
     write_all(store, target, data)
     trial = store.start_trial()
     assert trial.image == data and trial.trial
@@ -289,6 +290,8 @@ def test_resume_after_restart(v1_store: SlotStore) -> None:
         f.write(b"garbage")
 
     store = SlotStore(v1_store.path)
+    assert store.slot_info("b").status == WRITING
+    assert store.slot_info("b").written == 2 * CHUNK
     resumed = store.resume_image(T2)
     assert resumed.offset == 2 * CHUNK
     assert store.slot_path("b").stat().st_size == 2 * CHUNK
@@ -462,5 +465,3 @@ def test_power_cut_enumeration_covers_resumed_install(tmp_path: Path) -> None:
 
 def test_write_points_are_documented() -> None:
     assert {"begin", "chunk", "finish", "start_trial", "commit", "rollback"} <= WRITE_POINTS
-
-

@@ -1,0 +1,1 @@
+"""WAT sources of the demo apps (compiled by wasmtime at publish time)."""

@@ -1,0 +1,475 @@
+"""The Director's HTTP API: a FastAPI app over ``director.service.Director`` (DESIGN 6).
+
+Vehicle-facing (no token; every piece of trust is in signatures):
+
+- ``GET /vehicles/{vin}/metadata/{file}``: per-vehicle TUF repository with
+  consistent snapshots (``N.root.json``, ``timestamp.json``,
+  ``N.snapshot.json``, ``N.targets.json``) and DER forms (``N.root.der``,
+  ``N.targets.der``, ``root.der``, ``targets.der``); ``GET /root/{file}`` the
+  shared root chain.
+- ``PUT /vehicles/{vin}/manifest``: a signed vehicle version manifest; 200
+  ``{"accepted": true, "metadata_version": N}`` or 4xx
+  ``{"error": reason, "detail": text}``.
+
+Operator-facing (``Authorization: Bearer <token>``, 401 without): register
+vehicles, assign images, list vehicles. Every request body is capped at
+``max_body`` bytes (by Content-Length and while reading) and validated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from director.config import DEFAULT_MAX_BODY
+from director.errors import DirectorError
+from director.service import (
+    AssignmentInfo,
+    Director,
+    EcuSpec,
+    VehicleStatus,
+    check_ecu_key,
+)
+from uptane.errors import ConfigError, ManifestError, UptaneError
+from uptane.manifest import MANIFEST_TYPE
+
+logger = logging.getLogger(__name__)
+
+# HTTP status of each manifest refusal reason.
+MANIFEST_STATUS: dict[str, int] = {
+    "unknown_vehicle": 404,
+    "malformed": 400,
+    "too_large": 413,
+    "vin_mismatch": 400,
+    "bad_primary_signature": 403,
+    "bad_ecu_signature": 403,
+    "missing_ecu": 422,
+    "unknown_ecu": 422,
+    "replayed_report": 409,
+}
+
+IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+def _error(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
+
+
+# --- request / response bodies ------------------------------------------------
+
+
+class EcuIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serial: str = Field(pattern=IDENT)
+    hardware_id: str = Field(pattern=IDENT)
+    public_key: dict[str, Any] = Field(description="TUF ed25519 key dict (keyid optional, checked)")
+    primary: bool = False
+
+
+class VehicleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vin: str = Field(pattern=IDENT)
+    ecus: list[EcuIn] = Field(min_length=1, max_length=256)
+
+
+class AssignmentIn(BaseModel):
+    """Assign an Image repository target by ECU serials, or by hardware id (optionally per VIN)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, max_length=255)
+    ecu_serials: list[Annotated[str, Field(pattern=IDENT)]] | None = Field(
+        default=None, min_length=1, max_length=10_000
+    )
+    hardware_id: str | None = Field(default=None, pattern=IDENT)
+    vins: list[Annotated[str, Field(pattern=IDENT)]] | None = Field(
+        default=None, min_length=1, max_length=100_000
+    )
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> AssignmentIn:
+        if (self.ecu_serials is None) == (self.hardware_id is None):
+            raise ValueError("give exactly one of ecu_serials and hardware_id")
+        if self.vins is not None and self.hardware_id is None:
+            raise ValueError("vins only narrows an assignment by hardware_id")
+        return self
+
+
+class AssignmentOut(BaseModel):
+    id: int
+    vin: str
+    ecu_serial: str
+    image: str
+    length: int
+    hashes: dict[str, str]
+    custom: dict[str, Any]
+    status: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, a: AssignmentInfo) -> AssignmentOut:
+        return cls(
+            id=a.id,
+            vin=a.vin,
+            ecu_serial=a.ecu_serial,
+            image=a.image,
+            length=a.length,
+            hashes=dict(a.hashes),
+            custom=dict(a.custom),
+            status=a.status,
+            created_at=a.created_at,
+        )
+
+
+class EcuOut(BaseModel):
+    serial: str
+    hardware_id: str
+    primary: bool
+    keyid: str
+    installed: dict[str, Any] | None
+    report_counter: int | None
+    last_report_at: datetime | None
+    last_result: str | None
+    last_result_text: str | None
+
+
+class AttackOut(BaseModel):
+    ecu_serial: str
+    attack: str
+    report_counter: int
+    detected_at: datetime
+
+
+class ResultOut(BaseModel):
+    ecu_serial: str
+    result: str
+    text: str
+    image: str | None
+    received_at: datetime
+
+
+class VehicleOut(BaseModel):
+    vin: str
+    created_at: datetime
+    last_seen: datetime | None
+    metadata_version: int
+    metadata_expires: datetime | None
+    ecus: list[EcuOut]
+    pending: list[AssignmentOut]
+    attacks: list[AttackOut]
+    results: list[ResultOut]
+
+    @classmethod
+    def of(cls, v: VehicleStatus) -> VehicleOut:
+        return cls(
+            vin=v.vin,
+            created_at=v.created_at,
+            last_seen=v.last_seen,
+            metadata_version=v.metadata_version,
+            metadata_expires=v.metadata_expires,
+            ecus=[
+                EcuOut(
+                    serial=e.serial,
+                    hardware_id=e.hardware_id,
+                    primary=e.primary,
+                    keyid=e.keyid,
+                    installed=None if e.installed is None else dict(e.installed),
+                    report_counter=e.report_counter,
+                    last_report_at=e.last_report_at,
+                    last_result=e.last_result,
+                    last_result_text=e.last_result_text,
+                )
+                for e in v.ecus
+            ],
+            pending=[AssignmentOut.of(a) for a in v.pending],
+            attacks=[AttackOut(**a.__dict__) for a in v.attacks],
+            results=[ResultOut(**r.__dict__) for r in v.results],
+        )
+
+
+class ManifestAccepted(BaseModel):
+    accepted: bool = True
+    metadata_version: int
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str
+
+
+_MANIFEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["signed", "signatures"],
+    "properties": {
+        "signed": {
+            "type": "object",
+            "required": ["_type", "vin", "primary_ecu_serial", "ecu_version_reports"],
+            "properties": {
+                "_type": {"const": MANIFEST_TYPE},
+                "vin": {"type": "string"},
+                "primary_ecu_serial": {"type": "string"},
+                "ecu_version_reports": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "string",
+                        "description": "base64 of a DER SignedEcuVersionReport",
+                    },
+                },
+            },
+        },
+        "signatures": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"keyid": {"type": "string"}, "sig": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+# --- body cap + operator auth (pure ASGI, before any body is parsed) -----------
+
+
+class GuardMiddleware:
+    """Caps request bodies and refuses operator paths without the bearer token.
+
+    The body is read here (at most ``max_body`` bytes, refused by
+    Content-Length before reading and again while reading) and replayed to
+    the app, so no handler ever sees an oversized body.
+    """
+
+    def __init__(self, app: ASGIApp, token: str, max_body: int) -> None:
+        self.app = app
+        self.token = token.encode("utf-8")
+        self.max_body = max_body
+
+    def authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    credential.strip(), self.token
+                )
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if (path == "/api" or path.startswith("/api/")) and not self.authorized(scope):
+            resp = _error(
+                401, "unauthorized", "operator API needs a bearer token", {"WWW-Authenticate": "Bearer"}
+            )
+            await resp(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _error(400, "malformed", "bad Content-Length")(scope, receive, send)
+                    return
+                if length > self.max_body:
+                    await _error(
+                        413, "too_large", f"body of {length} bytes is over {self.max_body}"
+                    )(scope, receive, send)
+                    return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await _error(413, "too_large", f"body is over {self.max_body} bytes")(
+                    scope, receive, send
+                )
+                return
+            if not message.get("more_body", False):
+                break
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The Director ASGI app; OpenAPI schema at ``/openapi.json``."""
+    if len(token) < 16:
+        raise ConfigError("the operator token must be at least 16 characters")
+    app = FastAPI(
+        title="uptane-wasm Director",
+        version="1",
+        description="Uptane 2.1 Director repository: per-vehicle metadata, manifests, inventory.",
+    )
+    bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
+
+    def operator(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        # GuardMiddleware already refused requests without the token; this
+        # documents the scheme in OpenAPI and checks again.
+        ok = creds is not None and hmac.compare_digest(
+            creds.credentials.encode("utf-8"), token.encode("utf-8")
+        )
+        if not ok:
+            raise StarletteHTTPException(401, "operator API needs a bearer token")
+
+    @app.exception_handler(ManifestError)
+    async def _manifest_error(request: Request, exc: ManifestError) -> JSONResponse:
+        status = MANIFEST_STATUS.get(exc.reason, 400)
+        logger.info("manifest refused (%s): %s", exc.reason, exc)
+        return _error(status, exc.reason, str(exc))
+
+    @app.exception_handler(DirectorError)
+    async def _director_error(request: Request, exc: DirectorError) -> JSONResponse:
+        return _error(exc.status, exc.reason, str(exc))
+
+    @app.exception_handler(UptaneError)
+    async def _uptane_error(request: Request, exc: UptaneError) -> JSONResponse:
+        return _error(400, "invalid_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        return _error(422, "malformed", json.dumps(errors)[:2000])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return _error(exc.status_code, reason, str(exc.detail), headers)
+
+    errors: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 502, 503)
+    }
+
+    # --- vehicle API ---
+
+    @app.get(
+        "/vehicles/{vin}/metadata/{filename}",
+        responses={200: {"content": {"application/json": {}, "application/octet-stream": {}}}}
+        | errors,
+        tags=["vehicle"],
+    )
+    def vehicle_metadata(vin: str, filename: str) -> Response:
+        """A file of the vehicle's Director repository (JSON, or DER for root/targets)."""
+        data = director.metadata(vin, filename)
+        return _file_response(filename, data)
+
+    @app.get("/root/{filename}", tags=["vehicle"], responses=errors)
+    def root_metadata(filename: str) -> Response:
+        """The shared Director root chain: ``N.root.json`` / ``N.root.der``."""
+        return _file_response(filename, director.root_file(filename))
+
+    @app.put(
+        "/vehicles/{vin}/manifest",
+        response_model=ManifestAccepted,
+        responses=errors,
+        tags=["vehicle"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _MANIFEST_SCHEMA}},
+            }
+        },
+    )
+    async def put_manifest(vin: str, request: Request) -> ManifestAccepted:
+        """Upload a signed vehicle version manifest (Uptane 2.1, 5.4.2)."""
+        data = await request.body()
+        receipt = await run_in_threadpool(director.receive_manifest, vin, data)
+        return ManifestAccepted(metadata_version=receipt.metadata_version)
+
+    # --- operator API ---
+
+    @app.post(
+        "/api/vehicles",
+        response_model=VehicleOut,
+        status_code=201,
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def register_vehicle(body: VehicleIn) -> VehicleOut:
+        """Register a vehicle with its ECUs and their public keys."""
+        ecus = [
+            EcuSpec(
+                serial=e.serial,
+                hardware_id=e.hardware_id,
+                public_key=check_ecu_key(e.public_key),
+                primary=e.primary,
+            )
+            for e in body.ecus
+        ]
+        return VehicleOut.of(director.register_vehicle(body.vin, ecus))
+
+    @app.post(
+        "/api/assignments",
+        response_model=list[AssignmentOut],
+        status_code=201,
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def assign(body: AssignmentIn) -> list[AssignmentOut]:
+        """Assign an Image repository target to ECUs by serial or by hardware id."""
+        infos = director.assign(
+            body.image, ecu_serials=body.ecu_serials, hardware_id=body.hardware_id, vins=body.vins
+        )
+        return [AssignmentOut.of(a) for a in infos]
+
+    @app.get(
+        "/api/vehicles",
+        response_model=list[VehicleOut],
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def list_vehicles() -> list[VehicleOut]:
+        """Every vehicle: installed images, pending assignments, last seen, attacks."""
+        return [VehicleOut.of(v) for v in director.list_vehicles()]
+
+    @app.get(
+        "/api/vehicles/{vin}",
+        response_model=VehicleOut,
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def get_vehicle(vin: str) -> VehicleOut:
+        """One vehicle's reported state, pending assignments and detected attacks."""
+        return VehicleOut.of(director.vehicle_status(vin))
+
+    app.add_middleware(GuardMiddleware, token=token, max_body=max_body)
+    return app
+
+
+def _file_response(filename: str, data: bytes) -> Response:
+    media = "application/json" if filename.endswith(".json") else "application/octet-stream"
+    return Response(content=data, media_type=media, headers={"Cache-Control": "no-store"})
