@@ -63,7 +63,9 @@ MANIFEST_STATUS: dict[str, int] = {
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
-def _error(status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -274,7 +276,10 @@ class GuardMiddleware:
         path: str = scope.get("path", "")
         if (path == "/api" or path.startswith("/api/")) and not self.authorized(scope):
             resp = _error(
-                401, "unauthorized", "operator API needs a bearer token", {"WWW-Authenticate": "Bearer"}
+                401,
+                "unauthorized",
+                "operator API needs a bearer token",
+                {"WWW-Authenticate": "Bearer"},
             )
             await resp(scope, receive, send)
             return
@@ -315,6 +320,9 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+_bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
+
+
 def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The Director ASGI app; OpenAPI schema at ``/openapi.json``."""
     if len(token) < 16:
@@ -324,10 +332,9 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         version="1",
         description="Uptane 2.1 Director repository: per-vehicle metadata, manifests, inventory.",
     )
-    bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
 
     def operator(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         # GuardMiddleware already refused requests without the token; this
         # documents the scheme in OpenAPI and checks again.
@@ -374,8 +381,10 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
 
     @app.get(
         "/vehicles/{vin}/metadata/{filename}",
-        responses={200: {"content": {"application/json": {}, "application/octet-stream": {}}}}
-        | errors,
+        responses={
+            **errors,
+            200: {"content": {"application/json": {}, "application/octet-stream": {}}},
+        },
         tags=["vehicle"],
     )
     def vehicle_metadata(vin: str, filename: str) -> Response:

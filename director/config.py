@@ -78,7 +78,7 @@ class DirectorConfig:
 
     def online_signers(self) -> list[Signer]:
         """Signers of the online roles (loaded from their signer URIs)."""
-        signers = []
+        signers: list[Signer] = []
         for role in ONLINE_ROLES:
             refs = self.online_keys.get(role, [])
             if not refs:
@@ -158,9 +158,7 @@ class DirectorConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(
-                f"{path} not found: run `uptane director init {d}` first"
-            ) from None
+            raise ConfigError(f"{path} not found: run `uptane director init {d}` first") from None
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from e
         return cls.from_dict(d, data)

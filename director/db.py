@@ -92,7 +92,9 @@ class Ecu(Base):
     __tablename__ = "ecus"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    vehicle_id: Mapped[int] = mapped_column(
+        ForeignKey("vehicles.id", ondelete="CASCADE"), index=True
+    )
     serial: Mapped[str] = mapped_column(String(128), unique=True)
     hardware_id: Mapped[str] = mapped_column(String(128), index=True)
     # TUF key dict including "keyid"
@@ -114,7 +116,9 @@ class VehicleManifestRecord(Base):
     __tablename__ = "manifests"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    vehicle_id: Mapped[int] = mapped_column(
+        ForeignKey("vehicles.id", ondelete="CASCADE"), index=True
+    )
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     body: Mapped[bytes] = mapped_column(LargeBinary)
 
@@ -162,7 +166,9 @@ class DetectedAttack(Base):
     __tablename__ = "attacks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id", ondelete="CASCADE"), index=True)
+    vehicle_id: Mapped[int] = mapped_column(
+        ForeignKey("vehicles.id", ondelete="CASCADE"), index=True
+    )
     ecu_id: Mapped[int] = mapped_column(ForeignKey("ecus.id", ondelete="CASCADE"))
     manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id", ondelete="CASCADE"))
     attack: Mapped[str] = mapped_column(String(64))

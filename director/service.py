@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from securesystemslib.signer import Key, Signer
-from sqlalchemy import select, text, update
+from securesystemslib.signer import Key, Signer, SSlibKey
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuf.api.exceptions import UnsignedMetadataError
@@ -79,10 +79,10 @@ logger = logging.getLogger(__name__)
 
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 MAX_ECUS = 256
-MAX_DB_INT = 2**63 - 1
 # Key of the PostgreSQL advisory lock that serializes root imports.
 _ROOT_LOCK = 0x5550_526F_6F74
 _ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 PENDING = "pending"
 INSTALLED = "installed"
@@ -202,12 +202,17 @@ def _hashes_match(installed: Mapping[str, Any], assigned: Mapping[str, str]) -> 
     return all(name in reported and reported[name] == value for name, value in assigned.items())
 
 
+def _db_text(value: str) -> str:
+    """Text an ECU chose, made storable everywhere (PostgreSQL refuses NUL)."""
+    return value.replace("\x00", "\ufffd")
+
+
 def _installed_dict(report: EcuVersionReport) -> dict[str, Any] | None:
     if report.installed is None:
         return None
     img = report.installed
     return {
-        "filename": img.filename,
+        "filename": _db_text(img.filename),
         "length": img.length,
         "hashes": dict(img.hashes),
         "release_counter": img.release_counter,
@@ -236,7 +241,7 @@ def check_ecu_key(key_dict: object) -> Key:
     rest = {k: v for k, v in key_dict.items() if k != "keyid"}
     try:
         key = public_key_from_dict(rest)
-    except KeyLoadError as e:
+    except (KeyLoadError, AttributeError, ValueError, TypeError, KeyError) as e:
         raise InvalidRequestError(f"invalid public key: {e}") from e
     if key.keytype != "ed25519" or key.scheme != "ed25519":
         raise InvalidRequestError("ECU keys must be ed25519 (DESIGN 3)")
@@ -248,7 +253,8 @@ def check_ecu_key(key_dict: object) -> Key:
         raise InvalidRequestError(f"invalid ed25519 public key: {e}") from e
     if given is not None and given != key.keyid:
         raise InvalidRequestError(f"keyid {given!r} does not match the key (expected {key.keyid})")
-    return key
+    # keep only what identifies the key (no unrecognized fields into the inventory)
+    return SSlibKey(key.keyid, key.keytype, key.scheme, {"public": key.keyval["public"]})
 
 
 class Director:
@@ -456,7 +462,9 @@ class Director:
         repo.do_timestamp(force=True)
 
         targets_md = repo.open(Targets.type)
-        targets_signers = [self._signers[k] for k in root.roles[Targets.type].keyids if k in self._signers]
+        targets_signers = [
+            self._signers[k] for k in root.roles[Targets.type].keyids if k in self._signers
+        ]
         der = codec.to_der_metadata(targets_md, targets_signers)
         version = targets_md.signed.version
         store.write(f"{version}.targets.der", der)
@@ -518,6 +526,8 @@ class Director:
     # --- inventory -----------------------------------------------------------
 
     def _vehicle(self, session: Session, vin: str, *, lock: bool = False) -> Vehicle:
+        if not isinstance(vin, str) or _IDENT_RE.match(vin) is None:
+            raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
         stmt = select(Vehicle).where(Vehicle.vin == vin)
         if lock:
             stmt = stmt.with_for_update()
@@ -572,70 +582,108 @@ class Director:
                 session.add(vehicle)
                 session.flush()
                 self._sign_vehicle(session, vehicle, now)
-                status = self._status(session, vehicle)
+                status = self._statuses(session, [vehicle])[0]
         except IntegrityError as e:  # a concurrent registration won the race
             raise AlreadyRegisteredError(f"vehicle {vin!r} or one of its ECUs exists") from e
         logger.info("registered vehicle %s with %d ECUs", vin, len(ecus))
         return status
 
     def list_vehicles(self) -> list[VehicleStatus]:
+        """Every vehicle's status (a few bulk queries per 500 vehicles)."""
+        out: list[VehicleStatus] = []
         with self.db.transaction() as session:
             vehicles = session.scalars(select(Vehicle).order_by(Vehicle.vin)).all()
-            return [self._status(session, v) for v in vehicles]
+            for i in range(0, len(vehicles), 500):
+                out.extend(self._statuses(session, vehicles[i : i + 500]))
+        return out
 
     def vehicle_status(self, vin: str) -> VehicleStatus:
         with self.db.transaction() as session:
-            return self._status(session, self._vehicle(session, vin))
+            return self._statuses(session, [self._vehicle(session, vin)])[0]
 
-    def _status(self, session: Session, vehicle: Vehicle, limit: int = 100) -> VehicleStatus:
-        serials = {e.id: e.serial for e in vehicle.ecus}
-        pending = session.scalars(
-            select(Assignment)
-            .where(Assignment.ecu_id.in_(serials), Assignment.status == PENDING)
+    def _statuses(
+        self, session: Session, vehicles: Sequence[Vehicle], limit: int = 100
+    ) -> list[VehicleStatus]:
+        """Status of ``vehicles``: the latest ``limit`` attacks and results of each."""
+        ids = [v.id for v in vehicles]
+        ecus: dict[int, list[Ecu]] = {i: [] for i in ids}
+        for ecu in session.scalars(select(Ecu).where(Ecu.vehicle_id.in_(ids)).order_by(Ecu.serial)):
+            ecus[ecu.vehicle_id].append(ecu)
+        pending: dict[int, list[AssignmentInfo]] = {i: [] for i in ids}
+        attacks: dict[int, list[AttackInfo]] = {i: [] for i in ids}
+        results: dict[int, list[InstallResultInfo]] = {i: [] for i in ids}
+        vins = {v.id: v.vin for v in vehicles}
+        for a, vid, serial in session.execute(
+            select(Assignment, Ecu.vehicle_id, Ecu.serial)
+            .join(Ecu, Assignment.ecu_id == Ecu.id)
+            .where(Ecu.vehicle_id.in_(ids), Assignment.status == PENDING)
             .order_by(Assignment.id)
-        ).all()
-        attacks = session.scalars(
-            select(DetectedAttack)
-            .where(DetectedAttack.vehicle_id == vehicle.id)
-            .order_by(DetectedAttack.id.desc())
-            .limit(limit)
-        ).all()
-        results = session.scalars(
-            select(InstallResult)
-            .where(InstallResult.ecu_id.in_(serials))
-            .order_by(InstallResult.id.desc())
-            .limit(limit)
-        ).all()
-        return VehicleStatus(
-            vin=vehicle.vin,
-            created_at=vehicle.created_at,
-            last_seen=vehicle.last_seen,
-            metadata_version=vehicle.targets_version,
-            metadata_expires=vehicle.metadata_expires,
-            ecus=tuple(
-                EcuStatus(
-                    serial=e.serial,
-                    hardware_id=e.hardware_id,
-                    primary=e.is_primary,
-                    keyid=str(e.public_key.get("keyid", "")),
-                    installed=e.installed,
-                    report_counter=e.last_report_counter,
-                    last_report_at=e.last_report_at,
-                    last_result=e.last_result,
-                    last_result_text=e.last_result_text,
-                )
-                for e in vehicle.ecus
-            ),
-            pending=tuple(_assignment_info(a, vehicle.vin, serials[a.ecu_id]) for a in pending),
-            attacks=tuple(
-                AttackInfo(serials[a.ecu_id], a.attack, a.report_counter, a.detected_at)
-                for a in attacks
-            ),
-            results=tuple(
-                InstallResultInfo(serials[r.ecu_id], r.result, r.text, r.image, r.received_at)
-                for r in results
-            ),
+        ):
+            pending[vid].append(_assignment_info(a, vins[vid], serial))
+        rank = (
+            func.row_number()
+            .over(partition_by=DetectedAttack.vehicle_id, order_by=DetectedAttack.id.desc())
+            .label("rank")
         )
+        latest = (
+            select(DetectedAttack.id, rank).where(DetectedAttack.vehicle_id.in_(ids)).subquery()
+        )
+        for at, serial in session.execute(
+            select(DetectedAttack, Ecu.serial)
+            .join(latest, latest.c.id == DetectedAttack.id)
+            .join(Ecu, Ecu.id == DetectedAttack.ecu_id)
+            .where(latest.c.rank <= limit)
+            .order_by(DetectedAttack.id.desc())
+        ):
+            attacks[at.vehicle_id].append(
+                AttackInfo(serial, at.attack, at.report_counter, at.detected_at)
+            )
+        rank = (
+            func.row_number()
+            .over(partition_by=Ecu.vehicle_id, order_by=InstallResult.id.desc())
+            .label("rank")
+        )
+        latest = (
+            select(InstallResult.id, Ecu.vehicle_id, rank)
+            .join(Ecu, Ecu.id == InstallResult.ecu_id)
+            .where(Ecu.vehicle_id.in_(ids))
+            .subquery()
+        )
+        for r, serial, vid in session.execute(
+            select(InstallResult, Ecu.serial, latest.c.vehicle_id)
+            .join(latest, latest.c.id == InstallResult.id)
+            .join(Ecu, Ecu.id == InstallResult.ecu_id)
+            .where(latest.c.rank <= limit)
+            .order_by(InstallResult.id.desc())
+        ):
+            results[vid].append(InstallResultInfo(serial, r.result, r.text, r.image, r.received_at))
+        return [
+            VehicleStatus(
+                vin=v.vin,
+                created_at=v.created_at,
+                last_seen=v.last_seen,
+                metadata_version=v.targets_version,
+                metadata_expires=v.metadata_expires,
+                ecus=tuple(
+                    EcuStatus(
+                        serial=e.serial,
+                        hardware_id=e.hardware_id,
+                        primary=e.is_primary,
+                        keyid=str(e.public_key.get("keyid", "")),
+                        installed=e.installed,
+                        report_counter=e.last_report_counter,
+                        last_report_at=e.last_report_at,
+                        last_result=e.last_result,
+                        last_result_text=e.last_result_text,
+                    )
+                    for e in ecus[v.id]
+                ),
+                pending=tuple(pending[v.id]),
+                attacks=tuple(attacks[v.id]),
+                results=tuple(results[v.id]),
+            )
+            for v in vehicles
+        ]
 
     # --- assignments (5.2.3) ---------------------------------------------------
 
@@ -702,7 +750,9 @@ class Director:
                     .where(Ecu.hardware_id == hardware_id)
                 )
                 if vins is not None:
-                    known = set(session.scalars(select(Vehicle.vin).where(Vehicle.vin.in_(list(vins)))))
+                    known = set(
+                        session.scalars(select(Vehicle.vin).where(Vehicle.vin.in_(list(vins))))
+                    )
                     unknown = set(vins) - known
                     if unknown:
                         raise UnknownVehicleError(f"no vehicle {sorted(unknown)}")
@@ -720,7 +770,7 @@ class Director:
                     ):
                         chosen.append((vehicle, ecu))
 
-            for vehicle, ecu in chosen:
+            for _, ecu in chosen:
                 if ecu.hardware_id not in image_target.hardware_ids:
                     raise HardwareMismatchError(
                         f"{image} is for hardware {list(image_target.hardware_ids)}, "
@@ -835,7 +885,9 @@ class Director:
             for serial, hw, primary, key in rows
         }
 
-    def _verify(self, signed: SignedVehicleManifest, keys: dict[str, _EcuKey], data: bytes) -> _Verified:
+    def _verify(
+        self, signed: SignedVehicleManifest, keys: dict[str, _EcuKey], data: bytes
+    ) -> _Verified:
         """Every check that needs no lock: signatures, ECU set, report contents."""
         manifest = signed.manifest
         primary = next(k for k in keys.values() if k.primary)
@@ -867,8 +919,7 @@ class Director:
                     f"{ecu.hardware_id!r}",
                     "unknown_ecu",
                 )
-            if not 0 <= report.report_counter <= MAX_DB_INT:
-                raise ManifestError(f"ECU {serial} report counter out of range", "malformed")
+            # the ASN.1 module bounds the counter to 0..2**63-1: it fits a BIGINT
             verified.reports[serial] = report
         return verified
 
@@ -914,7 +965,7 @@ class Director:
                 and installed["length"] == pending.length
                 and _hashes_match(installed, pending.hashes)
             )
-            result_changed = (report.last_result, report.last_result_text) != (
+            result_changed = (report.last_result, _db_text(report.last_result_text)) != (
                 ecu.last_result,
                 ecu.last_result_text,
             )
@@ -929,13 +980,13 @@ class Director:
                         manifest_id=record.id,
                         assignment_id=pending.id if done and pending is not None else None,
                         result=report.last_result,
-                        text=report.last_result_text,
+                        text=_db_text(report.last_result_text),
                         image=installed["filename"] if installed else None,
                         received_at=now,
                     )
                 )
             ecu.last_result = report.last_result
-            ecu.last_result_text = report.last_result_text
+            ecu.last_result_text = _db_text(report.last_result_text)
         if completed or self._needs_signing(session, vehicle, now):
             self._sign_vehicle(session, vehicle, now)
         if attacks:

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 from director.db import MetadataFile, RootMetadata
 
 # What a vehicle's metadata URL may name (consistent snapshots; JSON and DER).
-FILENAME_RE: Final = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.(json|der)$")
+FILENAME_RE: Final = re.compile(
+    r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.(json|der)$"
+)
 
 
 def latest_root(session: Session) -> RootMetadata | None:

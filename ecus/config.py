@@ -159,7 +159,9 @@ class PrimaryConfig:
 
     @property
     def ecu_keys(self) -> dict[str, Key]:
-        return {self.ecu_serial: self.key.public} | {s.serial: s.public_key for s in self.secondaries}
+        return {self.ecu_serial: self.key.public} | {
+            s.serial: s.public_key for s in self.secondaries
+        }
 
     @classmethod
     def load(cls, path: str | Path) -> PrimaryConfig:

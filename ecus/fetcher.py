@@ -39,7 +39,9 @@ class PolicyFetcher(Urllib3Fetcher):
         try:
             return super()._fetch(url)
         except tuf_exc.SlowRetrievalError as e:
-            raise SlowRetrievalError(f"{url}: no response within {self.policy.socket_timeout}s") from e
+            raise SlowRetrievalError(
+                f"{url}: no response within {self.policy.socket_timeout}s"
+            ) from e
 
     def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
         start = self._timer()

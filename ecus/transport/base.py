@@ -168,6 +168,9 @@ class SecondaryEndpoint(abc.ABC):
     def _refuse(self) -> None:  # noqa: B027 - optional hook
         """Tell the peer its request was too large, where the transport can."""
 
+    def _wake(self) -> None:  # noqa: B027 - optional hook
+        """Make a blocked ``_receive`` return now (called by ``stop()``)."""
+
     def poll_once(self, timeout: float | None = 0.0) -> bool:
         """Handle at most one request; return True if one was received."""
         if self._closed:
@@ -229,6 +232,7 @@ class SecondaryEndpoint(abc.ABC):
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
+            self._wake()
             thread.join(timeout)
 
     @property

@@ -60,6 +60,7 @@ from .faults import BusOffCanError
 logger = logging.getLogger(__name__)
 
 _POLL = 0.02  # seconds between checks for errors while awaiting a response
+_READER_TIMEOUT = 0.02  # bus reader wake-up period; bounds how long close() waits for it
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,12 @@ class _Port:
     def __init__(self, node: CanNode, rxid: int, txid: int, params: dict[str, Any]) -> None:
         self.node = node
         self.rxid = rxid
-        self._frames: queue.SimpleQueue[isotp.CanMessage] = queue.SimpleQueue()
+        self._frames: queue.SimpleQueue[isotp.CanMessage | None] = queue.SimpleQueue()
         self._errors: collections.deque[Exception] = collections.deque(maxlen=64)
         self._errors_lock = threading.Lock()
         self.on_error: Callable[[Exception], None] | None = None
+        self._closing = False
+        self._stopped = False
         self.stack = isotp.TransportLayer(
             rxfn=self._rx,
             txfn=self._tx,
@@ -193,6 +196,8 @@ class _Port:
 
     # can-isotp callbacks (stack threads)
     def _rx(self, timeout: float) -> isotp.CanMessage | None:
+        if self._closing:
+            return None
         try:
             return self._frames.get(timeout=timeout)
         except queue.Empty:
@@ -212,8 +217,9 @@ class _Port:
             self._on_error(exc)
 
     def _on_error(self, exc: Exception) -> None:
-        with self._errors_lock:
-            self._errors.append(exc)
+        if not isinstance(exc, _NOISE):  # stray frames must not crowd out real errors
+            with self._errors_lock:
+                self._errors.append(exc)
         if self.on_error is not None:
             self.on_error(exc)
 
@@ -221,7 +227,7 @@ class _Port:
         self._frames.put(
             isotp.CanMessage(
                 arbitration_id=msg.arbitration_id,
-                data=msg.data,
+                data=bytes(msg.data),
                 extended_id=msg.is_extended_id,
                 is_fd=msg.is_fd,
                 bitrate_switch=msg.bitrate_switch,
@@ -229,10 +235,11 @@ class _Port:
         )
 
     # user side
-    def take_errors(self) -> list[Exception]:
+    def take_errors(self, *, keep: bool = False) -> list[Exception]:
         with self._errors_lock:
             errors = list(self._errors)
-            self._errors.clear()
+            if not keep:
+                self._errors.clear()
         return errors
 
     def failure(self, errors: list[Exception], *, sending: bool) -> TransportError | None:
@@ -242,8 +249,6 @@ class _Port:
                 if isinstance(exc, BusOffCanError) or self.node.bus_off:
                     return BusOffError(f"CAN controller is bus-off: {exc}")
                 return TransportError(f"CAN send failed: {exc}")
-            if isinstance(exc, _NOISE):
-                continue
             if sending and not isinstance(exc, _TX_ERRORS):
                 continue
             if isinstance(exc, isotp.errors.OverflowError):
@@ -263,8 +268,13 @@ class _Port:
         self.stack.stop_receiving()
         self.stack.stop_sending()
 
+    def check_open(self) -> None:
+        if self._closing:
+            raise TransportError("CAN node or link is closed")
+
     def send(self, data: bytes, timeout: float) -> None:
         """Blocking ISO-TP send; raises a ``TransportError`` leaf on failure."""
+        self.check_open()
         if self.node.bus_off:
             raise BusOffError("CAN controller is bus-off")
         try:
@@ -276,12 +286,22 @@ class _Port:
         except isotp.errors.BlockingSendFailure as exc:
             failure = self.failure(self.take_errors(), sending=True)
             raise failure or TransportError("ISO-TP send failed") from exc
-        failure = self.failure(self.take_errors(), sending=True)
+        # errors of the receiving side stay for the caller to judge
+        failure = self.failure(self.take_errors(keep=True), sending=True)
         if failure is not None:
+            self.take_errors()
             self.reset()
             raise failure
 
+    def wake_for_close(self) -> None:
+        self._closing = True
+        self._frames.put(None)  # unblocks _rx
+
     def close(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.wake_for_close()
         self.stack.stop()
 
 
@@ -295,9 +315,10 @@ class CanNode:
     def __init__(self, bus: can.BusABC) -> None:
         self.bus = bus
         self._ports: dict[int, _Port] = {}
+        self._members: list[IsoTpLink | IsoTpEndpoint] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._notifier = can.Notifier(bus, [self._route], timeout=0.05)
+        self._notifier = can.Notifier(bus, [self._route], timeout=_READER_TIMEOUT)
 
     @classmethod
     def open(cls, config: CanBusConfig, *, paced: bool = False) -> CanNode:
@@ -306,6 +327,10 @@ class CanNode:
         if paced:
             bus = PacedBus(bus, config.timing)
         return cls(bus)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def bus_off(self) -> bool:
@@ -321,7 +346,9 @@ class CanNode:
         if port is not None:
             port.feed(msg)
 
-    def _open_port(self, rxid: int, txid: int, params: dict[str, Any]) -> _Port:
+    def _open_port(
+        self, member: IsoTpLink | IsoTpEndpoint, rxid: int, txid: int, params: dict[str, Any]
+    ) -> _Port:
         with self._lock:
             if self._closed:
                 raise TransportError("CAN node is closed")
@@ -330,12 +357,15 @@ class CanNode:
             port = _Port(self, rxid, txid, params)
             port.stack.start()
             self._ports[rxid] = port
+            self._members.append(member)
         return port
 
-    def _close_port(self, port: _Port) -> None:
+    def _close_port(self, member: IsoTpLink | IsoTpEndpoint, port: _Port) -> None:
         with self._lock:
             if self._ports.get(port.rxid) is port:
                 del self._ports[port.rxid]
+            if member in self._members:
+                self._members.remove(member)
         port.close()
 
     def link(self, config: IsoTpConfig) -> IsoTpLink:
@@ -347,16 +377,22 @@ class CanNode:
         return IsoTpEndpoint(self, config, handler)
 
     def close(self) -> None:
-        """Stop every stack and the reader, and shut the bus down."""
+        """Close every link and endpoint, stop the reader and shut the bus down."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            members = list(self._members)
             ports = list(self._ports.values())
-            self._ports.clear()
+        reader_stop = threading.Thread(target=self._notifier.stop, daemon=True)
+        reader_stop.start()  # overlaps with closing the stacks
+        for port in ports:
+            port.wake_for_close()
+        for member in members:
+            member.close()
         for port in ports:
             port.close()
-        self._notifier.stop()
+        reader_stop.join()
         self.bus.shutdown()
 
     def __enter__(self) -> Self:
@@ -389,7 +425,7 @@ class IsoTpLink(SecondaryLink):
         self.config = config
         self.node = node
         self._port = node._open_port(
-            config.response_id, config.request_id, config.stack_params(config.max_response)
+            self, config.response_id, config.request_id, config.stack_params(config.max_response)
         )
 
     def _exchange(self, data: bytes, timeout: float) -> bytes:
@@ -415,7 +451,7 @@ class IsoTpLink(SecondaryLink):
     def close(self) -> None:
         if not self._closed:
             super().close()
-            self.node._close_port(self._port)
+            self.node._close_port(self, self._port)
 
 
 class IsoTpEndpoint(SecondaryEndpoint):
@@ -431,7 +467,7 @@ class IsoTpEndpoint(SecondaryEndpoint):
         self.config = config
         self.node = node
         self._port = node._open_port(
-            config.request_id, config.response_id, config.stack_params(config.max_request)
+            self, config.request_id, config.response_id, config.stack_params(config.max_request)
         )
         self._port.on_error = self._count_error
 
@@ -440,8 +476,12 @@ class IsoTpEndpoint(SecondaryEndpoint):
             self.stats.refused += 1  # the stack answered with an overflow flow control
 
     def _receive(self, timeout: float | None) -> bytes | None:
+        self._port.check_open()
         request = self._port.stack.recv(block=True, timeout=timeout)
-        return None if request is None else bytes(request)
+        return bytes(request) if request else None  # b"" is stop()'s wake-up
+
+    def _wake(self) -> None:
+        self._port.stack.rx_queue.put(bytearray())
 
     def _send(self, data: bytes) -> None:
         self._port.take_errors()
@@ -450,4 +490,4 @@ class IsoTpEndpoint(SecondaryEndpoint):
     def close(self) -> None:
         if not self._closed:
             super().close()
-            self.node._close_port(self._port)
+            self.node._close_port(self, self._port)

@@ -26,6 +26,8 @@ from .base import (
     SecondaryLink,
 )
 
+_WAKE = 0  # sequence number of stop()'s wake-up; requests count from 1
+
 
 @dataclass(frozen=True)
 class _Envelope:
@@ -98,8 +100,13 @@ class MemoryEndpoint(SecondaryEndpoint):
             envelope = self._wire.requests.get(timeout=timeout)
         except queue.Empty:
             return None
+        if envelope.seq == _WAKE:
+            return None
         self._current = envelope.seq
         return envelope.data  # the base class checks its size
+
+    def _wake(self) -> None:
+        self._wire.requests.put(_Envelope(_WAKE, b""))
 
     def _refuse(self) -> None:
         # what an ISO-TP overflow flow control tells the sender

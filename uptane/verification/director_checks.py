@@ -66,7 +66,9 @@ def check_director_targets(
         serial = target.ecu_serial
         assert serial is not None  # director=True requires it
         if serial not in ecu_hardware_ids:
-            raise UnknownEcuError(f"Director target {target.name!r} is for ECU {serial!r}, not in this vehicle")
+            raise UnknownEcuError(
+                f"Director target {target.name!r} is for ECU {serial!r}, not in this vehicle"
+            )
         if serial in by_ecu:
             raise DuplicateEcuError(
                 f"ECU {serial!r} is named by {by_ecu[serial].name!r} and {target.name!r}"

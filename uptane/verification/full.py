@@ -84,7 +84,9 @@ def _check_meta(meta: MetaFile | None, data: bytes, version: int, what: str) -> 
         raise tuf_exc.RepositoryError(f"{what} is not listed by its index")
     meta.verify_length_and_hashes(data)
     if version != meta.version:
-        raise tuf_exc.BadVersionNumberError(f"{what}: expected version {meta.version}, got {version}")
+        raise tuf_exc.BadVersionNumberError(
+            f"{what}: expected version {meta.version}, got {version}"
+        )
 
 
 def verify_root_chain(chain: tuple[bytes, ...], what: str) -> tuple[Metadata[Root], ...]:

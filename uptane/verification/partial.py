@@ -8,23 +8,30 @@ as it was.
 
 Checks, in order:
 1. Root rotation chain (TUF 5.3.4): each new root has version N+1 and is signed
-   by a threshold of the trusted root's keys and of its own keys.
+   by a threshold of the trusted root's keys and of its own keys. Roots the
+   ECU already trusts (version <= trusted) are skipped. If the chain changes
+   the ``targets`` keys, the trusted targets version is forgotten (TUF 5.3.11,
+   recovery from a fast-forward attack).
 2. The trusted root is not expired at the reference time (freeze).
-3. Targets are signed by a threshold of the root's ``targets`` keys (DER form).
-4. Targets are not expired (freeze) and their version is not lower than the
-   last trusted version (rollback).
-5. Director targets carry no delegations; if the ECU knows its VIN, the
-   targets' VIN matches.
-6. At most one target names this ECU's serial (none means "no update").
+3. Targets are signed by a threshold of the root's ``targets`` keys, over the
+   DER of ``signed`` (DESIGN 3).
+4. Targets' version is not lower than the last trusted version (rollback) and
+   they are not expired (freeze). An equal version is accepted: the primary
+   resends the same bundle after a broken transfer.
+5. Director targets carry no delegations (5.2.3); if both the ECU and the
+   targets know the VIN, they agree (wrong vehicle).
+6. Every target names an ECU serial; at most one names this ECU (none means
+   "no update").
 7. That target's hardware ids include this ECU's, and its release counter is
    not lower than the installed one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
@@ -38,7 +45,7 @@ from uptane.errors import (
     ReleaseCounterRollbackError,
     VehicleIdMismatchError,
 )
-from uptane.metadata import ECU_SERIAL, UptaneTarget, get_vehicle_id
+from uptane.metadata import ECU_SERIAL, UptaneTarget, check_identifier, get_vehicle_id
 
 MAX_ROOT_DER = 512_000
 MAX_TARGETS_DER = 1_000_000
@@ -56,7 +63,7 @@ class SecondaryIdentity:
 
 @dataclass(frozen=True)
 class TrustedDirectorState:
-    """The Director metadata a secondary trusts, as DER bytes it persists."""
+    """The Director metadata a secondary trusts: root DER and last targets version."""
 
     root_der: bytes
     targets_version: int = 0
@@ -68,16 +75,19 @@ class TrustedDirectorState:
 
 @dataclass(frozen=True)
 class PartialVerificationResult:
-    """Outcome of a successful partial verification."""
+    """Outcome of a successful partial verification.
+
+    ``target`` is the one Director target for this ECU, or None (no update).
+    """
 
     state: TrustedDirectorState
     target: UptaneTarget | None
     targets_version: int
 
 
-def _load(data: bytes, max_size: int) -> Metadata[Root] | Metadata[Targets]:
-    md = Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=max_size))
-    return md  # type: ignore[return-value]
+def _load(data: bytes, max_size: int) -> Metadata[Any]:
+    md: Metadata[Any] = Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=max_size))
+    return md
 
 
 def _load_root(data: bytes) -> Root:
@@ -85,6 +95,19 @@ def _load_root(data: bytes) -> Root:
     if not isinstance(md.signed, Root):
         raise tuf_exc.RepositoryError(f"expected root metadata, got {md.signed.type}")
     return md.signed
+
+
+def load_targets(data: bytes) -> Targets:
+    """Parse DER Director targets (no signature check: for bytes already trusted)."""
+    md = _load(data, MAX_TARGETS_DER)
+    if not isinstance(md.signed, Targets):
+        raise tuf_exc.RepositoryError(f"expected targets metadata, got {md.signed.type}")
+    return md.signed
+
+
+def _targets_keys(root: Root) -> tuple[frozenset[str], int]:
+    role = root.roles[Targets.type]
+    return frozenset(role.keyids), role.threshold
 
 
 def _update_root(trusted_der: bytes, new_roots: Sequence[bytes]) -> bytes:
@@ -109,6 +132,43 @@ def _update_root(trusted_der: bytes, new_roots: Sequence[bytes]) -> bytes:
     return trusted_der
 
 
+def _serial_of(custom: object, path: str) -> str:
+    if not isinstance(custom, Mapping):
+        raise MetadataError(f"Director target {path} has no custom fields")
+    return check_identifier(custom.get(ECU_SERIAL), f"ecu_serial of Director target {path}")
+
+
+def find_target(identity: SecondaryIdentity, targets: Targets) -> UptaneTarget | None:
+    """Return the one Director target for ``identity`` (checks 5-6 above), or None.
+
+    Raises ``DelegationNotAllowedError``, ``VehicleIdMismatchError``,
+    ``DuplicateEcuError``, ``MetadataError`` or ``HardwareIdMismatchError``.
+    """
+    if targets.delegations is not None:
+        raise DelegationNotAllowedError("Director targets must not delegate")
+    vin = get_vehicle_id(targets)
+    if identity.vin is not None and vin is not None and vin != identity.vin:
+        raise VehicleIdMismatchError(f"Director targets are for vehicle {vin}")
+    mine = [
+        t
+        for path, t in targets.targets.items()
+        if _serial_of(t.custom, path) == identity.ecu_serial
+    ]
+    if len(mine) > 1:
+        raise DuplicateEcuError(
+            f"Director targets name ECU {identity.ecu_serial} {len(mine)} times"
+        )
+    if not mine:
+        return None
+    target = UptaneTarget.from_target_file(mine[0], director=True)
+    if identity.hardware_id not in target.hardware_ids:
+        raise HardwareIdMismatchError(
+            f"target {target.name} is for hardware {list(target.hardware_ids)}, "
+            f"this ECU is {identity.hardware_id}"
+        )
+    return target
+
+
 def verify(
     identity: SecondaryIdentity,
     state: TrustedDirectorState,
@@ -120,54 +180,39 @@ def verify(
     """Partially verify Director targets for one secondary (5.4.4.1).
 
     Raises python-tuf's ``RepositoryError`` family (``UnsignedMetadataError``,
-    ``ExpiredMetadataError``, ``BadVersionNumberError``) or an Uptane leaf of
-    ``uptane.errors``; never returns a target that failed a check.
+    ``ExpiredMetadataError``, ``BadVersionNumberError``, ``DeserializationError``)
+    or an Uptane leaf of ``uptane.errors``; never returns a target that failed a
+    check.
     """
+    if reference_time.tzinfo is None:
+        raise ValueError("reference_time must be timezone-aware")
+    old_root = _load_root(state.root_der)
     root_der = _update_root(state.root_der, new_roots)
     root = _load_root(root_der)
     if root.is_expired(reference_time):
         raise tuf_exc.ExpiredMetadataError("Director root is expired")
+    trusted_version = state.targets_version
+    if _targets_keys(root) != _targets_keys(old_root):
+        trusted_version = 0  # new targets keys: the old version floor may be forged
 
     md = _load(targets_der, MAX_TARGETS_DER)
     if not isinstance(md.signed, Targets):
         raise tuf_exc.RepositoryError(f"expected targets metadata, got {md.signed.type}")
     targets: Targets = md.signed
     root.verify_delegate(Targets.type, codec.der_signed_bytes(targets), md.signatures)
-    if targets.version < state.targets_version:
+    if targets.version < trusted_version:
         raise tuf_exc.BadVersionNumberError(
             f"Director targets version {targets.version} is lower than the trusted "
-            f"version {state.targets_version}"
+            f"version {trusted_version}"
         )
     if targets.is_expired(reference_time):
         raise tuf_exc.ExpiredMetadataError("Director targets are expired")
-    if targets.delegations is not None:
-        raise DelegationNotAllowedError("Director targets must not delegate")
-    vin = get_vehicle_id(targets)
-    if identity.vin is not None and vin is not None and vin != identity.vin:
-        raise VehicleIdMismatchError(f"Director targets are for vehicle {vin}")
-
-    mine = [
-        t
-        for t in targets.targets.values()
-        if isinstance(t.custom, dict) and t.custom.get(ECU_SERIAL) == identity.ecu_serial
-    ]
-    if len(mine) > 1:
-        raise DuplicateEcuError(f"Director targets name ECU {identity.ecu_serial} {len(mine)} times")
-    target = None
-    if mine:
-        target = UptaneTarget.from_target_file(mine[0], director=True)
-        if identity.hardware_id not in target.hardware_ids:
-            raise HardwareIdMismatchError(
-                f"target {target.name} is for hardware {list(target.hardware_ids)}, "
-                f"this ECU is {identity.hardware_id}"
-            )
-        if target.release_counter < installed_release_counter:
-            raise ReleaseCounterRollbackError(
-                f"target {target.name} has release counter {target.release_counter}, "
-                f"installed is {installed_release_counter}"
-            )
-    elif any(not isinstance(t.custom, dict) for t in targets.targets.values()):
-        raise MetadataError("Director target without custom fields")
+    target = find_target(identity, targets)
+    if target is not None and target.release_counter < installed_release_counter:
+        raise ReleaseCounterRollbackError(
+            f"target {target.name} has release counter {target.release_counter}, "
+            f"installed is {installed_release_counter}"
+        )
     return PartialVerificationResult(
         state=TrustedDirectorState(root_der=root_der, targets_version=targets.version),
         target=target,

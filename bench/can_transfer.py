@@ -1,0 +1,132 @@
+"""Wire time of a whole secondary update vs one bare ISO-TP transfer (DESIGN 4, 9).
+
+Sends a 256 KiB WASM module (blink v2 padded with a custom section) from a
+primary-side ``CanSecondaryClient`` to a ``Secondary`` over a python-can
+virtual bus with can-isotp, on classic CAN at 500 kbit/s and on CAN FD at
+500 kbit/s / 2 Mbit/s (bit-rate switch). For each bus it prints:
+
+- the wire time of the full update (time message, Director root + targets
+  DER, image offer, every chunk and ack, install request and result with its
+  signed report), counted frame by frame by ``BusAccounting``;
+- the wire time of one bare ISO-TP transfer of the same 256 KiB (one message,
+  its flow control and a one-frame reply) on the same bus;
+- the host-side throughput of the update (image bytes / wall time, including
+  partial verification, slot writes with fsync, and the WASM trial);
+- ``ratio=`` update wire time / bare wire time.
+
+Run: ``.venv/bin/python bench/can_transfer.py [--chunk-kib 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from securesystemslib.signer import CryptoSigner
+
+from ecus.can_client import CanSecondaryClient
+from ecus.secondary import Secondary
+from ecus.transport.accounting import BusAccounting
+from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint
+from uptane.metadata import Limits
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the Director simulator lives with the tests
+
+from helpers.director_sim import T0, VIN, DirectorSim, target_file, wasm_from_wat  # noqa: E402
+
+IMAGE_SIZE = 256 * 1024
+SERIAL, HW = "ecu-bench", "bench-hw"
+CAPS = ("actuator.write", "health", "log", "sensor.read")
+
+
+def run(fd: bool, chunk_size: int, image: bytes, workdir: Path) -> str:
+    bus = CanBusConfig(channel=f"bench-{uuid.uuid4().hex}", fd=fd)
+    accounting = BusAccounting(bus.timing)
+    accounting.observe(bus.open())
+    sim = DirectorSim()
+    tf = target_file(
+        "apps/blink_v2_256k.wasm",
+        image,
+        ecu_serial=SERIAL,
+        hardware_ids=[HW],
+        release_counter=2,
+        capabilities=CAPS,
+        limits=Limits(),
+    )
+    sim.publish_targets([tf])
+    image_path = workdir / f"image-{fd}.wasm"
+    image_path.write_bytes(image)
+    update = sim.update_for(tf, image_path, after_root=0)  # the whole root chain (v1)
+
+    signer = CryptoSigner.generate_ed25519()
+    secondary = Secondary(
+        ecu_serial=SERIAL,
+        hardware_id=HW,
+        vin=VIN,
+        signer=signer,
+        director_root=sim.root_ders[1],
+        slot_dir=workdir / f"slots-{fd}",
+        clock=lambda: T0,
+        max_message=chunk_size + 1024,
+    )
+    primary_node = CanNode(bus.open())
+    secondary_node = CanNode(bus.open())
+    endpoints: list[IsoTpEndpoint] = []
+    try:
+        config = IsoTpConfig(0x701, 0x709, fd=fd, max_request=chunk_size + 1024, timeout=60.0)
+        endpoint = secondary_node.endpoint(config, secondary.handle)
+        endpoints.append(endpoint)
+        endpoint.start()
+        client = CanSecondaryClient(
+            primary_node.link(config), SERIAL, chunk_size=chunk_size, clock=lambda: T0
+        )
+        with accounting.transfer() as update_tx:
+            start = time.perf_counter()
+            report = client.send_update(update)
+            wall = time.perf_counter() - start
+        if secondary.store.active_target() is None:
+            raise SystemExit(f"update failed: {report!r}")
+
+        bare_config = IsoTpConfig(0x7A1, 0x7A9, fd=fd, max_request=IMAGE_SIZE + 64, timeout=60.0)
+        bare_endpoint = secondary_node.endpoint(bare_config, lambda _: b"\x01")
+        endpoints.append(bare_endpoint)
+        bare_endpoint.start()
+        bare_link = primary_node.link(bare_config)
+        with accounting.transfer() as bare_tx:
+            bare_link.request(image)
+    finally:
+        for e in endpoints:
+            e.close()
+        primary_node.close()
+        secondary_node.close()
+        accounting.close()
+
+    u, b = update_tx.stats, bare_tx.stats
+    ratio = u.wire_time / b.wire_time
+    kind = "CAN FD 500k/2M" if fd else "classic CAN 500k"
+    return (
+        f"{kind}: update wire {u.wire_time:.3f} s ({u.frames} frames), "
+        f"bare ISO-TP wire {b.wire_time:.3f} s ({b.frames} frames), "
+        f"host {len(image) / wall / 1024:.1f} KiB/s ({wall:.2f} s), "
+        f"chunk {chunk_size // 1024} KiB, ratio={ratio:.4f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunk-kib", type=int, default=64, help="image chunk size in KiB")
+    args = parser.parse_args()
+    image = wasm_from_wat(REPO / "demo" / "apps" / "blink_v2.wat", pad_to=IMAGE_SIZE)
+    assert len(image) == IMAGE_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        for fd in (False, True):
+            print(run(fd, args.chunk_kib * 1024, image, Path(tmp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

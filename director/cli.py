@@ -1,0 +1,358 @@
+"""``uptane director``: init keys, register vehicles, assign images, list, serve.
+
+``init`` and ``rotate`` are the only commands that touch the offline root
+keys; they sign the Director root chain into ``DIR/root/``. Every other
+command opens the database named in ``DIR/director.json`` (or ``--db``),
+runs the migrations and imports newer root versions first, so a fresh
+directory needs nothing but ``init``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from tuf.api.metadata import Metadata, Root
+
+from director.config import CONFIG_FILE, DEFAULT_PORT, ONLINE_ROLES, DirectorConfig
+from director.service import Director, EcuSpec, check_ecu_key
+from uptane import codec
+from uptane.errors import ConfigError
+from uptane.keys import KeyRef, generate_ed25519
+from uptane.repository import DirectoryStore, ExpiryPolicy, SigningRepository
+
+F = TypeVar("F", bound=Callable[..., Any])
+DIR_ENV = "UPTANE_DIRECTOR_DIR"
+
+
+def _dir_option(f: F) -> F:
+    return click.option(
+        "--dir",
+        "directory",
+        type=click.Path(file_okay=False, path_type=Path),
+        default="director",
+        show_default=True,
+        envvar=DIR_ENV,
+        help="Director directory (written by `init`).",
+    )(f)
+
+
+def _db_option(f: F) -> F:
+    return click.option(
+        "--db", "db_url", default=None, help="Database URL (default: from director.json)."
+    )(f)
+
+
+def _load(directory: Path, db_url: str | None) -> DirectorConfig:
+    config = DirectorConfig.load(directory)
+    if db_url:
+        config.db_url = db_url
+    return config
+
+
+def _free_key_name(keys_dir: Path, prefix: str) -> str:
+    n = 1
+    while (keys_dir / f"{prefix}-{n}.pub.json").exists() or (
+        keys_dir / f"{prefix}-{n}.pem"
+    ).exists():
+        n += 1
+    return f"{prefix}-{n}"
+
+
+def _root_repo(config: DirectorConfig, signers: list[KeyRef]) -> SigningRepository:
+    repo = SigningRepository(
+        store=DirectoryStore(config.root_dir), expiry=ExpiryPolicy(root=config.root_expiry)
+    )
+    repo.add_signers(ref.signer() for ref in signers)
+    return repo
+
+
+def _write_root_der(config: DirectorConfig, repo: SigningRepository, refs: list[KeyRef]) -> int:
+    md: Metadata[Root] = repo.open(Root.type)
+    der = codec.to_der_metadata(md, [ref.signer() for ref in refs])
+    path = config.root_dir / f"{md.signed.version}.root.der"
+    from uptane.repository import atomic_write
+
+    atomic_write(path, der)
+    return md.signed.version
+
+
+def init_director(
+    directory: Path,
+    *,
+    image_repo_url: str | None = None,
+    image_repo_root: Path | None = None,
+    db_url: str = "",
+    port: int = DEFAULT_PORT,
+    root_keys: int = 1,
+    root_threshold: int = 1,
+    token: str | None = None,
+) -> DirectorConfig:
+    """Create keys, root version 1 (JSON + DER) and ``director.json`` in ``directory``."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).exists():
+        raise ConfigError(f"{directory / CONFIG_FILE} exists; refusing to overwrite")
+    if not 1 <= root_threshold <= root_keys:
+        raise ConfigError("need 1 <= root threshold <= number of root keys")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = DirectorConfig(
+        directory=directory,
+        token=token or secrets.token_urlsafe(32),
+        db_url=db_url,
+        port=port,
+        image_repo_url=image_repo_url,
+        root_threshold=root_threshold,
+    )
+    if image_repo_root is not None:
+        shutil.copyfile(image_repo_root, directory / "image_root.json")
+    keys = config.keys_dir
+    config.root_keys = [generate_ed25519(keys, f"root-{i + 1}") for i in range(root_keys)]
+    config.online_keys = {role: [generate_ed25519(keys, f"{role}-1")] for role in ONLINE_ROLES}
+    repo = _root_repo(config, config.root_keys)
+    with repo.edit_root() as root:
+        for ref in config.root_keys:
+            root.add_key(ref.public, Root.type)
+        root.roles[Root.type].threshold = root_threshold
+        for role, refs in config.online_keys.items():
+            for ref in refs:
+                root.add_key(ref.public, role)
+    _write_root_der(config, repo, config.root_keys)
+    config.save()
+    return config
+
+
+def rotate_key(config: DirectorConfig, role: str) -> tuple[int, KeyRef]:
+    """Replace the keys of ``role`` by a new one; sign root N+1 with old and new root keys.
+
+    Returns the new root version and key. Restart running servers afterwards
+    when an online key changed (they load online keys at start).
+    """
+    if role not in (Root.type, *ONLINE_ROLES):
+        raise ConfigError(f"unknown role {role!r}")
+    if not config.root_keys:
+        raise ConfigError("no root keys in the config: rotate needs the offline root keys")
+    new = generate_ed25519(config.keys_dir, _free_key_name(config.keys_dir, role))
+    old_root_refs = list(config.root_keys)
+    signing_refs = old_root_refs + ([new] if role == Root.type else [])
+    repo = _root_repo(config, signing_refs)
+    with repo.edit_root() as root:
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(new.public, role)
+        if role == Root.type:
+            root.roles[Root.type].threshold = 1
+    version = _write_root_der(config, repo, signing_refs)
+    if role == Root.type:
+        config.root_keys = [new]
+        config.root_threshold = 1
+    else:
+        config.online_keys[role] = [new]
+    config.save()
+    return version, new
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@click.group("director")
+def cli() -> None:
+    """The Director repository: inventory, assignments, per-vehicle metadata."""
+
+
+@cli.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--image-repo-url", default=None, help="Image repository base URL.")
+@click.option(
+    "--image-repo-root",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The Image repository's trusted root.json (copied into the directory).",
+)
+@_db_option
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
+@click.option("--root-keys", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--root-threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+def init_cmd(
+    directory: Path,
+    image_repo_url: str | None,
+    image_repo_root: Path | None,
+    db_url: str | None,
+    port: int,
+    root_keys: int,
+    root_threshold: int,
+) -> None:
+    """Create Director keys, root metadata and config in DIRECTORY."""
+    config = init_director(
+        directory,
+        image_repo_url=image_repo_url,
+        image_repo_root=image_repo_root,
+        db_url=db_url or "",
+        port=port,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+    )
+    click.echo(f"Director initialised in {directory} (root v1, database {config.db_url})")
+    click.echo(f"operator token: {config.token}")
+    click.echo("keep keys/root-*.pem offline; the server only needs the online keys")
+
+
+@cli.command("rotate")
+@_dir_option
+@_db_option
+@click.argument("role", type=click.Choice([Root.type, *ONLINE_ROLES]))
+def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
+    """Replace ROLE's key and sign the next root (needs the offline root keys)."""
+    config = _load(directory, db_url)
+    version, new = rotate_key(config, role)
+    director = Director.from_config(config)
+    try:
+        resigned = director.refresh_expiring()
+    finally:
+        director.close()
+    click.echo(
+        f"{role} key is now {new.keyid[:12]}; root v{version}; re-signed {resigned} vehicles"
+    )
+
+
+@cli.command("serve")
+@_dir_option
+@_db_option
+@click.option("--host", default=None, help="Bind address (default from config: 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default from config).")
+def serve_cmd(directory: Path, db_url: str | None, host: str | None, port: int | None) -> None:
+    """Run the Director HTTP server (migrates the database first)."""
+    import uvicorn
+
+    from director.app import create_app
+
+    config = _load(directory, db_url)
+    director = Director.from_config(config)
+    app = create_app(director, config.token, max_body=config.max_body)
+    try:
+        uvicorn.run(
+            app,
+            host=host or config.host,
+            port=config.port if port is None else port,
+            log_level="info",
+            access_log=False,
+        )
+    finally:
+        director.close()
+
+
+@cli.command("register")
+@_dir_option
+@_db_option
+@click.option("--vin", required=True)
+@click.option(
+    "--ecu",
+    "ecus",
+    multiple=True,
+    required=True,
+    metavar="SERIAL,HARDWARE_ID,KEY.pub.json",
+    help="One ECU (repeat for each).",
+)
+@click.option("--primary", required=True, help="Serial of the primary ECU.")
+def register_cmd(
+    directory: Path, db_url: str | None, vin: str, ecus: tuple[str, ...], primary: str
+) -> None:
+    """Register a vehicle and its ECUs' public keys."""
+    specs = []
+    for entry in ecus:
+        parts = entry.split(",")
+        if len(parts) != 3:
+            raise click.BadParameter(f"{entry!r}: expected SERIAL,HARDWARE_ID,KEYFILE")
+        serial, hw, keyfile = parts
+        try:
+            key_dict = json.loads(Path(keyfile).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"cannot read key {keyfile}: {e}") from e
+        specs.append(EcuSpec(serial, hw, check_ecu_key(key_dict), primary=serial == primary))
+    director = Director.from_config(_load(directory, db_url))
+    try:
+        status = director.register_vehicle(vin, specs)
+    finally:
+        director.close()
+    click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
+
+
+@cli.command("assign")
+@_dir_option
+@_db_option
+@click.argument("image")
+@click.option("--ecu", "ecu_serials", multiple=True, help="ECU serial (repeatable).")
+@click.option("--hardware-id", default=None, help="Every ECU with this hardware id.")
+@click.option("--vin", "vins", multiple=True, help="Only these vehicles (with --hardware-id).")
+def assign_cmd(
+    directory: Path,
+    db_url: str | None,
+    image: str,
+    ecu_serials: tuple[str, ...],
+    hardware_id: str | None,
+    vins: tuple[str, ...],
+) -> None:
+    """Assign IMAGE from the Image repository to ECUs."""
+    director = Director.from_config(_load(directory, db_url))
+    try:
+        infos = director.assign(
+            image,
+            ecu_serials=list(ecu_serials) or None,
+            hardware_id=hardware_id,
+            vins=list(vins) or None,
+        )
+    finally:
+        director.close()
+    for a in infos:
+        click.echo(f"{a.vin} {a.ecu_serial}: {a.image} (assignment {a.id})")
+
+
+@cli.command("list")
+@_dir_option
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
+    """Vehicles with installed images, pending assignments, last seen, attacks."""
+    director = Director.from_config(_load(directory, db_url))
+    try:
+        vehicles = director.list_vehicles()
+    finally:
+        director.close()
+    if as_json:
+        click.echo(json.dumps([_jsonable(asdict(v)) for v in vehicles], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("VIN", "ECU", "hardware", "installed", "pending", "last seen", "attacks")
+    for v in vehicles:
+        pending = {a.ecu_serial: a.image for a in v.pending}
+        attacks: dict[str, set[str]] = {}
+        for at in v.attacks:
+            attacks.setdefault(at.ecu_serial, set()).add(at.attack)
+        for i, e in enumerate(v.ecus):
+            table.add_row(
+                v.vin if i == 0 else "",
+                e.serial + (" (primary)" if e.primary else ""),
+                e.hardware_id,
+                (e.installed or {}).get("filename", "-"),
+                pending.get(e.serial, "-"),
+                (v.last_seen.isoformat(timespec="seconds") if v.last_seen else "never")
+                if i == 0
+                else "",
+                ", ".join(sorted(attacks.get(e.serial, ()))) or "-",
+            )
+    Console().print(table)

@@ -1,0 +1,201 @@
+"""Primary building blocks: config, state directory, download paths, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers.uptane_env import tree_digest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, Root
+
+from ecus.config import DownloadPolicy, MetadataLimits, PrimaryConfig
+from ecus.primary import safe_target_path
+from ecus.primary_state import PrimaryState, ReportState
+from ecus.secondary_client import InMemorySecondary, SecondaryClient
+from uptane.errors import ATTACK_FREEZE, ConfigError, UnsafeTargetPathError
+from uptane.keys import generate_ed25519, public_key_dict
+from uptane.manifest import InstalledImage, SignedEcuVersionReport
+
+
+def root_bytes() -> bytes:
+    signer = CryptoSigner.generate_ed25519()
+    root = Root()
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.add_key(signer.public_key, role)
+    md = Metadata(root)
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def write_config(tmp_path: Path, **changes: object) -> Path:
+    key = generate_ed25519(tmp_path / "keys", "primary")
+    (tmp_path / "director-root.json").write_bytes(root_bytes())
+    (tmp_path / "image-root.json").write_bytes(root_bytes())
+    (tmp_path / "map.json").write_text(
+        json.dumps(
+            {
+                "repositories": {
+                    "director": ["http://127.0.0.1:8084"],
+                    "image": ["http://127.0.0.1:8001"],
+                },
+                "mapping": [
+                    {
+                        "paths": ["*"],
+                        "repositories": ["director", "image"],
+                        "terminating": True,
+                        "threshold": 2,
+                    }
+                ],
+            }
+        )
+    )
+    ecu_key = CryptoSigner.generate_ed25519().public_key
+    raw: dict[str, object] = {
+        "vin": "VIN-1",
+        "ecu_serial": "primary-1",
+        "hardware_id": "gw",
+        "key": key.to_dict(),
+        "repository_map": "map.json",
+        "director_root": "director-root.json",
+        "image_root": "image-root.json",
+        "state_dir": "state",
+        "secondaries": [
+            {"serial": "ecu-a", "hardware_id": "hw-a", "public_key": public_key_dict(ecu_key)}
+        ],
+        "download": {"min_bytes_per_second": 100, "grace_seconds": 1},
+        "metadata_limits": {"timestamp": 2048},
+    }
+    raw.update(changes)
+    path = tmp_path / "primary.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+# --- config -------------------------------------------------------------------
+
+
+def test_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    config = PrimaryConfig.load(write_config(tmp_path))
+    assert config.state_dir == (tmp_path / "state").resolve()
+    assert config.images_dir == config.state_dir / "images"
+    assert config.repository_map.director_urls == ("http://127.0.0.1:8084",)
+    assert config.ecu_hardware_ids == {"primary-1": "gw", "ecu-a": "hw-a"}
+    assert config.download == DownloadPolicy(min_bytes_per_second=100, grace_seconds=1)
+    assert config.metadata_limits == MetadataLimits(timestamp=2048)
+    assert set(config.ecu_keys) == {"primary-1", "ecu-a"}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"vin": "../etc"},
+        {"surprise": 1},
+        {"download": {"socket_timeout": 0}},
+        {"download": {"speed": 1}},
+        {"metadata_limits": {"targets": -1}},
+        {"director_root": "missing.json"},
+        {"image_root": "map.json"},
+        {"repository_map": {"repositories": {}, "mapping": []}},
+        {
+            "secondaries": [
+                {"serial": "ecu-z", "hardware_id": "x", "public_key": {"keytype": "rsa"}}
+            ]
+        },
+    ],
+)
+def test_config_refuses_bad_values(tmp_path: Path, changes: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        PrimaryConfig.load(write_config(tmp_path, **changes))
+
+
+def test_config_refuses_duplicate_serials(tmp_path: Path) -> None:
+    key = public_key_dict(CryptoSigner.generate_ed25519().public_key)
+    dup = [{"serial": "primary-1", "hardware_id": "hw-a", "public_key": key}]
+    with pytest.raises(ConfigError, match="unique"):
+        PrimaryConfig.load(write_config(tmp_path, secondaries=dup))
+
+
+# --- download paths ----------------------------------------------------------------
+
+
+def test_safe_target_path_keeps_images_inside_the_download_dir(tmp_path: Path) -> None:
+    base = tmp_path / "images"
+    base.mkdir()
+    assert safe_target_path(base, "dir/app.wasm") == base.resolve() / "dir" / "app.wasm"
+    for name in ["../x", "/etc/passwd", "a/../../x", "a%2F..%2Fx", "a\\x", ".", "a//b", ""]:
+        with pytest.raises(UnsafeTargetPathError):
+            safe_target_path(base, name)
+
+
+def test_safe_target_path_refuses_escape_through_a_symlink(tmp_path: Path) -> None:
+    """A name check_target_path accepts can still leave through a symlinked directory."""
+    base = tmp_path / "images"
+    base.mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", base / "sub")
+    with pytest.raises(UnsafeTargetPathError, match="outside"):
+        safe_target_path(base, "sub/app.wasm")
+
+
+# --- state directory -----------------------------------------------------------------
+
+
+def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
+    state = PrimaryState(tmp_path / "s")
+    first = state.current()
+    scratch = state.begin()
+    (scratch / "director" / "timestamp.json").write_bytes(b"new")
+    state.write_installed(scratch, {"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 2)})
+    before = tree_digest(state.trusted_dir)
+    assert state.installed() == {}
+    state.commit(scratch)
+    assert tree_digest(state.trusted_dir) != before
+    assert not first.exists() and state.current().name == "gen-000001"
+    assert (state.current() / "director" / "timestamp.json").read_bytes() == b"new"
+    assert state.installed()["ecu-a"].release_counter == 2
+    # a stale scratch (trusted state moved on since) is refused
+    stale = state.work_dir / "gen-000001"
+    stale.mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        state.commit(stale)
+
+
+def test_state_discard_and_restart_leave_trusted_state_alone(tmp_path: Path) -> None:
+    state = PrimaryState(tmp_path / "s")
+    before = tree_digest(state.trusted_dir)
+    scratch = state.begin()
+    (scratch / "image" / "timestamp.json").write_bytes(b"half-done")
+    # power cut: the scratch and a half-moved generation stay behind
+    (state.trusted_dir / "gen-000009").mkdir()
+    again = PrimaryState(tmp_path / "s")
+    assert tree_digest(again.trusted_dir) == before
+    assert not scratch.exists()
+
+
+def test_report_state_round_trips_and_bounds_its_contents(tmp_path: Path) -> None:
+    state = PrimaryState(tmp_path / "s")
+    rs = ReportState(report_counter=7)
+    rs.note_failure([ATTACK_FREEZE, ATTACK_FREEZE, "not-an-attack"], "metadataRejected", "x" * 2000)
+    state.save_reports(rs)
+    loaded = state.reports()
+    assert loaded.report_counter == 7
+    assert loaded.attacks == [ATTACK_FREEZE]
+    assert loaded.last_result == "metadataRejected" and len(loaded.last_result_text) == 500
+    rs.note_failure([], "noSuchCode", "")
+    assert rs.last_result == "internalError"
+
+
+# --- the in-memory secondary -----------------------------------------------------------
+
+
+def test_in_memory_secondary_signs_fresh_reports() -> None:
+    signer = CryptoSigner.generate_ed25519()
+    ecu = InMemorySecondary("ecu-a", "hw-a", signer)
+    assert isinstance(ecu, SecondaryClient)
+    first = SignedEcuVersionReport.from_der(ecu.version_report(b"n1")).verify(signer.public_key)
+    second = SignedEcuVersionReport.from_der(ecu.version_report(b"n2")).verify(signer.public_key)
+    assert (first.nonce, second.nonce) == (b"n1", b"n2")
+    assert second.report_counter == first.report_counter + 1

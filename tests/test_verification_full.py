@@ -1,0 +1,399 @@
+"""Sans-IO full verification (Uptane 2.1, 5.4.4.2): bytes + reference time in.
+
+Repositories are signed on demand in memory (``SigningRepository`` over a
+``MemoryStore``); every check of ``uptane.verification`` has a test here that
+fails if the check is removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+
+from uptane import codec
+from uptane.errors import (
+    ConfigError,
+    DelegationNotAllowedError,
+    DuplicateEcuError,
+    HardwareIdMismatchError,
+    MetadataError,
+    MixAndMatchError,
+    ReleaseCounterRollbackError,
+    TargetMismatchError,
+    UnknownEcuError,
+    UnsafeTargetPathError,
+    VehicleIdMismatchError,
+)
+from uptane.metadata import UptaneTarget, build_custom, set_vehicle_id
+from uptane.repository import ExpiryPolicy, MemoryStore, SigningRepository
+from uptane.verification.der import verify_director_der
+from uptane.verification.director_checks import (
+    check_director_targets,
+    check_release_counter,
+)
+from uptane.verification.full import (
+    RepositoryBytes,
+    classify_version_error,
+    verify_repository,
+)
+from uptane.verification.matching import RepositoryMap, match_target
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+ECUS = {"primary": "gw", "ecu-a": "hw-a"}
+VIN = "VIN-1"
+
+
+@dataclass
+class Repo:
+    """An in-memory TUF repository signed on demand."""
+
+    repo: SigningRepository
+    store: MemoryStore
+    keys: dict[str, Signer]
+
+    def data(self, *, delegated: tuple[str, ...] = ()) -> RepositoryBytes:
+        f = self.store.files
+        root_version = self.repo.root().version
+        snap = self.repo.snapshot()
+        return RepositoryBytes(
+            root_chain=tuple(f[f"{v}.root.json"] for v in range(1, root_version + 1)),
+            timestamp=f["timestamp.json"],
+            snapshot=f[f"{snap.version}.snapshot.json"],
+            targets=f[f"{self.repo.targets().version}.targets.json"],
+            delegated={r: f[f"{self.repo.targets(r).version}.{r}.json"] for r in delegated},
+        )
+
+
+def make_repo(now: datetime = NOW, short_lived: str | None = None) -> Repo:
+    """A repository; ``short_lived`` is the role that expires first (in an hour)."""
+    keys: dict[str, Signer] = {r: CryptoSigner.generate_ed25519() for r in ROLES}
+    store = MemoryStore()
+    expiry = ExpiryPolicy(overrides=dict.fromkeys(ROLES, timedelta(days=30)))
+    if short_lived is not None:
+        expiry.overrides[short_lived] = timedelta(hours=1)
+    repo = SigningRepository(store=store, clock=lambda: now, expiry=expiry)
+    repo.add_signers(keys.values())
+    with repo.edit_root() as root:
+        for role, signer in keys.items():
+            root.add_key(signer.public_key, role)
+    with repo.edit_targets():
+        pass
+    repo.publish()
+    return Repo(repo, store, keys)
+
+
+def resign(r: Repo, role: str, mutate: Any = None) -> None:
+    with r.repo.edit(role) as signed:
+        if mutate is not None:
+            mutate(signed)
+    r.repo.publish(force=True)
+
+
+def image_target(name: str = "app.wasm", data: bytes = b"image", counter: int = 1) -> TargetFile:
+    t = TargetFile.from_data(name, data, ["sha256", "sha512"])
+    t.unrecognized_fields["custom"] = build_custom(hardware_ids=["hw-a"], release_counter=counter)
+    return t
+
+
+def director_target(image: TargetFile, serial: str = "ecu-a", **changes: Any) -> TargetFile:
+    custom = dict(image.custom) | {"ecu_serial": serial} | changes.pop("custom", {})
+    t = TargetFile(
+        length=changes.pop("length", image.length),
+        hashes=changes.pop("hashes", dict(image.hashes)),
+        path=changes.pop("path", image.path),
+        unrecognized_fields={"custom": custom},
+    )
+    assert not changes
+    return t
+
+
+# --- verify_repository --------------------------------------------------------
+
+
+def test_verify_repository_accepts_a_consistent_repository() -> None:
+    r = make_repo()
+    verified = verify_repository("x", r.data(), NOW)
+    assert verified.targets.signed.version == 1 and verified.root.version == 1
+
+
+@pytest.mark.parametrize("role", [Root.type, Timestamp.type, Snapshot.type, Targets.type])
+def test_verify_repository_rechecks_expiry_of_every_role(role: str) -> None:
+    r = make_repo(short_lived=role)
+    verify_repository("x", r.data(), NOW + timedelta(minutes=59))
+    with pytest.raises(tuf_exc.ExpiredMetadataError, match=role):
+        verify_repository("x", r.data(), NOW + timedelta(minutes=61))
+
+
+def test_verify_repository_rechecks_expiry_of_delegated_roles() -> None:
+    r = make_repo()
+    signer = CryptoSigner.generate_ed25519()
+    r.repo.add_signers([signer])
+    with r.repo.edit_targets() as t:
+        role = DelegatedRole("supplier", [], 1, True, paths=["*"])
+        t.delegations = Delegations(keys={}, roles={"supplier": role})
+        t.add_key(signer.public_key, "supplier")
+    r.repo.expiry.overrides["supplier"] = timedelta(hours=1)
+    with r.repo.edit_targets("supplier"):
+        pass
+    r.repo.publish(force=True)
+    data = r.data(delegated=("supplier",))
+    assert "supplier" in verify_repository("x", data, NOW).delegated
+    with pytest.raises(tuf_exc.ExpiredMetadataError, match="supplier"):
+        verify_repository("x", data, NOW + timedelta(hours=2))
+    # a delegated role nobody delegates is refused
+    with pytest.raises(tuf_exc.RepositoryError, match="not delegated"):
+        verify_repository("x", replace(data, delegated={"ghost": data.delegated["supplier"]}), NOW)
+
+
+def test_verify_repository_refuses_bad_signature() -> None:
+    r = make_repo()
+    other = CryptoSigner.generate_ed25519()
+    md = Metadata.from_bytes(r.store.files["timestamp.json"])
+    md.signatures.clear()
+    md.sign(other)
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_repository("x", replace(r.data(), timestamp=md.to_bytes()), NOW)
+
+
+def test_verify_repository_refuses_version_links_that_do_not_hold() -> None:
+    r = make_repo()
+    old = r.data()
+    resign(r, Targets.type)
+    new = r.data()
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="targets"):
+        verify_repository("x", replace(new, targets=old.targets), NOW)
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="snapshot"):
+        verify_repository("x", replace(new, snapshot=old.snapshot), NOW)
+
+
+def test_verify_repository_refuses_broken_root_chain() -> None:
+    r = make_repo()
+    first = r.data().root_chain[0]
+    new_root_key = CryptoSigner.generate_ed25519()
+    # root v2 signed only by a new key: not by a threshold of root v1
+    r.repo.signers = {new_root_key.public_key.keyid: new_root_key} | {
+        k: s for k, s in r.repo.signers.items() if s is not r.keys[Root.type]
+    }
+    with r.repo.edit_root() as root:
+        root.revoke_key(r.keys[Root.type].public_key.keyid, Root.type)
+        root.add_key(new_root_key.public_key, Root.type)
+    second = r.store.files["2.root.json"]
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_repository("x", replace(r.data(), root_chain=(first, second)), NOW)
+    with pytest.raises(tuf_exc.BadVersionNumberError):
+        verify_repository("x", replace(r.data(), root_chain=(second, first)), NOW)
+
+
+def test_classify_version_error_names_mix_and_match_only_for_newer_files() -> None:
+    r = make_repo()
+    resign(r, Targets.type)
+    v2 = r.store.files["2.targets.json"]
+    v1 = r.store.files["1.targets.json"]
+    err = tuf_exc.BadVersionNumberError("x")
+    assert isinstance(classify_version_error(err, "1.targets.json", v2), MixAndMatchError)
+    assert classify_version_error(err, "2.targets.json", v1) is err
+    assert classify_version_error(err, "timestamp.json", r.store.files["timestamp.json"]) is err
+    assert classify_version_error(err, None, None) is err
+
+
+# --- Director checks -------------------------------------------------------------
+
+
+def director_targets(*targets: TargetFile, vin: str | None = VIN) -> Targets:
+    t = Targets(expires=NOW + timedelta(days=1), targets={x.path: x for x in targets})
+    if vin is not None:
+        set_vehicle_id(t, vin)
+    return t
+
+
+def test_director_checks_accept_good_targets() -> None:
+    checked = check_director_targets(
+        director_targets(director_target(image_target())), vin=VIN, ecu_hardware_ids=ECUS
+    )
+    assert checked.by_ecu["ecu-a"].name == "app.wasm"
+    # non-empty targets without a VIN are bound by their ECU serials
+    check_director_targets(
+        director_targets(director_target(image_target()), vin=None), vin=VIN, ecu_hardware_ids=ECUS
+    )
+
+
+def test_director_checks_refuse_delegations() -> None:
+    t = director_targets()
+    t.delegations = Delegations(keys={}, roles={})
+    with pytest.raises(DelegationNotAllowedError):
+        check_director_targets(t, vin=VIN, ecu_hardware_ids=ECUS)
+
+
+def test_director_checks_refuse_foreign_or_missing_vin() -> None:
+    with pytest.raises(VehicleIdMismatchError):
+        check_director_targets(director_targets(vin="OTHER"), vin=VIN, ecu_hardware_ids=ECUS)
+    with pytest.raises(VehicleIdMismatchError):
+        check_director_targets(director_targets(vin=None), vin=VIN, ecu_hardware_ids=ECUS)
+    with pytest.raises(VehicleIdMismatchError):
+        t = director_targets(director_target(image_target()), vin="OTHER")
+        check_director_targets(t, vin=VIN, ecu_hardware_ids=ECUS)
+    check_director_targets(director_targets(), vin=VIN, ecu_hardware_ids=ECUS)
+
+
+def test_director_checks_refuse_unknown_and_duplicate_ecus() -> None:
+    img = image_target()
+    with pytest.raises(UnknownEcuError):
+        check_director_targets(
+            director_targets(director_target(img, "ecu-x")), vin=VIN, ecu_hardware_ids=ECUS
+        )
+    second = director_target(image_target("b.wasm"), "ecu-a")
+    with pytest.raises(DuplicateEcuError):
+        check_director_targets(
+            director_targets(director_target(img), second), vin=VIN, ecu_hardware_ids=ECUS
+        )
+
+
+def test_director_checks_refuse_hardware_mismatch_and_bad_names() -> None:
+    img = image_target()
+    with pytest.raises(HardwareIdMismatchError):
+        check_director_targets(
+            director_targets(director_target(img, "primary")), vin=VIN, ecu_hardware_ids=ECUS
+        )
+    with pytest.raises(UnsafeTargetPathError):
+        check_director_targets(
+            director_targets(director_target(img, path="../x.wasm")), vin=VIN, ecu_hardware_ids=ECUS
+        )
+    no_serial = director_target(img)
+    del no_serial.unrecognized_fields["custom"]["ecu_serial"]
+    with pytest.raises(MetadataError):
+        check_director_targets(director_targets(no_serial), vin=VIN, ecu_hardware_ids=ECUS)
+
+
+def test_release_counter_must_not_go_down() -> None:
+    target = UptaneTarget.from_target_file(director_target(image_target(counter=4)), director=True)
+    check_release_counter(target, None)
+    check_release_counter(target, 4)
+    with pytest.raises(ReleaseCounterRollbackError):
+        check_release_counter(target, 5)
+
+
+# --- Director / Image agreement ----------------------------------------------------
+
+
+def test_match_target_accepts_identical_targets() -> None:
+    img = image_target()
+    match_target(director_target(img), img)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"length": 6},
+        {"hashes": {"sha256": "0" * 64}},
+        {"hashes": {"blake2b": "0" * 64}},
+        {"custom": {"release_counter": 2}},
+        {"custom": {"hardware_ids": ["hw-a", "hw-b"]}},
+        {"custom": {"capabilities": ["log"]}},
+    ],
+)
+def test_match_target_refuses_any_difference(changes: dict[str, Any]) -> None:
+    img = image_target()
+    with pytest.raises(TargetMismatchError):
+        match_target(director_target(img, **changes), img)
+
+
+def test_match_target_refuses_missing_or_renamed_image() -> None:
+    img = image_target()
+    with pytest.raises(TargetMismatchError, match="not in the Image"):
+        match_target(director_target(img), None)
+    with pytest.raises(TargetMismatchError):
+        match_target(director_target(img), image_target("other.wasm", b"image"))
+
+
+# --- repository map (TAP 4) ------------------------------------------------------------
+
+
+def good_map(**mapping: Any) -> dict[str, Any]:
+    entry = {"paths": ["*"], "repositories": ["director", "image"], "threshold": 2} | mapping
+    return {
+        "repositories": {"director": ["http://127.0.0.1:1"], "image": ["http://127.0.0.1:2/"]},
+        "mapping": [entry],
+    }
+
+
+def test_repository_map_parses_and_covers_paths() -> None:
+    m = RepositoryMap.from_dict(good_map(paths=["apps/*"], terminating=True))
+    assert m.image_urls == ("http://127.0.0.1:2",)
+    assert m.check_covered("apps/x.wasm").terminating
+    with pytest.raises(TargetMismatchError, match="no repository mapping"):
+        m.check_covered("other.wasm")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        good_map(threshold=1),
+        good_map(repositories=["director"]),
+        good_map(repositories=["director", "image", "evil"]),
+        good_map(paths=[]),
+        good_map(terminating="yes"),
+        {"repositories": {"director": ["ftp://x"], "image": ["http://y"]}, "mapping": []},
+        {"repositories": {"director": ["http://x"]}, "mapping": good_map()["mapping"]},
+        [],
+    ],
+)
+def test_repository_map_refuses_what_uptane_cannot_verify(raw: Any) -> None:
+    with pytest.raises(ConfigError):
+        RepositoryMap.from_dict(raw)
+
+
+# --- DER forms --------------------------------------------------------------------------
+
+
+def director_with_der() -> tuple[Repo, dict[int, bytes], bytes]:
+    r = make_repo()
+    with r.repo.edit_targets() as t:
+        t.targets["app.wasm"] = director_target(image_target())
+        set_vehicle_id(t, VIN)
+    r.repo.publish()
+    roots = {1: codec.to_der_metadata(r.repo.open(Root.type), [r.keys[Root.type]])}
+    targets = codec.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
+    return r, roots, targets
+
+
+def test_der_forms_verify_against_json() -> None:
+    r, roots, targets = director_with_der()
+    der = verify_director_der(verify_repository("director", r.data(), NOW), roots, targets)
+    assert der.root_versions == (1,) and der.targets_version == 2
+    assert der.targets == targets and der.root_chain == (roots[1],)
+
+
+def test_der_forms_refuse_other_content_keys_or_gaps() -> None:
+    r, roots, targets = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    old_targets = codec.to_der_metadata(
+        Metadata.from_bytes(r.store.files["1.targets.json"]), [r.keys[Targets.type]]
+    )
+    with pytest.raises(MetadataError, match="same"):
+        verify_director_der(verified, roots, old_targets)
+    forged = codec.to_der_metadata(r.repo.open(Targets.type), [CryptoSigner.generate_ed25519()])
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(verified, roots, forged)
+    forged_root = codec.to_der_metadata(r.repo.open(Root.type), [r.keys[Targets.type]])
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(verified, {1: forged_root}, targets)
+    with pytest.raises(MetadataError, match="missing"):
+        verify_director_der(verified, {}, targets)
+    with pytest.raises(MetadataError, match="decoded"):
+        verify_director_der(verified, roots, b"\x30\x03junk")
