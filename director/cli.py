@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -355,4 +356,4 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
                 else "",
                 ", ".join(sorted(attacks.get(e.serial, ()))) or "-",
             )
-    Console().print(table)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 240).print(table)

@@ -133,8 +133,11 @@ class CycleResult:
     included when it has an update). ``error`` is the failure that stopped
     verification (None if ``ok``); ``issues`` lists it and every non-fatal
     problem (an unreachable secondary, a refused manifest, a bad report);
-    ``attacks`` names every attack detected.
+    ``attacks`` names every attack detected. ``timings`` is seconds spent per
+    stage (by the primary's monotonic ``timer``), for benchmarks and logs.
     """
+
+    VERIFICATION_STAGES = (STAGE_DIRECTOR, STAGE_IMAGE, STAGE_MATCH, STAGE_DER)
 
     ok: bool
     updates: Mapping[str, EcuUpdate] = field(default_factory=dict)
@@ -146,10 +149,33 @@ class CycleResult:
     error: BaseException | None = None
     stage: str | None = None
     attacks: tuple[str, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
 
     def raise_for_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class _Stages:
+    """Which stage a cycle is in, and how long each took."""
+
+    def __init__(self, timer: Callable[[], float]) -> None:
+        self._timer = timer
+        self.current = ""
+        self._start = timer()
+        self.timings: dict[str, float] = {}
+
+    def enter(self, stage: str) -> None:
+        self.close()
+        self.current = stage
+        self._start = self._timer()
+
+    def close(self) -> str:
+        if self.current:
+            elapsed = self._timer() - self._start
+            self.timings[self.current] = self.timings.get(self.current, 0.0) + elapsed
+            self._start = self._timer()
+        return self.current
 
 
 def safe_target_path(base: Path, name: str) -> Path:
@@ -213,6 +239,7 @@ class Primary:
                 raise ValueError(f"secondary {client.serial!r} is not in the primary config")
             self._clients[client.serial] = client
         self.state = PrimaryState(config.state_dir)
+        self._timer = timer
         self.fetcher = PolicyFetcher(config.download, timer=timer)
         self._http = (
             http if http is not None else httpx.Client(timeout=config.http_timeout, trust_env=False)
@@ -352,7 +379,10 @@ class Primary:
     def run_cycle(self) -> CycleResult:
         """One update cycle (module docstring). Never raises for bad remote data."""
         now = self.clock()
+        stages = _Stages(self._timer)
+        stages.enter(STAGE_REPORTS)
         signed, reports, issues = self.collect_reports()
+        stages.enter(STAGE_MANIFEST)
         manifest = self.upload_manifest(signed)
         state = self.state.reports()
         if manifest.accepted:
@@ -372,14 +402,15 @@ class Primary:
             state.note_failure(issue_attacks, state.last_result, state.last_result_text)
         self.state.save_reports(state)
 
-        stage = [STAGE_DIRECTOR]
+        stages.enter(STAGE_DIRECTOR)
         try:
-            outcome = self._verify_and_download(now, reports, stage)
+            outcome = self._verify_and_download(now, reports, stages)
         except Exception as e:  # every failure is reported, none is fatal to the ECU
+            stage = stages.close()
             attack = attack_name(e)
-            issues.append(CycleIssue(stage[0], e, attack))
+            issues.append(CycleIssue(stage, e, attack))
             state = self.state.reports()
-            state.note_failure([attack] if attack else [], _result_code(e), f"{stage[0]}: {e}")
+            state.note_failure([attack] if attack else [], _result_code(e), f"{stage}: {e}")
             self.state.save_reports(state)
             return CycleResult(
                 ok=False,
@@ -387,9 +418,11 @@ class Primary:
                 manifest=manifest,
                 issues=tuple(issues),
                 error=e,
-                stage=stage[0],
+                stage=stage,
                 attacks=tuple(dict.fromkeys(i.attack for i in issues if i.attack)),
+                timings=stages.timings,
             )
+        stages.close()
         updates, targets, der = outcome
         return CycleResult(
             ok=True,
@@ -400,6 +433,7 @@ class Primary:
             der=der,
             issues=tuple(issues),
             attacks=tuple(dict.fromkeys(i.attack for i in issues if i.attack)),
+            timings=stages.timings,
         )
 
     def distribute(self, result: CycleResult) -> dict[str, BaseException | EcuVersionReport]:
@@ -522,13 +556,13 @@ class Primary:
         )
 
     def _verify_and_download(
-        self, now: datetime, reports: Mapping[str, EcuVersionReport], stage: list[str]
+        self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: _Stages
     ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer]:
         cfg = self.config
         scratch = self.state.begin()
         try:
             # Director: TUF, then the Uptane-only checks (5.4.4.2 steps 1-6 + Director rules)
-            stage[0] = STAGE_DIRECTOR
+            stages.enter(STAGE_DIRECTOR)
             previous = self._previous_director_counters(scratch / "director")
             director_updater = self._refresh(
                 cfg.repository_map.director_urls,
@@ -550,7 +584,7 @@ class Primary:
             )
 
             # Image repository: TUF, then look up every Director target through delegations
-            stage[0] = STAGE_IMAGE
+            stages.enter(STAGE_IMAGE)
             image_updater = self._refresh(
                 cfg.repository_map.image_urls,
                 lambda url: self._updater(
@@ -571,7 +605,7 @@ class Primary:
             )
 
             # Agreement and release counters (5.4.4.2 step 7)
-            stage[0] = STAGE_MATCH
+            stages.enter(STAGE_MATCH)
             installed = self.state.installed(scratch)
             for serial, target in director_targets.by_ecu.items():
                 match_target(director.targets.signed.targets[target.name], image_infos[target.name])
@@ -580,11 +614,11 @@ class Primary:
                 )
 
             # DER forms for the secondaries (DESIGN 3)
-            stage[0] = STAGE_DER
+            stages.enter(STAGE_DER)
             der = self._fetch_der(director)
 
             # Images (5.4.4.2 step 8 onwards: download and check)
-            stage[0] = STAGE_DOWNLOAD
+            stages.enter(STAGE_DOWNLOAD)
             updates: dict[str, EcuUpdate] = {}
             for serial, target in director_targets.by_ecu.items():
                 current = reports[serial].installed if serial in reports else installed.get(serial)
@@ -604,7 +638,7 @@ class Primary:
                     director_targets_version=der.targets_version,
                 )
 
-            stage[0] = STAGE_COMMIT
+            stages.enter(STAGE_COMMIT)
             reported = {s: r.installed for s, r in reports.items() if r.installed is not None}
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)

@@ -65,6 +65,7 @@ from uptane.errors import (
     ATTACK_ENDLESS_DATA,
     ATTACK_INVALID_METADATA,
     ATTACK_WRONG_ECU,
+    ATTACKS,
     CodecError,
     EndlessDataError,
     ImageMismatchError,
@@ -73,7 +74,12 @@ from uptane.errors import (
     WasmError,
     attack_name,
 )
-from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
+from uptane.manifest import (
+    RESULT_CODES,
+    EcuVersionReport,
+    InstalledImage,
+    SignedEcuVersionReport,
+)
 from uptane.metadata import UptaneTarget
 from uptane.verification import partial
 
@@ -142,10 +148,11 @@ class ReportState:
     def from_dict(cls, data: object) -> ReportState:
         if not isinstance(data, Mapping):
             return cls()
+        code = str(data.get("last_result", "ok"))
         return cls(
-            attacks=tuple(str(a) for a in data.get("attacks", ())),
-            last_result=str(data.get("last_result", "ok")),
-            last_result_text=str(data.get("last_result_text", "")),
+            attacks=tuple(str(a) for a in data.get("attacks", ()) if a in ATTACKS),
+            last_result=code if code in RESULT_CODES else "internalError",
+            last_result_text=_text(data.get("last_result_text", "")),
         )
 
 

@@ -505,3 +505,22 @@ def test_refuses_target_outside_repository_map(env: Env) -> None:
         errors.TargetMismatchError,
         errors.ATTACK_ARBITRARY_SOFTWARE,
     )
+
+
+def test_image_found_through_a_supplier_delegation(env: Env) -> None:
+    """Director targets match Image targets that a supplier role signed (5.3.3)."""
+    env.image_repo.delegate("supplier-a", paths=["apps/*"], hardware_ids=["hw-a"])
+    target = env.image_repo.add_target(
+        b"\0asm\x01\0\0\0",
+        name="apps/a.wasm",
+        hardware_ids=["hw-a"],
+        release_counter=1,
+        role="supplier-a",
+    )
+    env.assign("apps/a.wasm", "ecu-a")
+    primary = env.primary()
+    result = primary.run_cycle()
+    assert result.ok, [str(i) for i in result.issues]
+    assert result.updates["ecu-a"].image_path.read_bytes() == b"\0asm\x01\0\0\0"
+    assert (primary.state.current() / "image" / "supplier-a.json").is_file()
+    assert target.path == "apps/a.wasm"

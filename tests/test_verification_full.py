@@ -156,6 +156,12 @@ def test_verify_repository_rechecks_expiry_of_delegated_roles() -> None:
     assert "supplier" in verify_repository("x", data, NOW).delegated
     with pytest.raises(tuf_exc.ExpiredMetadataError, match="supplier"):
         verify_repository("x", data, NOW + timedelta(hours=2))
+    # signed by a key its delegator does not list
+    forged = Metadata.from_bytes(data.delegated["supplier"])
+    forged.signatures.clear()
+    forged.sign(CryptoSigner.generate_ed25519())
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_repository("x", replace(data, delegated={"supplier": forged.to_bytes()}), NOW)
     # a delegated role nobody delegates is refused
     with pytest.raises(tuf_exc.RepositoryError, match="not delegated"):
         verify_repository("x", replace(data, delegated={"ghost": data.delegated["supplier"]}), NOW)
@@ -397,3 +403,22 @@ def test_der_forms_refuse_other_content_keys_or_gaps() -> None:
         verify_director_der(verified, {}, targets)
     with pytest.raises(MetadataError, match="decoded"):
         verify_director_der(verified, roots, b"\x30\x03junk")
+
+
+def test_der_root_chain_needs_the_previous_root_keys() -> None:
+    """DER root v2 signed by its own keys alone cannot be followed from v1."""
+    r, roots, targets = director_with_der()
+    new_root_key = CryptoSigner.generate_ed25519()
+    r.repo.add_signers([new_root_key])
+    with r.repo.edit_root() as root:
+        root.revoke_key(r.keys[Root.type].public_key.keyid, Root.type)
+        root.add_key(new_root_key.public_key, Root.type)
+    r.repo.publish(force=True)
+    verified = verify_repository("director", r.data(), NOW)
+    v2 = r.repo.open(Root.type)
+    good = {**roots, 2: codec.to_der_metadata(v2, [r.keys[Root.type], new_root_key])}
+    targets = codec.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
+    assert verify_director_der(verified, good, targets).root_versions == (1, 2)
+    only_new = {**roots, 2: codec.to_der_metadata(v2, [new_root_key])}
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(verified, only_new, targets)
