@@ -349,13 +349,23 @@ class Primary:
         body = VehicleVersionManifest(
             vin=self.config.vin, primary_ecu_serial=self.config.ecu_serial, reports=dict(reports)
         ).sign(self._signer)
-        url = f"{self.director_url}/vehicles/{quote(self.config.vin, safe='')}/manifest"
-        try:
-            response = self._http.put(
-                url, content=body, headers={"content-type": "application/json"}
-            )
-        except httpx.HTTPError as e:
-            return ManifestOutcome(False, None, "unreachable", str(e))
+        vin = quote(self.config.vin, safe="")
+        response: httpx.Response | None = None
+        error = "no Director URL"
+        for base in self.config.repository_map.director_urls:  # mirrors, in map order
+            try:
+                response = self._http.put(
+                    f"{base}/vehicles/{vin}/manifest",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+                break
+            except httpx.TransportError as e:
+                error = f"{base}: {e}"
+            except httpx.HTTPError as e:
+                return ManifestOutcome(False, None, "unreachable", f"{base}: {e}")
+        if response is None:
+            return ManifestOutcome(False, None, "unreachable", error)
         answer: Any = {}
         if len(response.content) <= MAX_RESPONSE_BYTES:
             with contextlib.suppress(ValueError):
@@ -513,14 +523,20 @@ class Primary:
         except tuf_exc.DownloadLengthMismatchError as e:
             raise EndlessDataError(f"more data than allowed: {e}") from e
 
-    def _refresh(self, urls: tuple[str, ...], make: Callable[[str], Updater]) -> Updater:
-        """Refresh from the first mirror that can be reached (TAP 4 URL list)."""
+    def _refresh(
+        self, urls: tuple[str, ...], make: Callable[[str], Updater]
+    ) -> tuple[Updater, str]:
+        """Refresh from the first mirror that can be reached (TAP 4 URL list).
+
+        Only a failure to connect moves on to the next URL; anything a server
+        answered (bad metadata, HTTP errors, slow or endless data) stops here.
+        """
         error: tuf_exc.DownloadError | None = None
         for url in urls:
             updater = make(url)
             try:
                 self._tuf(updater.refresh)
-                return updater
+                return updater, url
             except tuf_exc.DownloadError as e:
                 if isinstance(e, tuf_exc.DownloadHTTPError | tuf_exc.SlowRetrievalError):
                     raise
@@ -564,7 +580,7 @@ class Primary:
             # Director: TUF, then the Uptane-only checks (5.4.4.2 steps 1-6 + Director rules)
             stages.enter(STAGE_DIRECTOR)
             previous = self._previous_director_counters(scratch / "director")
-            director_updater = self._refresh(
+            director_updater, director_url = self._refresh(
                 cfg.repository_map.director_urls,
                 lambda url: self._updater(
                     scratch / "director",
@@ -585,7 +601,7 @@ class Primary:
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
-            image_updater = self._refresh(
+            image_updater, _ = self._refresh(
                 cfg.repository_map.image_urls,
                 lambda url: self._updater(
                     scratch / "image", f"{url}/metadata/", f"{url}/targets/", cfg.image_root, now
@@ -615,7 +631,7 @@ class Primary:
 
             # DER forms for the secondaries (DESIGN 3)
             stages.enter(STAGE_DER)
-            der = self._fetch_der(director)
+            der = self._fetch_der(director, director_url)
 
             # Images (5.4.4.2 step 8 onwards: download and check)
             stages.enter(STAGE_DOWNLOAD)
@@ -690,9 +706,9 @@ class Primary:
             counters.append(report.installed.release_counter)
         return max(counters) if counters else None
 
-    def _fetch_der(self, director: VerifiedRepository) -> DirectorDer:
+    def _fetch_der(self, director: VerifiedRepository, url: str) -> DirectorDer:
         limit = self.config.metadata_limits.der
-        base = self.director_metadata_url()
+        base = self.director_metadata_url(url)
         get = self.fetcher.download_bytes
         root_ders = {
             md.signed.version: self._tuf(

@@ -15,12 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from tuf.api.metadata import Metadata, Root
-from tuf.ngclient import Updater
-
-from director.app import create_app
-from director.config import DirectorConfig
-from director.service import Director
 from test_director import (
     ImageRepoSim,
     _serve_asgi,
@@ -28,6 +22,12 @@ from test_director import (
     http_client,
     new_car,
 )
+from tuf.api.metadata import Metadata, Root
+from tuf.ngclient import Updater
+
+from director.app import create_app
+from director.config import DirectorConfig
+from director.service import Director, EcuSpec
 from uptane.cli import cli as uptane_cli
 from uptane.keys import public_key_dict
 
@@ -142,10 +142,7 @@ def test_rotating_an_online_key(tmp_path: Path, image_repo: ImageRepoSim) -> Non
     fresh = Director.from_config(DirectorConfig.load(d))
     try:
         assert fresh.root_version() == 2
-        assert fresh.register_vehicle  # the new key pool can sign again:
-        from director.service import EcuSpec
-
-        car2 = new_car()
+        car2 = new_car()  # a process started with the new keys signs again
         fresh.register_vehicle(
             car2.vin,
             [
@@ -195,3 +192,21 @@ def test_serve_creates_and_migrates_its_database(tmp_path: Path, image_repo: Ima
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_rotating_the_root_key(tmp_path: Path, image_repo: ImageRepoSim) -> None:
+    d = init(tmp_path, image_repo)
+    old_root = DirectorConfig.load(d).root_keys[0].keyid
+    assert "root v2" in run("rotate", "--dir", str(d), "root")
+    config = DirectorConfig.load(d)
+    assert config.root_keys[0].keyid != old_root
+    v1 = Metadata[Root].from_bytes((d / "root" / "1.root.json").read_bytes()).signed
+    v2 = Metadata[Root].from_bytes((d / "root" / "2.root.json").read_bytes())
+    v1.verify_delegate("root", v2.signed_bytes, v2.signatures)  # old keys vouch for the new
+    v2.signed.verify_delegate("root", v2.signed_bytes, v2.signatures)
+    director = Director.from_config(config)  # imports v2 after checking both signatures
+    try:
+        assert director.root_version() == 2
+        assert director.root_file("2.root.der")
+    finally:
+        director.close()
