@@ -207,7 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vehicles", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5, help="check-ins per vehicle")
-    parser.add_argument("--concurrency", type=int, default=8, help="vehicles checking in at once")
+    parser.add_argument("--concurrency", type=int, default=4, help="vehicles checking in at once")
+    parser.add_argument("--workers", type=int, default=1, help="Director app processes")
     parser.add_argument("--db", default=None, help="database URL (default: SQLite in a temp dir)")
     args = parser.parse_args()
 
@@ -236,6 +237,8 @@ def main() -> None:
             str(tmp / "director"),
             "--port",
             str(port),
+            "--workers",
+            str(args.workers),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -289,7 +292,7 @@ def main() -> None:
         bare = bare_verification_rate(vehicles)
         backend = make_url(config.db_url).get_backend_name()
         print(
-            f"director ({backend}, {args.concurrency} concurrent): {args.vehicles} vehicles x "
+            f"director ({backend}, {args.workers} process(es), {args.concurrency} concurrent): {args.vehicles} vehicles x "
             f"{ECUS_PER_VEHICLE} ECUs x {args.rounds} rounds = {checkins} check-ins "
             f"(PUT manifest + GET timestamp/snapshot/targets) in {elapsed:.2f} s: "
             f"{rate:.1f} check-ins/s"

@@ -27,10 +27,10 @@ from tuf.ngclient import Updater
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers.servers import Switchboard, serve  # noqa: E402
-from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template  # noqa: E402
+from helpers.servers import Switchboard, serve
+from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template
 
-from ecus.primary import CycleResult, Primary  # noqa: E402
+from ecus.primary import CycleResult
 
 
 def vehicle(tmp: Path, template: Path, servers: Servers, ecus: int) -> Env:

@@ -482,3 +482,21 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
 def _file_response(filename: str, data: bytes) -> Response:
     media = "application/json" if filename.endswith(".json") else "application/octet-stream"
     return Response(content=data, media_type=media, headers={"Cache-Control": "no-store"})
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` worker processes (``serve --workers N``).
+
+    Reads the director directory from ``UPTANE_DIRECTOR_DIR`` and an optional
+    database URL override from ``UPTANE_DIRECTOR_DB``; every worker is an
+    independent process over the same database.
+    """
+    import os
+
+    from director.config import DirectorConfig
+
+    config = DirectorConfig.load(os.environ.get("UPTANE_DIRECTOR_DIR", "director"))
+    if os.environ.get("UPTANE_DIRECTOR_DB"):
+        config.db_url = os.environ["UPTANE_DIRECTOR_DB"]
+    director = Director.from_config(config)
+    return create_app(director, config.token, max_body=config.max_body)

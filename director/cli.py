@@ -234,20 +234,51 @@ def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
 @_db_option
 @click.option("--host", default=None, help="Bind address (default from config: 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default from config).")
-def serve_cmd(directory: Path, db_url: str | None, host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="App processes sharing the database (all state is in the database).",
+)
+def serve_cmd(
+    directory: Path, db_url: str | None, host: str | None, port: int | None, workers: int
+) -> None:
     """Run the Director HTTP server (migrates the database first)."""
+    import os
+
     import uvicorn
 
     from director.app import create_app
+    from director.server import NoDelayH11Protocol
 
     config = _load(directory, db_url)
-    director = Director.from_config(config)
+    director = Director.from_config(config)  # migrate + import roots once, up front
+    bind_host = host or config.host
+    bind_port = config.port if port is None else port
+    if workers > 1:
+        director.close()
+        os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())
+        if db_url:
+            os.environ["UPTANE_DIRECTOR_DB"] = db_url
+        uvicorn.run(
+            "director.app:app_from_env",
+            factory=True,
+            workers=workers,
+            http=NoDelayH11Protocol,
+            log_level="info",
+            access_log=False,
+            host=bind_host,
+            port=bind_port,
+        )
+        return
     app = create_app(director, config.token, max_body=config.max_body)
     try:
         uvicorn.run(
             app,
-            host=host or config.host,
-            port=config.port if port is None else port,
+            host=bind_host,
+            port=bind_port,
+            http=NoDelayH11Protocol,
             log_level="info",
             access_log=False,
         )

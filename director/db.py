@@ -15,8 +15,9 @@ are atomic across threads and processes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Executable,
     ForeignKey,
     Integer,
     LargeBinary,
+    Row,
     String,
     Text,
     TypeDecorator,
@@ -233,12 +236,21 @@ def make_engine(url: str) -> Engine:
     return create_engine(u, pool_pre_ping=True)
 
 
+_SQLITE_LOCKS: dict[str, threading.Lock] = {}
+_SQLITE_LOCKS_GUARD = threading.Lock()
+
+
 class Database:
     """An engine plus short transactions; all Director state goes through here."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._sqlite_writer: threading.Lock | None = None
+        if self.engine.dialect.name == "sqlite":
+            with _SQLITE_LOCKS_GUARD:
+                key = str(self.engine.url.database)
+                self._sqlite_writer = _SQLITE_LOCKS.setdefault(key, threading.Lock())
 
     @property
     def is_postgresql(self) -> bool:
@@ -246,8 +258,14 @@ class Database:
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Session]:
-        """One database transaction: committed on exit, rolled back on error."""
-        with self.engine.connect() as conn:
+        """One database transaction: committed on exit, rolled back on error.
+
+        On SQLite, writers of one process queue on a lock first: SQLite's own
+        busy handler sleeps in growing steps, which would stall every thread
+        that finds the database locked.
+        """
+        lock = self._sqlite_writer if write and self._sqlite_writer is not None else nullcontext()
+        with lock, self.engine.connect() as conn:
             conn = conn.execution_options(director_write=write)
             with conn.begin():
                 session = Session(bind=conn, expire_on_commit=False, autoflush=True)
@@ -256,6 +274,13 @@ class Database:
                     session.flush()
                 finally:
                     session.close()
+
+    def read_one(self, statement: Executable) -> Row[Any] | None:
+        """One row of a single read-only statement (no explicit transaction on PostgreSQL)."""
+        with self.engine.connect() as conn:
+            if self.is_postgresql:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            return conn.execute(statement).first()
 
     def migrate(self) -> None:
         """Bring the schema to the latest Alembic revision (safe to run concurrently)."""

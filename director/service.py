@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from securesystemslib.signer import Key, Signer, SSlibKey
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuf.api.exceptions import UnsignedMetadataError
@@ -43,6 +43,7 @@ from director.db import (
     DetectedAttack,
     Ecu,
     InstallResult,
+    MetadataFile,
     RootMetadata,
     Vehicle,
     VehicleManifestRecord,
@@ -196,10 +197,16 @@ class _Verified:
 
 
 def _hashes_match(installed: Mapping[str, Any], assigned: Mapping[str, str]) -> bool:
+    """The reported hashes equal the assigned target's, for every function both name.
+
+    At least one function must be in common; an ECU may report fewer hash
+    functions than the target lists (the ASN.1 report carries at most four).
+    """
     reported = installed.get("hashes")
-    if not isinstance(reported, Mapping) or not assigned:
+    if not isinstance(reported, Mapping):
         return False
-    return all(name in reported and reported[name] == value for name, value in assigned.items())
+    common = set(reported) & set(assigned)
+    return bool(common) and all(reported[name] == assigned[name] for name in common)
 
 
 def _db_text(value: str) -> str:
@@ -418,13 +425,30 @@ class Director:
                 )
         return row.version, root
 
+    def _due(
+        self,
+        expires: datetime | None,
+        targets_version: int,
+        signed_under_root: int,
+        latest_root_version: int | None,
+        now: datetime,
+    ) -> bool:
+        """Whether a vehicle's metadata must be signed (again) before it is served."""
+        if expires is None or targets_version == 0:
+            return True
+        if expires - now <= self.refresh_margin:
+            return True
+        return latest_root_version is not None and latest_root_version != signed_under_root
+
     def _needs_signing(self, session: Session, vehicle: Vehicle, now: datetime) -> bool:
-        if vehicle.metadata_expires is None or vehicle.targets_version == 0:
-            return True
-        if vehicle.metadata_expires - now <= self.refresh_margin:
-            return True
         row = latest_root(session)
-        return row is not None and row.version != vehicle.root_version
+        return self._due(
+            vehicle.metadata_expires,
+            vehicle.targets_version,
+            vehicle.root_version,
+            None if row is None else row.version,
+            now,
+        )
 
     def _sign_vehicle(self, session: Session, vehicle: Vehicle, now: datetime) -> None:
         """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2)."""
@@ -481,14 +505,46 @@ class Director:
         )
 
     def metadata(self, vin: str, filename: str) -> bytes:
-        """Bytes of one of ``vin``'s metadata files, re-signed first if due."""
-        if FILENAME_RE.match(filename) is None:
+        """Bytes of one of ``vin``'s metadata files, re-signed first if due.
+
+        The common case is one read-only statement; signing takes the
+        vehicle's write lock and checks again.
+        """
+        m = FILENAME_RE.match(filename)
+        if m is None:
             raise NotFoundError(f"no metadata file {filename!r}")
+        if _IDENT_RE.match(vin) is None:
+            raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
+        version, role, ext = m.groups()
+        latest = select(func.max(RootMetadata.version)).scalar_subquery()
+        if role == Root.type:
+            col = RootMetadata.data if ext == "json" else RootMetadata.der
+            wanted = latest if version is None else int(version)
+            file_q = select(col).where(RootMetadata.version == wanted).scalar_subquery()
+        else:
+            file_q = (
+                select(MetadataFile.data)
+                .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == filename)
+                .scalar_subquery()
+            )
+        row = self.db.read_one(
+            select(
+                Vehicle.metadata_expires,
+                Vehicle.targets_version,
+                Vehicle.root_version,
+                latest.label("latest_root"),
+                file_q.label("data"),
+            ).where(Vehicle.vin == vin)
+        )
+        if row is None:
+            raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
         now = self.clock()
-        with self.db.transaction() as session:
-            vehicle = self._vehicle(session, vin)
-            if not self._needs_signing(session, vehicle, now):
-                return self._read_file(session, vehicle, filename)
+        if not self._due(
+            row.metadata_expires, row.targets_version, row.root_version, row.latest_root, now
+        ):
+            if row.data is None:
+                raise NotFoundError(f"{vin} has no metadata file {filename!r}")
+            return bytes(row.data)
         with self.db.transaction(write=True) as session:
             vehicle = self._vehicle(session, vin, lock=True)
             if self._needs_signing(session, vehicle, now):
@@ -860,7 +916,19 @@ class Director:
                 vehicle = self._vehicle(session, vin, lock=True)
             except UnknownVehicleError as e:
                 raise ManifestError(str(e), "unknown_vehicle") from e
-            ecus = {e.serial: e for e in vehicle.ecus}
+            ecus = {
+                row.serial: row
+                for row in session.execute(
+                    select(
+                        Ecu.id,
+                        Ecu.serial,
+                        Ecu.public_key,
+                        Ecu.last_report_counter,
+                        Ecu.last_result,
+                        Ecu.last_result_text,
+                    ).where(Ecu.vehicle_id == vehicle.id)
+                )
+            }
             if {s: str(e.public_key.get("keyid")) for s, e in ecus.items()} != verified.keyids:
                 raise ManifestError("the vehicle's ECUs changed while checking", "unknown_ecu")
             for serial, report in sorted(verified.reports.items()):
@@ -874,12 +942,16 @@ class Director:
             return self._record(session, vehicle, ecus, verified, now)
 
     def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
+        if _IDENT_RE.match(vin) is None:
+            raise ManifestError(f"no vehicle {vin[:130]!r} is registered", "unknown_vehicle")
         with self.db.transaction() as session:
-            try:
-                vehicle = self._vehicle(session, vin)
-            except UnknownVehicleError as e:
-                raise ManifestError(str(e), "unknown_vehicle") from e
-            rows = [(e.serial, e.hardware_id, e.is_primary, e.public_key) for e in vehicle.ecus]
+            rows = session.execute(
+                select(Ecu.serial, Ecu.hardware_id, Ecu.is_primary, Ecu.public_key)
+                .join(Vehicle, Ecu.vehicle_id == Vehicle.id)
+                .where(Vehicle.vin == vin)
+            ).all()
+        if not rows:
+            raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
         return {
             serial: _EcuKey(serial, hw, primary, public_key_from_dict(dict(key)))
             for serial, hw, primary, key in rows
@@ -927,22 +999,40 @@ class Director:
         self,
         session: Session,
         vehicle: Vehicle,
-        ecus: dict[str, Ecu],
+        ecus: Mapping[str, Any],
         verified: _Verified,
         now: datetime,
     ) -> ManifestReceipt:
+        """Write an accepted manifest: counters, installed images, attacks, results."""
         record = VehicleManifestRecord(vehicle_id=vehicle.id, received_at=now, body=verified.data)
         session.add(record)
         session.flush()
         vehicle.last_seen = now
+        pending = {
+            a.ecu_id: a
+            for a in session.scalars(
+                select(Assignment)
+                .join(Ecu, Assignment.ecu_id == Ecu.id)
+                .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
+            )
+        }
         completed: list[AssignmentInfo] = []
         attacks: list[AttackInfo] = []
+        updates: list[dict[str, Any]] = []
         for serial, report in sorted(verified.reports.items()):
             ecu = ecus[serial]
             installed = _installed_dict(report)
-            ecu.last_report_counter = report.report_counter
-            ecu.last_report_at = now
-            ecu.installed = installed
+            text = _db_text(report.last_result_text)
+            updates.append(
+                {
+                    "ecu_id": ecu.id,
+                    "counter": report.report_counter,
+                    "at": now,
+                    "b_installed": installed,
+                    "result": report.last_result,
+                    "text": text,
+                }
+            )
             for attack in report.attacks_detected:
                 session.add(
                     DetectedAttack(
@@ -955,38 +1045,45 @@ class Director:
                     )
                 )
                 attacks.append(AttackInfo(serial, attack, report.report_counter, now))
-            pending = session.scalars(
-                select(Assignment).where(Assignment.ecu_id == ecu.id, Assignment.status == PENDING)
-            ).first()
+            assignment = pending.get(ecu.id)
             done = (
-                pending is not None
+                assignment is not None
                 and installed is not None
-                and installed["filename"] == pending.image
-                and installed["length"] == pending.length
-                and _hashes_match(installed, pending.hashes)
+                and installed["filename"] == assignment.image
+                and installed["length"] == assignment.length
+                and _hashes_match(installed, assignment.hashes)
             )
-            result_changed = (report.last_result, _db_text(report.last_result_text)) != (
-                ecu.last_result,
-                ecu.last_result_text,
-            )
-            if done and pending is not None:
-                pending.status = INSTALLED
-                pending.updated_at = now
-                completed.append(_assignment_info(pending, vehicle.vin, serial))
+            if done and assignment is not None:
+                assignment.status = INSTALLED
+                assignment.updated_at = now
+                completed.append(_assignment_info(assignment, vehicle.vin, serial))
+            result_changed = (report.last_result, text) != (ecu.last_result, ecu.last_result_text)
             if done or (result_changed and report.last_result != "ok"):
                 session.add(
                     InstallResult(
                         ecu_id=ecu.id,
                         manifest_id=record.id,
-                        assignment_id=pending.id if done and pending is not None else None,
+                        assignment_id=assignment.id if done and assignment is not None else None,
                         result=report.last_result,
-                        text=_db_text(report.last_result_text),
+                        text=text,
                         image=installed["filename"] if installed else None,
                         received_at=now,
                     )
                 )
-            ecu.last_result = report.last_result
-            ecu.last_result_text = _db_text(report.last_result_text)
+        ecu_table = Ecu.__table__
+        assert isinstance(ecu_table, Table)
+        session.execute(
+            update(ecu_table)
+            .where(ecu_table.c.id == bindparam("ecu_id"))
+            .values(
+                last_report_counter=bindparam("counter"),
+                last_report_at=bindparam("at"),
+                installed=bindparam("b_installed"),
+                last_result=bindparam("result"),
+                last_result_text=bindparam("text"),
+            ),
+            updates,
+        )
         if completed or self._needs_signing(session, vehicle, now):
             self._sign_vehicle(session, vehicle, now)
         if attacks:

@@ -130,8 +130,10 @@ class CycleResult:
     ``ok`` is True when full verification, downloads and commit succeeded;
     ``updates`` then holds, per ECU serial, the target to install, the image
     path and the DER Director metadata to forward (the primary's own serial
-    included when it has an update). ``error`` is the failure that stopped
-    verification (None if ``ok``); ``issues`` lists it and every non-fatal
+    included when it has an update); ``der`` holds the verified DER Director
+    metadata they share (None when no ECU needs an update). ``error`` is the
+    failure that stopped verification (None if ``ok``); ``issues`` lists it and
+    every non-fatal
     problem (an unreachable secondary, a refused manifest, a bad report);
     ``attacks`` names every attack detected. ``timings`` is seconds spent per
     stage (by the primary's monotonic ``timer``), for benchmarks and logs.
@@ -252,12 +254,9 @@ class Primary:
         """The trusted state: changes only when a cycle fully succeeds."""
         return self.state.trusted_dir
 
-    @property
-    def director_url(self) -> str:
-        return self.config.repository_map.director_urls[0]
-
-    def director_metadata_url(self, base: str | None = None) -> str:
-        return f"{base or self.director_url}/vehicles/{quote(self.config.vin, safe='')}/metadata/"
+    def director_metadata_url(self, base: str) -> str:
+        """The vehicle's Director metadata URL on Director ``base`` (one TAP 4 URL)."""
+        return f"{base}/vehicles/{quote(self.config.vin, safe='')}/metadata/"
 
     # --- reports and manifest (5.4.2) ------------------------------------------
 
@@ -337,7 +336,7 @@ class Primary:
             except CodecError as e:
                 issues.append(CycleIssue(STAGE_REPORTS, e, ATTACK_SPOOFED_MESSAGE, entry.serial))
                 continue
-            except UptaneError as e:  # TransportError and friends: a fault, not an attack
+            except Exception as e:  # TransportError and friends: a fault, not an attack
                 issues.append(CycleIssue(STAGE_REPORTS, e, attack_name(e), entry.serial))
                 continue
             signed[entry.serial] = report_signed
@@ -465,7 +464,7 @@ class Primary:
                 )
                 if report.ecu_serial != serial:
                     raise ManifestError("install report names another ECU", "bad_ecu_signature")
-            except UptaneError as e:
+            except Exception as e:  # a secondary's failure never stops the others
                 outcomes[serial] = e
                 continue
             outcomes[serial] = report
@@ -573,7 +572,7 @@ class Primary:
 
     def _verify_and_download(
         self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: _Stages
-    ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer]:
+    ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer | None]:
         cfg = self.config
         scratch = self.state.begin()
         try:
@@ -629,25 +628,30 @@ class Primary:
                     target, self._installed_counter(serial, installed, reports, previous)
                 )
 
-            # DER forms for the secondaries (DESIGN 3)
+            pending = {
+                serial: target
+                for serial, target in director_targets.by_ecu.items()
+                if not _runs(
+                    reports[serial].installed if serial in reports else installed.get(serial),
+                    target,
+                )
+            }
+
+            # DER forms to forward (DESIGN 3): only needed when something is sent
             stages.enter(STAGE_DER)
-            der = self._fetch_der(director, director_url)
+            der = self._fetch_der(director, director_url) if pending else None
 
             # Images (5.4.4.2 step 8 onwards: download and check)
             stages.enter(STAGE_DOWNLOAD)
             updates: dict[str, EcuUpdate] = {}
-            for serial, target in director_targets.by_ecu.items():
-                current = reports[serial].installed if serial in reports else installed.get(serial)
-                if current is not None and _same_image(current, target):
-                    continue
+            for serial, target in pending.items():
                 info = image_infos[target.name]
-                assert info is not None  # match_target refused None
-                path = self._download(image_updater, info)
+                assert info is not None and der is not None  # match_target refused None
                 updates[serial] = EcuUpdate(
                     ecu_serial=serial,
                     hardware_id=cfg.ecu_hardware_ids[serial],
                     target=target,
-                    image_path=path,
+                    image_path=self._download(image_updater, info),
                     director_root_chain=der.root_chain,
                     director_root_versions=der.root_versions,
                     director_targets=der.targets,
@@ -751,8 +755,10 @@ class Primary:
         return dest
 
 
-def _same_image(installed: InstalledImage, target: UptaneTarget) -> bool:
+def _runs(installed: InstalledImage | None, target: UptaneTarget) -> bool:
     """Does the ECU already run ``target``? (name, length, every common hash)."""
+    if installed is None:
+        return False
     common = set(installed.hashes) & set(target.hashes)
     return (
         installed.filename == target.name

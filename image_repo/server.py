@@ -111,7 +111,7 @@ def serve_in_thread(
 @contextmanager
 def running_app(app: Starlette, host: str = DEFAULT_HOST, port: int = 0) -> Iterator[str]:
     """Run any ASGI ``app`` under uvicorn in a thread; yields ``http://host:port``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]

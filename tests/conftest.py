@@ -22,7 +22,7 @@ def asgi_server() -> Iterator[Callable[[Any], str]]:
     running: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
 
     def start(app: Any) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -935,8 +935,18 @@ def test_installed_assignment_is_completed(env: Env, tmp_path: Path) -> None:
     r = put_manifest(env, car, car.manifest())
     assert r.json() == {"accepted": True, "metadata_version": 2}
     assert len(env.op.get(f"/api/vehicles/{car.vin}").json()["pending"]) == 1
-    # right bytes installed: done, new targets without it
-    brake.installed = installed_image(env, "brake-1.wasm")
+    # no hash function in common: not done either
+    brake.installed = InstalledImage(wrong.filename, wrong.length, {"md5": "00" * 16}, 1)
+    assert put_manifest(env, car, car.manifest()).json()["metadata_version"] == 2
+    # other name, right hashes: not done
+    brake.installed = installed_image(env, "brake-1.wasm", filename="brake-2.wasm")
+    assert put_manifest(env, car, car.manifest()).json()["metadata_version"] == 2
+    assert len(env.op.get(f"/api/vehicles/{car.vin}").json()["pending"]) == 1
+    # right bytes installed (sha256 only reported): done, new targets without it
+    right = installed_image(env, "brake-1.wasm")
+    brake.installed = InstalledImage(
+        right.filename, right.length, {"sha256": right.hashes["sha256"]}, 1
+    )
     r = put_manifest(env, car, car.manifest())
     assert r.json() == {"accepted": True, "metadata_version": 3}
     v = env.op.get(f"/api/vehicles/{car.vin}").json()

@@ -7,6 +7,7 @@ is byte-for-byte unchanged (Uptane 2.1, 4.3 threat model; 5.4.4.2).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -125,9 +126,11 @@ def test_successful_cycle_downloads_verifies_and_forwards(env: Env) -> None:
     assert isinstance(outcomes["ecu-a"], EcuVersionReport)
     assert env.secondaries["ecu-a"].installed is not None
     assert primary.installed()["ecu-a"].release_counter == 3
+    primary.mark_installed(PRIMARY, result.updates[PRIMARY].installed_image)
     again = primary.run_cycle()
     assert again.ok, [str(i) for i in again.issues]
-    assert "ecu-a" not in again.updates
+    assert again.updates == {}
+    assert again.der is None  # nothing to forward, no DER fetched
 
 
 def test_primary_clock_drives_ngclient_expiry(
@@ -524,3 +527,25 @@ def test_image_found_through_a_supplier_delegation(env: Env) -> None:
     assert result.updates["ecu-a"].image_path.read_bytes() == b"\0asm\x01\0\0\0"
     assert (primary.state.current() / "image" / "supplier-a.json").is_file()
     assert target.path == "apps/a.wasm"
+
+
+def test_uses_the_next_mirror_when_one_cannot_be_reached(env: Env) -> None:
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    config = env.primary_config()
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    mirrors = RepositoryMap.from_dict(
+        {
+            "repositories": {
+                "director": [dead, *config.repository_map.director_urls],
+                "image": [dead, *config.repository_map.image_urls],
+            },
+            "mapping": [{"paths": ["*"], "repositories": ["director", "image"], "threshold": 2}],
+        }
+    )
+    result = env.primary(repository_map=mirrors).run_cycle()
+    assert result.ok, [str(i) for i in result.issues]
+    assert result.manifest is not None and result.manifest.accepted
+    assert "ecu-a" in result.updates
