@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.signer import Key, Signer, SSlibKey
 from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
+from director.config import DirectorConfig
 from director.db import (
     Assignment,
     Database,
@@ -253,8 +255,6 @@ def check_ecu_key(key_dict: object) -> Key:
     if key.keytype != "ed25519" or key.scheme != "ed25519":
         raise InvalidRequestError("ECU keys must be ed25519 (DESIGN 3)")
     try:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(key.keyval.get("public", ""))))
     except ValueError as e:
         raise InvalidRequestError(f"invalid ed25519 public key: {e}") from e
@@ -298,12 +298,12 @@ class Director:
         self.max_manifest = max_manifest
 
     @classmethod
-    def from_config(cls, config: Any, *, clock: Clock = utc_now, migrate: bool = True) -> Director:
+    def from_config(
+        cls, config: DirectorConfig, *, clock: Clock = utc_now, migrate: bool = True
+    ) -> Director:
         """Open the database (migrating it), import the root chain, load online keys."""
-        from director.config import DirectorConfig
         from director.imagerepo import ImageRepoReader
 
-        assert isinstance(config, DirectorConfig)
         db = Database(config.db_url)
         if migrate:
             db.migrate()

@@ -144,6 +144,8 @@ class CanSecondaryClient:
         self.link = link
         self._serial = serial
         self.chunk_size = self._check_chunk_size(chunk_size)
+        # called as progress(offset, length) during image transfers of send_update
+        self.progress: Progress | None = None
         if max_retries < 0:
             raise ValueError("max_retries must not be negative")
         self.max_retries = max_retries
@@ -372,5 +374,5 @@ class CanSecondaryClient:
         )
         if code == "noUpdate":
             return self.version_report(b"")
-        self.send_image(update.image_path, update.installed_image)
+        self.send_image(update.image_path, update.installed_image, progress=self.progress)
         return self.install(update.target.name).signed_report

@@ -365,7 +365,8 @@ class Secondary:
     def _on_time(self, value: Mapping[str, Any]) -> bytes:
         when = datetime.fromtimestamp(value["time"], UTC)
         floor = self.store.time_floor
-        if floor is not None and when < floor:
+        # time messages carry whole seconds: compare at that resolution
+        if floor is not None and when < floor.replace(microsecond=0):
             return self._ack("badRequest", f"time {when.isoformat()} is before the floor")
         if self.max_time_ahead is not None:
             limit = _utc(self.clock()) + self.max_time_ahead

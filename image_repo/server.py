@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from image_repo.layout import METADATA_DIR, TARGETS_DIR
 
@@ -109,7 +110,7 @@ def serve_in_thread(
 
 
 @contextmanager
-def running_app(app: Starlette, host: str = DEFAULT_HOST, port: int = 0) -> Iterator[str]:
+def running_app(app: ASGIApp, host: str = DEFAULT_HOST, port: int = 0) -> Iterator[str]:
     """Run any ASGI ``app`` under uvicorn in a thread; yields ``http://host:port``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -938,6 +938,9 @@ def test_installed_assignment_is_completed(env: Env, tmp_path: Path) -> None:
     # no hash function in common: not done either
     brake.installed = InstalledImage(wrong.filename, wrong.length, {"md5": "00" * 16}, 1)
     assert put_manifest(env, car, car.manifest()).json()["metadata_version"] == 2
+    # right name and hashes, other length: not done
+    brake.installed = installed_image(env, "brake-1.wasm", length=1)
+    assert put_manifest(env, car, car.manifest()).json()["metadata_version"] == 2
     # other name, right hashes: not done
     brake.installed = installed_image(env, "brake-1.wasm", filename="brake-2.wasm")
     assert put_manifest(env, car, car.manifest()).json()["metadata_version"] == 2
@@ -1164,3 +1167,20 @@ def test_root_import_refuses_a_der_root_that_says_something_else(env: Env) -> No
         env.director.import_root(root1, targets_der)
     with pytest.raises(ConfigError, match="does not parse"):
         env.director.import_root(root1, b"\x30\x00")
+
+
+def test_oversized_content_length_refused_before_the_body_is_sent(env: Env) -> None:
+    port = int(env.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /vehicles/X/manifest HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {env.config.max_body + 1}\r\n\r\n".encode()
+        )
+        response = b""  # no body is sent: only a refusal by header can answer
+        while b"}" not in response:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b'"too_large"' in response
