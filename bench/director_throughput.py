@@ -22,6 +22,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -313,6 +314,7 @@ def main() -> None:
         image_server.shutdown()
         if schema is not None:
             drop_postgres_schema(db_url, schema)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

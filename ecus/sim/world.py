@@ -40,7 +40,8 @@ from ecus.config import DownloadPolicy, EcuEntry, PrimaryConfig
 from ecus.primary import CycleResult, Primary
 from ecus.secondary import Secondary
 from ecus.sim.http import Switchboard
-from ecus.slots import PowerCut
+from ecus.slots import SLOTS, PowerCut
+from ecus.transport.accounting import PacedBus
 from ecus.transport.faults import FaultyBus
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint
 from ecus.wasm import SimPeripherals
@@ -114,13 +115,25 @@ class SimSecondary:
             self.power_cut_at = None
             raise PowerCut(point)
 
+    def _handle(self, ecu: Secondary, request: bytes) -> bytes:
+        """The endpoint handler: ``ecu.handle``; a power cut leaves the node silent."""
+        try:
+            return ecu.handle(request)
+        except PowerCut:
+            # A powered-off ECU neither answers nor acknowledges frames until
+            # ``SimVehicle.boot`` powers it up again over the same slot store.
+            self.faults.go_bus_off()
+            if self.endpoint is not None:
+                self.endpoint.stop()
+            return b""
+
     def slot_snapshot(self) -> dict[str, Any]:
         """Active slot, its target name and the sha256 of both slot files (for assertions)."""
         assert self.ecu is not None
         store = self.ecu.store
         active = store.active_target()
         digests = {}
-        for slot in ("A", "B"):
+        for slot in SLOTS:
             path = store.slot_path(slot)
             data = path.read_bytes() if path.exists() else b""
             digests[slot] = hashlib.sha256(data).hexdigest()
@@ -183,7 +196,11 @@ class SimVehicle:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stack = contextlib.ExitStack()
         self.bus = CanBusConfig(channel=f"sim-{vin}-{uuid.uuid4().hex[:8]}", fd=fd)
-        self.primary_node = self.stack.enter_context(CanNode.open(self.bus, paced=paced))
+        primary_bus = self.bus.open()
+        if paced:
+            primary_bus = PacedBus(primary_bus, self.bus.timing)
+        self.primary_faults = FaultyBus(primary_bus)  # the primary's controller (bus off, ...)
+        self.primary_node = self.stack.enter_context(CanNode(self.primary_faults))
         self.secondaries: dict[str, SimSecondary] = {}
         for index, hw in enumerate(hardware_ids):
             serial = f"{vin}-{hw}-{index + 1}"
@@ -209,7 +226,9 @@ class SimVehicle:
         self.primary_key = generate_ed25519(self.dir / "keys", "primary")
         self.primary_serial = f"{vin}-primary"
         specs = [EcuSpec(self.primary_serial, PRIMARY_HW, self.primary_key.public, primary=True)]
-        specs += [EcuSpec(s.serial, s.hardware_id, s.signer.public_key) for s in self.secondaries.values()]
+        specs += [
+            EcuSpec(s.serial, s.hardware_id, s.signer.public_key) for s in self.secondaries.values()
+        ]
         world.director.register_vehicle(vin, specs)
         for serial in self.secondaries:
             self.boot(serial)
@@ -242,7 +261,9 @@ class SimVehicle:
             max_message=CHUNK_SIZE + 4096,
             fault=sec._fault,
         )
-        sec.endpoint = self.stack.enter_context(sec.node.endpoint(sec.config, sec.ecu.handle))
+        sec.faults.clear_bus_off()  # powered up again (after a power cut)
+        handler = functools.partial(sec._handle, sec.ecu)
+        sec.endpoint = self.stack.enter_context(sec.node.endpoint(sec.config, handler))
         sec.endpoint.start()
         return sec.ecu
 
@@ -294,19 +315,24 @@ class SimVehicle:
                     errors[serial] = outcome
         ecus: dict[str, EcuOutcome] = {}
         for serial, sec in self.secondaries.items():
-            try:
-                report = self.report(serial)
-            except Exception as e:  # an unreachable ECU is an outcome, not a crash
-                ecus[serial] = EcuOutcome(serial, sec.hardware_id, None, None, "unreachable", (), str(e))
+            # Read the ECU's state in process: a version report over CAN would
+            # consume the attacks it detected before the next manifest carries them.
+            err: BaseException | None = errors.get(serial)
+            if err is None:
+                err = next((i.error for i in result.issues if i.ecu_serial == serial), None)
+            ecu = sec.ecu
+            if ecu is None:
+                ecus[serial] = EcuOutcome(serial, sec.hardware_id, None, None, "unreachable", ())
                 continue
-            err = errors.get(serial)
+            active = ecu.store.active_target()
+            state = ecu.report_state
             ecus[serial] = EcuOutcome(
                 serial=serial,
                 hardware_id=sec.hardware_id,
-                installed=None if report.installed is None else report.installed.filename,
-                release_counter=None if report.installed is None else report.installed.release_counter,
-                last_result=report.last_result,
-                attacks=report.attacks_detected,
+                installed=None if active is None else active.name,
+                release_counter=None if active is None else active.release_counter,
+                last_result=state.last_result,
+                attacks=state.attacks,
                 error=None if err is None else f"{type(err).__name__}: {err}",
             )
         attacks = set(result.attacks)
@@ -430,12 +456,16 @@ class World:
                 name=name,
                 hardware_ids=[hw],
                 release_counter=version if release_counter is None else release_counter,
-                capabilities=capabilities if capabilities is not None else BLINK_CAPS.get(version, BLINK_CAPS[2]),
+                capabilities=capabilities
+                if capabilities is not None
+                else BLINK_CAPS.get(version, BLINK_CAPS[2]),
                 limits=limits or Limits(confirm_ticks=5),
             )
         return published
 
-    def assign_version(self, version: int, hardware_ids: Iterable[str], vins: Sequence[str] | None = None) -> int:
+    def assign_version(
+        self, version: int, hardware_ids: Iterable[str], vins: Sequence[str] | None = None
+    ) -> int:
         """Assign ``blink_v{version}`` to every ECU of those hardware ids; returns how many."""
         count = 0
         for hw in hardware_ids:

@@ -25,24 +25,22 @@ from typing import Any
 import httpx
 import wasmtime
 from securesystemslib.signer import CryptoSigner, Signer
-from sqlalchemy import select
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from director.app import create_app as director_app
 from director.cli import init_director
 from director.config import DirectorConfig
-from director.db import Vehicle, default_sqlite_url
+from director.db import default_sqlite_url
 from director.service import Director, EcuSpec
-from director.store import DBMetadataStore
 from ecus.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary import Primary
 from ecus.secondary_client import InMemorySecondary
+from ecus.sim.compromise import craft_director_targets
 from image_repo.repo import ImageRepository
 from image_repo.server import create_app as image_app
-from uptane import codec
 from uptane.keys import KeyRef, generate_ed25519
 from uptane.metadata import ECU_SERIAL, shall_match
-from uptane.repository import Clock, ExpiryPolicy, SigningRepository, utc_now
+from uptane.repository import Clock, ExpiryPolicy, utc_now
 from uptane.verification.matching import RepositoryMap
 
 from .servers import Switchboard
@@ -200,28 +198,13 @@ class Env:
 
     def craft_director(self, mutate: Callable[[Targets], None]) -> int:
         """Sign new Director targets/snapshot/timestamp with the online keys; returns version."""
-        now = self.director.clock()
-        signers = {s.public_key.keyid: s for s in self.director_config.online_signers()}
-        e = DIRECTOR_EXPIRY
-        with self.director.db.transaction(write=True) as session:
-            vehicle = session.scalars(select(Vehicle).where(Vehicle.vin == VIN)).one()
-            store = DBMetadataStore(session, vehicle.id, now)
-            repo = SigningRepository(
-                store=store,
-                signers=signers,
-                expiry=ExpiryPolicy(targets=e, snapshot=e, timestamp=e),
-                clock=lambda: now,
-            )
-            with repo.edit_targets() as targets:
-                mutate(targets)
-            repo.do_snapshot(force=True)
-            repo.do_timestamp(force=True)
-            md = repo.open(Targets.type)
-            keyids = repo.root().roles[Targets.type].keyids
-            der = codec.to_der_metadata(md, [s for k, s in signers.items() if k in keyids])
-            store.write(f"{md.signed.version}.targets.der", der)
-            store.write("targets.der", der)
-            return int(md.signed.version)
+        return craft_director_targets(
+            self.director,
+            self.director_config.online_signers(),
+            VIN,
+            mutate,
+            expiry=DIRECTOR_EXPIRY,
+        )
 
     # --- the primary ------------------------------------------------------------
 
