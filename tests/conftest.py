@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import uvicorn
 
+pytest_plugins = ["ecus.sim.fixtures"]
+
 
 @pytest.fixture
 def asgi_server() -> Iterator[Callable[[Any], str]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +18,8 @@ from uptane.errors import CodecError
 
 _visible = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
 identifiers = _visible.filter(lambda s: len(s) <= 128).map(lambda s: s[:128])
-texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
-filenames = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+filenames = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
 lengths = st.integers(0, 2**32 - 1)
 nonces = st.binary(max_size=32)
 result_codes = st.sampled_from(
@@ -167,7 +170,11 @@ def test_decode_refuses_truncated_and_lying_lengths() -> None:
         ("timeMessage", {"time": -1}, "time"),
         ("timeMessage", {"time": 253402300800}, "time"),
         ("metadataPush", {"repository": "director", "role": "", "version": 1, "der": b"x"}, "role"),
-        ("metadataPush", {"repository": "director", "role": "r", "version": 0, "der": b"x"}, "version"),
+        (
+            "metadataPush",
+            {"repository": "director", "role": "r", "version": 0, "der": b"x"},
+            "version",
+        ),
         ("imageChunk", {"offset": 0, "data": b""}, "data"),
         ("installRequest", {"filename": ""}, "filename"),
         ("ack", {"code": "ok", "text": "t" * 513}, "text"),
@@ -224,3 +231,52 @@ def test_encode_refuses_bad_values() -> None:
 
 def test_spec_is_compiled_once() -> None:
     assert codec.spec() is codec.spec()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (SIGALRM; the suite runs on Linux)."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still decoding after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_sequence_of_element_with_wrong_tag_is_refused_not_looped() -> None:
+    # imageOffer { image { filename, length, hashes SEQUENCE OF Hash, ... } }:
+    # give the one Hash element a wrong tag. Plain asn1tools DER loops forever
+    # here (eerimoq/asn1tools#180); the codec must refuse it.
+    value = {
+        "image": {
+            "filename": "a",
+            "length": 1,
+            "hashes": [{"function": "sha256", "digest": b"\x00" * 32}],
+            "releaseCounter": 1,
+        }
+    }
+    data = bytearray(codec.encode_message("imageOffer", value))
+    index = data.index(b"\x30\x2a\x80\x06sha256")  # the Hash SEQUENCE
+    data[index] = 0xA1
+    with _deadline(10), pytest.raises(CodecError, match="tag"):
+        codec.decode_message(bytes(data))
+
+
+def test_non_canonical_der_refused() -> None:
+    data = codec.encode_message("timeMessage", {"time": 5})
+    assert data == bytes.fromhex("ab03800105")
+    # Long-form length where the short form fits.
+    with pytest.raises(CodecError, match="canonical"):
+        codec.decode_message(bytes.fromhex("ab8103800105"))
+    # INTEGER with a superfluous leading zero octet.
+    with pytest.raises(CodecError, match="canonical"):
+        codec.decode_message(bytes.fromhex("ab0480020005"))
+    # Indefinite length (BER only).
+    with pytest.raises(CodecError):
+        codec.decode_message(bytes.fromhex("ab808001050000"))

@@ -206,7 +206,9 @@ def test_oversize_refused_before_parsing() -> None:
     with pytest.raises(CodecError, match="exceeds the limit"):
         SignedEcuVersionReport.from_der(b"\x30" * 8193)
     with pytest.raises(codec.DERDeserializationError, match="exceeds the limit"):
-        Metadata.from_bytes(b"\x30" * (codec.DEFAULT_MAX_METADATA + 1), codec.DERMetadataDeserializer())
+        Metadata.from_bytes(
+            b"\x30" * (codec.DEFAULT_MAX_METADATA + 1), codec.DERMetadataDeserializer()
+        )
     # A valid file over a caller's tighter cap is refused for its size.
     data = samples()["md:targets"]
     with pytest.raises(codec.DERDeserializationError, match="exceeds the limit"):

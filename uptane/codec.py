@@ -16,12 +16,15 @@ import calendar
 import functools
 import itertools
 import re
+import types
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final, NoReturn
 
 import asn1tools
+from asn1tools.codecs import ber as ber_codec
+from asn1tools.codecs import der as der_codec
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Signed
 from tuf.api.serialization import (
@@ -39,12 +42,39 @@ MESSAGE_TYPE: Final = "SecondaryMessage"
 # No single message on the bus may be larger (a chunk of 1 MiB + headers).
 DEFAULT_MAX_MESSAGE: Final = 1_100_000
 
+Buffer = bytes | bytearray | memoryview
+
 
 @functools.cache
 def spec() -> Any:
     """The compiled ASN.1 module (DER), compiled once per process."""
     text = resources.files("uptane.asn1").joinpath(SPEC_FILE).read_text(encoding="utf-8")
-    return asn1tools.compile_string(text, "der")
+    compiled = asn1tools.compile_string(text, "der")
+    for compiled_type in compiled.types.values():
+        _check_array_tags(compiled_type.type, set())
+    return compiled
+
+
+def _check_array_tags(node: Any, seen: set[int]) -> None:
+    """Make every SEQUENCE OF decoder of this compiled module refuse a wrong tag.
+
+    asn1tools' DER ``SEQUENCE OF`` decoder (unlike its BER one) does not check
+    that an element's tag matched, so an element with a wrong tag loops
+    forever, appending to a list (eerimoq/asn1tools#180; a fix was proposed in
+    PR #200). On the instances of this module only, use the BER decoder of the
+    same content, which raises ``DecodeTagError`` instead. DER lengths are
+    always definite, so the BER indefinite-length branch never runs.
+    """
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, der_codec.ArrayType):
+        node.decode_content = types.MethodType(ber_codec.ArrayType.decode_content, node)
+    for attr in ("root_members", "additions", "members"):
+        for child in getattr(node, attr, None) or ():
+            _check_array_tags(child, seen)
+    for attr in ("element_type", "inner"):
+        _check_array_tags(getattr(node, attr, None), seen)
 
 
 def encode(type_name: str, value: Any) -> bytes:
@@ -55,11 +85,12 @@ def encode(type_name: str, value: Any) -> bytes:
         raise CodecError(f"cannot encode {type_name}: {e}") from e
 
 
-def decode(type_name: str, data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
+def decode(type_name: str, data: Buffer, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
     """Decode exactly one DER value of ``type_name`` from ``data``.
 
-    Refuses data over ``max_size`` before parsing, trailing bytes, and values
-    that break a constraint of the module.
+    Refuses data over ``max_size`` before parsing, trailing bytes, values
+    that break a constraint of the module, and any encoding of the value other
+    than its DER one.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError(f"{type_name}: expected bytes, got {type(data).__name__}")
@@ -73,7 +104,12 @@ def decode(type_name: str, data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> 
         length = compiled.decode_length(data)
         if length != len(data):
             raise CodecError(f"{type_name}: {len(data) - length} trailing bytes after the value")
-        return compiled.decode(type_name, data, check_constraints=True)
+        value = compiled.decode(type_name, data, check_constraints=True)
+        # asn1tools also reads some BER (long-form lengths, any TRUE octet,
+        # members out of order): accept only the one DER encoding of the value.
+        if bytes(compiled.encode(type_name, value, check_constraints=True)) != data:
+            raise CodecError(f"{type_name}: not in canonical DER form")
+        return value
     except CodecError:
         raise
     except (asn1tools.Error, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
@@ -87,13 +123,13 @@ def encode_message(kind: str, value: Any) -> bytes:
     return encode(MESSAGE_TYPE, (kind, value))
 
 
-def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> tuple[str, Any]:
+def decode_message(data: Buffer, max_size: int = DEFAULT_MAX_MESSAGE) -> tuple[str, Any]:
     """Decode one primary/secondary message into ``(kind, value)``."""
     kind, value = decode(MESSAGE_TYPE, data, max_size)
     return str(kind), value
 
 
-def expect_message(data: bytes, kind: str, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
+def expect_message(data: Buffer, kind: str, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
     """Decode a message and require it to be of ``kind``."""
     got, value = decode_message(data, max_size)
     if got != kind:

@@ -173,7 +173,9 @@ class SignedEcuVersionReport:
     def from_der(cls, data: bytes) -> SignedEcuVersionReport:
         v = codec.decode("SignedEcuVersionReport", data, MAX_REPORT_SIZE)
         sigs = tuple(Signature(s["keyid"], bytes(s["value"]).hex()) for s in v["signatures"])
-        return cls(report_der=bytes(v["report"]), signatures=sigs)
+        signed = cls(report_der=bytes(v["report"]), signatures=sigs)
+        _ = signed.report  # the inner report must be valid too (CodecError if not)
+        return signed
 
     def verify(self, key: Key) -> EcuVersionReport:
         """Return the report if ``key`` signed these exact bytes (5.4.2.1)."""

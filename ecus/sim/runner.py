@@ -224,7 +224,7 @@ def quiet_power_cuts() -> Iterator[None]:
         threading.excepthook = previous
 
 
-NOISY_LOGGERS = ("isotp", "can", "ecus", "director", "image_repo", "uvicorn", "httpx")
+NOISY_LOGGERS = ("isotp", "can", "ecus", "director", "image_repo", "uvicorn", "httpx", "urllib3")
 
 
 @contextlib.contextmanager

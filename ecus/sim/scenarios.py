@@ -58,6 +58,7 @@ from ecus.sim.world import (
     app_module,
 )
 from ecus.slots import WRITE_POINTS
+from ecus.transport.accounting import PacedBus
 from ecus.transport.faults import FrameFault
 from ecus.transport.isotp import CanNode, IsoTpConfig
 from image_repo.layout import blob_relpath
@@ -209,7 +210,9 @@ def ensure_updates(world: World, vehicle: SimVehicle, count: int = 1) -> dict[st
             break
         if serial in waiting:
             continue
-        name = publish_release(world, sec.hardware_id, next_release(world, vehicle, sec.hardware_id))
+        name = publish_release(
+            world, sec.hardware_id, next_release(world, vehicle, sec.hardware_id)
+        )
         world.director.assign(name, ecu_serials=[serial])
         missing -= 1
     return waiting_updates(world, vehicle)
@@ -372,11 +375,11 @@ def default_error(outcome: VehicleOutcome, vehicle: SimVehicle | None = None) ->
     """The typed error a cycle ended with: verification, distribution, a report, an ECU."""
     if outcome.cycle.error is not None:
         return _describe(outcome.cycle.error)
-    for error in outcome.errors.values():
-        return _describe(error)
     for issue in outcome.cycle.issues:
         if issue.attack is not None:
             return _describe(issue.error)
+    for error in outcome.errors.values():
+        return _describe(error)
     for serial, ecu in outcome.ecus.items():
         if ecu.last_result in _RESULT_ERRORS:
             text = f"ECU {serial} reported {ecu.last_result}"
@@ -406,8 +409,10 @@ def _play(
     unchanged = run.unchanged(serials, strict=strict)
     error = default_error(attack, run.vehicle)
     if attack.cycle.stage is not None:
-        detail = f"{detail}; refused at stage {attack.cycle.stage}" if detail else (
-            f"refused at stage {attack.cycle.stage}"
+        detail = (
+            f"{detail}; refused at stage {attack.cycle.stage}"
+            if detail
+            else (f"refused at stage {attack.cycle.stage}")
         )
     recovery = run.vehicle.cycle()
     return run.finish(attack, recovery, slots_unchanged=unchanged, error=error, detail=detail)
@@ -675,7 +680,8 @@ def _release_rollback_target(world: World, vehicle: SimVehicle) -> tuple[str, Ta
     if older:
         old = max(older, key=lambda t: int(t.custom.get(RELEASE_COUNTER, 0)))
     else:
-        _, old = world.image_repo.targets()[publish_release(world, hw, counter - 1, tag="legacy")]
+        legacy = publish_release(world, hw, counter - 1, tag="legacy")
+        _, old = world.image_repo.targets()[legacy]
     target = TargetFile(
         length=old.length,
         hashes=dict(old.hashes),
@@ -815,15 +821,26 @@ def _single_frame_max(config: IsoTpConfig) -> int:
     return 7 if config.tx_data_length == 8 else config.tx_data_length - 2
 
 
-def _frame_at(config: IsoTpConfig, offset: int) -> tuple[int, int]:
-    """(1-based frame number, byte index in that frame) of message byte ``offset``
-    in a multi-frame ISO-TP message (first frame, then consecutive frames)."""
-    first = config.tx_data_length - 2
+def _frame_at(config: IsoTpConfig, length: int, offset: int) -> tuple[int, int]:
+    """(1-based frame number, byte index in that frame) of byte ``offset`` of a
+    ``length``-byte multi-frame ISO-TP message (first frame, then consecutive frames)."""
+    first = config.tx_data_length - (6 if length > 4095 else 2)
     if offset < first:
-        return 1, offset + 2
+        return 1, config.tx_data_length - first + offset
     cf = config.tx_data_length - 1
     k = (offset - first) // cf
     return 2 + k, 1 + (offset - first) % cf
+
+
+def _next_chunk_length(sec: SimSecondary, response: bytes) -> int:
+    """Length of the ``imageChunk`` message the primary sends after ``response`` (a chunkAck)."""
+    assert sec.ecu is not None and sec.client is not None
+    target = sec.ecu.pending_target
+    _, ack = codec.decode_message(response, sec.config.max_response)
+    offset = int(ack["nextOffset"])
+    size = 0 if target is None else min(sec.client.chunk_size, target.length - offset)
+    chunk = {"offset": offset, "data": bytes(max(size, 0))}
+    return len(codec.encode_message("imageChunk", chunk))
 
 
 @contextlib.contextmanager
@@ -862,14 +879,16 @@ def _frames_after(sec: SimSecondary, response: bytes) -> int:
 
 
 @contextlib.contextmanager
-def _fast_failure(sec: SimSecondary) -> Iterator[None]:
-    """Short client timeouts and retries while a secondary is made to fail."""
+def _fast_failure(vehicle: SimVehicle, sec: SimSecondary) -> Iterator[None]:
+    """Short client timeouts and retries while a secondary is made to fail
+    (longer on a paced bus, where a chunk takes its wire time)."""
     client = sec.client
     assert client is not None
     saved = (client.timeout, client.install_timeout, client.max_retries)
+    scale = 4.0 if isinstance(vehicle.primary_faults.inner, PacedBus) else 1.0
     client.timeout, client.install_timeout, client.max_retries = (
-        FAULT_TIMEOUT,
-        FAULT_INSTALL_TIMEOUT,
+        FAULT_TIMEOUT * scale,
+        FAULT_INSTALL_TIMEOUT * scale,
         FAULT_RETRIES,
     )
     try:
@@ -976,7 +995,7 @@ def _transfer_fault(
         stack = contextlib.ExitStack()
 
         def arm() -> None:
-            stack.enter_context(_fast_failure(sec))
+            stack.enter_context(_fast_failure(vehicle, sec))
             stack.enter_context(
                 _after_message(sec, "imageOffer", functools.partial(fault, vehicle, sec))
             )
@@ -995,7 +1014,8 @@ def _transfer_fault(
 
 def _corrupt_chunk(vehicle: SimVehicle, sec: SimSecondary, response: bytes) -> None:
     """Flip one bit of image data in the chunk that follows the offer (received frames)."""
-    frame, byte = _frame_at(sec.config, 40)  # past the DER header of the imageChunk
+    length = _next_chunk_length(sec, response)
+    frame, byte = _frame_at(sec.config, length, min(40, length - 1))  # past the DER header
     sec.faults.add(
         FrameFault(
             "corrupt",
@@ -1040,7 +1060,7 @@ def _partial_bundle(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
     stack = contextlib.ExitStack()
 
     def arm() -> None:
-        stack.enter_context(_fast_failure(victim))
+        stack.enter_context(_fast_failure(vehicle, victim))
         stack.enter_context(
             _after_message(victim, "imageOffer", functools.partial(_drop_traffic, vehicle, victim))
         )
@@ -1065,7 +1085,9 @@ def _partial_bundle(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
     # the Director saw the others installed and kept the interrupted ECU's assignment
     pending = pending_assignments(world, vehicle.vin)
     kept = victim.serial in pending and not any(
-        s in pending for s in r.legit if s != victim.serial and attack.ecus[s].installed == r.legit[s].image
+        s in pending
+        for s in r.legit
+        if s != victim.serial and attack.ecus[s].installed == r.legit[s].image
     )
     confirm = vehicle.cycle()  # the Director sees the whole bundle installed
     done = victim.serial not in pending_assignments(world, vehicle.vin)
@@ -1101,7 +1123,7 @@ def power_cut(point: str) -> Scenario:
         serial, assignment = next(iter(pending.items()))
         sec = vehicle.secondaries[serial]
         r.mark()
-        with _fast_failure(sec):
+        with _fast_failure(vehicle, sec):
             sec.power_cut_at = point
             try:
                 attack = vehicle.cycle()
