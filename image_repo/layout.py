@@ -52,6 +52,9 @@ class RepoConfig:
     keys_dir: Path
     roles: dict[str, list[KeyRef]] = field(default_factory=dict)
     retired: list[KeyRef] = field(default_factory=list)
+    # highest release counter ever published per image name: survives removal,
+    # so removing and re-adding an image cannot lower it (Uptane 2.1, 5.3.3)
+    release_counters: dict[str, int] = field(default_factory=dict)
 
     def all_keys(self) -> list[KeyRef]:
         seen: dict[str, KeyRef] = {}
@@ -65,6 +68,7 @@ class RepoConfig:
             "keys_dir": str(self.keys_dir),
             "roles": {role: [k.to_dict() for k in refs] for role, refs in self.roles.items()},
             "retired": [k.to_dict() for k in self.retired],
+            "release_counters": dict(sorted(self.release_counters.items())),
         }
         return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -92,4 +96,14 @@ class RepoConfig:
             retired = [KeyRef.from_dict(r) for r in retired_raw]
         except KeyLoadError as e:
             raise ConfigError(f"{where}: {e}") from e
-        return cls(keys_dir=Path(keys_dir), roles=roles, retired=retired)
+        counters_raw = raw.get("release_counters", {})
+        if not isinstance(counters_raw, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in counters_raw.values()
+        ):
+            raise ConfigError(f"{where}: 'release_counters' must map image names to integers")
+        return cls(
+            keys_dir=Path(keys_dir),
+            roles=roles,
+            retired=retired,
+            release_counters={str(k): v for k, v in counters_raw.items()},
+        )

@@ -499,6 +499,13 @@ class ImageRepository:
                         f"release counter {release_counter} of {name!r} is lower than "
                         f"{counter}, already published by role {other!r}"
                     )
+            highest = edit.config.release_counters.get(name)
+            if highest is not None and release_counter < highest:
+                raise ReleaseCounterRollbackError(
+                    f"release counter {release_counter} of {name!r} is lower than {highest}, "
+                    "published for it before (removed images keep their counter)"
+                )
+            edit.config.release_counters[name] = max(release_counter, highest or 0)
             target = TargetFile.from_data(name, data, TARGET_HASH_ALGORITHMS)
             target.unrecognized_fields["custom"] = custom
             with repo.edit_targets(role) as targets:

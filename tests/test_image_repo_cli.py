@@ -383,6 +383,17 @@ def test_remove_target_and_refuse_unknown(repo: Path, run: Run, app: Path) -> No
     assert tree(repo) == before
 
 
+def test_removed_image_keeps_its_release_counter(repo: Path, run: Run, app: Path) -> None:
+    """Removing an image and re-adding it cannot lower its release counter (5.3.3)."""
+    ok(run("add", repo, app, "--hardware-id", "hw", "--release-counter", 5))
+    ok(run("remove", repo, "app.wasm"))
+    before = tree(repo)
+    result = run("add", repo, app, "--hardware-id", "hw", "--release-counter", 4)
+    assert result.exit_code != 0 and "lower than 5" in result.output
+    assert tree(repo) == before
+    ok(run("add", repo, app, "--hardware-id", "hw", "--release-counter", 5))
+
+
 def test_resign_defaults_to_snapshot_and_timestamp(repo: Path, run: Run) -> None:
     versions = {r: version(repo, r) for r in ("root", "targets", "snapshot", "timestamp")}
     ok(run("resign", repo))
