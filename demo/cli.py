@@ -65,7 +65,8 @@ def print_scenarios(console: Console) -> None:
     type=click.IntRange(min=3),
     default=3,
     show_default=True,
-    help="Secondary ECUs on the vehicle's CAN bus (at least 3), each a different hardware id.",
+    help="Secondary ECUs on the vehicle's CAN bus (at least 3; up to 6 get different "
+    "hardware ids, more repeat them).",
 )
 @click.option("--fd/--classic", default=False, help="CAN FD or classic CAN (default: classic).")
 @click.option("--paced", is_flag=True, help="Paced bus: every CAN frame sleeps to its wire time.")
@@ -116,6 +117,8 @@ def cli(
     publishes and assigns v2 and updates again (the modules' tick output
     shows the new behaviour), then plays the attack and fault scenarios and
     shows each one blocked. Exits 0 only if every expected outcome happened.
+
+    The servers' URLs and the directory are printed; the servers stop at exit.
     """
     console = _console()
     if list_scenarios:

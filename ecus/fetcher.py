@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -34,6 +36,7 @@ class PolicyFetcher(Urllib3Fetcher):
         self.policy = policy
         self._timer = timer
         self.last_metadata: tuple[str, bytes] | None = None
+        self._open: list[Iterator[bytes]] = []  # downloads in progress (see download_file)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         try:
@@ -46,6 +49,7 @@ class PolicyFetcher(Urllib3Fetcher):
     def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
         start = self._timer()
         received = 0
+        complete = False
         url = getattr(response, "url", None) or "download"
         try:
             while True:
@@ -57,6 +61,7 @@ class PolicyFetcher(Urllib3Fetcher):
                         f"after {received} bytes"
                     ) from e
                 if not chunk:
+                    complete = True
                     return
                 received += len(chunk)
                 elapsed = self._timer() - start
@@ -70,7 +75,28 @@ class PolicyFetcher(Urllib3Fetcher):
                     )
                 yield chunk
         finally:
+            if not complete:  # abandoned mid-body (too long, too slow): never reuse it
+                response.close()
             response.release_conn()
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        chunks = super().fetch(url)
+        self._open.append(chunks)
+        return chunks
+
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[Any]]:
+        """ngclient's ``download_file``; a download it abandons (too long, too slow)
+        is closed at once, so that its connection is dropped, never reused or kept."""
+        opened = len(self._open)
+        try:
+            with super().download_file(url, max_length) as f:
+                yield f
+        finally:
+            while len(self._open) > opened:
+                close = getattr(self._open.pop(), "close", None)
+                if close is not None:
+                    close()
 
     def download_bytes(self, url: str, max_length: int) -> bytes:
         """Download metadata (ngclient calls this for every metadata file)."""

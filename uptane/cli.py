@@ -49,7 +49,8 @@ def cli(verbose: int) -> None:
 def main() -> None:
     """Console entry point: typed project errors become a one-line message."""
     try:
-        cli(standalone_mode=False)
+        # standalone_mode=False returns what ``ctx.exit(code)`` asked for
+        rc = cli(standalone_mode=False)
     except click.exceptions.Abort:
         raise SystemExit(1) from None
     except click.ClickException as e:
@@ -60,6 +61,7 @@ def main() -> None:
         raise SystemExit(1) from None
     except SystemExit:
         raise
+    raise SystemExit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -110,13 +110,17 @@ def print_summary(console: Console, report: FleetReport) -> None:
     "--fault",
     type=click.Choice(FAULTS),
     default=None,
-    help="Inject this fault on a fraction of the vehicles.",
+    help="Inject a fault on the first secondary of --fault-fraction of the vehicles: "
+    "drop-frame / corrupt-frame (one CAN frame it sends), bus-off (its controller, "
+    "first round), power-cut (at a slot write point; it reboots), slow-http (the "
+    "Director trickles the vehicle's timestamp.json once).",
 )
 @click.option(
     "--fault-fraction",
     type=click.FloatRange(0.0, 1.0, min_open=True),
     default=0.25,
     show_default=True,
+    help="Share of the vehicles that get --fault (at least one).",
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed for fault placement.")
 @click.option(
@@ -143,8 +147,8 @@ def cli(
 ) -> None:
     """Run a fleet of simulated vehicles through v1 (and --update-to) updates.
 
-    Builds VEHICLES vehicles, each a primary and SECONDARIES secondaries on
-    its own virtual CAN bus, against one Director and one Image repository
+    Builds --vehicles vehicles, each a primary and --secondaries secondaries
+    on its own virtual CAN bus, against one Director and one Image repository
     on loopback; publishes v1 of the demo app for every hardware id, assigns
     it by hardware id and runs update cycles until every ECU reports it (at
     most --cycles). Exits 1 if any ECU did not update.
@@ -174,6 +178,8 @@ def cli(
         if not as_json:
             console.print(message, markup=False)
 
+    if directory is not None and directory.exists() and any(directory.iterdir()):
+        raise click.BadParameter(f"{directory} is not empty", param_hint="--dir")
     keep = directory is not None
     base = directory if directory is not None else Path(tempfile.mkdtemp(prefix="uptane-sim-"))
     base.mkdir(parents=True, exist_ok=True)

@@ -361,6 +361,7 @@ class FleetRun:
                     self.world.director_board.overrides, path, trickle(b" " * 4096)
                 )
                 detail = "Director timestamp.json trickled once (slow retrieval)"
+                serial = vehicle.primary_serial
             injected.append(InjectedFault(vehicle.vin, serial, fault, detail))
         self.report.faults.extend(injected)
         self.log(f"fault {fault} injected on {len(injected)} vehicle(s)")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
 import pytest
+from starlette.responses import StreamingResponse
 from tuf.api import exceptions as tuf_exc
 
+from ecus.sim.scenarios import ensure_updates
+from image_repo.layout import blob_relpath
 from uptane import errors
 
 from .harness import Car, assert_blocked
@@ -47,3 +54,30 @@ def test_endless_image(car: Car) -> None:
     )
     images = car.vehicle.primary.config.images_dir
     assert not list(images.rglob("*.part")), "a partial download was left behind"
+
+
+def test_abandoned_download_is_closed(car: Car) -> None:
+    """An endless image is dropped at its signed length, and the connection with it: the
+    server's stream ends although the primary still holds the error (and its traceback)."""
+    finished = threading.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"\0" * 65536
+                await asyncio.sleep(0)
+        finally:
+            finished.set()
+
+    pending = ensure_updates(car.world, car.vehicle, 1)
+    _, assignment = next(iter(pending.items()))
+    _, target = car.world.image_repo.targets()[assignment.image]
+    path = "/targets/" + blob_relpath(target.path, target.hashes["sha256"])
+    car.world.image_board.overrides[path] = lambda: StreamingResponse(body())
+    try:
+        outcome = car.vehicle.cycle()
+    finally:
+        car.world.image_board.overrides.pop(path)
+    assert isinstance(outcome.cycle.error, errors.EndlessDataError)
+    assert finished.wait(timeout=10), "the endless stream was never closed"
+    assert car.vehicle.cycle().ok
