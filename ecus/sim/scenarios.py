@@ -764,7 +764,8 @@ def _wrong_vehicle(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
 # --- manifests (5.4.2) ---------------------------------------------------------------
 
 
-def _last_manifest(world: World, vin: str) -> bytes | None:
+def last_manifest(world: World, vin: str) -> bytes | None:
+    """The last vehicle version manifest the Director accepted from ``vin`` (as sent)."""
     with world.director.db.transaction() as session:
         body = session.scalars(
             select(VehicleManifestRecord.body)
@@ -778,10 +779,10 @@ def _last_manifest(world: World, vin: str) -> bytes | None:
 
 def _replayed_manifest(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
     r = _Run(world, vehicle, "replayed-manifest")
-    body = _last_manifest(world, vehicle.vin)
+    body = last_manifest(world, vehicle.vin)
     if body is None:  # nothing captured yet: let the vehicle send one first
         vehicle.primary.run_cycle()
-        body = _last_manifest(world, vehicle.vin)
+        body = last_manifest(world, vehicle.vin)
         assert body is not None
     r.mark()
     inventory = world.director.vehicle_status(vehicle.vin).ecus
@@ -1177,7 +1178,7 @@ def _server_restart(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
     ensure_updates(world, vehicle, 1)
     r.mark()
     attack = vehicle.cycle()  # installs; the Director learns it in the next manifest
-    before_restart = _last_manifest(world, vehicle.vin)
+    before_restart = last_manifest(world, vehicle.vin)
     restart_servers(world)
     recovery = vehicle.cycle()
     replay_refused = True
@@ -1406,6 +1407,7 @@ __all__ = [
     "Scenario",
     "ScenarioOutcome",
     "ensure_updates",
+    "last_manifest",
     "next_release",
     "pending_assignments",
     "power_cut",

@@ -50,7 +50,7 @@ def test_corrupted_image_frame_mid_transfer(car: Car) -> None:
     assert outcome.blocked and outcome.slots_unchanged
     # the next cycle sent the image again and it was installed
     assert outcome.recovered
-    assert car.cycles[-1].outcome.ecus[victim].release_counter > 1
+    assert (car.cycles[-1].outcome.ecus[victim].release_counter or 0) > 1
 
 
 def test_partial_bundle_installation(car: Car) -> None:
@@ -61,7 +61,7 @@ def test_partial_bundle_installation(car: Car) -> None:
     attack = car.attack
     assert isinstance(attack.outcome.errors[second], TransferFailedError)
     assert outcome.error is not None and outcome.error.startswith("TransferFailedError:")
-    assert attack.outcome.ecus[first].release_counter > 1
+    assert (attack.outcome.ecus[first].release_counter or 0) > 1
     before, after = attack.before[second], attack.after[second]
     assert (after["active"], after["target"]) == (before["active"], before["target"])
     assert "kept its assignment pending: True" in outcome.detail

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from tuf.api import exceptions as tuf_exc
 
+from ecus.sim.scenarios import last_manifest
 from uptane import errors
+from uptane.errors import ManifestError
 
 from .harness import Car, assert_blocked
 
@@ -42,14 +45,18 @@ def test_image_repository_key_below_threshold(car: Car) -> None:
 
 
 def test_replayed_manifest_is_refused_by_the_director(car: Car) -> None:
-    before = {e.serial: e.report_counter for e in car.world.director.vehicle_status(car.vin).ecus}
     outcome = car.run("replayed-manifest")
     assert outcome.error is not None and outcome.error.startswith("ManifestError: replayed_report")
     assert "HTTP 409" in outcome.detail
     assert errors.ATTACK_REPLAYED_REPORT in outcome.detected
     assert outcome.blocked and outcome.slots_unchanged and outcome.recovered
-    # the replay changed nothing; the vehicle's next real manifest was accepted
-    after = {e.serial: e.report_counter for e in car.world.director.vehicle_status(car.vin).ecus}
-    assert all(after[s] > before[s] for s in before)
     recovery = car.cycles[-1].outcome.cycle.manifest
     assert recovery is not None and recovery.accepted
+    # the typed refusal, and nothing recorded: replay the last manifest once more
+    body = last_manifest(car.world, car.vin)
+    assert body is not None
+    status = car.world.director.vehicle_status(car.vin)
+    with pytest.raises(ManifestError) as refused:
+        car.world.director.receive_manifest(car.vin, body)
+    assert refused.value.reason == "replayed_report"
+    assert car.world.director.vehicle_status(car.vin) == status

@@ -36,7 +36,7 @@ def test_power_cut_during_install(car: Car, point: str) -> None:
     assert outcome.detected == ()
     # the next cycle completed the update
     assert outcome.recovered
-    assert car.cycles[-1].outcome.ecus[victim].release_counter > 1
+    assert (car.cycles[-1].outcome.ecus[victim].release_counter or 0) > 1
     assert _runs_verified_image(car)
 
 
@@ -49,7 +49,7 @@ def test_bus_off_during_transfer(car: Car) -> None:
     assert outcome.error is not None and outcome.error.startswith("TransferFailedError:")
     assert outcome.blocked and outcome.slots_unchanged and outcome.recovered
     assert not car.vehicle.primary_faults.is_bus_off
-    assert car.cycles[-1].outcome.ecus[victim].release_counter > 1
+    assert (car.cycles[-1].outcome.ecus[victim].release_counter or 0) > 1
 
 
 def test_server_restart_between_cycles(car: Car) -> None:
