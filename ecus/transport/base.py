@@ -202,7 +202,7 @@ class SecondaryEndpoint(abc.ABC):
         self.stats.responses += 1
         return True
 
-    def serve_forever(self, poll_interval: float = 0.05) -> None:
+    def serve_forever(self, poll_interval: float = 0.25) -> None:
         """Serve requests until ``stop()``; errors are logged and counted, not raised."""
         while not self._stop.is_set() and not self._closed:
             try:

@@ -59,8 +59,9 @@ from .faults import BusOffCanError
 
 logger = logging.getLogger(__name__)
 
+_STACK_READ_TIMEOUT = 0.25
 _POLL = 0.02  # seconds between checks for errors while awaiting a response
-_READER_TIMEOUT = 0.02  # bus reader wake-up period; bounds how long close() waits for it
+_READER_TIMEOUT = 0.05  # bus reader wake-up period; bounds how long close() waits for it
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,9 @@ class _Port:
             address=isotp.Address(isotp.AddressingMode.Normal_11bits, txid=txid, rxid=rxid),
             error_handler=self._on_error,
             params=params,
+            # idle wake-up period of the stack's threads: data and sends wake
+            # them at once, so this only bounds timer checks and idle CPU
+            read_timeout=_STACK_READ_TIMEOUT,
         )
 
     # can-isotp callbacks (stack threads)
