@@ -78,6 +78,11 @@ def retired_signer(repo: Path, role: str) -> Any:
     return ref.signer()
 
 
+def current_signers(repo: Path, role: str) -> list[Any]:
+    config = json.loads((repo / "image-repo.json").read_text())
+    return [KeyRef.from_dict(r).signer() for r in config["roles"][role]]
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     d = tmp_path / "repo"
@@ -135,11 +140,14 @@ def test_root_rotation_is_followed_and_retired_key_is_refused(
     updater(base, client, root_v1).refresh()  # a client that had v1
     assert trusted_root_version(client) == 2
 
-    # a v3 root signed only by the retired root key is refused
+    # a v3 root signed by the retired root key plus one current root key is
+    # refused: root has threshold 2, so it would pass if the retired key counted
     forged = Metadata[Root].from_bytes((repo / "metadata" / "2.root.json").read_bytes())
+    assert forged.signed.roles["root"].threshold == 2
     forged.signed.version = 3
     forged.signatures.clear()
     forged.sign(retired_signer(repo, "root"))
+    forged.sign(current_signers(repo, "root")[0], append=True)
     forged_path = repo / "metadata" / "3.root.json"
     forged_path.write_bytes(forged.to_bytes(JSONSerializer()))
     with pytest.raises(UnsignedMetadataError):

@@ -251,6 +251,17 @@ def test_duplicate_ecu_is_refused(sim: DirectorSim) -> None:
     assert attack_name(e.value) == ATTACK_PARTIAL_BUNDLE
 
 
+def test_another_ecu_listed_twice_is_refused(sim: DirectorSim) -> None:
+    """No ECU identifier may appear twice, even one that is not this ECU's."""
+    other = [
+        target_file(f"apps/other{i}.wasm", b"x%d" % i, ecu_serial="ecu-2", hardware_ids=["hw-b"])
+        for i in range(2)
+    ]
+    der = sim.publish_targets([mine(), *other])
+    with pytest.raises(DuplicateEcuError):
+        verify(ME, trusted(sim), der, T0, 0)
+
+
 def test_delegations_are_refused(sim: DirectorSim) -> None:
     def delegate(targets: Targets) -> None:
         role = DelegatedRole("supplier", [], 1, True, paths=["*"])

@@ -149,15 +149,15 @@ def find_target(identity: SecondaryIdentity, targets: Targets) -> UptaneTarget |
     vin = get_vehicle_id(targets)
     if identity.vin is not None and vin is not None and vin != identity.vin:
         raise VehicleIdMismatchError(f"Director targets are for vehicle {vin}")
-    mine = [
-        t
-        for path, t in targets.targets.items()
-        if _serial_of(t.custom, path) == identity.ecu_serial
-    ]
-    if len(mine) > 1:
-        raise DuplicateEcuError(
-            f"Director targets name ECU {identity.ecu_serial} {len(mine)} times"
-        )
+    serials = [(_serial_of(t.custom, path), t) for path, t in targets.targets.items()]
+    seen: set[str] = set()
+    for serial, _ in serials:
+        # 5.4.4.1 / "How to check Targets metadata": no ECU identifier is
+        # represented more than once, whichever ECU it is
+        if serial in seen:
+            raise DuplicateEcuError(f"Director targets name ECU {serial} more than once")
+        seen.add(serial)
+    mine = [t for serial, t in serials if serial == identity.ecu_serial]
     if not mine:
         return None
     target = UptaneTarget.from_target_file(mine[0], director=True)
