@@ -58,6 +58,8 @@ MANIFEST_STATUS: dict[str, int] = {
     "missing_ecu": 422,
     "unknown_ecu": 422,
     "replayed_report": 409,
+    "report_time_in_past": 409,
+    "report_time_in_future": 422,
 }
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"

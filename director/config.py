@@ -31,6 +31,7 @@ CONFIG_FILE = "director.json"
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 DEFAULT_PORT = 8084
 DEFAULT_MAX_BODY = 1_000_000
+DEFAULT_REPORT_TIME_TOLERANCE = timedelta(days=1)
 TOKEN_ENV = "UPTANE_DIRECTOR_TOKEN"
 
 
@@ -58,6 +59,8 @@ class DirectorConfig:
     refresh_margin: timedelta = timedelta(hours=6)
     root_expiry: timedelta = timedelta(days=365)
     max_body: int = DEFAULT_MAX_BODY
+    # how far an ECU report's time may be ahead of the Director's clock (5.4.2.1)
+    report_time_tolerance: timedelta = DEFAULT_REPORT_TIME_TOLERANCE
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -67,6 +70,8 @@ class DirectorConfig:
             raise ConfigError("refresh_margin must be shorter than metadata_expiry")
         if self.max_body < 1024:
             raise ConfigError("max_body must be at least 1024 bytes")
+        if self.report_time_tolerance <= timedelta(0):
+            raise ConfigError("report_time_tolerance must be positive")
 
     @property
     def root_dir(self) -> Path:
@@ -121,6 +126,7 @@ class DirectorConfig:
             "refresh_margin_seconds": int(self.refresh_margin.total_seconds()),
             "root_expiry_seconds": int(self.root_expiry.total_seconds()),
             "max_body": self.max_body,
+            "report_time_tolerance_seconds": int(self.report_time_tolerance.total_seconds()),
         }
 
     @classmethod
@@ -147,6 +153,9 @@ class DirectorConfig:
                 refresh_margin=timedelta(seconds=int(data.get("refresh_margin_seconds", 21600))),
                 root_expiry=timedelta(seconds=int(data.get("root_expiry_seconds", 365 * 86400))),
                 max_body=int(data.get("max_body", DEFAULT_MAX_BODY)),
+                report_time_tolerance=timedelta(
+                    seconds=int(data.get("report_time_tolerance_seconds", 86400))
+                ),
             )
         except (KeyError, TypeError, ValueError, KeyLoadError) as e:
             raise ConfigError(f"invalid director config: {e}") from e

@@ -105,6 +105,8 @@ class Ecu(Base):
     is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
     last_report_counter: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # the ECU's own time in its last accepted report, capped at the Director's clock
+    last_report_time: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # InstalledImage as reported: filename, length, hashes, release_counter
     installed: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     last_result: Mapped[str | None] = mapped_column(String(32), nullable=True)

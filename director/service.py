@@ -10,7 +10,8 @@ No HTTP here (``director.app`` wraps it). Uptane 2.1 sections:
 - 5.3.2.1 / 5.4.2: vehicle version manifests are checked against the
   inventory (known vehicle, primary signature, every ECU present and no other,
   every ECU report signed by that ECU's key, report counters strictly
-  increasing) and recorded in one transaction, or refused with a
+  increasing, report times never going backwards and not too far ahead of the
+  Director's clock) and recorded in one transaction, or refused with a
   ``ManifestError`` whose ``reason`` says why and nothing is changed.
 - 5.2.3: assignments copy length, hashes and the SHALL-match custom fields
   from the Image repository's signed targets and add ``ecu_serial``.
@@ -38,7 +39,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from director.config import DirectorConfig
+from director.config import DEFAULT_REPORT_TIME_TOLERANCE, DirectorConfig
 from director.db import (
     Assignment,
     Database,
@@ -137,6 +138,7 @@ class EcuStatus:
     last_report_at: datetime | None
     last_result: str | None
     last_result_text: str | None
+    last_report_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ class Director:
 
     ``signers`` are the online keys (targets, snapshot, timestamp); root keys
     are never given to this class. ``clock`` is the reference time for
-    signing and expiry decisions.
+    signing and expiry decisions, and for ECU report times, which may be at
+    most ``report_time_tolerance`` ahead of it.
     """
 
     def __init__(
@@ -282,9 +285,12 @@ class Director:
         refresh_margin: timedelta = timedelta(hours=6),
         clock: Clock = utc_now,
         max_manifest: int = MAX_MANIFEST_SIZE,
+        report_time_tolerance: timedelta = DEFAULT_REPORT_TIME_TOLERANCE,
     ) -> None:
         if refresh_margin >= metadata_expiry:
             raise ConfigError("refresh_margin must be shorter than metadata_expiry")
+        if report_time_tolerance <= timedelta(0):
+            raise ConfigError("report_time_tolerance must be positive")
         self.db = db
         self._signers: dict[str, Signer] = {s.public_key.keyid: s for s in signers}
         if image_repo is None:
@@ -296,6 +302,7 @@ class Director:
         self.refresh_margin = refresh_margin
         self.clock = clock
         self.max_manifest = max_manifest
+        self.report_time_tolerance = report_time_tolerance
 
     @classmethod
     def from_config(
@@ -324,6 +331,7 @@ class Director:
             refresh_margin=config.refresh_margin,
             clock=clock,
             max_manifest=config.max_body,
+            report_time_tolerance=config.report_time_tolerance,
         )
         director.import_root_dir(config.root_dir)
         return director
@@ -731,6 +739,7 @@ class Director:
                         last_report_at=e.last_report_at,
                         last_result=e.last_result,
                         last_result_text=e.last_result_text,
+                        last_report_time=e.last_report_time,
                     )
                     for e in ecus[v.id]
                 ),
@@ -924,6 +933,7 @@ class Director:
                         Ecu.serial,
                         Ecu.public_key,
                         Ecu.last_report_counter,
+                        Ecu.last_report_time,
                         Ecu.last_result,
                         Ecu.last_result_text,
                     ).where(Ecu.vehicle_id == vehicle.id)
@@ -939,7 +949,28 @@ class Director:
                         f"{last}: replayed report",
                         "replayed_report",
                     )
+                self._check_report_time(serial, report, ecus[serial].last_report_time, now)
             return self._record(session, vehicle, ecus, verified, now)
+
+    def _check_report_time(
+        self, serial: str, report: EcuVersionReport, last: datetime | None, now: datetime
+    ) -> None:
+        """The ECU's clock never goes backwards and is not far ahead of ours (5.4.2.1).
+
+        Equal times are fine: ECUs report whole seconds and may share a clock.
+        """
+        if last is not None and report.latest_time < last:
+            raise ManifestError(
+                f"ECU {serial} report time {report.latest_time.isoformat()} is before its "
+                f"last report's {last.isoformat()}: replayed or tampered clock",
+                "report_time_in_past",
+            )
+        if report.latest_time > now + self.report_time_tolerance:
+            raise ManifestError(
+                f"ECU {serial} report time {report.latest_time.isoformat()} is more than "
+                f"{self.report_time_tolerance} ahead of the Director's clock",
+                "report_time_in_future",
+            )
 
     def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
         if _IDENT_RE.match(vin) is None:
@@ -1019,15 +1050,22 @@ class Director:
         completed: list[AssignmentInfo] = []
         attacks: list[AttackInfo] = []
         updates: list[dict[str, Any]] = []
+        # An ECU time ahead of ours (within the tolerance) is stored as our time, so an
+        # ECU whose fast clock is corrected is not refused until it catches up again.
+        cap = now.replace(microsecond=0)
         for serial, report in sorted(verified.reports.items()):
             ecu = ecus[serial]
             installed = _installed_dict(report)
             text = _db_text(report.last_result_text)
+            report_time = min(report.latest_time, cap)
+            if ecu.last_report_time is not None:
+                report_time = max(report_time, ecu.last_report_time)
             updates.append(
                 {
                     "ecu_id": ecu.id,
                     "counter": report.report_counter,
                     "at": now,
+                    "time": report_time,
                     "b_installed": installed,
                     "result": report.last_result,
                     "text": text,
@@ -1078,6 +1116,7 @@ class Director:
             .values(
                 last_report_counter=bindparam("counter"),
                 last_report_at=bindparam("at"),
+                last_report_time=bindparam("time"),
                 installed=bindparam("b_installed"),
                 last_result=bindparam("result"),
                 last_result_text=bindparam("text"),

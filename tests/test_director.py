@@ -779,6 +779,30 @@ def _bad_manifests(env: Env, car: Car, other: Car) -> Iterator[tuple[str, str, b
     car.ecus[s1].counter -= 5
     yield "lower report counter", vin, car.manifest(), 409, "replayed_report"
     car.ecus[s1].counter += 10
+    # an ECU's clock going backwards (replay or tampering), or far ahead of the Director's
+    last = datetime.now(UTC).replace(microsecond=0)  # not before the replay's report times
+    yield (
+        "report time before the last report's",
+        vin,
+        car.manifest(reports=fresh(**{s0: car.report(s0, latest_time=last - timedelta(hours=1))})),
+        409,
+        "report_time_in_past",
+    )
+    yield (
+        "primary report time before the last report's",
+        vin,
+        car.manifest(reports=fresh(**{p: car.report(p, latest_time=last - timedelta(seconds=5))})),
+        409,
+        "report_time_in_past",
+    )
+    ahead = env.clock() + env.director.report_time_tolerance + timedelta(minutes=5)
+    yield (
+        "report time too far ahead",
+        vin,
+        car.manifest(reports=fresh(**{s1: car.report(s1, latest_time=ahead)})),
+        422,
+        "report_time_in_future",
+    )
     # mis-signed
     stranger = CryptoSigner.generate_ed25519()
     yield (
@@ -893,6 +917,8 @@ def test_manifest_refusals_change_nothing(env: Env) -> None:
         "bad_primary_signature",
         "bad_ecu_signature",
         "replayed_report",
+        "report_time_in_past",
+        "report_time_in_future",
         "vin_mismatch",
         "unknown_vehicle",
         "missing_ecu",
@@ -902,6 +928,54 @@ def test_manifest_refusals_change_nothing(env: Env) -> None:
     }
     # and the vehicle still checks in normally afterwards
     assert put_manifest(env, car, car.manifest()).status_code == 200
+
+
+def test_report_times_checked_against_the_last_report_and_the_director_clock(
+    env: Env,
+) -> None:
+    """5.4.2.1: equal times pass (shared clock, whole seconds); a fast ECU clock within the
+    tolerance is stored as the Director's time, so correcting it is not refused."""
+    from uptane.errors import ManifestError
+
+    t = datetime.now(UTC).replace(microsecond=0)
+    now = [t + timedelta(microseconds=500_000)]
+    director = Director(
+        Database(env.config.db_url),
+        env.config.online_signers(),
+        clock=lambda: now[0],
+        report_time_tolerance=timedelta(hours=1),
+    )
+    try:
+        car = register(env, new_car())
+        s0 = f"{car.vin}-S0"
+
+        def send(**times: datetime) -> None:
+            reports = {s: car.report(s, latest_time=times.get(s, t)) for s in car.ecus}
+            director.receive_manifest(car.vin, car.manifest(reports=reports))
+
+        def stored() -> dict[str, datetime | None]:
+            return {e.serial: e.last_report_time for e in director.vehicle_status(car.vin).ecus}
+
+        send()
+        assert set(stored().values()) == {t}
+        send()  # the same second again: accepted
+        send(**{s0: t + timedelta(minutes=59)})  # fast, within the tolerance
+        assert stored()[s0] == t  # capped at the Director's clock (whole seconds)
+        send()  # the ECU's clock corrected back: accepted
+        now[0] = t
+        before = dump(env.db)
+        for times, reason in (
+            ({s0: t - timedelta(seconds=1)}, "report_time_in_past"),
+            ({s0: t + timedelta(hours=1, seconds=1)}, "report_time_in_future"),
+        ):
+            with pytest.raises(ManifestError) as e:
+                send(**times)
+            assert e.value.reason == reason
+            assert dump(env.db) == before
+        send(**{s0: t + timedelta(hours=1)})  # exactly at the tolerance: accepted
+        assert set(stored().values()) == {t}
+    finally:
+        director.close()
 
 
 def test_streamed_oversized_body_refused(env: Env) -> None:
@@ -1120,7 +1194,7 @@ def test_migrations_match_the_models(env: Env) -> None:
 
     with env.db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
 
 
 def test_root_import_checks_the_chain(env: Env) -> None:
