@@ -11,8 +11,9 @@
    Image at ``{url}/metadata/``), a sans-IO re-check of both repositories at
    the primary's clock (``uptane.verification.full``), the Director-only
    checks (``director_checks``), Director/Image agreement for every target
-   (``matching``, through the Image repository's delegations), release
-   counters, and the DER Director metadata secondaries will get (``der``);
+   (``matching``, through the Image repository's delegations, each of which
+   must allow the ECU's hardware), release counters, and the DER Director
+   metadata secondaries will get (``der``);
 4. download every image an ECU needs (length-capped, all hashes, atomic,
    slow retrieval detected) into the download directory;
 5. commit the scratch state atomically and return a ``CycleResult``.
@@ -48,6 +49,7 @@ from ecus.fetcher import PolicyFetcher
 from ecus.primary_state import PrimaryState, ReportState
 from ecus.secondary_client import EcuUpdate, SecondaryClient
 from uptane.errors import (
+    ATTACK_PARTIAL_BUNDLE,
     ATTACK_REPLAYED_REPORT,
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
@@ -79,7 +81,11 @@ from uptane.verification.full import (
     classify_version_error,
     verify_repository,
 )
-from uptane.verification.matching import match_target
+from uptane.verification.matching import (
+    check_delegated_hardware,
+    find_image_target,
+    match_target,
+)
 
 NONCE_BYTES = 16
 MAX_RESPONSE_BYTES = 65536
@@ -450,13 +456,27 @@ class Primary:
 
         The primary's own update (if any) is left to the caller, who then
         calls ``mark_installed``.
+
+        A bundle left partly installed is a partial bundle installation
+        (Uptane 2.1, 4.3.3): when a secondary's update failed (link down,
+        transfer failed, refused, unverifiable report, or no link at all)
+        while another secondary of the same bundle now runs its new target,
+        ``partial_bundle_installation`` goes into the primary's next own
+        report, so the Director's inventory shows it. Not counted: a failure
+        whose error already names an attack (the attack it is evidence of is
+        reported by that name), and a bundle of which no secondary installed
+        anything (nothing is partial; the next cycle sends it again).
         """
         outcomes: dict[str, BaseException | EcuVersionReport] = {}
         keys = self.config.ecu_keys
         installed: dict[str, InstalledImage] = {}
+        failed: list[str] = []
+        done: list[str] = []
         for serial, update in result.updates.items():
             client = self._clients.get(serial)
             if client is None:
+                if serial != self.config.ecu_serial:
+                    failed.append(serial)  # a secondary of the bundle we cannot reach
                 continue
             try:
                 report = SignedEcuVersionReport.from_der(client.send_update(update)).verify(
@@ -466,12 +486,20 @@ class Primary:
                     raise ManifestError("install report names another ECU", "bad_ecu_signature")
             except Exception as e:  # a secondary's failure never stops the others
                 outcomes[serial] = e
+                if attack_name(e) is None:
+                    failed.append(serial)
                 continue
             outcomes[serial] = report
             if report.installed is not None:
                 installed[serial] = report.installed
+            if _runs(report.installed, update.target):
+                done.append(serial)
         if installed:
             self.state.update_installed(self._merge_installed(self.installed(), installed))
+        if failed and done:
+            state = self.state.reports()
+            state.note_failure([ATTACK_PARTIAL_BUNDLE], state.last_result, state.last_result_text)
+            self.state.save_reports(state)
         return outcomes
 
     # --- verification (5.4.4.2) -----------------------------------------------
@@ -606,24 +634,34 @@ class Primary:
                     scratch / "image", f"{url}/metadata/", f"{url}/targets/", cfg.image_root, now
                 ),
             )
-            image_infos: dict[str, TargetFile | None] = {}
+            # ngclient's lookup loads (and verifies) the roles on each target's path
+            looked_up: set[str] = set()
             for target in director_targets.by_ecu.values():
                 cfg.repository_map.check_covered(target.name)
-                if target.name not in image_infos:
-                    image_infos[target.name] = self._tuf(
-                        functools.partial(image_updater.get_targetinfo, target.name)
-                    )
-            verify_repository(
+                if target.name not in looked_up:
+                    self._tuf(functools.partial(image_updater.get_targetinfo, target.name))
+                    looked_up.add(target.name)
+            image = verify_repository(
                 "image",
                 self._repository_bytes(scratch / "image", image_updater, cfg.image_root),
                 now,
             )
 
-            # Agreement and release counters (5.4.4.2 step 7)
+            # Agreement, delegations and release counters (5.4.4.2 step 7)
             stages.enter(STAGE_MATCH)
             installed = self.state.installed(scratch)
+            image_infos: dict[str, TargetFile] = {}
             for serial, target in director_targets.by_ecu.items():
-                match_target(director.targets.signed.targets[target.name], image_infos[target.name])
+                # the same walk as ngclient's, over the re-verified bytes, also telling
+                # which delegations led to the image: each must allow this ECU's hardware
+                found = find_image_target(image, target.name)
+                match_target(
+                    director.targets.signed.targets[target.name],
+                    None if found is None else found.target,
+                )
+                assert found is not None  # match_target refused None
+                check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
+                image_infos[target.name] = found.target
                 check_release_counter(
                     target, self._installed_counter(serial, installed, reports, previous)
                 )
@@ -646,7 +684,7 @@ class Primary:
             updates: dict[str, EcuUpdate] = {}
             for serial, target in pending.items():
                 info = image_infos[target.name]
-                assert info is not None and der is not None  # match_target refused None
+                assert der is not None
                 updates[serial] = EcuUpdate(
                     ecu_serial=serial,
                     hardware_id=cfg.ecu_hardware_ids[serial],

@@ -487,6 +487,27 @@ def test_attacks_reach_the_director_in_the_next_manifest(
     assert primary.report_state().attacks == []  # delivered, then cleared
 
 
+def test_partly_installed_bundle_reaches_the_director(env: Env) -> None:
+    """One ECU of a two-ECU bundle installs, the other's link fails (4.3.3)."""
+    env.add_image("a.wasm", 1, ("hw-a",), counter=1)
+    env.add_image("b.wasm", 2, ("hw-b",), counter=1)
+    env.assign("a.wasm", "ecu-a")
+    env.assign("b.wasm", "ecu-b")
+    primary = env.primary()
+    result = primary.run_cycle()
+    assert result.ok and set(result.updates) == {"ecu-a", "ecu-b"}
+    env.secondaries["ecu-b"].fail_with = errors.TransportError("bus off")
+    outcomes = primary.distribute(result)
+    assert isinstance(outcomes["ecu-a"], EcuVersionReport)
+    assert isinstance(outcomes["ecu-b"], errors.TransportError)
+    env.secondaries["ecu-b"].fail_with = None
+    again = primary.run_cycle()
+    assert again.ok and again.manifest is not None and again.manifest.accepted
+    attacks = {(a.ecu_serial, a.attack) for a in env.director.vehicle_status(VIN).attacks}
+    assert (PRIMARY, errors.ATTACK_PARTIAL_BUNDLE) in attacks
+    assert set(again.updates) == {"ecu-b"}  # the rest of the bundle is sent again
+
+
 def test_refuses_target_outside_repository_map(env: Env) -> None:
     """Only targets the TAP 4 map sends to Director + Image may be installed."""
     env.add_image("app.wasm", 1, ("hw-a",))
@@ -527,6 +548,45 @@ def test_image_found_through_a_supplier_delegation(env: Env) -> None:
     assert result.updates["ecu-a"].image_path.read_bytes() == b"\0asm\x01\0\0\0"
     assert (primary.state.current() / "image" / "supplier-a.json").is_file()
     assert target.path == "apps/a.wasm"
+
+
+def test_refuses_supplier_image_for_hardware_outside_its_delegation(env: Env) -> None:
+    """A compromised supplier key signs an image for hardware its delegation does not
+    cover ("How to resolve delegations" step 4.1; 5.4.4.2 step 7). ngclient finds it
+    by path alone; the primary must refuse it."""
+    from helpers.uptane_env import wasm
+
+    from uptane.metadata import build_custom
+
+    env.image_repo.delegate("acme", paths=["acme/*"], hardware_ids=["hw-a"])
+    env.image_repo.add_target(
+        wasm(1), name="acme/ok.wasm", hardware_ids=["hw-a"], release_counter=1, role="acme"
+    )
+    env.assign("acme/ok.wasm", "ecu-a")
+    primary = env.primary()
+    assert primary.run_cycle().ok  # the supplier's own hardware: fine
+
+    evil = wasm(666)
+    with pytest.raises(errors.DelegationViolationError):  # the repository tool refuses it
+        env.image_repo.add_target(
+            evil, name="acme/x.wasm", hardware_ids=["hw-b"], release_counter=1, role="acme"
+        )
+    target = TargetFile.from_data("acme/x.wasm", evil, ["sha256", "sha512"])
+    target.unrecognized_fields["custom"] = build_custom(hardware_ids=["hw-b"], release_counter=1)
+    env.craft_image_role(
+        "acme", lambda t: t.targets.update({target.path: target}), {target.path: evil}
+    )
+    # the Director (or anyone holding its online keys) sends it to the hw-b ECU
+    env.craft_director(
+        lambda t: t.targets.update({target.path: env.director_target(target, "ecu-b")})
+    )
+
+    result = assert_refused(
+        primary, errors.DelegationViolationError, errors.ATTACK_ARBITRARY_SOFTWARE
+    )
+    assert result.stage == "match"
+    assert "acme" in str(result.error) and "hw-b" in str(result.error)
+    assert not list(primary.config.images_dir.rglob("x.wasm"))
 
 
 def test_uses_the_next_mirror_when_one_cannot_be_reached(env: Env) -> None:

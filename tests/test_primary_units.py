@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,13 +12,22 @@ from helpers.uptane_env import tree_digest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
+from ecus.can_client import SecondaryRefusedError, TransferFailedError
 from ecus.config import DownloadPolicy, MetadataLimits, PrimaryConfig
-from ecus.primary import safe_target_path
+from ecus.primary import CycleResult, Primary, safe_target_path
 from ecus.primary_state import PrimaryState, ReportState
-from ecus.secondary_client import InMemorySecondary, SecondaryClient
-from uptane.errors import ATTACK_FREEZE, ConfigError, UnsafeTargetPathError
+from ecus.secondary_client import EcuUpdate, InMemorySecondary, SecondaryClient
+from uptane.errors import (
+    ATTACK_FREEZE,
+    ATTACK_PARTIAL_BUNDLE,
+    ConfigError,
+    ImageMismatchError,
+    TransportError,
+    UnsafeTargetPathError,
+)
 from uptane.keys import generate_ed25519, public_key_dict
-from uptane.manifest import InstalledImage, SignedEcuVersionReport
+from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
+from uptane.metadata import UptaneTarget
 
 
 def root_bytes() -> bytes:
@@ -199,3 +209,90 @@ def test_in_memory_secondary_signs_fresh_reports() -> None:
     second = SignedEcuVersionReport.from_der(ecu.version_report(b"n2")).verify(signer.public_key)
     assert (first.nonce, second.nonce) == (b"n1", b"n2")
     assert second.report_counter == first.report_counter + 1
+
+
+# --- distribution: partial bundle installation (4.3.3) ---------------------------------
+
+
+def bundle_primary(
+    tmp_path: Path, linked: tuple[str, ...] = ("ecu-a", "ecu-b")
+) -> tuple[Primary, dict[str, InMemorySecondary], CycleResult]:
+    """A primary with secondaries ecu-a and ecu-b and a verified bundle updating both."""
+    signers = {s: CryptoSigner.generate_ed25519() for s in ("ecu-a", "ecu-b")}
+    entries = [
+        {"serial": s, "hardware_id": f"hw-{s[-1]}", "public_key": public_key_dict(k.public_key)}
+        for s, k in signers.items()
+    ]
+    config = PrimaryConfig.load(write_config(tmp_path, secondaries=entries))
+    ecus = {s: InMemorySecondary(s, f"hw-{s[-1]}", k) for s, k in signers.items()}
+    updates = {}
+    for serial in ecus:
+        data = f"image for {serial}".encode()
+        path = tmp_path / f"{serial}.wasm"
+        path.write_bytes(data)
+        target = UptaneTarget(
+            name=f"{serial}.wasm",
+            length=len(data),
+            hashes={"sha256": hashlib.sha256(data).hexdigest()},
+            hardware_ids=(f"hw-{serial[-1]}",),
+            release_counter=2,
+            ecu_serial=serial,
+        )
+        updates[serial] = EcuUpdate(serial, f"hw-{serial[-1]}", target, path, (), (), b"", 1)
+    primary = Primary(config, [ecus[s] for s in linked])
+    return primary, ecus, CycleResult(ok=True, updates=updates)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransportError("bus off"),
+        TransferFailedError("ecu-b: image transfer failed 4 times", 128),
+        SecondaryRefusedError("imageMismatch", "no space left", "image offer"),
+    ],
+)
+def test_distribute_reports_a_partly_installed_bundle(tmp_path: Path, error: Exception) -> None:
+    """ecu-a installs its part of the bundle, ecu-b's transfer fails: the Director must hear."""
+    primary, ecus, result = bundle_primary(tmp_path)
+    ecus["ecu-b"].fail_with = error
+    outcomes = primary.distribute(result)
+    assert isinstance(outcomes["ecu-a"], EcuVersionReport)
+    assert outcomes["ecu-b"] is error
+    assert primary.installed()["ecu-a"].filename == "ecu-a.wasm"
+    report = primary.own_report().report
+    assert ATTACK_PARTIAL_BUNDLE in report.attacks_detected
+    assert report.last_result == "ok"  # the primary's own result is untouched
+    assert ATTACK_PARTIAL_BUNDLE in primary.report_state().attacks
+
+
+def test_distribute_counts_a_secondary_without_link_as_failed(tmp_path: Path) -> None:
+    primary, _, result = bundle_primary(tmp_path, linked=("ecu-a",))
+    assert set(primary.distribute(result)) == {"ecu-a"}
+    assert ATTACK_PARTIAL_BUNDLE in primary.own_report().report.attacks_detected
+
+
+@pytest.mark.parametrize(
+    ("fail_a", "fail_b"),
+    [
+        (None, None),  # whole bundle installed
+        (TransportError("down"), TransportError("down")),  # nothing installed: not partial
+        (None, ImageMismatchError("bad image")),  # a failure that names its own attack
+    ],
+)
+def test_distribute_does_not_report_a_bundle_that_is_not_partial(
+    tmp_path: Path, fail_a: Exception | None, fail_b: Exception | None
+) -> None:
+    primary, ecus, result = bundle_primary(tmp_path)
+    ecus["ecu-a"].fail_with, ecus["ecu-b"].fail_with = fail_a, fail_b
+    primary.distribute(result)
+    assert ATTACK_PARTIAL_BUNDLE not in primary.own_report().report.attacks_detected
+
+
+def test_distribute_counts_only_installs_that_took(tmp_path: Path) -> None:
+    """A secondary that answers but still runs its old image has not installed anything."""
+    primary, ecus, result = bundle_primary(tmp_path)
+    result.updates["ecu-a"].image_path.write_bytes(b"corrupted on disk")
+    ecus["ecu-b"].fail_with = TransportError("down")
+    outcomes = primary.distribute(result)
+    assert isinstance(outcomes["ecu-a"], EcuVersionReport) and outcomes["ecu-a"].installed is None
+    assert ATTACK_PARTIAL_BUNDLE not in primary.own_report().report.attacks_detected

@@ -18,8 +18,10 @@ from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
     Metadata,
+    MetaFile,
     Root,
     Snapshot,
+    SuccinctRoles,
     TargetFile,
     Targets,
     Timestamp,
@@ -29,6 +31,7 @@ from uptane import codec
 from uptane.errors import (
     ConfigError,
     DelegationNotAllowedError,
+    DelegationViolationError,
     DuplicateEcuError,
     HardwareIdMismatchError,
     MetadataError,
@@ -48,10 +51,16 @@ from uptane.verification.director_checks import (
 )
 from uptane.verification.full import (
     RepositoryBytes,
+    VerifiedRepository,
     classify_version_error,
     verify_repository,
 )
-from uptane.verification.matching import RepositoryMap, match_target
+from uptane.verification.matching import (
+    RepositoryMap,
+    check_delegated_hardware,
+    find_image_target,
+    match_target,
+)
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
@@ -325,6 +334,185 @@ def test_match_target_refuses_missing_or_renamed_image() -> None:
         match_target(director_target(img), None)
     with pytest.raises(TargetMismatchError):
         match_target(director_target(img), image_target("other.wasm", b"image"))
+
+
+# --- Image repository delegations (How to resolve delegations; 5.4.4.2 step 7) ---------
+
+
+def delegate(
+    r: Repo,
+    parent: str,
+    name: str,
+    paths: list[str],
+    hw: Any = None,
+    *,
+    terminating: bool = False,
+) -> None:
+    """``parent`` delegates ``paths`` to a new role ``name``; ``hw``: its custom.hardware_ids."""
+    signer = CryptoSigner.generate_ed25519()
+    r.repo.add_signers([signer])
+    fields = {} if hw is None else {"custom": {"hardware_ids": hw}}
+    with r.repo.edit_targets(parent) as t:
+        if t.delegations is None:
+            t.delegations = Delegations(keys={}, roles={})
+        assert t.delegations.roles is not None
+        t.delegations.roles[name] = DelegatedRole(
+            name, [], 1, terminating, paths=paths, unrecognized_fields=fields
+        )
+        t.add_key(signer.public_key, name)
+    with r.repo.edit_targets(name):
+        pass
+    r.repo.publish(force=True)
+
+
+def publish_image(r: Repo, role: str, name: str, hw: tuple[str, ...] = ("hw-a",)) -> TargetFile:
+    t = TargetFile.from_data(name, name.encode(), ["sha256"])
+    t.unrecognized_fields["custom"] = build_custom(hardware_ids=hw, release_counter=1)
+    with r.repo.edit_targets(role) as targets:
+        targets.targets[name] = t
+    r.repo.publish(force=True)
+    return t
+
+
+def verified(r: Repo) -> VerifiedRepository:
+    roles = tuple(x for x in r.repo.targets_roles() if x != Targets.type)
+    return verify_repository("image", r.data(delegated=roles), NOW)
+
+
+def test_find_image_target_walks_delegations_like_ngclient() -> None:
+    """Preorder depth-first in listed order, paths only, terminating ends the search."""
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"])
+    delegate(r, "acme", "acme-sub", ["apps/deep*"], ["hw-a"])
+    delegate(r, Targets.type, "other", ["*", "apps/*"])
+    top = publish_image(r, Targets.type, "top.wasm")
+    deep = publish_image(r, "acme-sub", "apps/deep.wasm")
+    shadowed = publish_image(r, "acme", "apps/both.wasm")
+    publish_image(r, "other", "apps/both.wasm", ("hw-b",))
+    later = publish_image(r, "other", "apps/later.wasm")
+    image = verified(r)
+
+    found = find_image_target(image, "top.wasm")
+    assert found is not None and found.target == top and found.role == "targets"
+    assert found.chain == ()
+    found = find_image_target(image, "apps/deep.wasm")
+    assert found is not None and found.target == deep and found.role == "acme-sub"
+    assert [step.role for step in found.chain] == ["acme", "acme-sub"]
+    found = find_image_target(image, "apps/both.wasm")  # the first delegation wins
+    assert found is not None and found.target == shadowed and found.role == "acme"
+    found = find_image_target(image, "apps/later.wasm")  # acme has none: backtrack
+    assert found is not None and found.target == later and found.role == "other"
+    assert find_image_target(image, "ghost.wasm") is None
+    assert find_image_target(image, "apps/later.wasm", max_delegations=0) is None
+
+
+def test_find_image_target_stops_at_a_terminating_delegation() -> None:
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"], terminating=True)
+    delegate(r, Targets.type, "other", ["*", "apps/*"])
+    publish_image(r, "other", "apps/x.wasm")
+    publish_image(r, "other", "y.wasm")
+    image = verified(r)
+    assert find_image_target(image, "apps/x.wasm") is None
+    found = find_image_target(image, "y.wasm")  # acme's paths do not match: not followed
+    assert found is not None and found.role == "other"
+
+
+def test_find_image_target_visits_each_role_once() -> None:
+    """A delegation cycle (acme -> sub -> acme) ends: each role is looked at once."""
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"])
+    delegate(r, "acme", "sub", ["apps/*"], ["hw-a"])
+    signer = CryptoSigner.generate_ed25519()
+    with r.repo.edit_targets("sub") as t:
+        back = DelegatedRole("acme", [], 1, False, paths=["apps/*"])
+        t.delegations = Delegations(keys={}, roles={"acme": back})
+        t.add_key(signer.public_key, "acme")
+    r.repo.publish(force=True)
+    assert find_image_target(verified(r), "apps/missing.wasm") is None
+
+
+def test_find_image_target_refuses_a_role_that_was_not_verified() -> None:
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"])
+    image = verified(r)
+    with pytest.raises(tuf_exc.RepositoryError, match="not verified"):
+        find_image_target(replace(image, delegated={}), "apps/x.wasm")
+
+
+def test_find_image_target_follows_succinct_delegations() -> None:
+    """Hash-bin delegations (TAP 15) are terminating and may restrict hardware too."""
+    r = make_repo()
+    signer = CryptoSigner.generate_ed25519()
+    succinct = SuccinctRoles(
+        [], 1, 1, "bin", unrecognized_fields={"custom": {"hardware_ids": ["hw-a"]}}
+    )
+    with r.repo.edit_targets() as t:
+        t.delegations = Delegations(keys={}, succinct_roles=succinct)
+        t.add_key(signer.public_key)
+    r.repo.publish(force=True)
+    # SigningRepository does not sign hash bins: sign the bin and list it by hand
+    bin_name = succinct.get_role_for_target("apps/x.wasm")
+    image = TargetFile.from_data("apps/x.wasm", b"x", ["sha256"])
+    image.unrecognized_fields["custom"] = build_custom(
+        hardware_ids=["hw-a", "hw-b"], release_counter=1
+    )
+    bin_md = Metadata(Targets(expires=NOW + timedelta(days=1), targets={image.path: image}))
+    bin_md.sign(signer)
+    with r.repo.edit_snapshot() as snapshot:
+        snapshot.meta[f"{bin_name}.json"] = MetaFile(version=1)
+    r.repo.do_timestamp(force=True)
+    verified_image = verify_repository(
+        "image", replace(r.data(), delegated={bin_name: bin_md.to_bytes()}), NOW
+    )
+    found = find_image_target(verified_image, "apps/x.wasm")
+    assert found is not None and found.role == bin_name and found.target == image
+    assert [step.role for step in found.chain] == [bin_name]
+    with pytest.raises(DelegationViolationError, match="hw-b"):
+        check_delegated_hardware(found, "hw-a")
+
+
+def test_check_delegated_hardware_needs_every_delegation_to_allow_it() -> None:
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a", "hw-b"])
+    delegate(r, "acme", "acme-a", ["apps/*"], ["hw-a"])
+    delegate(r, Targets.type, "open", ["open/*"])
+    delegate(r, "open", "open-b", ["open/*"], ["hw-b"])
+    publish_image(r, "acme-a", "apps/a.wasm")
+    publish_image(r, "acme-a", "apps/ab.wasm", ("hw-a", "hw-b"))
+    publish_image(r, "acme", "apps/b.wasm", ("hw-b",))
+    publish_image(r, "open", "open/any.wasm", ("hw-c",))
+    publish_image(r, "open-b", "open/b.wasm", ("hw-b",))
+    publish_image(r, Targets.type, "top.wasm", ("hw-c",))
+    image = verified(r)
+
+    def check(name: str, ecu_hw: str) -> None:
+        found = find_image_target(image, name)
+        assert found is not None
+        check_delegated_hardware(found, ecu_hw)
+
+    check("apps/a.wasm", "hw-a")
+    check("apps/b.wasm", "hw-b")
+    check("open/any.wasm", "hw-c")  # a delegation without hardware ids restricts none
+    check("top.wasm", "hw-c")  # top-level targets: no delegation
+    check("open/b.wasm", "hw-b")
+    with pytest.raises(DelegationViolationError, match=r"'acme-a'.*hw-b"):
+        check("apps/a.wasm", "hw-b")  # the ECU's hardware id, inner delegation
+    with pytest.raises(DelegationViolationError, match="hw-b"):
+        check("apps/ab.wasm", "hw-a")  # one of the image's own hardware ids
+    with pytest.raises(DelegationViolationError, match=r"'open-b'.*hw-c"):
+        check("open/b.wasm", "hw-c")
+
+
+@pytest.mark.parametrize("hw", ["hw-a", [1], [""]])
+def test_check_delegated_hardware_refuses_malformed_delegation_fields(hw: Any) -> None:
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], hw)
+    publish_image(r, "acme", "apps/a.wasm")
+    found = find_image_target(verified(r), "apps/a.wasm")
+    assert found is not None
+    with pytest.raises(MetadataError):
+        check_delegated_hardware(found, "hw-a")
 
 
 # --- repository map (TAP 4) ------------------------------------------------------------

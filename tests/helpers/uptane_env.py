@@ -9,6 +9,8 @@ session-wide ``Switchboard`` servers so a test can tamper with any response.
 Malicious Director metadata is signed with the Director's own online keys
 through ``SigningRepository`` on the Director's database store
 (``craft_director``): what an attacker holding those keys could serve.
+Likewise ``craft_image_role`` signs one Image repository role with its own
+keys, past ``image_repo``'s checks: what a compromised supplier could publish.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import httpx
 import wasmtime
 from securesystemslib.signer import CryptoSigner, Signer
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
 from director.app import create_app as director_app
 from director.cli import init_director
@@ -36,11 +38,12 @@ from ecus.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary import Primary
 from ecus.secondary_client import InMemorySecondary
 from ecus.sim.compromise import craft_director_targets
+from image_repo.layout import CONFIG_FILE, RepoConfig
 from image_repo.repo import ImageRepository
 from image_repo.server import create_app as image_app
 from uptane.keys import KeyRef, generate_ed25519
 from uptane.metadata import ECU_SERIAL, shall_match
-from uptane.repository import Clock, ExpiryPolicy, utc_now
+from uptane.repository import Clock, DirectoryStore, ExpiryPolicy, SigningRepository, utc_now
 from uptane.verification.matching import RepositoryMap
 
 from .servers import Switchboard
@@ -154,6 +157,36 @@ class Env:
             data, name=name, hardware_ids=hardware_ids, release_counter=counter
         )
         return target, data
+
+    def craft_image_role(
+        self, role: str, mutate: Callable[[Targets], None], blobs: Mapping[str, bytes] | None = None
+    ) -> None:
+        """Sign Image repository role ``role`` with its own keys, bypassing ``image_repo``.
+
+        A compromised supplier: ``mutate`` edits the role's targets freely and
+        only the role's keys sign it; snapshot and timestamp are then re-signed
+        by their (online) keys, as a repository publishing its suppliers'
+        metadata would. ``blobs`` maps target names to image bytes to store.
+        """
+        config = RepoConfig.from_bytes((self.image_repo.path / CONFIG_FILE).read_bytes(), "image")
+        repo = SigningRepository(
+            store=DirectoryStore(self.image_repo.metadata_dir),
+            expiry=IMAGE_EXPIRY,
+            clock=self.clock,
+        )
+        repo.add_signers(
+            ref.signer()
+            for name in (role, Snapshot.type, Timestamp.type)
+            for ref in config.roles[name]
+        )
+        with repo.edit_targets(role) as targets:
+            mutate(targets)
+        repo.publish()
+        for name, data in (blobs or {}).items():
+            target = repo.targets(role).targets[name]
+            path = self.image_repo.blob_path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
 
     def assign(self, name: str, *serials: str) -> None:
         self.director.assign(name, ecu_serials=list(serials))

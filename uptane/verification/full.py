@@ -170,13 +170,7 @@ def _verify_delegated(
     while todo:
         progress = False
         for role, raw in list(todo.items()):
-            delegators = [
-                md.signed
-                for md in verified.values()
-                if md.signed.delegations is not None
-                and md.signed.delegations.roles is not None
-                and role in md.signed.delegations.roles
-            ]
+            delegators = [md.signed for md in verified.values() if _delegates(md.signed, role)]
             if not delegators:
                 continue
             what = f"{name} {role}"
@@ -202,6 +196,17 @@ def _verify_delegated(
             )
     del verified[Targets.type]
     return verified
+
+
+def _delegates(targets: Targets, role: str) -> bool:
+    """Does ``targets`` delegate ``role`` (by name, or as one of its hash bins, TAP 15)?"""
+    delegations = targets.delegations
+    if delegations is None:
+        return False
+    if delegations.roles is not None:
+        return role in delegations.roles
+    succinct = delegations.succinct_roles
+    return succinct is not None and succinct.is_delegated_role(role)
 
 
 def classify_version_error(

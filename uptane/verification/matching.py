@@ -4,6 +4,14 @@ The repository map says which repositories must agree on which target
 paths. Uptane needs both the Director and the Image repository to sign off
 every image, so a valid map here names exactly those two in every mapping,
 with threshold 2. ``match_target`` is the agreement check itself.
+
+``find_image_target`` resolves a target through the Image repository's
+delegations the way python-tuf's ngclient does (preorder depth-first,
+paths only, terminating delegations end the search) and also returns the
+chain of delegations that led to it; ``check_delegated_hardware`` then
+requires every delegation on that chain to allow the ECU's hardware
+("How to resolve delegations", step 4.1): a supplier's key cannot sign
+images for hardware outside its delegation.
 """
 
 from __future__ import annotations
@@ -15,14 +23,23 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from tuf.api.metadata import TargetFile
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import DelegatedRole, SuccinctRoles, TargetFile, Targets
 
-from uptane.errors import ConfigError, TargetMismatchError
-from uptane.metadata import shall_match
+from uptane.errors import (
+    ConfigError,
+    DelegationViolationError,
+    MetadataError,
+    TargetMismatchError,
+)
+from uptane.metadata import HARDWARE_IDS, UptaneTarget, check_identifier, shall_match
+from uptane.verification.full import VerifiedRepository
 
 DIRECTOR: Final = "director"
 IMAGE: Final = "image"
 MAX_MAP_SIZE: Final = 1_000_000
+#: Most targets roles one lookup visits: ngclient's ``UpdaterConfig.max_delegations``.
+MAX_DELEGATIONS: Final = 32
 
 
 @dataclass(frozen=True)
@@ -162,3 +179,124 @@ def match_target(director: TargetFile, image: TargetFile | None) -> None:
         raise TargetMismatchError(
             f"{name!r}: custom fields {differing} differ between Director and Image repository"
         )
+
+
+# --- delegations of the Image repository ---------------------------------------
+
+
+@dataclass(frozen=True)
+class DelegationStep:
+    """One delegation on the way from top-level targets to an image's signer."""
+
+    role: str
+    delegation: DelegatedRole | SuccinctRoles
+
+    @property
+    def hardware_ids(self) -> tuple[str, ...] | None:
+        """Hardware ids the delegation allows (``custom.hardware_ids``); None: any.
+
+        Raises ``MetadataError`` when the field is there but malformed.
+        """
+        custom = self.delegation.unrecognized_fields.get("custom")
+        if custom is None:
+            return None
+        if not isinstance(custom, Mapping):
+            raise MetadataError(f"delegation {self.role!r}: custom must be an object")
+        if HARDWARE_IDS not in custom:
+            return None
+        hw = custom[HARDWARE_IDS]
+        if not isinstance(hw, list):
+            raise MetadataError(f"delegation {self.role!r}: custom.hardware_ids must be a list")
+        return tuple(check_identifier(h, "hardware id") for h in hw)
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """An Image repository target, the role that signed it and how that role got there.
+
+    ``chain`` runs from the delegation made by top-level targets to the one
+    naming ``role``; it is empty when top-level targets lists the image.
+    """
+
+    target: TargetFile
+    role: str
+    chain: tuple[DelegationStep, ...] = ()
+
+
+def find_image_target(
+    image: VerifiedRepository, path: str, *, max_delegations: int = MAX_DELEGATIONS
+) -> ImageTarget | None:
+    """Look ``path`` up through the verified delegations of ``image`` (5.4.4.2 step 7).
+
+    The same walk as ngclient's ``Updater.get_targetinfo``: preorder
+    depth-first from top-level targets, following delegations in listed
+    order whose paths match (``DelegatedRole.is_delegated_path``), visiting a
+    role once, ending at a terminating delegation (and at succinct ones,
+    TAP 15), visiting at most ``max_delegations`` roles. Returns None when no
+    role lists ``path``. A role the walk needs that is not in
+    ``image.delegated`` raises ``RepositoryError``: it was never verified.
+    """
+    stack: list[tuple[str, tuple[DelegationStep, ...]]] = [(Targets.type, ())]
+    visited: set[str] = set()
+    while stack and len(visited) <= max_delegations:
+        role, chain = stack.pop()
+        if role in visited:
+            continue
+        md = image.targets if role == Targets.type else image.delegated.get(role)
+        if md is None:
+            raise tuf_exc.RepositoryError(
+                f"{image.name}: role {role!r}, delegated for {path!r}, was not verified"
+            )
+        targets = md.signed
+        found = targets.targets.get(path)
+        if found is not None:
+            return ImageTarget(found, role, chain)
+        visited.add(role)
+        delegations = targets.delegations
+        if delegations is None:
+            continue
+        children: list[tuple[str, tuple[DelegationStep, ...]]] = []
+        if delegations.roles is not None:
+            for child in delegations.roles.values():
+                if not child.is_delegated_path(path):
+                    continue
+                children.append((child.name, (*chain, DelegationStep(child.name, child))))
+                if child.terminating:
+                    stack = []
+                    break
+        elif delegations.succinct_roles is not None:
+            succinct = delegations.succinct_roles
+            name = succinct.get_role_for_target(path)
+            children.append((name, (*chain, DelegationStep(name, succinct))))
+            stack = []  # succinct delegations are terminating
+        stack.extend(reversed(children))
+    return None
+
+
+def check_delegated_hardware(found: ImageTarget, ecu_hardware_id: str) -> None:
+    """Every delegation that led to an image must allow its hardware (5.4.4.2 step 7).
+
+    Uptane 2.1 "How to resolve delegations", step 4.1: a delegation applies
+    to an image only if it includes the image's hardware identifier. Here
+    the ECU's hardware id and every hardware id the image lists must be in
+    the ``custom.hardware_ids`` of each delegation on ``found.chain`` that
+    has one. Unlike the Standard's search, which skips a delegation that
+    does not apply and looks further, this refuses: ``found`` is what
+    ngclient's path-only walk returned and the primary installs, so a
+    mismatch means a role signed outside its delegation. Raises
+    ``DelegationViolationError`` (``MetadataError`` for a malformed field).
+    """
+    wanted = tuple(
+        dict.fromkeys((ecu_hardware_id, *UptaneTarget.from_target_file(found.target).hardware_ids))
+    )
+    for step in found.chain:
+        allowed = step.hardware_ids
+        if allowed is None:
+            continue
+        outside = [h for h in wanted if h not in allowed]
+        if outside:
+            raise DelegationViolationError(
+                f"{found.target.path!r} is signed by role {found.role!r} through delegation "
+                f"{step.role!r}, which allows hardware ids [{', '.join(allowed)}], "
+                f"not {', '.join(outside)}"
+            )
