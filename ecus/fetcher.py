@@ -60,6 +60,10 @@ class PolicyFetcher(Urllib3Fetcher):
                         f"{url}: nothing received for {self.policy.socket_timeout}s "
                         f"after {received} bytes"
                     ) from e
+                except urllib3.exceptions.ProtocolError as e:  # truncated body, reset
+                    raise tuf_exc.DownloadError(
+                        f"{url}: connection broken after {received} bytes: {e}"
+                    ) from e
                 if not chunk:
                     complete = True
                     return

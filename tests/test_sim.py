@@ -60,6 +60,56 @@ def test_fleet_converges_despite_slow_http() -> None:
     assert report["ecus_updated"] == report["ecus_total"] == 2
 
 
+def test_fleet_converges_despite_delayed_frame() -> None:
+    code, report, output = sim(
+        "--vehicles", "2", "--secondaries", "2", "--fault", "delay-frame", "--fault-fraction", "0.5"
+    )  # fmt: skip
+    assert code == 0, output
+    (fault,) = report["faults"]
+    assert fault["fault"] == "delay-frame" and "by 1.5 s" in fault["detail"]
+    # the frame came later than ISO-TP allows: that exchange failed with a typed timeout ...
+    assert any(
+        fault["ecu_serial"] in line and "TransportTimeout" in line for line in report["failures"]
+    ), report["failures"]
+    # ... and the fleet converged
+    (phase,) = report["phases"]
+    assert phase["converged"] and report["ecus_updated"] == report["ecus_total"] == 4
+
+
+def test_fleet_converges_despite_truncated_http() -> None:
+    code, report, output = sim(
+        "--vehicles", "2", "--secondaries", "2", "--fault", "truncated-http",
+        "--fault-fraction", "0.5",
+    )  # fmt: skip
+    assert code == 0, output
+    (fault,) = report["faults"]
+    assert fault["fault"] == "truncated-http" and fault["ecu_serial"].endswith("-primary")
+    (phase,) = report["phases"]
+    assert phase["failed_cycles"] == 1 and phase["rounds"] == 2
+    assert any(
+        fault["vin"] in line and "DownloadError" in line and "connection broken" in line
+        for line in report["failures"]
+    ), report["failures"]
+    assert report["attacks"].get("drop_request", 0) >= 1
+    assert phase["converged"] and report["ecus_updated"] == report["ecus_total"] == 4
+
+
+def test_fleet_converges_across_server_restarts() -> None:
+    code, report, output = sim(
+        "--vehicles", "2", "--secondaries", "2", "--update-to", "2", "--fault", "server-restart"
+    )  # fmt: skip
+    assert code == 0, output
+    # one restart per release, after it was published and assigned
+    assert [f["fault"] for f in report["faults"]] == ["server-restart"] * 2
+    assert "v1" in report["faults"][0]["detail"] and "v2" in report["faults"][1]["detail"]
+    assert all(p["converged"] and p["rounds"] == 1 for p in report["phases"])
+    assert report["ecus_updated"] == report["ecus_total"] == 4 and report["target_version"] == 2
+    human = CliRunner().invoke(
+        cli, ["--vehicles", "1", "--secondaries", "1", "--fault", "server-restart"]
+    )
+    assert human.exit_code == 0 and "server-restart x1" in human.output
+
+
 def test_fleet_that_does_not_converge_exits_nonzero() -> None:
     code, report, output = sim(
         "--vehicles", "1", "--secondaries", "2", "--cycles", "1",

@@ -62,8 +62,12 @@ def print_summary(console: Console, report: FleetReport) -> None:
     attacks = ", ".join(f"{k} x{v}" for k, v in report.attacks.items()) or "none"
     timings.add_row("attacks detected", attacks)
     if report.faults:
+        fault = report.faults[0].fault
         timings.add_row(
-            "faults injected", f"{report.faults[0].fault} on {len(report.faults)} vehicle(s)"
+            "faults injected",
+            f"{fault} x{len(report.faults)}"
+            if fault == "server-restart"
+            else f"{fault} on {len(report.faults)} vehicle(s)",
         )
     console.print(timings)
     if report.failures:
@@ -111,9 +115,12 @@ def print_summary(console: Console, report: FleetReport) -> None:
     type=click.Choice(FAULTS),
     default=None,
     help="Inject a fault on the first secondary of --fault-fraction of the vehicles: "
-    "drop-frame / corrupt-frame (one CAN frame it sends), bus-off (its controller, "
-    "first round), power-cut (at a slot write point; it reboots), slow-http (the "
-    "Director trickles the vehicle's timestamp.json once).",
+    "drop-frame / corrupt-frame / delay-frame (one CAN frame it sends; delayed by "
+    "1.5 s), bus-off (its controller, first round), power-cut (at a slot write point; "
+    "it reboots), slow-http / truncated-http (the Director trickles the vehicle's "
+    "timestamp.json once / breaks it off halfway once); or server-restart (the "
+    "Director and Image repository restart after each release is published and "
+    "assigned, before its rollout; --fault-fraction does not apply).",
 )
 @click.option(
     "--fault-fraction",

@@ -6,8 +6,10 @@ every hardware id, assigns it by hardware id and runs update cycles (one
 round = one cycle of every vehicle that has not converged yet, in a thread
 pool of ``workers``) until every ECU reports it or ``max_cycles`` rounds
 passed; then optionally the same for ``update_to``. A ``fault`` is injected
-on a fraction of the vehicles before the first round, so a run shows that
-the fleet still converges. The ``FleetReport`` has the timings (world setup,
+on a fraction of the vehicles before the first round (``server-restart``:
+the Director and Image repository restart once a release is published and
+assigned, before the first round of its rollout), so a run shows that the
+fleet still converges. The ``FleetReport`` has the timings (world setup,
 per vehicle cycle p50/p95/max, total), ECUs updated / total, failures and
 the attacks detected.
 """
@@ -15,6 +17,7 @@ the attacks detected.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecus.sim.http import trickle
+from ecus.sim.http import trickle, truncated
 from ecus.sim.world import (
     SimVehicle,
     VehicleOutcome,
@@ -38,7 +41,19 @@ from ecus.sim.world import (
 from ecus.slots import PowerCut
 from ecus.transport.faults import FrameFault
 
-FAULTS = ("drop-frame", "corrupt-frame", "bus-off", "power-cut", "slow-http")
+FAULTS = (
+    "drop-frame",
+    "corrupt-frame",
+    "delay-frame",
+    "bus-off",
+    "power-cut",
+    "slow-http",
+    "truncated-http",
+    "server-restart",
+)
+# A delayed frame is held longer than ISO-TP's own timeouts (N_Bs, N_Cr: 1 s) but
+# shorter than the primary's timeout for a whole answer (FAULTY_TIMEOUT).
+DELAY_FRAME_SECONDS = 1.5
 # Write points where a power cut may strike during an install (ecus.slots.WRITE_POINTS).
 POWER_CUT_POINTS = ("begin", "chunk", "chunk_state", "finish", "start_trial", "commit")
 # On a vehicle with an injected fault the primary gives up on a silent ECU sooner.
@@ -326,7 +341,7 @@ class FleetRun:
     def inject_faults(self) -> list[InjectedFault]:
         """Arm ``config.fault`` on the first secondary of a fraction of the vehicles."""
         fault = self.config.fault
-        if fault is None:
+        if fault is None or fault == "server-restart":  # see rollout()
             return []
         assert self.world is not None
         rng = random.Random(self.config.seed)
@@ -347,6 +362,12 @@ class FleetRun:
                 nth, byte, bit = rng.randint(1, 12), rng.randint(1, 7), rng.randint(0, 7)
                 sec.faults.add(FrameFault("corrupt", nth=nth, direction="tx", byte=byte, bit=bit))
                 detail = f"flip bit {bit} of byte {byte} of frame {nth} sent by the secondary"
+            elif fault == "delay-frame":
+                nth = rng.randint(1, 12)
+                sec.faults.add(
+                    FrameFault("delay", nth=nth, direction="tx", delay=DELAY_FRAME_SECONDS)
+                )
+                detail = f"delay frame {nth} sent by the secondary by {DELAY_FRAME_SECONDS} s"
             elif fault == "bus-off":
                 sec.faults.go_bus_off()
                 self._bus_off.append(vehicle)
@@ -355,12 +376,21 @@ class FleetRun:
                 point = rng.choice(POWER_CUT_POINTS)
                 sec.power_cut_at = point
                 detail = f"power cut at slot write point {point!r}"
-            else:  # slow-http
+            elif fault == "slow-http":
                 path = f"/vehicles/{vehicle.vin}/metadata/timestamp.json"
                 self.world.director_board.overrides[path] = _once(
                     self.world.director_board.overrides, path, trickle(b" " * 4096)
                 )
                 detail = "Director timestamp.json trickled once (slow retrieval)"
+                serial = vehicle.primary_serial
+            else:  # truncated-http
+                path = f"/vehicles/{vehicle.vin}/metadata/timestamp.json"
+                self.world.director_board.overrides[path] = _once(
+                    self.world.director_board.overrides,
+                    path,
+                    functools.partial(_truncated_metadata, self.world, vehicle.vin),
+                )
+                detail = "Director timestamp.json broken off halfway once (truncated HTTP)"
                 serial = vehicle.primary_serial
             injected.append(InjectedFault(vehicle.vin, serial, fault, detail))
         self.report.faults.extend(injected)
@@ -386,6 +416,8 @@ class FleetRun:
         world.publish(version, hws)
         assigned = world.assign_version(version, hws)
         self.log(f"v{version}: published for {len(hws)} hardware ids, assigned to {assigned} ECUs")
+        if self.config.fault == "server-restart":
+            self.restart_servers(version)
         remaining = list(self.vehicles)
         with ThreadPoolExecutor(self.config.workers) as pool:
             while remaining and phase.rounds < self.config.max_cycles:
@@ -422,6 +454,21 @@ class FleetRun:
         self.report.phases.append(phase)
         return phase
 
+    def restart_servers(self, version: int) -> InjectedFault:
+        """Restart the Director and Image repository (same storage) before a rollout."""
+        assert self.world is not None
+        self.world.restart_servers()
+        fault = InjectedFault(
+            vin="*",
+            ecu_serial="director+image",
+            fault="server-restart",
+            detail=f"Director and Image repository restarted after v{version} was "
+            "published and assigned",
+        )
+        self.report.faults.append(fault)
+        self.log(f"v{version}: {fault.detail}")
+        return fault
+
     def finish(self) -> FleetReport:
         self.report.ecus = [
             EcuState(
@@ -452,6 +499,12 @@ def _once(overrides: dict[str, Any], path: str, make: Callable[[], Any]) -> Call
         return make()
 
     return respond
+
+
+def _truncated_metadata(world: World, vin: str) -> Any:
+    """The vehicle's real Director timestamp, announced whole but broken off halfway."""
+    data = world.director.metadata(vin, "timestamp.json")
+    return truncated(data, len(data) // 2)()
 
 
 def _failure(version: int, rnd: int, outcome: VehicleOutcome) -> str:

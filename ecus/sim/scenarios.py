@@ -25,18 +25,20 @@ import contextlib
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import can
 import httpx
+import isotp
 from securesystemslib.signer import CryptoSigner
 from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
-from director.app import create_app as director_app
 from director.db import Vehicle, VehicleManifestRecord
 from director.errors import UnknownVehicleError
 from director.service import AssignmentInfo, Director, EcuSpec
@@ -47,10 +49,9 @@ from ecus.sim.compromise import (
     director_resign,
     evil_target,
 )
-from ecus.sim.http import endless, trickle, unavailable
+from ecus.sim.http import endless, trickle, truncated, unavailable
 from ecus.sim.world import (
     APPS_DIR,
-    TOKEN,
     SimSecondary,
     SimVehicle,
     VehicleOutcome,
@@ -62,7 +63,6 @@ from ecus.transport.accounting import PacedBus
 from ecus.transport.faults import FrameFault
 from ecus.transport.isotp import CanNode, IsoTpConfig
 from image_repo.layout import blob_relpath
-from image_repo.server import create_app as image_app
 from uptane import codec
 from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,
@@ -70,6 +70,7 @@ from uptane.errors import (
     ATTACK_ENDLESS_DATA,
     ATTACK_FREEZE,
     ATTACK_MIX_AND_MATCH,
+    ATTACK_PARTIAL_BUNDLE,
     ATTACK_REPLAYED_REPORT,
     ATTACK_ROLLBACK,
     ATTACK_SLOW_RETRIEVAL,
@@ -1040,6 +1041,173 @@ def _primary_bus_off(vehicle: SimVehicle, sec: SimSecondary, response: bytes) ->
     )
 
 
+# A rogue node on the vehicle's bus (Uptane 2.1, 4.3; DESIGN 4: nothing from the bus is
+# trusted). It holds the secondary's receiver back for this long at the first frame of
+# the primary's chunk (the "delay" frame fault), so that the rogue's own frames, sent as
+# soon as it sees that first frame, reach the secondary before the primary's next ones.
+ROGUE_WINDOW = 0.3
+# The primary's chunk size while the rogue attacks: several chunks per image, so the
+# forged one lands mid-transfer.
+ROGUE_CHUNK_SIZE = 96
+ROGUE_BYTES = b"\x00asm rogue code"
+
+
+def isotp_frames(data: bytes, config: IsoTpConfig) -> list[can.Message]:
+    """The CAN frames of one ISO-TP message on ``config.request_id``, framed by can-isotp
+    (first and consecutive frames sent back to back, as after a flow control)."""
+    out: list[isotp.CanMessage] = []
+    flow = isotp.CanMessage(
+        arbitration_id=config.response_id,
+        data=isotp.protocol.PDU.craft_flow_control_data(
+            isotp.protocol.PDU.FlowStatus.ContinueToSend, 0, 0
+        ),
+        is_fd=config.fd,
+    )
+    pending = [flow]
+
+    def rx(timeout: float) -> isotp.CanMessage | None:
+        return pending.pop() if pending and logic.transmitting() and out else None
+
+    logic = isotp.TransportLayerLogic(
+        rxfn=rx,
+        txfn=out.append,
+        address=isotp.Address(
+            isotp.AddressingMode.Normal_11bits,
+            txid=config.request_id,
+            rxid=config.response_id,
+        ),
+        params={**config.stack_params(config.max_request), "blocking_send": False},
+    )
+    logic.send(bytes(data))
+    for _ in range(len(data) + 16):
+        logic.process()
+        if not logic.transmitting():
+            break
+    else:
+        raise RuntimeError("can-isotp did not frame the message")
+    return [
+        can.Message(
+            arbitration_id=m.arbitration_id,
+            data=m.data,
+            is_extended_id=False,
+            is_fd=m.is_fd,
+            bitrate_switch=m.bitrate_switch,
+        )
+        for m in out
+    ]
+
+
+def _first_frame(msg: can.Message) -> bool:
+    """Is ``msg`` the first frame of a multi-frame ISO-TP message (as can-isotp reads it)?"""
+    frame = isotp.CanMessage(arbitration_id=msg.arbitration_id, data=bytes(msg.data))
+    try:
+        return bool(isotp.protocol.PDU(frame).type == isotp.protocol.PDU.Type.FIRST_FRAME)
+    except ValueError:
+        return False
+
+
+class RogueNode:
+    """An attacker's node on a vehicle's CAN bus: a raw python-can bus object on the same
+    channel, no ISO-TP stack and no flow control. Once ``arm``ed it watches the traffic
+    and sends its frames right after the first frame of the next multi-frame ISO-TP
+    message on the watched id, which makes the receiver drop that message for its own.
+    """
+
+    def __init__(self, bus: can.BusABC) -> None:
+        self.bus = bus
+        self.injected: list[can.Message] = []
+        self._armed: tuple[int, list[can.Message]] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sim-rogue", daemon=True)
+        self._thread.start()
+
+    def arm(self, arbitration_id: int, frames: Sequence[can.Message]) -> None:
+        with self._lock:
+            self._armed = (arbitration_id, list(frames))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.bus.recv(0.05)
+            except can.CanError:
+                return
+            if msg is None or not _first_frame(msg):
+                continue
+            with self._lock:
+                armed = self._armed
+                if armed is None or armed[0] != msg.arbitration_id:
+                    continue
+                self._armed = None
+            for frame in armed[1]:
+                self.bus.send(frame)
+                self.injected.append(frame)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.bus.shutdown()
+
+
+def _injected_frames(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
+    """A rogue node replaces the primary's next image chunk with a forged one at the same
+    offset: under ISO 15765-2 a new first (or single) frame aborts the reception in
+    progress, so the secondary takes the rogue's message in place of the primary's."""
+    r = _Run(world, vehicle, "can-injected-frames")
+    pending = ensure_updates(world, vehicle, 1)
+    serial = sorted(pending, key=list(vehicle.secondaries).index)[0]
+    sec = vehicle.secondaries[serial]
+    client = sec.client
+    assert client is not None
+    stack = contextlib.ExitStack()
+    forged: dict[str, int] = {}
+    rogues: list[RogueNode] = []
+
+    def inject(rogue: RogueNode, response: bytes) -> None:
+        # The ack the secondary is about to send says which offset it wants next.
+        _, ack = codec.decode_message(response, sec.config.max_response)
+        offset = int(ack["nextOffset"])
+        chunk = codec.encode_message("imageChunk", {"offset": offset, "data": ROGUE_BYTES})
+        forged["offset"] = offset
+        sec.faults.add(
+            FrameFault(
+                "delay",
+                nth=_frames_after(sec, response) + 1,
+                direction="rx",
+                arbitration_id=sec.config.request_id,
+                delay=ROGUE_WINDOW,
+            )
+        )
+        rogue.arm(sec.config.request_id, isotp_frames(chunk, sec.config))
+
+    def arm() -> None:
+        rogue = RogueNode(vehicle.bus.open())
+        rogues.append(rogue)
+        stack.callback(rogue.close)
+        stack.enter_context(_fast_failure(vehicle, sec))
+        saved = client.chunk_size
+        client.chunk_size = ROGUE_CHUNK_SIZE
+        stack.callback(setattr, client, "chunk_size", saved)
+        stack.enter_context(_after_message(sec, "imageChunk", functools.partial(inject, rogue)))
+
+    def disarm() -> None:
+        stack.close()
+        sec.faults.clear_plan()
+
+    outcome = _play(
+        r, arm, disarm, serials=[serial], strict=False, detail=f"rogue node on {serial}'s ids"
+    )
+    sent = sum(len(rogue.injected) for rogue in rogues)
+    if sent and "offset" in forged:
+        outcome.detail += (
+            f"; {sent} injected frame(s): an imageChunk of {len(ROGUE_BYTES)} other bytes "
+            f"at offset {forged['offset']} in place of the primary's"
+        )
+    else:
+        outcome.detail += "; the rogue node injected nothing"
+    return outcome
+
+
 def _drop_traffic(vehicle: SimVehicle, sec: SimSecondary, response: bytes) -> None:
     """Traffic to this secondary is dropped from its next image chunk on."""
     sec.faults.add(
@@ -1161,16 +1329,8 @@ def power_cut(point: str) -> Scenario:
 
 
 def restart_servers(world: World) -> Director:
-    """Restart the Director and Image repository servers (new app objects, same storage)."""
-    world.director_board.app = None
-    world.image_board.app = None
-    world.director.close()
-    director = Director.from_config(world.director_config, clock=world.clock)
-    world.stack.callback(director.close)
-    world.director = director
-    world.director_board.app = director_app(director, TOKEN)
-    world.image_board.app = image_app(world.image_repo.path)
-    return director
+    """Restart the Director and Image repository servers (``World.restart_servers``)."""
+    return world.restart_servers()
 
 
 def _server_restart(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
@@ -1355,11 +1515,20 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
     ),
     _scenario(
+        "can-injected-frames",
+        ATTACK_ARBITRARY_SOFTWARE,
+        "A rogue CAN node injects its own image chunk mid-transfer",
+        "The secondary writes only at the offset it expects and checks length and every "
+        "hash before activating; the next cycle transfers the image again",
+        _injected_frames,
+    ),
+    _scenario(
         "partial-bundle",
-        None,
+        ATTACK_PARTIAL_BUNDLE,
         "Partial bundle installation: traffic to one of two updated ECUs is dropped",
-        "No report can tell it from a fault: the Director keeps the assignment pending "
-        "until a manifest shows it installed, and the next cycle completes the bundle",
+        "The primary reports partial_bundle_installation when one ECU of a bundle installed "
+        "and another failed; the Director keeps the assignment pending until a manifest "
+        "shows it installed, and the next cycle completes the bundle",
         _partial_bundle,
     ),
     power_cut("chunk"),
@@ -1373,6 +1542,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         _transfer_fault(
             "bus-off", _primary_bus_off, detail="primary bus-off during an image chunk"
         ),
+    ),
+    _scenario(
+        "truncated-image",
+        None,
+        "An image download breaks off halfway (the connection closes early)",
+        "The download fails closed (DownloadError); the partial file is not kept and the "
+        "next cycle downloads the image again",
+        _download_attack("truncated-image", lambda data: truncated(data, len(data) // 2)),
     ),
     _scenario(
         "server-restart",
@@ -1403,10 +1580,14 @@ def run_scenario(world: World, vehicle: SimVehicle, name: str) -> ScenarioOutcom
 
 
 __all__ = [
+    "ROGUE_BYTES",
+    "ROGUE_CHUNK_SIZE",
     "SCENARIOS",
+    "RogueNode",
     "Scenario",
     "ScenarioOutcome",
     "ensure_updates",
+    "isotp_frames",
     "last_manifest",
     "next_release",
     "pending_assignments",

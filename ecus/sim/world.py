@@ -408,6 +408,20 @@ class World:
         self.director_root_json = (root_dir / "1.root.json").read_bytes()
         self.director_root_der = (root_dir / "1.root.der").read_bytes()
 
+    def restart_servers(self) -> Director:
+        """Restart the Director and the Image repository: new app objects and a new
+        ``Director`` over the same database and repository files (the servers answer
+        503 while they are down)."""
+        self.director_board.app = None
+        self.image_board.app = None
+        self.director.close()
+        director = Director.from_config(self.director_config, clock=self.clock)
+        self.stack.callback(director.close)
+        self.director = director
+        self.director_board.app = director_app(director, TOKEN)
+        self.image_board.app = image_app(self.image_repo.path)
+        return director
+
     def close(self) -> None:
         for vehicle in self.vehicles.values():
             vehicle.close()

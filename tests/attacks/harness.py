@@ -13,8 +13,12 @@ from typing import Any
 from ecus.primary import CycleIssue
 from ecus.sim.scenarios import ScenarioOutcome, run_scenario
 from ecus.sim.world import SimVehicle, VehicleOutcome, World
+from uptane.errors import ImageMismatchError, UptaneError
 
 HARDWARE_IDS = ("brake-ctl", "body-ctl")
+# Install results a secondary sends instead of an exception (the bus carries a result
+# code): the typed error it raised when it refused to activate the image.
+RESULT_ERRORS: dict[str, type[UptaneError]] = {"imageMismatch": ImageMismatchError}
 
 
 @dataclass
@@ -26,14 +30,21 @@ class Cycle:
     after: dict[str, dict[str, Any]]
 
     def error(self) -> BaseException | None:
-        """The typed error of the cycle: verification, a report, or a distribution."""
+        """The typed error of the cycle: verification, a report, a distribution, or
+        the one an updated secondary names in its install result (``RESULT_ERRORS``)."""
         cycle = self.outcome.cycle
         if cycle.error is not None:
             return cycle.error
         for issue in cycle.issues:
             if issue.attack is not None:
                 return issue.error
-        return next(iter(self.outcome.errors.values()), None)
+        if self.outcome.errors:
+            return next(iter(self.outcome.errors.values()))
+        for serial in cycle.updates:
+            ecu = self.outcome.ecus.get(serial)
+            if ecu is not None and ecu.last_result in RESULT_ERRORS:
+                return RESULT_ERRORS[ecu.last_result](f"ECU {serial} reported {ecu.last_result}")
+        return None
 
     def issue(self, serial: str) -> CycleIssue:
         return next(i for i in self.outcome.cycle.issues if i.ecu_serial == serial)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from ecus.can_client import TransferFailedError
+from ecus.sim.scenarios import ROGUE_BYTES, ROGUE_CHUNK_SIZE
 from uptane import errors
 from uptane.errors import ManifestError
 
@@ -53,14 +56,52 @@ def test_corrupted_image_frame_mid_transfer(car: Car) -> None:
     assert (car.cycles[-1].outcome.ecus[victim].release_counter or 0) > 1
 
 
+def test_injected_frames_mid_transfer(car: Car) -> None:
+    """A rogue node on the bus injects its own imageChunk at the offset the secondary
+    wants next; its first frame makes the secondary drop the primary's chunk for it. The
+    secondary writes the forged bytes to the inactive slot but never activates them."""
+    victim = car.serials[0]
+    outcome = car.run("can-injected-frames")
+    assert_blocked(
+        car,
+        outcome,
+        errors.ImageMismatchError,
+        errors.ATTACK_ARBITRARY_SOFTWARE,
+        reporter=victim,
+        strict=False,
+    )
+    assert outcome.error is not None and "hash does not match" in outcome.error, outcome.error
+    assert "in place of the primary's" in outcome.detail, outcome.detail
+    attack = car.attack
+    assert attack.outcome.ecus[victim].last_result == "imageMismatch"
+    # the inactive slot holds the image with the rogue's bytes at the forged offset
+    update = attack.outcome.cycle.updates[victim]
+    _, target = car.world.image_repo.targets()[update.target.name]
+    image = bytearray(car.world.image_repo.blob_path(target).read_bytes())
+    offset = ROGUE_CHUNK_SIZE
+    image[offset : offset + len(ROGUE_BYTES)] = ROGUE_BYTES
+    before, after = attack.before[victim], attack.after[victim]
+    (inactive,) = set(after["slots"]) - {before["active"]}
+    assert after["slots"][inactive] == hashlib.sha256(image).hexdigest()
+    assert (after["active"], after["target"]) == (before["active"], before["target"])
+    assert after["slots"][before["active"]] == before["slots"][before["active"]]
+    # the next cycle sent the image again and it was installed
+    assert (car.cycles[-1].outcome.ecus[victim].release_counter or 0) > 1
+
+
 def test_partial_bundle_installation(car: Car) -> None:
-    """Traffic to one of two updated ECUs is dropped: the other installs, the Director
-    keeps the interrupted assignment pending, and the next cycle completes the bundle."""
+    """Traffic to one of two updated ECUs is dropped: the other installs, the primary
+    reports a partial bundle installation, the Director keeps the interrupted assignment
+    pending, and the next cycle completes the bundle."""
     first, second = car.serials
     outcome = car.run("partial-bundle")
+    # the primary reports it in its own next report (the interrupted ECU never installed)
+    error = assert_blocked(
+        car, outcome, TransferFailedError, errors.ATTACK_PARTIAL_BUNDLE, strict=False
+    )
     attack = car.attack
-    assert isinstance(attack.outcome.errors[second], TransferFailedError)
-    assert outcome.error is not None and outcome.error.startswith("TransferFailedError:")
+    assert attack.outcome.errors[second] is error
+    assert errors.ATTACK_PARTIAL_BUNDLE not in car.director_attacks().get(second, set())
     assert (attack.outcome.ecus[first].release_counter or 0) > 1
     before, after = attack.before[second], attack.after[second]
     assert (after["active"], after["target"]) == (before["active"], before["target"])

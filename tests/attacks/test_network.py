@@ -56,6 +56,21 @@ def test_endless_image(car: Car) -> None:
     assert not list(images.rglob("*.part")), "a partial download was left behind"
 
 
+def test_truncated_image(car: Car) -> None:
+    """A download that closes halfway through its announced length fails closed, typed."""
+    outcome = car.run("truncated-image")
+    error = assert_blocked(
+        car, outcome, tuf_exc.DownloadError, errors.ATTACK_DROP_REQUEST, stage="download"
+    )
+    assert not isinstance(error, tuf_exc.DownloadHTTPError)
+    assert "connection broken" in str(error)
+    images = car.vehicle.primary.config.images_dir
+    assert not list(images.rglob("*.part")), "a partial download was left behind"
+    # the image came whole in the next cycle and was installed
+    recovery = car.cycles[-1].outcome
+    assert any((e.release_counter or 0) > 1 for e in recovery.ecus.values())
+
+
 def test_abandoned_download_is_closed(car: Car) -> None:
     """An endless image is dropped at its signed length, and the connection with it: the
     server's stream ends although the primary still holds the error (and its traceback)."""
