@@ -16,7 +16,7 @@ are atomic across threads and processes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +26,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Dialect,
     Engine,
@@ -217,12 +218,17 @@ def _sqlite_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    # In WAL mode NORMAL still never corrupts the database; a power loss may
+    # only lose the last commits (no fsync per commit, one per checkpoint).
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 
 def _sqlite_begin(conn: Any) -> None:
-    write = conn.get_execution_options().get("director_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+    options = conn.get_execution_options()
+    if options.get("director_single", False):
+        return  # one read-only statement: atomic without BEGIN/ROLLBACK round trips
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("director_write", False) else "BEGIN")
 
 
 def make_engine(url: str) -> Engine:
@@ -277,12 +283,32 @@ class Database:
                 finally:
                     session.close()
 
-    def read_one(self, statement: Executable) -> Row[Any] | None:
-        """One row of a single read-only statement (no explicit transaction on PostgreSQL)."""
+    @contextmanager
+    def _single(self) -> Iterator[Connection]:
+        """A connection for one read-only statement, outside any explicit transaction.
+
+        A single statement sees one consistent snapshot on both backends, so
+        BEGIN and ROLLBACK would only add round trips.
+        """
         with self.engine.connect() as conn:
             if self.is_postgresql:
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            return conn.execute(statement).first()
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                yield conn.execution_options(director_single=True)
+
+    def read_one(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> Row[Any] | None:
+        """One row of a single read-only statement."""
+        with self._single() as conn:
+            return conn.execute(statement, params).first()
+
+    def read_all(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        """Every row of a single read-only statement."""
+        with self._single() as conn:
+            return conn.execute(statement, params).all()
 
     def migrate(self) -> None:
         """Bring the schema to the latest Alembic revision (safe to run concurrently)."""

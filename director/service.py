@@ -22,6 +22,7 @@ share one PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,12 +86,51 @@ ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 MAX_ECUS = 256
 # Key of the PostgreSQL advisory lock that serializes root imports.
 _ROOT_LOCK = 0x5550_526F_6F74
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
 PENDING = "pending"
 INSTALLED = "installed"
 SUPERSEDED = "superseded"
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+# Statements of the check-in path, built once: a statement object memoises its
+# SQL cache key, so reusing it saves building and hashing it per request.
+_LATEST_ROOT = select(func.max(RootMetadata.version)).scalar_subquery()
+# a vehicle's metadata state and one of its (non-root) files
+_METADATA_FILE = select(
+    Vehicle.metadata_expires,
+    Vehicle.targets_version,
+    Vehicle.root_version,
+    _LATEST_ROOT.label("latest_root"),
+    select(MetadataFile.data)
+    .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == bindparam("filename"))
+    .scalar_subquery()
+    .label("data"),
+).where(Vehicle.vin == bindparam("vin"))
+# a vehicle's ECUs and keys (manifest checks before the lock)
+_ECU_KEYS = (
+    select(Ecu.serial, Ecu.hardware_id, Ecu.is_primary, Ecu.public_key)
+    .join(Vehicle, Ecu.vehicle_id == Vehicle.id)
+    .where(Vehicle.vin == bindparam("vin"))
+)
+# the vehicle, locked, and the latest root version (manifest recording)
+_LOCK_VEHICLE = (
+    select(Vehicle, _LATEST_ROOT).where(Vehicle.vin == bindparam("vin")).with_for_update(of=Vehicle)
+)
+# each ECU's report state and pending assignment (at most one), under the lock
+_ECU_STATE = (
+    select(
+        Ecu.id,
+        Ecu.serial,
+        Ecu.public_key,
+        Ecu.last_report_counter,
+        Ecu.last_report_time,
+        Ecu.last_result,
+        Ecu.last_result_text,
+        Assignment,
+    )
+    .outerjoin(Assignment, (Assignment.ecu_id == Ecu.id) & (Assignment.status == PENDING))
+    .where(Ecu.vehicle_id == bindparam("vehicle_id"))
+)
 
 
 class ImageLookup(Protocol):
@@ -242,6 +282,26 @@ def _assignment_info(a: Assignment, vin: str, serial: str) -> AssignmentInfo:
         status=a.status,
         created_at=a.created_at,
     )
+
+
+_KEY_CACHE: dict[str, Key] = {}
+_KEY_CACHE_MAX = 100_000
+
+
+def _parsed_key(key_dict: Mapping[str, Any]) -> Key:
+    """``public_key_from_dict`` of a stored ECU key, cached per process.
+
+    ECU keys never change, so a parsed key can be reused; the cache is keyed by
+    the whole stored key dict (canonical JSON), not only by its keyid.
+    """
+    cache_key = json.dumps(key_dict, sort_keys=True, separators=(",", ":"))
+    key = _KEY_CACHE.get(cache_key)
+    if key is None:
+        key = public_key_from_dict(dict(key_dict))
+        if len(_KEY_CACHE) >= _KEY_CACHE_MAX:
+            _KEY_CACHE.clear()
+        _KEY_CACHE[cache_key] = key
+    return key
 
 
 def check_ecu_key(key_dict: object) -> Key:
@@ -524,26 +584,22 @@ class Director:
         if _IDENT_RE.match(vin) is None:
             raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
         version, role, ext = m.groups()
-        latest = select(func.max(RootMetadata.version)).scalar_subquery()
         if role == Root.type:
+            latest = select(func.max(RootMetadata.version)).scalar_subquery()
             col = RootMetadata.data if ext == "json" else RootMetadata.der
             wanted = latest if version is None else int(version)
             file_q = select(col).where(RootMetadata.version == wanted).scalar_subquery()
-        else:
-            file_q = (
-                select(MetadataFile.data)
-                .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == filename)
-                .scalar_subquery()
+            row = self.db.read_one(
+                select(
+                    Vehicle.metadata_expires,
+                    Vehicle.targets_version,
+                    Vehicle.root_version,
+                    latest.label("latest_root"),
+                    file_q.label("data"),
+                ).where(Vehicle.vin == vin)
             )
-        row = self.db.read_one(
-            select(
-                Vehicle.metadata_expires,
-                Vehicle.targets_version,
-                Vehicle.root_version,
-                latest.label("latest_root"),
-                file_q.label("data"),
-            ).where(Vehicle.vin == vin)
-        )
+        else:
+            row = self.db.read_one(_METADATA_FILE, {"vin": vin, "filename": filename})
         if row is None:
             raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
         now = self.clock()
@@ -921,24 +977,16 @@ class Director:
         verified = self._verify(signed, keys, data)
         now = self.clock()
         with self.db.transaction(write=True) as session:
-            try:
-                vehicle = self._vehicle(session, vin, lock=True)
-            except UnknownVehicleError as e:
-                raise ManifestError(str(e), "unknown_vehicle") from e
-            ecus = {
-                row.serial: row
-                for row in session.execute(
-                    select(
-                        Ecu.id,
-                        Ecu.serial,
-                        Ecu.public_key,
-                        Ecu.last_report_counter,
-                        Ecu.last_report_time,
-                        Ecu.last_result,
-                        Ecu.last_result_text,
-                    ).where(Ecu.vehicle_id == vehicle.id)
-                )
-            }
+            found = session.execute(_LOCK_VEHICLE, {"vin": vin}).first()
+            if found is None:
+                raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
+            vehicle, latest_root_version = found
+            ecus: dict[str, Any] = {}
+            pending: dict[int, Assignment] = {}
+            for row in session.execute(_ECU_STATE, {"vehicle_id": vehicle.id}):
+                ecus[row.serial] = row
+                if row.Assignment is not None:
+                    pending[row.id] = row.Assignment
             if {s: str(e.public_key.get("keyid")) for s, e in ecus.items()} != verified.keyids:
                 raise ManifestError("the vehicle's ECUs changed while checking", "unknown_ecu")
             for serial, report in sorted(verified.reports.items()):
@@ -950,7 +998,7 @@ class Director:
                         "replayed_report",
                     )
                 self._check_report_time(serial, report, ecus[serial].last_report_time, now)
-            return self._record(session, vehicle, ecus, verified, now)
+            return self._record(session, vehicle, ecus, pending, verified, now, latest_root_version)
 
     def _check_report_time(
         self, serial: str, report: EcuVersionReport, last: datetime | None, now: datetime
@@ -975,17 +1023,12 @@ class Director:
     def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
         if _IDENT_RE.match(vin) is None:
             raise ManifestError(f"no vehicle {vin[:130]!r} is registered", "unknown_vehicle")
-        with self.db.transaction() as session:
-            rows = session.execute(
-                select(Ecu.serial, Ecu.hardware_id, Ecu.is_primary, Ecu.public_key)
-                .join(Vehicle, Ecu.vehicle_id == Vehicle.id)
-                .where(Vehicle.vin == vin)
-            ).all()
+        rows = self.db.read_all(_ECU_KEYS, {"vin": vin})
         if not rows:
             raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
         return {
-            serial: _EcuKey(serial, hw, primary, public_key_from_dict(dict(key)))
-            for serial, hw, primary, key in rows
+            r.serial: _EcuKey(r.serial, r.hardware_id, r.is_primary, _parsed_key(r.public_key))
+            for r in rows
         }
 
     def _verify(
@@ -1031,22 +1074,20 @@ class Director:
         session: Session,
         vehicle: Vehicle,
         ecus: Mapping[str, Any],
+        pending: Mapping[int, Assignment],
         verified: _Verified,
         now: datetime,
+        latest_root_version: int | None,
     ) -> ManifestReceipt:
-        """Write an accepted manifest: counters, installed images, attacks, results."""
+        """Write an accepted manifest: counters, installed images, attacks, results.
+
+        ``pending`` is each ECU's pending assignment by ECU id; ``latest_root_version``
+        the newest Director root, both read under the vehicle's lock.
+        """
+        vehicle.last_seen = now  # flushed with the record: one unit-of-work flush
         record = VehicleManifestRecord(vehicle_id=vehicle.id, received_at=now, body=verified.data)
         session.add(record)
         session.flush()
-        vehicle.last_seen = now
-        pending = {
-            a.ecu_id: a
-            for a in session.scalars(
-                select(Assignment)
-                .join(Ecu, Assignment.ecu_id == Ecu.id)
-                .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
-            )
-        }
         completed: list[AssignmentInfo] = []
         attacks: list[AttackInfo] = []
         updates: list[dict[str, Any]] = []
@@ -1123,7 +1164,13 @@ class Director:
             ),
             updates,
         )
-        if completed or self._needs_signing(session, vehicle, now):
+        if completed or self._due(
+            vehicle.metadata_expires,
+            vehicle.targets_version,
+            vehicle.root_version,
+            latest_root_version,
+            now,
+        ):
             self._sign_vehicle(session, vehicle, now)
         if attacks:
             logger.warning(
