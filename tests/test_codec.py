@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from uptane import codec
 from uptane.errors import CodecError
+from uptane.manifest import RESULT_CODES
 
 # --- strategies for every SecondaryMessage alternative ------------------------
 
@@ -22,22 +23,7 @@ texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 filenames = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
 lengths = st.integers(0, 2**32 - 1)
 nonces = st.binary(max_size=32)
-result_codes = st.sampled_from(
-    [
-        "ok",
-        "metadataRejected",
-        "imageMismatch",
-        "transferIncomplete",
-        "trialFailed",
-        "rolledBack",
-        "noSpace",
-        "badRequest",
-        "busy",
-        "notReady",
-        "internalError",
-        "noUpdate",
-    ]
-)
+result_codes = st.sampled_from(RESULT_CODES)
 hashes = st.lists(
     st.fixed_dictionaries(
         {
@@ -280,3 +266,11 @@ def test_non_canonical_der_refused() -> None:
     # Indefinite length (BER only).
     with pytest.raises(CodecError):
         codec.decode_message(bytes.fromhex("ab808001050000"))
+
+
+def test_result_codes_match_the_asn1_enumeration() -> None:
+    """``uptane.manifest.RESULT_CODES`` is the ResultCode ENUMERATED, in order."""
+    decoded = [codec.decode("ResultCode", bytes([0x0A, 1, i])) for i in range(len(RESULT_CODES))]
+    assert decoded == list(RESULT_CODES)
+    with pytest.raises(CodecError):
+        codec.decode("ResultCode", bytes([0x0A, 1, len(RESULT_CODES)]))
