@@ -28,7 +28,7 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
 
-from ecus.can_client import CanSecondaryClient
+from ecus.primary.can_link import CanSecondaryClient
 from ecus.secondary import Secondary
 from ecus.transport.accounting import BusAccounting
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint

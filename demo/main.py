@@ -38,8 +38,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ecus.fetcher import PolicyFetcher
 from ecus.primary import CycleResult
+from ecus.primary.fetch import PolicyFetcher
 from ecus.sim.runner import quiet_logs, quiet_power_cuts
 from ecus.sim.scenarios import SCENARIOS, Scenario, ScenarioOutcome, scenario
 from ecus.sim.world import (

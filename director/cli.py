@@ -24,7 +24,7 @@ from tuf.api.metadata import Metadata, Root
 
 from director.config import CONFIG_FILE, DEFAULT_PORT, ONLINE_ROLES, DirectorConfig
 from director.service import Director, EcuSpec, check_ecu_key
-from uptane import codec
+from uptane import der_metadata
 from uptane.errors import ConfigError
 from uptane.keys import KeyRef, generate_ed25519
 from uptane.repository import DirectoryStore, ExpiryPolicy, SigningRepository
@@ -77,7 +77,7 @@ def _root_repo(config: DirectorConfig, signers: list[KeyRef]) -> SigningReposito
 
 def _write_root_der(config: DirectorConfig, repo: SigningRepository, refs: list[KeyRef]) -> int:
     md: Metadata[Root] = repo.open(Root.type)
-    der = codec.to_der_metadata(md, [ref.signer() for ref in refs])
+    der = der_metadata.to_der_metadata(md, [ref.signer() for ref in refs])
     path = config.root_dir / f"{md.signed.version}.root.der"
     from uptane.repository import atomic_write
 

@@ -1,8 +1,8 @@
 """``uptane ecu``: run a primary or a secondary ECU on a CAN bus (DESIGN 2, 4).
 
 ``keygen`` writes an ECU key pair; ``primary CONFIG`` runs update cycles
-(``ecus.config`` format plus an optional ``"can"`` section, see
-``ecus.secondary_config``); ``secondary CONFIG`` answers the primary over
+(``ecus.primary.config`` format plus an optional ``"can"`` section, see
+``ecus.secondary.config``); ``secondary CONFIG`` answers the primary over
 ISO-TP until Ctrl-C. Any python-can interface works (``socketcan``,
 ``virtual``, ...).
 """
@@ -18,11 +18,12 @@ from typing import Any
 
 import click
 
-from ecus.can_client import CanSecondaryClient
-from ecus.config import PrimaryConfig
 from ecus.primary import CycleResult, Primary
+from ecus.primary.can_config import PrimaryCan, load_primary
+from ecus.primary.can_link import CanSecondaryClient
+from ecus.primary.config import PrimaryConfig
 from ecus.secondary import Secondary
-from ecus.secondary_config import PrimaryCan, SecondaryConfig, load_primary
+from ecus.secondary.config import SecondaryConfig
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig
 from uptane.errors import UptaneError
 from uptane.keys import generate_ed25519

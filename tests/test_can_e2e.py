@@ -22,12 +22,12 @@ from helpers.director_sim import T0, VIN, DirectorSim, target_file, wasm_from_wa
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import TargetFile
 
-from ecus.can_client import CanSecondaryClient, TransferFailedError
+from ecus.primary.can_link import CanSecondaryClient, TransferFailedError
 from ecus.secondary import Secondary
-from ecus.slots import COMMITTED
+from ecus.secondary.slots import COMMITTED
+from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.faults import FaultyBus, FrameFault
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint
-from ecus.wasm import SimPeripherals
 from uptane import codec
 from uptane.errors import ATTACK_ARBITRARY_SOFTWARE, MessageTooLarge
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport

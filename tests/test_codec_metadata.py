@@ -30,8 +30,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError, SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from uptane import codec
-from uptane.codec import (
+from uptane import codec, der_metadata
+from uptane.der_metadata import (
     DERDeserializationError,
     DERMetadataDeserializer,
     DERMetadataSerializer,
@@ -455,12 +455,12 @@ def test_every_bit_of_a_der_envelope_matters() -> None:
 
 def _raw(md: Metadata[Any]) -> dict[str, Any]:
     """The asn1tools value of a DER envelope, for crafting bad encodings."""
-    value: dict[str, Any] = codec.spec().decode(codec.METADATA_TYPE, _der(md))
+    value: dict[str, Any] = codec.spec().decode(der_metadata.METADATA_TYPE, _der(md))
     return value
 
 
 def _encode_raw(value: dict[str, Any]) -> bytes:
-    return bytes(codec.spec().encode(codec.METADATA_TYPE, value))
+    return bytes(codec.spec().encode(der_metadata.METADATA_TYPE, value))
 
 
 def _two_targets() -> Metadata[Targets]:
@@ -556,12 +556,12 @@ def test_bad_keyids_refused() -> None:
 
 def test_decoded_json_depth_is_limited() -> None:
     deep: Any = 1
-    for _ in range(codec.MAX_JSON_DEPTH + 2):
+    for _ in range(der_metadata.MAX_JSON_DEPTH + 2):
         deep = [deep]
     md: Metadata[Any] = Metadata(Targets(expires=EXPIRES))
     value = _raw(md)
     as_asn1: Any = ("integer", 1)
-    for _ in range(codec.MAX_JSON_DEPTH + 2):
+    for _ in range(der_metadata.MAX_JSON_DEPTH + 2):
         as_asn1 = ("array", [as_asn1])
     value["signed"][1]["custom"] = as_asn1
     with pytest.raises(DERDeserializationError, match="nested deeper"):

@@ -39,7 +39,7 @@ from director.cli import init_director
 from director.config import DirectorConfig
 from director.db import Base, Database
 from director.service import Director
-from uptane import codec
+from uptane import der_metadata
 from uptane.keys import public_key_dict
 from uptane.manifest import (
     EcuVersionReport,
@@ -510,18 +510,18 @@ def _verify_der(env: Env, car: Car, json_targets: Targets) -> None:
     root_der = env.http.get(f"/vehicles/{car.vin}/metadata/1.root.der")
     assert root_der.status_code == 200
     assert env.http.get("/root/1.root.der").content == root_der.content
-    root_md = Metadata.from_bytes(root_der.content, codec.DERMetadataDeserializer())
+    root_md = Metadata.from_bytes(root_der.content, der_metadata.DERMetadataDeserializer())
     root = root_md.signed
     assert isinstance(root, Root)
-    root.verify_delegate("root", codec.der_signed_bytes(root), root_md.signatures)
+    root.verify_delegate("root", der_metadata.der_signed_bytes(root), root_md.signatures)
     json_root = Metadata[Root].from_bytes(env.http.get("/root/1.root.json").content).signed
     assert root.to_dict() == json_root.to_dict()
     for name in (f"{json_targets.version}.targets.der", "targets.der"):
         r = env.http.get(f"/vehicles/{car.vin}/metadata/{name}")
         assert r.status_code == 200, name
-        md = Metadata.from_bytes(r.content, codec.DERMetadataDeserializer())
+        md = Metadata.from_bytes(r.content, der_metadata.DERMetadataDeserializer())
         assert md.signed.to_dict() == json_targets.to_dict()
-        root.verify_delegate("targets", codec.der_signed_bytes(md.signed), md.signatures)
+        root.verify_delegate("targets", der_metadata.der_signed_bytes(md.signed), md.signatures)
         # and the signatures really are over DER, not JSON
         with pytest.raises(UnsignedMetadataError):
             root.verify_delegate("targets", md.signed_bytes, md.signatures)

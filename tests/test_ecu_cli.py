@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from director.service import EcuSpec
 from ecus.cli import serve_secondary
+from ecus.primary.can_config import load_primary
 from ecus.secondary import Secondary
-from ecus.secondary_config import SecondaryConfig, load_primary
+from ecus.secondary.config import SecondaryConfig
 from ecus.sim.world import World, image_name
 from uptane.cli import cli as uptane_cli
 from uptane.keys import load_keyref, load_public_key

@@ -19,7 +19,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
-from uptane import codec
+from uptane import codec, der_metadata
 from uptane.errors import CodecError
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import build_custom, set_vehicle_id
@@ -81,14 +81,14 @@ def samples() -> dict[str, bytes]:
     root = Root(expires=EXPIRES)
     for role in ("root", "targets", "snapshot", "timestamp"):
         root.add_key(signer.public_key, role)
-    out["md:root"] = codec.to_der_metadata(Metadata(root), [signer])
+    out["md:root"] = der_metadata.to_der_metadata(Metadata(root), [signer])
     targets = Targets(version=2, expires=EXPIRES)
     custom = build_custom(hardware_ids=["hw-a"], release_counter=7, ecu_serial="ecu-1")
     targets.targets["app.wasm"] = TargetFile(
         1234, {"sha256": "11" * 32}, "app.wasm", {"custom": custom}
     )
     set_vehicle_id(targets, "VIN0001")
-    out["md:targets"] = codec.to_der_metadata(Metadata(targets), [signer])
+    out["md:targets"] = der_metadata.to_der_metadata(Metadata(targets), [signer])
     return out
 
 
@@ -104,12 +104,12 @@ def _decode_report(data: bytes) -> None:
 
 def _decode_metadata(data: bytes) -> None:
     try:
-        md = Metadata.from_bytes(data, codec.DERMetadataDeserializer())
-    except codec.DERDeserializationError as e:
+        md = Metadata.from_bytes(data, der_metadata.DERMetadataDeserializer())
+    except der_metadata.DERDeserializationError as e:
         assert isinstance(e, DeserializationError)
         raise
     # Whatever is accepted is the one canonical encoding of what it says.
-    assert md.to_bytes(codec.DERMetadataSerializer()) == data
+    assert md.to_bytes(der_metadata.DERMetadataSerializer()) == data
 
 
 DECODERS: dict[str, Callable[[bytes], None]] = {
@@ -205,15 +205,16 @@ def test_oversize_refused_before_parsing() -> None:
         codec.decode_message(big)
     with pytest.raises(CodecError, match="exceeds the limit"):
         SignedEcuVersionReport.from_der(b"\x30" * 8193)
-    with pytest.raises(codec.DERDeserializationError, match="exceeds the limit"):
+    with pytest.raises(der_metadata.DERDeserializationError, match="exceeds the limit"):
         Metadata.from_bytes(
-            b"\x30" * (codec.DEFAULT_MAX_METADATA + 1), codec.DERMetadataDeserializer()
+            b"\x30" * (der_metadata.DEFAULT_MAX_METADATA + 1),
+            der_metadata.DERMetadataDeserializer(),
         )
     # A valid file over a caller's tighter cap is refused for its size.
     data = samples()["md:targets"]
-    with pytest.raises(codec.DERDeserializationError, match="exceeds the limit"):
-        Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=len(data) - 1))
-    assert Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=len(data)))
+    with pytest.raises(der_metadata.DERDeserializationError, match="exceeds the limit"):
+        Metadata.from_bytes(data, der_metadata.DERMetadataDeserializer(max_size=len(data) - 1))
+    assert Metadata.from_bytes(data, der_metadata.DERMetadataDeserializer(max_size=len(data)))
 
 
 def test_deep_nesting_is_a_codec_error() -> None:

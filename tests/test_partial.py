@@ -11,7 +11,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import DelegatedRole, Delegations, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
-from uptane import codec
+from uptane import der_metadata
 from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,
     ATTACK_FREEZE,
@@ -113,7 +113,7 @@ def test_already_trusted_roots_in_chain_are_skipped(sim: DirectorSim) -> None:
 def test_root_not_signed_by_previous_root_is_refused(sim: DirectorSim) -> None:
     sim.rotate_root()
     new_root_signers = sim.role_signers("root")  # only the new root key
-    forged = codec.to_der_metadata(sim.root_json(2), new_root_signers)
+    forged = der_metadata.to_der_metadata(sim.root_json(2), new_root_signers)
     der = sim.publish_targets([mine()])
     with pytest.raises(tuf_exc.UnsignedMetadataError) as e:
         verify(ME, trusted(sim), der, T0, 0, new_roots=[forged])
@@ -123,7 +123,7 @@ def test_root_not_signed_by_previous_root_is_refused(sim: DirectorSim) -> None:
 def test_root_not_signed_by_its_own_keys_is_refused(sim: DirectorSim) -> None:
     old_root_signers = sim.role_signers("root")
     sim.rotate_root()
-    forged = codec.to_der_metadata(sim.root_json(2), old_root_signers)
+    forged = der_metadata.to_der_metadata(sim.root_json(2), old_root_signers)
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify(ME, trusted(sim), sim.publish_targets([]), T0, 0, new_roots=[forged])
 
@@ -189,9 +189,9 @@ def test_targets_signed_by_root_key_are_refused(sim: DirectorSim) -> None:
 
 def test_tampered_targets_are_refused(sim: DirectorSim) -> None:
     der = sim.publish_targets([mine(release_counter=1)])
-    md = codec.DERMetadataDeserializer().deserialize(der)
+    md = der_metadata.DERMetadataDeserializer().deserialize(der)
     md.signed.targets["apps/app.wasm"].unrecognized_fields["custom"]["release_counter"] = 9
-    tampered = md.to_bytes(codec.DERMetadataSerializer())  # old signatures, new content
+    tampered = md.to_bytes(der_metadata.DERMetadataSerializer())  # old signatures, new content
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify(ME, trusted(sim), tampered, T0, 0)
 

@@ -26,8 +26,8 @@ from helpers.uptane_env import (
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Delegations, Metadata, TargetFile, Targets
 
-from ecus.config import DownloadPolicy, MetadataLimits
 from ecus.primary import CycleResult, Primary
+from ecus.primary.config import DownloadPolicy, MetadataLimits
 from uptane import errors
 from uptane.manifest import EcuVersionReport, InstalledImage
 from uptane.metadata import set_vehicle_id
@@ -440,10 +440,10 @@ def test_refuses_der_root_not_signed_by_root_keys(ready: tuple[Env, Primary, Tar
     env, primary, _ = ready
     from securesystemslib.signer import CryptoSigner
 
-    from uptane import codec
+    from uptane import der_metadata
 
     root = Metadata.from_bytes(env.director_file("1.root.json"))
-    forged = codec.to_der_metadata(root, [CryptoSigner.generate_ed25519()])
+    forged = der_metadata.to_der_metadata(root, [CryptoSigner.generate_ed25519()])
     env.servers.director.overrides[env.director_path("1.root.der")] = forged
     result = assert_refused(primary, tuf_exc.UnsignedMetadataError, None)
     assert result.stage == "der"

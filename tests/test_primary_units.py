@@ -12,11 +12,11 @@ from helpers.uptane_env import tree_digest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
-from ecus.can_client import SecondaryRefusedError, TransferFailedError
-from ecus.config import DownloadPolicy, MetadataLimits, PrimaryConfig
 from ecus.primary import CycleResult, Primary, safe_target_path
-from ecus.primary_state import PrimaryState, ReportState
-from ecus.secondary_client import EcuUpdate, InMemorySecondary, SecondaryClient
+from ecus.primary.can_link import SecondaryRefusedError, TransferFailedError
+from ecus.primary.config import DownloadPolicy, MetadataLimits, PrimaryConfig
+from ecus.primary.links import EcuUpdate, InMemorySecondary, SecondaryClient
+from ecus.primary.state import PrimaryState, ReportState
 from uptane.errors import (
     ATTACK_FREEZE,
     ATTACK_PARTIAL_BUNDLE,

@@ -21,16 +21,16 @@ from helpers.director_sim import T0, VIN, DirectorSim, target_file, wasm_from_wa
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import TargetFile
 
-from ecus.can_client import (
+from ecus.primary.can_link import (
     CanSecondaryClient,
     ImageRefusedError,
     MetadataRejectedError,
     SecondaryRefusedError,
 )
 from ecus.secondary import Secondary
-from ecus.slots import COMMITTED, FAILED
+from ecus.secondary.slots import COMMITTED, FAILED
+from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.memory import MemoryEndpoint, memory_pair
-from ecus.wasm import SimPeripherals
 from uptane import codec
 from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,

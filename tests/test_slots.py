@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ecus.slots import (
+from ecus.secondary.slots import (
     COMMITTED,
     FAILED,
     VERIFIED,

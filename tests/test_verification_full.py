@@ -27,7 +27,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from uptane import codec
+from uptane import der_metadata
 from uptane.errors import (
     ConfigError,
     DelegationNotAllowedError,
@@ -561,8 +561,8 @@ def director_with_der() -> tuple[Repo, dict[int, bytes], bytes]:
         t.targets["app.wasm"] = director_target(image_target())
         set_vehicle_id(t, VIN)
     r.repo.publish()
-    roots = {1: codec.to_der_metadata(r.repo.open(Root.type), [r.keys[Root.type]])}
-    targets = codec.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
+    roots = {1: der_metadata.to_der_metadata(r.repo.open(Root.type), [r.keys[Root.type]])}
+    targets = der_metadata.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
     return r, roots, targets
 
 
@@ -576,15 +576,17 @@ def test_der_forms_verify_against_json() -> None:
 def test_der_forms_refuse_other_content_keys_or_gaps() -> None:
     r, roots, targets = director_with_der()
     verified = verify_repository("director", r.data(), NOW)
-    old_targets = codec.to_der_metadata(
+    old_targets = der_metadata.to_der_metadata(
         Metadata.from_bytes(r.store.files["1.targets.json"]), [r.keys[Targets.type]]
     )
     with pytest.raises(MetadataError, match="same"):
         verify_director_der(verified, roots, old_targets)
-    forged = codec.to_der_metadata(r.repo.open(Targets.type), [CryptoSigner.generate_ed25519()])
+    forged = der_metadata.to_der_metadata(
+        r.repo.open(Targets.type), [CryptoSigner.generate_ed25519()]
+    )
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify_director_der(verified, roots, forged)
-    forged_root = codec.to_der_metadata(r.repo.open(Root.type), [r.keys[Targets.type]])
+    forged_root = der_metadata.to_der_metadata(r.repo.open(Root.type), [r.keys[Targets.type]])
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify_director_der(verified, {1: forged_root}, targets)
     with pytest.raises(MetadataError, match="missing"):
@@ -604,9 +606,9 @@ def test_der_root_chain_needs_the_previous_root_keys() -> None:
     r.repo.publish(force=True)
     verified = verify_repository("director", r.data(), NOW)
     v2 = r.repo.open(Root.type)
-    good = {**roots, 2: codec.to_der_metadata(v2, [r.keys[Root.type], new_root_key])}
-    targets = codec.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
+    good = {**roots, 2: der_metadata.to_der_metadata(v2, [r.keys[Root.type], new_root_key])}
+    targets = der_metadata.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
     assert verify_director_der(verified, good, targets).root_versions == (1, 2)
-    only_new = {**roots, 2: codec.to_der_metadata(v2, [new_root_key])}
+    only_new = {**roots, 2: der_metadata.to_der_metadata(v2, [new_root_key])}
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify_director_der(verified, only_new, targets)

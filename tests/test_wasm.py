@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from ecus.wasm import SimPeripherals, TrialResult, WasmHost
+from ecus.secondary.wasm_host import SimPeripherals, TrialResult, WasmHost
 from uptane.errors import (
     WASM_REASONS,
     InstallError,

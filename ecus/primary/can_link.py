@@ -1,6 +1,6 @@
 """The primary's sender to one secondary over a ``SecondaryLink`` (DESIGN 2 step 4, 4).
 
-``CanSecondaryClient`` implements ``ecus.secondary_client.SecondaryClient``
+``CanSecondaryClient`` implements ``ecus.primary.links.SecondaryClient``
 with DER ``SecondaryMessage`` requests over any link (ISO-TP on CAN, or the
 in-memory pair): version reports, time, Director metadata (root chain +
 targets), the image in resumable chunks, and the install request.
@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from securesystemslib.signer import Key, SSlibKey
 
-from ecus.secondary_client import EcuUpdate
+from ecus.primary.links import EcuUpdate
 from ecus.transport.base import SecondaryLink
 from uptane import codec
 from uptane.errors import CodecError, TransportError, UptaneError

@@ -22,7 +22,7 @@ import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Urllib3Fetcher
 
-from ecus.config import DownloadPolicy
+from ecus.primary.config import DownloadPolicy
 from uptane.errors import SlowRetrievalError
 
 

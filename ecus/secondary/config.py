@@ -22,22 +22,11 @@ or an inline TUF key dict. ``max_time_ahead_seconds`` may be null (an ECU
 without a trustworthy clock). ``can`` ids are integers or hex strings; the
 primary sends requests on ``request_id`` and listens on ``response_id``.
 
-A primary's CAN wiring is an optional ``"can"`` section of its config file
-(``ecus.config``), read by ``load_primary``:
-
-```json
-"can": {"bus": {"interface": "socketcan", "channel": "can0", "fd": true},
-        "ids": {"ecu-1": {"request_id": "0x600", "response_id": "0x601"}}}
-```
-
-A secondary not named under ``ids`` gets the default pair
-``0x600 + 2*i`` / ``0x601 + 2*i`` (``i`` its index in ``secondaries``).
+The primary's CAN wiring is read by ``ecus.primary.can_config``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,105 +34,19 @@ from typing import Any
 
 from securesystemslib.signer import Key
 
-from ecus.config import PrimaryConfig
-from ecus.secondary import DEFAULT_MAX_TIME_AHEAD
+from ecus.secondary.ecu import DEFAULT_MAX_TIME_AHEAD
+from ecus.transport.can_config import (
+    DEFAULT_REQUEST_ID,
+    DEFAULT_RESPONSE_ID,
+    bus_config,
+    can_id_pair,
+    json_object,
+    read_json,
+)
 from ecus.transport.isotp import CanBusConfig
 from uptane.errors import ConfigError, KeyLoadError, MetadataError
 from uptane.keys import KeyRef, load_public_key, public_key_from_dict
 from uptane.metadata import check_identifier
-
-DEFAULT_REQUEST_ID = 0x600
-DEFAULT_RESPONSE_ID = 0x601
-_BUS_KEYS = {"interface", "channel", "fd", "bitrate", "data_bitrate", "options"}
-
-
-def default_can_ids(index: int) -> tuple[int, int]:
-    """The default (request, response) CAN id pair of the ``index``-th secondary."""
-    return DEFAULT_REQUEST_ID + 2 * index, DEFAULT_RESPONSE_ID + 2 * index
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {what} {path}: {e}") from e
-
-
-def _object(raw: Any, name: str) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"'{name}' must be an object")
-    return raw
-
-
-def can_id(value: Any, name: str) -> int:
-    """A CAN identifier from an integer or a string such as ``"0x600"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a CAN identifier")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value, 0)
-        except ValueError:
-            pass
-    raise ConfigError(f"{name} must be a CAN identifier (an integer or a hex string)")
-
-
-def can_id_pair(raw: Any, name: str) -> tuple[int, int]:
-    section = _object(raw, name)
-    if set(section) != {"request_id", "response_id"}:
-        raise ConfigError(f"'{name}' needs exactly 'request_id' and 'response_id'")
-    return (
-        can_id(section["request_id"], f"{name}.request_id"),
-        can_id(section["response_id"], f"{name}.response_id"),
-    )
-
-
-def bus_config(raw: Any, name: str = "bus") -> CanBusConfig:
-    """A ``CanBusConfig`` from a JSON object (every key optional)."""
-    section = _object(raw, name)
-    unknown = set(section) - _BUS_KEYS
-    if unknown:
-        raise ConfigError(f"unknown '{name}' keys: {sorted(unknown)}")
-    try:
-        return CanBusConfig(**dict(section))
-    except TypeError as e:
-        raise ConfigError(f"invalid '{name}': {e}") from e
-
-
-@dataclass(frozen=True)
-class PrimaryCan:
-    """Where the primary's secondaries are on the bus."""
-
-    bus: CanBusConfig = field(default_factory=CanBusConfig)
-    ids: Mapping[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def load_primary(path: str | Path) -> tuple[PrimaryConfig, PrimaryCan]:
-    """Read a primary config file with its optional ``"can"`` section."""
-    p = Path(path)
-    raw = _read_json(p, "primary config")
-    if not isinstance(raw, dict):
-        raise ConfigError("primary config must be a JSON object")
-    raw = dict(raw)
-    can_raw = _object(raw.pop("can", {}), "can")
-    unknown = set(can_raw) - {"bus", "ids"}
-    if unknown:
-        raise ConfigError(f"unknown 'can' keys: {sorted(unknown)}")
-    config = PrimaryConfig.from_dict(raw, base_dir=p.parent)
-    explicit = {
-        str(serial): can_id_pair(pair, f"can.ids.{serial}")
-        for serial, pair in _object(can_raw.get("ids", {}), "can.ids").items()
-    }
-    serials = [s.serial for s in config.secondaries]
-    stray = set(explicit) - set(serials)
-    if stray:
-        raise ConfigError(f"'can.ids' names unknown secondaries: {sorted(stray)}")
-    ids = {s: explicit.get(s, default_can_ids(i)) for i, s in enumerate(serials)}
-    used = [i for pair in ids.values() for i in pair]
-    if len(set(used)) != len(used):
-        raise ConfigError("CAN ids of the secondaries must all differ")
-    return config, PrimaryCan(bus=bus_config(can_raw.get("bus", {}), "can.bus"), ids=ids)
 
 
 @dataclass(frozen=True)
@@ -173,7 +76,7 @@ class SecondaryConfig:
     @classmethod
     def load(cls, path: str | Path) -> SecondaryConfig:
         p = Path(path)
-        return cls.from_dict(_read_json(p, "secondary config"), base_dir=p.parent)
+        return cls.from_dict(read_json(p, "secondary config"), base_dir=p.parent)
 
     @classmethod
     def from_dict(cls, raw: Any, *, base_dir: Path) -> SecondaryConfig:
@@ -233,7 +136,7 @@ class SecondaryConfig:
 
 
 def _key(raw: Any, base_dir: Path) -> KeyRef:
-    section = _object(raw, "key")
+    section = json_object(raw, "key")
     if set(section) != {"uri", "public"} or not isinstance(section["uri"], str):
         raise ConfigError("'key' needs exactly 'uri' (a signer URI) and 'public'")
     uri: str = section["uri"]

@@ -56,9 +56,9 @@ from typing import Any, Final
 from securesystemslib.signer import Signer
 from tuf.api import exceptions as tuf_exc
 
-from ecus.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
+from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
+from ecus.secondary.wasm_host import Peripherals, SimPeripherals, WasmApp, WasmHost
 from ecus.transport.base import DEFAULT_MAX_REQUEST
-from ecus.wasm import Peripherals, SimPeripherals, WasmApp, WasmHost
 from uptane import codec
 from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,

@@ -34,7 +34,7 @@ from director.db import Vehicle
 from director.service import Director
 from director.store import DBMetadataStore
 from image_repo.layout import CONFIG_FILE, METADATA_DIR, RepoConfig
-from uptane import codec
+from uptane import der_metadata
 from uptane.repository import ExpiryPolicy, SigningRepository
 
 
@@ -69,7 +69,7 @@ def craft_director_targets(
         repo.do_timestamp(force=True)
         md = repo.open(Targets.type)
         keyids = repo.root().roles[Targets.type].keyids
-        der = codec.to_der_metadata(md, [s for k, s in pool.items() if k in keyids])
+        der = der_metadata.to_der_metadata(md, [s for k, s in pool.items() if k in keyids])
         store.write(f"{md.signed.version}.targets.der", der)
         store.write("targets.der", der)
         return int(md.signed.version)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecus.secondary.slots import PowerCut
 from ecus.sim.http import trickle, truncated
 from ecus.sim.world import (
     SimVehicle,
@@ -38,7 +39,6 @@ from ecus.sim.world import (
     hardware_ids_for,
     image_name,
 )
-from ecus.slots import PowerCut
 from ecus.transport.faults import FrameFault
 
 FAULTS = (
@@ -54,7 +54,7 @@ FAULTS = (
 # A delayed frame is held longer than ISO-TP's own timeouts (N_Bs, N_Cr: 1 s) but
 # shorter than the primary's timeout for a whole answer (FAULTY_TIMEOUT).
 DELAY_FRAME_SECONDS = 1.5
-# Write points where a power cut may strike during an install (ecus.slots.WRITE_POINTS).
+# Write points where a power cut may strike during an install (ecus.secondary.slots.WRITE_POINTS).
 POWER_CUT_POINTS = ("begin", "chunk", "chunk_state", "finish", "start_trial", "commit")
 # On a vehicle with an injected fault the primary gives up on a silent ECU sooner.
 FAULTY_TIMEOUT = 2.0

@@ -35,16 +35,16 @@ from director.app import create_app as director_app
 from director.cli import init_director
 from director.config import DirectorConfig
 from director.service import Director, EcuSpec
-from ecus.can_client import CanSecondaryClient
-from ecus.config import DownloadPolicy, EcuEntry, PrimaryConfig
 from ecus.primary import CycleResult, Primary
+from ecus.primary.can_link import CanSecondaryClient
+from ecus.primary.config import DownloadPolicy, EcuEntry, PrimaryConfig
 from ecus.secondary import Secondary
+from ecus.secondary.slots import SLOTS, PowerCut
+from ecus.secondary.wasm_host import SimPeripherals
 from ecus.sim.http import Switchboard
-from ecus.slots import SLOTS, PowerCut
 from ecus.transport.accounting import PacedBus
 from ecus.transport.faults import FaultyBus
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint
-from ecus.wasm import SimPeripherals
 from image_repo.repo import ImageRepository
 from image_repo.server import create_app as image_app
 from image_repo.server import running_app

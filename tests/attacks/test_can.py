@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ecus.can_client import TransferFailedError
+from ecus.primary.can_link import TransferFailedError
 from ecus.sim.scenarios import ROGUE_BYTES, ROGUE_CHUNK_SIZE
 from uptane import errors
 from uptane.errors import ManifestError

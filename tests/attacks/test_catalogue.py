@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ecus.secondary.slots import WRITE_POINTS
 from ecus.sim.scenarios import SCENARIOS, power_cut, scenario
-from ecus.slots import WRITE_POINTS
 from uptane.errors import ATTACKS
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecus.can_client import TransferFailedError
+from ecus.primary.can_link import TransferFailedError
 from uptane.errors import BusOffError, TransportError
 
 from .harness import Car

@@ -1,7 +1,7 @@
 """A tiny Director simulator: signs root/targets in JSON and DER on demand (DESIGN 3, 9).
 
 No database and no HTTP: a ``SigningRepository`` over a ``MemoryStore`` holds
-the JSON forms, ``uptane.codec.to_der_metadata`` re-signs each version over
+the JSON forms, ``uptane.der_metadata.to_der_metadata`` re-signs each version over
 DER with the same keys, which is what the Director serves to vehicles as
 ``N.root.der`` / ``N.targets.der``. Time is the simulator's ``now`` (tests move
 it, never the wall clock). Secondary and CAN tests use it to feed partial
@@ -18,8 +18,8 @@ from pathlib import Path
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from ecus.secondary_client import EcuUpdate
-from uptane import codec
+from ecus.primary.links import EcuUpdate
+from uptane import der_metadata
 from uptane.metadata import Limits, UptaneTarget, build_custom, set_vehicle_id
 from uptane.repository import ExpiryPolicy, MemoryStore, SigningRepository
 
@@ -108,7 +108,9 @@ class DirectorSim:
         keyids = set(md.signed.roles[Root.type].keyids)
         if previous is not None:
             keyids |= set(previous.roles[Root.type].keyids)
-        der = codec.to_der_metadata(md, [self.pool[k] for k in sorted(keyids) if k in self.pool])
+        der = der_metadata.to_der_metadata(
+            md, [self.pool[k] for k in sorted(keyids) if k in self.pool]
+        )
         self.root_ders[md.signed.version] = der
         return der
 
@@ -155,7 +157,7 @@ class DirectorSim:
             if mutate is not None:
                 mutate(targets)
         md = self.repo.open(Targets.type)
-        der = codec.to_der_metadata(
+        der = der_metadata.to_der_metadata(
             md, list(signers) if signers is not None else self.role_signers(Targets.type)
         )
         self.targets_ders[md.signed.version] = der

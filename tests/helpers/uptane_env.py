@@ -34,9 +34,9 @@ from director.cli import init_director
 from director.config import DirectorConfig
 from director.db import default_sqlite_url
 from director.service import Director, EcuSpec
-from ecus.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary import Primary
-from ecus.secondary_client import InMemorySecondary
+from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
+from ecus.primary.links import InMemorySecondary
 from ecus.sim.compromise import craft_director_targets
 from image_repo.layout import CONFIG_FILE, RepoConfig
 from image_repo.repo import ImageRepository

@@ -17,7 +17,7 @@ from typing import Any
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 
-from uptane import codec
+from uptane import der_metadata
 from uptane.errors import CodecError, MetadataError
 from uptane.verification.full import VerifiedRepository
 
@@ -34,7 +34,7 @@ class DirectorDer:
 
 def _load_der(data: bytes, max_size: int, what: str) -> Metadata[Any]:
     try:
-        return Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=max_size))
+        return Metadata.from_bytes(data, der_metadata.DERMetadataDeserializer(max_size=max_size))
     except (CodecError, tuf_exc.RepositoryError) as e:
         raise MetadataError(f"DER {what} cannot be decoded: {e}") from e
 
@@ -70,7 +70,7 @@ def verify_director_der(
             raise MetadataError(f"DER root v{version} is missing")
         der_root = _load_der(data, max_size, f"root v{version}")
         _same(der_root, json_root, f"root v{version}")
-        signed_bytes = codec.der_signed_bytes(der_root.signed)
+        signed_bytes = der_metadata.der_signed_bytes(der_root.signed)
         if prev is not None:
             prev.verify_delegate(Root.type, signed_bytes, der_root.signatures)
         json_root.signed.verify_delegate(Root.type, signed_bytes, der_root.signatures)
@@ -83,7 +83,7 @@ def verify_director_der(
         raise MetadataError(f"DER targets is a {der_targets.signed.type}")
     _same(der_targets, director.targets, "targets")
     director.root.verify_delegate(
-        Targets.type, codec.der_signed_bytes(der_targets.signed), der_targets.signatures
+        Targets.type, der_metadata.der_signed_bytes(der_targets.signed), der_targets.signatures
     )
     return DirectorDer(
         root_chain=tuple(chain),

@@ -36,7 +36,7 @@ from typing import Any
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 
-from uptane import codec
+from uptane import der_metadata
 from uptane.errors import (
     DelegationNotAllowedError,
     DuplicateEcuError,
@@ -86,7 +86,9 @@ class PartialVerificationResult:
 
 
 def _load(data: bytes, max_size: int) -> Metadata[Any]:
-    md: Metadata[Any] = Metadata.from_bytes(data, codec.DERMetadataDeserializer(max_size=max_size))
+    md: Metadata[Any] = Metadata.from_bytes(
+        data, der_metadata.DERMetadataDeserializer(max_size=max_size)
+    )
     return md
 
 
@@ -125,7 +127,7 @@ def _update_root(trusted_der: bytes, new_roots: Sequence[bytes]) -> bytes:
             raise tuf_exc.BadVersionNumberError(
                 f"expected root version {trusted.version + 1}, got {md.signed.version}"
             )
-        payload = codec.der_signed_bytes(md.signed)
+        payload = der_metadata.der_signed_bytes(md.signed)
         trusted.verify_delegate(Root.type, payload, md.signatures)
         md.signed.verify_delegate(Root.type, payload, md.signatures)
         trusted, trusted_der = md.signed, data
@@ -199,7 +201,7 @@ def verify(
     if not isinstance(md.signed, Targets):
         raise tuf_exc.RepositoryError(f"expected targets metadata, got {md.signed.type}")
     targets: Targets = md.signed
-    root.verify_delegate(Targets.type, codec.der_signed_bytes(targets), md.signatures)
+    root.verify_delegate(Targets.type, der_metadata.der_signed_bytes(targets), md.signatures)
     if targets.version < trusted_version:
         raise tuf_exc.BadVersionNumberError(
             f"Director targets version {targets.version} is lower than the trusted "

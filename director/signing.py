@@ -1,0 +1,330 @@
+"""The per-vehicle Director repository: root chain, signing and serving metadata.
+
+Uptane 2.1 5.2 / 5.3.2: all vehicles share one root (offline keys, imported
+from files the CLI signs); each vehicle has its own targets, snapshot and
+timestamp signed with the online keys, stored as bytes in the database and
+re-signed only when its assignments change, when they near expiry, or when a
+new root is imported, never per request.
+
+``DirectorRepository`` holds the state every part of the ``Director`` shares
+(``director.service`` sets it) and the vehicle lookup they all use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.orm import Session
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization import DeserializationError
+
+from director.db import Assignment, Database, Ecu, MetadataFile, RootMetadata, Vehicle
+from director.errors import NotFoundError, NotInitialisedError, UnknownVehicleError
+from director.records import PENDING
+from director.store import FILENAME_RE, DBMetadataStore, latest_root, read_root_file
+from uptane import der_metadata
+from uptane.errors import ConfigError
+from uptane.metadata import ECU_SERIAL, set_vehicle_id
+from uptane.repository import Clock, ExpiryPolicy, SigningRepository
+
+# the Director's log name from before it was split into modules
+logger = logging.getLogger("director.service")
+
+ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
+# Key of the PostgreSQL advisory lock that serializes root imports.
+_ROOT_LOCK = 0x5550_526F_6F74
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+# Statements of the check-in path, built once: a statement object memoises its
+# SQL cache key, so reusing it saves building and hashing it per request.
+_LATEST_ROOT = select(func.max(RootMetadata.version)).scalar_subquery()
+# a vehicle's metadata state and one of its (non-root) files
+_METADATA_FILE = select(
+    Vehicle.metadata_expires,
+    Vehicle.targets_version,
+    Vehicle.root_version,
+    _LATEST_ROOT.label("latest_root"),
+    select(MetadataFile.data)
+    .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == bindparam("filename"))
+    .scalar_subquery()
+    .label("data"),
+).where(Vehicle.vin == bindparam("vin"))
+
+
+class DirectorRepository:
+    """Per-vehicle Director metadata over the inventory database (5.2, 5.3.2).
+
+    The attributes are set by ``Director.__init__``; ``_signers`` are the
+    online keys (targets, snapshot, timestamp), by keyid.
+    """
+
+    db: Database
+    clock: Clock
+    metadata_expiry: timedelta
+    refresh_margin: timedelta
+    _signers: dict[str, Signer]
+
+    def _vehicle(self, session: Session, vin: str, *, lock: bool = False) -> Vehicle:
+        if not isinstance(vin, str) or _IDENT_RE.match(vin) is None:
+            raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
+        stmt = select(Vehicle).where(Vehicle.vin == vin)
+        if lock:
+            stmt = stmt.with_for_update()
+        vehicle = session.scalars(stmt).first()
+        if vehicle is None:
+            raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
+        return vehicle
+
+    # --- root chain (offline keys; imported, never signed here) -------------
+
+    def import_root(self, data: bytes, der: bytes | None = None) -> bool:
+        """Add the next Director root version (TUF 5.3.4 chain rules).
+
+        Returns False if this exact version is there already. A new version
+        must be signed by a threshold of the previous root's keys and of its
+        own; its DER form, if given, must say the same and verify the same way.
+        """
+        try:
+            md = Metadata[Root].from_bytes(data)
+        except DeserializationError as e:
+            raise ConfigError(f"root metadata does not parse: {e}") from e
+        if not isinstance(md.signed, Root):
+            raise ConfigError("not root metadata")
+        new = md.signed
+        der_md: Metadata[Any] | None = None
+        if der is not None:
+            try:
+                der_md = Metadata.from_bytes(der, der_metadata.DERMetadataDeserializer())
+            except DeserializationError as e:
+                raise ConfigError(f"DER root does not parse: {e}") from e
+            if der_md.signed.to_dict() != new.to_dict():
+                raise ConfigError("DER root says something else than the JSON root")
+        now = self.clock()
+        with self.db.transaction(write=True) as session:
+            if self.db.is_postgresql:
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ROOT_LOCK})
+            existing = session.get(RootMetadata, new.version)
+            if existing is not None:
+                if existing.data != data:
+                    raise ConfigError(f"a different root version {new.version} is installed")
+                if der is not None and existing.der is None:
+                    existing.der = der
+                return False
+            current = latest_root(session)
+            expected = 1 if current is None else current.version + 1
+            if new.version != expected:
+                raise ConfigError(f"root version {new.version} given, {expected} expected")
+            delegators = [new]
+            if current is not None:
+                delegators.insert(0, Metadata[Root].from_bytes(current.data).signed)
+            try:
+                for delegator in delegators:
+                    delegator.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+                    if der_md is not None:
+                        delegator.verify_delegate(
+                            Root.type,
+                            der_metadata.der_signed_bytes(der_md.signed),
+                            der_md.signatures,
+                        )
+            except UnsignedMetadataError as e:
+                raise ConfigError(f"root version {new.version} is not properly signed: {e}") from e
+            session.add(RootMetadata(version=new.version, data=data, der=der, created_at=now))
+        logger.info("imported Director root version %d", new.version)
+        return True
+
+    def import_root_dir(self, directory: str | Path) -> int:
+        """Import ``N.root.json`` (+ ``N.root.der``) files newer than the database's."""
+        d = Path(directory)
+        if not d.is_dir():
+            return 0
+        versions = sorted(
+            int(m.group(1)) for p in d.iterdir() if (m := _ROOT_FILE_RE.match(p.name))
+        )
+        imported = 0
+        for v in versions:
+            der_path = d / f"{v}.root.der"
+            der = der_path.read_bytes() if der_path.exists() else None
+            if self.import_root((d / f"{v}.root.json").read_bytes(), der):
+                imported += 1
+        return imported
+
+    def root_version(self) -> int:
+        with self.db.transaction() as session:
+            row = latest_root(session)
+            return 0 if row is None else row.version
+
+    # --- per-vehicle metadata ------------------------------------------------
+
+    def _current_root(self, session: Session) -> tuple[int, Root]:
+        row = latest_root(session)
+        if row is None:
+            raise NotInitialisedError("no Director root imported: run `uptane director init`")
+        root = Metadata[Root].from_bytes(row.data).signed
+        for role in ONLINE_ROLES:
+            r = root.roles[role]
+            have = [k for k in r.keyids if k in self._signers]
+            if len(have) < r.threshold:
+                raise NotInitialisedError(
+                    f"the online keys cannot sign {role}: root v{root.version} lists "
+                    f"{sorted(r.keyids)} (threshold {r.threshold}); restart with the new keys"
+                )
+        return row.version, root
+
+    def _due(
+        self,
+        expires: datetime | None,
+        targets_version: int,
+        signed_under_root: int,
+        latest_root_version: int | None,
+        now: datetime,
+    ) -> bool:
+        """Whether a vehicle's metadata must be signed (again) before it is served."""
+        if expires is None or targets_version == 0:
+            return True
+        if expires - now <= self.refresh_margin:
+            return True
+        return latest_root_version is not None and latest_root_version != signed_under_root
+
+    def _needs_signing(self, session: Session, vehicle: Vehicle, now: datetime) -> bool:
+        row = latest_root(session)
+        return self._due(
+            vehicle.metadata_expires,
+            vehicle.targets_version,
+            vehicle.root_version,
+            None if row is None else row.version,
+            now,
+        )
+
+    def _sign_vehicle(self, session: Session, vehicle: Vehicle, now: datetime) -> None:
+        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2)."""
+        root_version, root = self._current_root(session)
+        store = DBMetadataStore(session, vehicle.id, now)
+        e = self.metadata_expiry
+        repo = SigningRepository(
+            store=store,
+            signers=dict(self._signers),
+            expiry=ExpiryPolicy(targets=e, snapshot=e, timestamp=e),
+            clock=lambda: now,
+        )
+        pending = session.execute(
+            select(Assignment, Ecu.serial)
+            .join(Ecu, Assignment.ecu_id == Ecu.id)
+            .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
+            .order_by(Assignment.id)
+        ).all()
+        with repo.edit_targets() as targets:
+            targets.targets = {}
+            for a, serial in pending:
+                if a.image in targets.targets:  # guarded at assignment time
+                    raise RuntimeError(f"{vehicle.vin}: two pending assignments of {a.image}")
+                custom = dict(a.custom)
+                custom[ECU_SERIAL] = serial
+                targets.targets[a.image] = TargetFile(
+                    length=a.length,
+                    hashes=dict(a.hashes),
+                    path=a.image,
+                    unrecognized_fields={"custom": custom},
+                )
+            targets.delegations = None  # Uptane 5.2.3: no delegations on the Director
+            set_vehicle_id(targets, vehicle.vin)
+        repo.do_snapshot(force=True)
+        repo.do_timestamp(force=True)
+
+        targets_md = repo.open(Targets.type)
+        targets_signers = [
+            self._signers[k] for k in root.roles[Targets.type].keyids if k in self._signers
+        ]
+        der = der_metadata.to_der_metadata(targets_md, targets_signers)
+        version = targets_md.signed.version
+        store.write(f"{version}.targets.der", der)
+        store.write("targets.der", der)
+        snapshot_version = repo.snapshot().version
+        # keep the previous version for clients that fetched the old timestamp
+        store.prune(Targets.type, version - 1)
+        store.prune(Snapshot.type, snapshot_version - 1)
+
+        vehicle.targets_version = version
+        vehicle.root_version = root_version
+        vehicle.metadata_expires = min(
+            targets_md.signed.expires, repo.snapshot().expires, repo.timestamp().expires
+        )
+
+    def metadata(self, vin: str, filename: str) -> bytes:
+        """Bytes of one of ``vin``'s metadata files, re-signed first if due.
+
+        The common case is one read-only statement; signing takes the
+        vehicle's write lock and checks again.
+        """
+        m = FILENAME_RE.match(filename)
+        if m is None:
+            raise NotFoundError(f"no metadata file {filename!r}")
+        if _IDENT_RE.match(vin) is None:
+            raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
+        version, role, ext = m.groups()
+        if role == Root.type:
+            latest = select(func.max(RootMetadata.version)).scalar_subquery()
+            col = RootMetadata.data if ext == "json" else RootMetadata.der
+            wanted = latest if version is None else int(version)
+            file_q = select(col).where(RootMetadata.version == wanted).scalar_subquery()
+            row = self.db.read_one(
+                select(
+                    Vehicle.metadata_expires,
+                    Vehicle.targets_version,
+                    Vehicle.root_version,
+                    latest.label("latest_root"),
+                    file_q.label("data"),
+                ).where(Vehicle.vin == vin)
+            )
+        else:
+            row = self.db.read_one(_METADATA_FILE, {"vin": vin, "filename": filename})
+        if row is None:
+            raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
+        now = self.clock()
+        if not self._due(
+            row.metadata_expires, row.targets_version, row.root_version, row.latest_root, now
+        ):
+            if row.data is None:
+                raise NotFoundError(f"{vin} has no metadata file {filename!r}")
+            return bytes(row.data)
+        with self.db.transaction(write=True) as session:
+            vehicle = self._vehicle(session, vin, lock=True)
+            if self._needs_signing(session, vehicle, now):
+                self._sign_vehicle(session, vehicle, now)
+            return self._read_file(session, vehicle, filename)
+
+    def _read_file(self, session: Session, vehicle: Vehicle, filename: str) -> bytes:
+        data = DBMetadataStore(session, vehicle.id, self.clock()).read(filename)
+        if data is None:
+            raise NotFoundError(f"{vehicle.vin} has no metadata file {filename!r}")
+        return data
+
+    def root_file(self, filename: str) -> bytes:
+        """``N.root.json`` / ``N.root.der`` of the shared Director root chain."""
+        with self.db.transaction() as session:
+            data = read_root_file(session, filename)
+        if data is None:
+            raise NotFoundError(f"no root file {filename!r}")
+        return data
+
+    def refresh_expiring(self) -> int:
+        """Re-sign every vehicle whose metadata nears expiry; returns how many."""
+        now = self.clock()
+        with self.db.transaction() as session:
+            vins = session.scalars(select(Vehicle.vin).order_by(Vehicle.vin)).all()
+        count = 0
+        for vin in vins:
+            with self.db.transaction(write=True) as session:
+                vehicle = self._vehicle(session, vin, lock=True)
+                if self._needs_signing(session, vehicle, now):
+                    self._sign_vehicle(session, vehicle, now)
+                    count += 1
+        return count
