@@ -9,9 +9,9 @@ from pathlib import Path
 import detools
 import pytest
 from click.testing import CliRunner, Result
+from helpers.delta_images import release
 from tuf.api.metadata import Metadata, Targets
 
-from helpers.delta_images import release
 from image_repo.delta import add_delta, add_delta_from, find_release, releases
 from image_repo.repo import ImageRepository
 from uptane.cli import cli as uptane_cli
