@@ -22,6 +22,7 @@ from typing import Any, Final
 from tuf.api.metadata import TargetFile
 
 from uptane.errors import MetadataError
+from uptane.manifest import InstalledImage
 from uptane.metadata import check_target_path
 
 #: Key of the delta description in a target's custom metadata.
@@ -127,3 +128,34 @@ def delta_name(result_name: str, base_sha256: str) -> str:
     if len(base_sha256) < _NAME_DIGITS:
         raise MetadataError(f"a delta base needs a {NAME_HASH} hash")
     return check_target_path(f"{result_name}.delta-{base_sha256[:_NAME_DIGITS].lower()}")
+
+
+@dataclass(frozen=True)
+class DeltaOffer:
+    """``imageOffer.delta`` (DER, ``DeltaOffer``): format, base image and patch length."""
+
+    format: str
+    base: InstalledImage
+    length: int
+
+    def to_asn1(self) -> dict[str, Any]:
+        info = self.base.to_asn1()
+        return {
+            "format": self.format,
+            "baseFilename": info["filename"],
+            "baseLength": info["length"],
+            "baseHashes": info["hashes"],
+            "length": self.length,
+        }
+
+    @classmethod
+    def from_asn1(cls, value: Mapping[str, Any]) -> DeltaOffer:
+        base = InstalledImage.from_asn1(
+            {
+                "filename": value["baseFilename"],
+                "length": value["baseLength"],
+                "hashes": value["baseHashes"],
+                "releaseCounter": 0,
+            }
+        )
+        return cls(format=str(value["format"]), base=base, length=int(value["length"]))
