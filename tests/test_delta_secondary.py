@@ -76,7 +76,7 @@ def test_result_is_written_as_chunks_arrive(ecu: DeltaEcu) -> None:
     slot = store.inactive_slot()
     sizes = []
     while offset < len(patch):
-        chunk = patch[offset : offset + 256]
+        chunk = patch[offset : offset + 64]
         offset = ecu.client.send_chunk(offset, chunk, len(patch))
         sizes.append(store.slot_path(slot).stat().st_size)
     # the output grew while the delta was still arriving, not only at the end

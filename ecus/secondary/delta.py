@@ -18,8 +18,8 @@ offset received so far, so no byte crosses the bus twice.
 
 Nothing in a delta is trusted. The base named in the offer must be the
 active image (name, length, hashes); the patch header must be a detools
-sequential, heatshrink patch for exactly the target's length; output past
-that length is endless data; the decoder memory its window and lookahead
+sequential, heatshrink patch for exactly the target's length (detools
+never writes past the size in the header; a larger one is endless data); the decoder memory its window and lookahead
 need must fit ``memory_limit``; and ``finish`` checks the result's length
 and every hash from the verified Director target before the slot can go on
 trial (``SlotStore``). A delta that fails any of these marks the slot
@@ -41,7 +41,7 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 import detools
 from detools.common import (
@@ -157,26 +157,6 @@ class _PatchStream:
         self._file.close()
 
 
-class _BoundedSink:
-    """The inactive slot file; refuses output past the target's length."""
-
-    def __init__(self, f: BinaryIO, limit: int, name: str) -> None:
-        self._f = f
-        self._limit = limit
-        self._name = name
-        self.written = 0
-
-    def write(self, data: bytes) -> int:
-        if self.written + len(data) > self._limit:
-            raise EndlessDataError(
-                f"{self._name}: the delta produces more than the {self._limit} bytes "
-                "the verified target allows"
-            )
-        self._f.write(data)
-        self.written += len(data)
-        return len(data)
-
-
 class DeltaWriter(ImageWriter):
     """Receives a delta and writes its result into the inactive slot (module docstring).
 
@@ -241,13 +221,9 @@ class DeltaWriter(ImageWriter):
             ):
                 self._check_header()
                 out.truncate(0)
-                sink = _BoundedSink(out, self.target.length, self.target.name)
-                detools.apply_patch(base, self._stream, sink)
-                if sink.written != self.target.length:
-                    raise ImageMismatchError(
-                        f"{self.target.name}: the delta made {sink.written} of "
-                        f"{self.target.length} bytes"
-                    )
+                # detools writes exactly the header's size, checked above to be the
+                # target's length: no output past it (``finish`` checks all of it)
+                detools.apply_patch(base, self._stream, out)
                 out.flush()
                 os.fsync(out.fileno())
         except _Aborted:

@@ -458,9 +458,12 @@ class Secondary:
             except DeltaRefusedError as e:  # not applicable: the primary sends the image
                 self._writer = None
                 return self._refuse_offer("badRequest", str(e), None)
-            except (ImageMismatchError, EndlessDataError, InstallError) as e:
+            except (ImageMismatchError, EndlessDataError) as e:  # resumed bytes do not apply
                 self._writer = None
                 return self._refuse_offer("imageMismatch", str(e), attack_name(e))
+            except InstallError as e:  # too big for the slot
+                self._writer = None
+                return self._refuse_offer("noSpace", str(e), None)
             return self._chunk_ack("ok", self._writer.offset)
         # Every offer resumes from the durable offset: after a lost ack the
         # primary learns how far the slot really got.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ecus.primary.can_link import CanSecondaryClient
 from ecus.primary.deltas import DeltaUpdate
 from ecus.primary.links import EcuUpdate
 from ecus.secondary import Secondary
+from ecus.secondary.slots import PowerCut
 from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.memory import MemoryEndpoint, memory_pair
 from helpers.delta_images import release
@@ -46,13 +48,31 @@ class DeltaEcu:
     sim: DirectorSim = field(default_factory=DirectorSim)
     signer: CryptoSigner = field(default_factory=CryptoSigner.generate_ed25519)
     clock: Clock = field(default_factory=Clock)
-    chunk_size: int = 256
+    chunk_size: int = 1024
     secondary: Secondary = field(init=False)
     client: CanSecondaryClient = field(init=False)
     endpoint: MemoryEndpoint | None = None
+    #: cut the power at the n-th (1-based) time the slot store reaches this write point
+    cut_at: tuple[str, int] | None = None
+    cuts: list[str] = field(default_factory=list)
+    _seen: int = 0
 
     def __post_init__(self) -> None:
         self.boot()
+
+    def _fault(self, point: str) -> None:
+        if self.cut_at is not None and point == self.cut_at[0]:
+            self._seen += 1
+            if self._seen == self.cut_at[1]:
+                self.cut_at, self._seen = None, 0
+                self.cuts.append(point)
+                raise PowerCut(point)
+
+    def _handle(self, ecu: Secondary, request: bytes) -> bytes:
+        try:
+            return ecu.handle(request)
+        except PowerCut:
+            return b""  # a dead ECU says nothing the client can decode
 
     def boot(self, **kw: Any) -> Secondary:
         """(Re)start the ECU over the same slot directory with a fresh link."""
@@ -67,9 +87,11 @@ class DeltaEcu:
             slot_dir=self.tmp / "slots",
             clock=self.clock,
             peripherals=SimPeripherals(sensors={0: 5}),
+            fault=self._fault,
             **kw,
         )
-        link, self.endpoint = memory_pair(self.secondary.handle, timeout=10.0)
+        handler = functools.partial(self._handle, self.secondary)
+        link, self.endpoint = memory_pair(handler, timeout=10.0)
         self.endpoint.start()
         self.client = CanSecondaryClient(link, SERIAL, chunk_size=self.chunk_size)
         return self.secondary
