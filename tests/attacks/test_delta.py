@@ -246,3 +246,17 @@ def test_resumed_bytes_that_no_longer_apply_are_refused(ecu: DeltaEcu) -> None:
 def test_delta_offer_survives_the_der_codec() -> None:
     offer = DeltaOffer("detools-sequential-heatshrink", DeltaEcu.installed(None, 1), 10)  # type: ignore[arg-type]
     assert DeltaOffer.from_asn1(offer.to_asn1()).base.hashes == offer.base.hashes
+
+
+def test_delta_bytes_past_the_offered_length_are_endless_data(ecu: DeltaEcu) -> None:
+    patch = patch_v1_v2()
+    update = ecu.with_delta(ecu.update(2), patch)
+    assert update.delta is not None
+    ecu.client.push_metadata(update.director_root_chain, update.director_targets)
+    short = dataclasses.replace(update.delta.offer, length=len(patch) - 10)
+    assert ecu.client.offer(update.installed_image, short) == 0
+    with pytest.raises(ImageRefusedError) as exc:  # one chunk with 10 bytes too many
+        ecu.client.send_chunk(0, patch, len(patch))
+    assert exc.value.code == "imageMismatch"
+    assert ATTACK_ENDLESS_DATA in ecu.report().attacks_detected
+    active_unchanged(ecu)
