@@ -129,3 +129,19 @@ def test_default_limit_fits_the_repository_deltas() -> None:
     assert need <= DEFAULT_DELTA_MEMORY
     assert hashlib.sha256(release(1)).digest() != hashlib.sha256(release(2)).digest()
     assert VERIFIED  # the slot statuses used above exist
+
+
+def test_secondary_config_carries_the_delta_memory_limit(tmp_path: Path) -> None:
+    from ecus.secondary.config import SecondaryConfig
+    from uptane.errors import ConfigError
+
+    (tmp_path / "root.der").write_bytes(b"x")
+    raw = {
+        "serial": "ecu-1",
+        "hardware_id": "brake-ctl",
+        "key": {"uri": "file2:k.pem", "public": {"keytype": "ed25519"}},
+        "director_root": "root.der",
+        "slot_dir": "slots",
+    }
+    with pytest.raises(ConfigError, match="delta_memory_bytes"):
+        SecondaryConfig.from_dict({**raw, "delta_memory_bytes": 0}, base_dir=tmp_path)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from tuf.ngclient import Updater
 
     from ecus.primary.can_link import CanSecondaryClient
+    from ecus.primary.config import PrimaryConfig
     from ecus.primary.links import EcuUpdate
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class DeltaUpdate:
 
 
 class _Sync(Protocol):
+    config: PrimaryConfig
+
     def _tuf(self, fn: Callable[[], T]) -> T: ...
 
     def _download(self, updater: Updater, info: TargetFile) -> Path: ...
@@ -70,6 +73,8 @@ def select_delta(
         name = delta_name(target.name, installed.hashes[NAME_HASH])
     except (MetadataError, UnsafeTargetPathError):
         return None  # no usable delta name (too long): send the image
+    if sync.config.repository_map.entry_for(name) is None:
+        return None  # the repository map does not say where it could be verified
     info = sync._tuf(functools.partial(updater.get_targetinfo, name))
     if info is None:
         return None
