@@ -192,3 +192,13 @@ def describe_delta(target: TargetFile | None) -> str:
         f"{100 * target.length / max(info.result.length, 1):.1f}% of the image) "
         f"from {info.base.name} sha256 {info.base.hashes[NAME_HASH][:16]}"
     )
+
+
+def add_delta_between(
+    repo: ImageRepository, name: str, base_name: str, *, role: str = Targets.type
+) -> str:
+    """Publish the delta from the published image ``base_name`` to ``name``; one line about it."""
+    published = repo.targets().get(base_name)
+    if published is None:
+        raise RepositoryEditError(f"no published image {base_name!r} to make a delta from")
+    return describe_delta(add_delta(repo, name, published[1], role=role))
