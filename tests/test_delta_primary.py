@@ -80,3 +80,27 @@ def test_full_image_when_no_delta_starts_from_the_ecu_image(world: World) -> Non
     assert outcome.cycle.updates[serial].delta is None
     assert {n for _, n in sent} == {len(release(2))}
     assert outcome.ecus[serial].installed == image_name(HW, 2)
+
+
+def test_delta_naming_another_result_is_not_used(world: World) -> None:
+    sent: list[tuple[int, int]] = []
+    car, serial = vehicle(world, sent)
+    publish_delta(world)
+    repo = world.image_repo
+    # the Image repository signs a delta whose metadata names other result bytes
+    # than the Director's target: the primary must not send it
+    with repo._edit() as edit:
+        targets = edit.repo
+        with targets.edit_targets() as signed:
+            for target in signed.targets.values():
+                delta = (target.custom or {}).get("delta")
+                if delta is not None:
+                    delta["result"]["hashes"]["sha256"] = "00" * 32
+        targets.publish()
+    world.assign_version(2, [HW], vins=[VIN])
+    sent.clear()
+    outcome = car.cycle()
+    assert outcome.ok
+    assert outcome.cycle.updates[serial].delta is None
+    assert {n for _, n in sent} == {len(release(2))}
+    assert outcome.ecus[serial].installed == image_name(HW, 2)
