@@ -82,20 +82,21 @@ def test_full_image_when_no_delta_starts_from_the_ecu_image(world: World) -> Non
     assert outcome.ecus[serial].installed == image_name(HW, 2)
 
 
-def test_delta_naming_another_result_is_not_used(world: World) -> None:
+@pytest.mark.parametrize(("part", "hash_name"), [("result", "sha256"), ("base", "sha512")])
+def test_delta_naming_other_bytes_is_not_used(world: World, part: str, hash_name: str) -> None:
     sent: list[tuple[int, int]] = []
     car, serial = vehicle(world, sent)
     publish_delta(world)
     repo = world.image_repo
     # the Image repository signs a delta whose metadata names other result bytes
-    # than the Director's target: the primary must not send it
+    # than the Director's target, or another base than the ECU runs: not sent
     with repo._edit() as edit:
         targets = edit.repo
         with targets.edit_targets() as signed:
             for target in signed.targets.values():
                 delta = (target.custom or {}).get("delta")
                 if delta is not None:
-                    delta["result"]["hashes"]["sha256"] = "00" * 32
+                    delta[part]["hashes"][hash_name] = "0" * len(delta[part]["hashes"][hash_name])
         targets.publish()
     world.assign_version(2, [HW], vins=[VIN])
     sent.clear()
