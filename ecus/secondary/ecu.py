@@ -416,6 +416,7 @@ class Secondary:
         self.store.set_trusted_metadata({ROOT_KEY: result.state.root_der, TARGETS_KEY: der})
         self.trusted = result.state
         if self._target != result.target:
+            abandon(self._writer)
             self._writer = None
         self._target = result.target
         pending = self.pending_target
