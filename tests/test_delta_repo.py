@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -121,3 +122,9 @@ def test_cli_publishes_a_delta(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert r.output.startswith("Error: refused (RepositoryEditError)")
     assert "Traceback" not in r.output
+    # --delta: from the previous release of the same name (release 2's bytes)
+    r = run("add", d, tmp_path / "v1.wasm", *common, "--release-counter", 3, "--delta")
+    assert r.exit_code == 0, r.output
+    names = {t.name for t in ImageRepository(d).status().targets}
+    v2_sha256 = hashlib.sha256(release(2)).hexdigest()
+    assert delta_name(NAME, v2_sha256) in names
