@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from helpers.delta_images import release
 
 from ecus.primary.can_link import ImageRefusedError
 from ecus.secondary.delta import DELTA_FILE, DELTA_KEY, decoder_memory
-from ecus.secondary.slots import COMMITTED, VERIFIED
+from ecus.secondary.slots import COMMITTED
 from uptane import codec
 from uptane.delta import DELTA_FORMAT, DeltaOffer
 
@@ -127,8 +126,6 @@ def test_default_limit_fits_the_repository_deltas() -> None:
 
     need = decoder_memory(HEATSHRINK_WINDOW_SZ2, HEATSHRINK_LOOKAHEAD_SZ2)
     assert need <= DEFAULT_DELTA_MEMORY
-    assert hashlib.sha256(release(1)).digest() != hashlib.sha256(release(2)).digest()
-    assert VERIFIED  # the slot statuses used above exist
 
 
 def test_secondary_config_carries_the_delta_memory_limit(tmp_path: Path) -> None:
