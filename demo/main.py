@@ -52,6 +52,7 @@ from ecus.sim.world import (
     image_name,
 )
 from ecus.transport.accounting import BusAccounting, BusStats
+from image_repo.delta import add_delta_between
 
 DEFAULT_VIN = "UPTANEDEMO0000001"
 TICKS = tuple(range(6))
@@ -337,6 +338,12 @@ class Demo:
         published = world.publish(version, hws)
         for name, target in published.items():
             self.say(f"published {name} ({target.length} bytes) to the Image repository")
+        if version > 1:  # and v{n-1} -> v{n} as signed deltas (docs/deltas.md)
+            for hw in hws:
+                line = add_delta_between(
+                    world.image_repo, image_name(hw, version), image_name(hw, version - 1)
+                )
+                self.say(line)
         count = world.assign_version(version, hws, [vehicle.vin])
         self.say(f"the Director assigned v{version} to {count} ECUs by hardware id")
         for n in range(1, self.options.max_cycles + 1):
@@ -345,6 +352,15 @@ class Demo:
                 e.installed == image_name(e.hardware_id, version) for e in outcome.ecus.values()
             ]
             self.say(f"  {sum(done)}/{len(done)} secondaries on v{version}")
+            sizes = [
+                (u.delta.offer.length, u.target.length)
+                for u in outcome.cycle.updates.values()
+                if u.delta
+            ]
+            if sizes:
+                self.say(
+                    f"  sent as deltas: {', '.join(f'{d} B instead of {f} B' for d, f in sizes)}"
+                )
             if all(done) and len(done) == len(vehicle.secondaries):
                 self.report.expect(f"every secondary on v{version}", True, f"after {n} cycle(s)")
                 return True

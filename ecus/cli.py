@@ -183,6 +183,7 @@ def serve_secondary(
         slot_dir=config.slot_dir,
         clock=utc_now,
         max_time_ahead=config.max_time_ahead,
+        delta_memory_limit=config.delta_memory_limit,
     )
     iso = IsoTpConfig(config.request_id, config.response_id, fd=config.bus.fd, timeout=LINK_TIMEOUT)
     with CanNode.open(config.bus) as node, node.endpoint(iso, ecu.handle) as endpoint:

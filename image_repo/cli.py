@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
+from image_repo.delta import add_delta_from, describe_delta, parse_release
 from image_repo.repo import ImageRepository, RepoStatus
 from image_repo.server import DEFAULT_HOST, DEFAULT_PORT, serve
 from uptane.errors import UptaneError
@@ -78,6 +79,10 @@ def init(
 @click.option("--fuel", type=int, help="limits.fuel_per_call")
 @click.option("--memory-pages", type=int, help="limits.memory_pages")
 @click.option("--role", default="targets", show_default=True, help="Targets role to sign.")
+@click.option("--delta-from", metavar="NAME@V", help="Also publish a delta from release V of NAME.")
+@click.option(
+    "--delta", "delta_auto", is_flag=True, help="Also publish a delta from the previous release."
+)
 @_refusals
 def add(
     repo_dir: Path,
@@ -89,8 +94,12 @@ def add(
     fuel: int | None,
     memory_pages: int | None,
     role: str,
+    delta_from: str | None,
+    delta_auto: bool,
 ) -> None:
     """Add or replace a WASM image IMAGE as a target."""
+    if delta_from is not None:
+        parse_release(delta_from)  # refuse a bad spec before anything is published
     limit_args: dict[str, Any] = {}
     if fuel is not None:
         limit_args["fuel_per_call"] = fuel
@@ -109,6 +118,12 @@ def add(
         f"added {target.path} to {role} (release counter {release_counter}, "
         f"sha256 {target.hashes['sha256']})"
     )
+    if delta_from is not None or delta_auto:
+        click.echo(
+            describe_delta(
+                add_delta_from(ImageRepository(repo_dir), target.path, delta_from, role=role)
+            )
+        )
 
 
 @cli.command()

@@ -29,9 +29,11 @@ from typing import Any, Final
 
 from securesystemslib.signer import Key, SSlibKey
 
+from ecus.primary.deltas import send_delta
 from ecus.primary.links import EcuUpdate
 from ecus.transport.base import SecondaryLink
 from uptane import codec
+from uptane.delta import DeltaOffer
 from uptane.errors import CodecError, TransportError, UptaneError
 from uptane.manifest import InstalledImage, SignedEcuVersionReport
 from uptane.verification import partial
@@ -253,12 +255,17 @@ class CanSecondaryClient:
             raise MetadataRejectedError(v["code"], v["text"], "Director targets")
         return str(v["code"])
 
-    def offer(self, image: InstalledImage) -> int:
-        """Offer an image; return the offset the secondary wants next."""
-        v = self._call("imageOffer", {"image": image.to_asn1()}, "chunkAck")
+    def offer(self, image: InstalledImage, delta: DeltaOffer | None = None) -> int:
+        """Offer an image (as ``delta`` if given); return the offset the secondary wants next."""
+        value: dict[str, Any] = {"image": image.to_asn1()}
+        if delta is not None:
+            value["delta"] = delta.to_asn1()
+        v = self._call("imageOffer", value, "chunkAck")
         if v["code"] != "ok":
             raise ImageRefusedError(v["code"], f"offer of {image.filename} refused", "offer")
-        return self._checked_offset(v["nextOffset"], image.length)
+        return self._checked_offset(
+            v["nextOffset"], image.length if delta is None else delta.length
+        )
 
     def send_chunk(self, offset: int, data: bytes, length: int) -> int:
         """Send one chunk; return the secondary's next offset.
@@ -284,6 +291,7 @@ class CanSecondaryClient:
         *,
         chunk_size: int | None = None,
         progress: Progress | None = None,
+        delta: DeltaOffer | None = None,
     ) -> TransferResult:
         """Send ``image`` in chunks, resuming after failures (module docstring).
 
@@ -292,8 +300,9 @@ class CanSecondaryClient:
         once ``max_retries`` transport failures happened.
         """
         data = image.read_bytes() if isinstance(image, Path) else bytes(image)
-        if len(data) != info.length:
-            raise ValueError(f"image is {len(data)} bytes, its info says {info.length}")
+        length = info.length if delta is None else delta.length  # bytes on the bus
+        if len(data) != length:
+            raise ValueError(f"image is {len(data)} bytes, its info says {length}")
         size = self.chunk_size if chunk_size is None else self._check_chunk_size(chunk_size)
         retries = chunks = sent = 0
         resumed: list[int] = []
@@ -303,17 +312,17 @@ class CanSecondaryClient:
         while True:
             try:
                 if offset is None:
-                    offset = self.offer(info)
+                    offset = self.offer(info, delta)
                     if start is None:
                         start = offset
                     else:
                         resumed.append(offset)
-                if offset >= info.length:
+                if offset >= length:
                     break
                 chunk = data[offset : offset + size]
                 chunks += 1
                 sent += len(chunk)
-                nxt = self.send_chunk(offset, chunk, info.length)
+                nxt = self.send_chunk(offset, chunk, length)
             except TransportError as e:
                 retries += 1
                 logger.warning("%s: transfer failed at %s: %s", self.serial, offset, e)
@@ -332,9 +341,9 @@ class CanSecondaryClient:
                 stalled = 0
             offset = nxt
             if progress is not None:
-                progress(offset, info.length)
+                progress(offset, length)
         return TransferResult(
-            length=info.length,
+            length=length,
             start_offset=start or 0,
             resumed_at=tuple(resumed),
             chunks_sent=chunks,
@@ -374,5 +383,6 @@ class CanSecondaryClient:
         )
         if code == "noUpdate":
             return self.version_report(b"")
-        self.send_image(update.image_path, update.installed_image, progress=self.progress)
+        if update.delta is None or not send_delta(self, update):  # docs/deltas.md
+            self.send_image(update.image_path, update.installed_image, progress=self.progress)
         return self.install(update.target.name).signed_report

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from securesystemslib.signer import Signer
 
+from ecus.primary.deltas import DeltaUpdate
 from uptane.errors import TransportError
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import UptaneTarget
@@ -45,6 +46,8 @@ class EcuUpdate:
     director_root_versions: tuple[int, ...]
     director_targets: bytes
     director_targets_version: int
+    #: the same image as a signed delta from the ECU's active one (docs/deltas.md)
+    delta: DeltaUpdate | None = None
 
     @property
     def installed_image(self) -> InstalledImage:

@@ -24,6 +24,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from ecus.primary.config import PrimaryConfig
+from ecus.primary.deltas import select_delta
 from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import EcuUpdate
 from ecus.primary.result import (
@@ -293,6 +294,7 @@ class RepositorySync:
                     director_root_versions=der.root_versions,
                     director_targets=der.targets,
                     director_targets_version=der.targets_version,
+                    delta=select_delta(self, image_updater, target, reports.get(serial)),
                 )
 
             stages.enter(STAGE_COMMIT)

@@ -12,14 +12,16 @@ to that file:
   "can": {"request_id": "0x600", "response_id": "0x601"},
   "bus": {"interface": "socketcan", "channel": "can0", "fd": false,
           "bitrate": 500000, "data_bitrate": 2000000},
-  "max_time_ahead_seconds": 86400
+  "max_time_ahead_seconds": 86400,
+  "delta_memory_bytes": 81920
 }
 ```
 
 ``key.uri`` is any securesystemslib signer URI (a relative ``file2:`` path is
 resolved against the config file); ``key.public`` is a ``NAME.pub.json`` file
 or an inline TUF key dict. ``max_time_ahead_seconds`` may be null (an ECU
-without a trustworthy clock). ``can`` ids are integers or hex strings; the
+without a trustworthy clock). ``delta_memory_bytes`` bounds the memory a
+delta's decoder may need (``ecus.secondary.delta``). ``can`` ids are integers or hex strings; the
 primary sends requests on ``request_id`` and listens on ``response_id``.
 
 The primary's CAN wiring is read by ``ecus.primary.can_config``.
@@ -34,6 +36,7 @@ from typing import Any
 
 from securesystemslib.signer import Key
 
+from ecus.secondary.delta import DEFAULT_DELTA_MEMORY
 from ecus.secondary.ecu import DEFAULT_MAX_TIME_AHEAD
 from ecus.transport.can_config import (
     DEFAULT_REQUEST_ID,
@@ -63,6 +66,8 @@ class SecondaryConfig:
     bus: CanBusConfig = field(default_factory=CanBusConfig)
     vin: str | None = None
     max_time_ahead: timedelta | None = DEFAULT_MAX_TIME_AHEAD
+    #: memory a delta's decoder may need (docs/deltas.md)
+    delta_memory_limit: int = DEFAULT_DELTA_MEMORY
 
     def __post_init__(self) -> None:
         try:
@@ -92,6 +97,7 @@ class SecondaryConfig:
             "can",
             "bus",
             "max_time_ahead_seconds",
+            "delta_memory_bytes",
         }
         unknown = set(raw) - known
         if unknown:
@@ -120,6 +126,9 @@ class SecondaryConfig:
             isinstance(ahead, bool) or not isinstance(ahead, int | float) or ahead <= 0
         ):
             raise ConfigError("'max_time_ahead_seconds' must be a positive number or null")
+        delta_memory = raw.get("delta_memory_bytes", DEFAULT_DELTA_MEMORY)
+        if isinstance(delta_memory, bool) or not isinstance(delta_memory, int) or delta_memory < 1:
+            raise ConfigError("'delta_memory_bytes' must be a positive integer")
         vin = raw.get("vin")
         return cls(
             serial=raw["serial"],
@@ -132,6 +141,7 @@ class SecondaryConfig:
             bus=bus_config(raw.get("bus", {})),
             vin=None if vin is None else str(vin),
             max_time_ahead=None if ahead is None else timedelta(seconds=ahead),
+            delta_memory_limit=delta_memory,
         )
 
 

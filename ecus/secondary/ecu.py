@@ -56,10 +56,12 @@ from typing import Any, Final
 from securesystemslib.signer import Signer
 from tuf.api import exceptions as tuf_exc
 
+from ecus.secondary.delta import DEFAULT_DELTA_MEMORY, DeltaRefusedError, abandon, start_delta
 from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
 from ecus.secondary.wasm_host import Peripherals, SimPeripherals, WasmApp, WasmHost
 from ecus.transport.base import DEFAULT_MAX_REQUEST
 from uptane import codec
+from uptane.delta import DeltaOffer
 from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,
     ATTACK_ENDLESS_DATA,
@@ -176,6 +178,7 @@ class Secondary:
         max_time_ahead: timedelta | None = DEFAULT_MAX_TIME_AHEAD,
         max_trial_boots: int = 0,
         fault: Callable[[str], None] | None = None,
+        delta_memory_limit: int = DEFAULT_DELTA_MEMORY,
     ) -> None:
         self.identity = partial.SecondaryIdentity(ecu_serial, hardware_id, vin)
         self.signer = signer
@@ -184,6 +187,7 @@ class Secondary:
         self.host = host or WasmHost()
         self.max_message = max_message
         self.max_time_ahead = max_time_ahead
+        self.delta_memory_limit = delta_memory_limit  # bytes a delta's decoder may use
         self.store = SlotStore(
             slot_dir, fault=fault, slot_size=slot_size, max_trial_boots=max_trial_boots
         )
@@ -412,6 +416,7 @@ class Secondary:
         self.store.set_trusted_metadata({ROOT_KEY: result.state.root_der, TARGETS_KEY: der})
         self.trusted = result.state
         if self._target != result.target:
+            abandon(self._writer)
             self._writer = None
         self._target = result.target
         pending = self.pending_target
@@ -442,6 +447,25 @@ class Secondary:
                 f"offered {offer.filename} does not match the verified target {target.name}",
                 ATTACK_ARBITRARY_SOFTWARE,
             )
+        abandon(self._writer)  # a delta apply still running stops here
+        if value.get("delta") is not None:  # the image comes as a delta (docs/deltas.md)
+            try:
+                self._writer = start_delta(
+                    self.store,
+                    InstalledTarget.from_uptane(target),
+                    DeltaOffer.from_asn1(value["delta"]),
+                    memory_limit=self.delta_memory_limit,
+                )
+            except DeltaRefusedError as e:  # not applicable: the primary sends the image
+                self._writer = None
+                return self._refuse_offer("badRequest", str(e), None)
+            except (ImageMismatchError, EndlessDataError) as e:  # resumed bytes do not apply
+                self._writer = None
+                return self._refuse_offer("imageMismatch", str(e), attack_name(e))
+            except InstallError as e:  # too big for the slot
+                self._writer = None
+                return self._refuse_offer("noSpace", str(e), None)
+            return self._chunk_ack("ok", self._writer.offset)
         # Every offer resumes from the durable offset: after a lost ack the
         # primary learns how far the slot really got.
         try:
@@ -462,6 +486,10 @@ class Secondary:
             return self._chunk_ack("ok", writer.write(offset, data))
         except EndlessDataError as e:
             self._set_result("imageMismatch", str(e), ATTACK_ENDLESS_DATA)
+            return self._chunk_ack("imageMismatch", writer.offset)
+        except (ImageMismatchError, InstallError) as e:  # a delta that does not apply
+            self._writer = None
+            self._set_result("imageMismatch", str(e), attack_name(e))
             return self._chunk_ack("imageMismatch", writer.offset)
 
     # install (5.4.3, DESIGN 5)

@@ -1,0 +1,107 @@
+"""The primary sends a signed delta when the ECU runs its base (docs/deltas.md; 5.4.4.2).
+
+A whole vehicle against the real Image repository and Director on loopback,
+its secondary on a virtual CAN bus (ISO-TP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.delta_images import release
+
+from ecus.sim.world import SimVehicle, World, image_name
+from image_repo.delta import add_delta
+from uptane.delta import DeltaInfo
+
+HW = "brake-ctl"
+VIN = "DELTA00001"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path / "world")
+    try:
+        w.publish(1, [HW], data=release(1))
+        w.publish(2, [HW], data=release(2))
+        yield w
+    finally:
+        w.close()
+
+
+def vehicle(world: World, progress: list[tuple[int, int]]) -> tuple[SimVehicle, str]:
+    car = world.add_vehicle(VIN, [HW], progress=lambda _s, o, n: progress.append((o, n)))
+    serial = next(iter(car.secondaries))
+    world.assign_version(1, [HW], vins=[VIN])
+    outcome = car.cycle()
+    assert outcome.ok and outcome.ecus[serial].installed == image_name(HW, 1)
+    return car, serial
+
+
+def publish_delta(world: World) -> int:
+    repo = world.image_repo
+    base = repo.targets()[image_name(HW, 1)][1]
+    delta = add_delta(repo, image_name(HW, 2), base)
+    assert delta is not None
+    info = DeltaInfo.from_target_file(delta)
+    assert info is not None and info.base.name == image_name(HW, 1)
+    return delta.length
+
+
+def test_delta_goes_on_the_bus_when_the_ecu_runs_its_base(world: World) -> None:
+    sent: list[tuple[int, int]] = []
+    car, serial = vehicle(world, sent)
+    assert sent[-1] == (len(release(1)), len(release(1)))  # release 1 went in full
+    delta_length = publish_delta(world)
+    world.assign_version(2, [HW], vins=[VIN])
+    sent.clear()
+    outcome = car.cycle()
+    assert outcome.ok, outcome.errors
+    update = outcome.cycle.updates[serial]
+    assert update.delta is not None and update.delta.offer.length == delta_length
+    assert sent and {n for _, n in sent} == {delta_length}  # only the delta's bytes
+    assert outcome.ecus[serial].installed == image_name(HW, 2)
+    assert car.report(serial).installed is not None
+    assert car.report(serial).installed.hashes == dict(
+        world.image_repo.targets()[image_name(HW, 2)][1].hashes
+    )
+    assert car.tick(serial, 3) == 3 * 2 + 7  # blink v2 runs
+
+
+def test_full_image_when_no_delta_starts_from_the_ecu_image(world: World) -> None:
+    sent: list[tuple[int, int]] = []
+    car, serial = vehicle(world, sent)
+    world.assign_version(2, [HW], vins=[VIN])  # no delta published
+    sent.clear()
+    outcome = car.cycle()
+    assert outcome.ok
+    assert outcome.cycle.updates[serial].delta is None
+    assert {n for _, n in sent} == {len(release(2))}
+    assert outcome.ecus[serial].installed == image_name(HW, 2)
+
+
+@pytest.mark.parametrize(("part", "hash_name"), [("result", "sha256"), ("base", "sha512")])
+def test_delta_naming_other_bytes_is_not_used(world: World, part: str, hash_name: str) -> None:
+    sent: list[tuple[int, int]] = []
+    car, serial = vehicle(world, sent)
+    publish_delta(world)
+    repo = world.image_repo
+    # the Image repository signs a delta whose metadata names other result bytes
+    # than the Director's target, or another base than the ECU runs: not sent
+    with repo._edit() as edit:
+        targets = edit.repo
+        with targets.edit_targets() as signed:
+            for target in signed.targets.values():
+                delta = (target.custom or {}).get("delta")
+                if delta is not None:
+                    delta[part]["hashes"][hash_name] = "0" * len(delta[part]["hashes"][hash_name])
+        targets.publish()
+    world.assign_version(2, [HW], vins=[VIN])
+    sent.clear()
+    outcome = car.cycle()
+    assert outcome.ok
+    assert outcome.cycle.updates[serial].delta is None
+    assert {n for _, n in sent} == {len(release(2))}
+    assert outcome.ecus[serial].installed == image_name(HW, 2)
