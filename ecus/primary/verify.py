@@ -46,7 +46,7 @@ from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
 )
-from uptane.metadata import UptaneTarget, check_target_path
+from uptane.metadata import UptaneTarget, target_relpath
 from uptane.verification.der import DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
@@ -70,13 +70,13 @@ T = TypeVar("T")
 def safe_target_path(base: Path, name: str) -> Path:
     """Where image ``name`` goes under ``base``; refuses anything that escapes it.
 
-    The name must be a plain relative target path (``check_target_path``:
-    no ``..``, absolute paths, backslashes or percent-encoding) AND the
-    resolved path, symlinks followed, must stay inside ``base``.
+    Any name ``check_target_path`` accepts (TUF's free-form names) is mapped
+    to a safe relative path by ``target_relpath`` (percent-encoded segments,
+    no dot segments); the resolved path, symlinks followed, must also stay
+    inside ``base``.
     """
-    check_target_path(name)
     root = base.resolve()
-    candidate = (root / name).resolve()
+    candidate = (root / target_relpath(name)).resolve()
     if candidate == root or not candidate.is_relative_to(root):
         raise UnsafeTargetPathError(f"target {name!r} resolves outside the download directory")
     return candidate
