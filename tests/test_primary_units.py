@@ -30,6 +30,9 @@ from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionRe
 from uptane.metadata import UptaneTarget
 
 
+SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
+
+
 def root_bytes() -> bytes:
     signer = CryptoSigner.generate_ed25519()
     root = Root()
@@ -135,9 +138,44 @@ def test_safe_target_path_keeps_images_inside_the_download_dir(tmp_path: Path) -
     base = tmp_path / "images"
     base.mkdir()
     assert safe_target_path(base, "dir/app.wasm") == base.resolve() / "dir" / "app.wasm"
-    for name in ["../x", "/etc/passwd", "a/../../x", "a%2F..%2Fx", "a\\x", ".", "a//b", ""]:
+    for name in ["../x", "/etc/passwd", "a/../../x", ".", "a//b", "", "a/./b", "a\nb", "x" * 256]:
         with pytest.raises(UnsafeTargetPathError):
             safe_target_path(base, name)
+
+
+# Names TUF accepts that the old per-segment pattern refused (issue 10, item 11).
+ODD_NAMES = [
+    "my app.wasm",
+    "100%.wasm",
+    "a%2F..%2Fx",
+    "..%2Fevil.wasm",
+    "a\\..\\evil",
+    "user@host.wasm",
+    "~tilde/x.wasm",
+    "_leading.wasm",
+    ".hidden",
+    "dir/..hidden",
+    "ünïcode.wasm",
+    "x" * 255,
+]
+
+
+def test_safe_target_path_maps_every_tuf_name_to_its_own_file_inside(tmp_path: Path) -> None:
+    """Free-form names are accepted and mapped one-to-one to plain files under the base."""
+    base = tmp_path / "images"
+    base.mkdir()
+    paths = [safe_target_path(base, name) for name in ODD_NAMES]
+    assert len(set(paths)) == len(ODD_NAMES)
+    for name, path in zip(ODD_NAMES, paths, strict=True):
+        assert path.is_relative_to(base.resolve()) and path != base.resolve()
+        rel = path.relative_to(base.resolve())
+        assert len(rel.parts) == name.count("/") + 1  # no segment added or merged
+        assert all(not part.startswith(".") and len(part.encode()) <= 200 for part in rel.parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())  # a real file system takes it
+    assert sorted(p.name for p in base.iterdir() if p.is_file()) == sorted(
+        p.name for p in paths if p.parent == base.resolve()
+    )
 
 
 def test_safe_target_path_refuses_escape_through_a_symlink(tmp_path: Path) -> None:
@@ -154,7 +192,7 @@ def test_safe_target_path_refuses_escape_through_a_symlink(tmp_path: Path) -> No
 
 
 def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     first = state.current()
     scratch = state.begin()
     (scratch / "director" / "timestamp.json").write_bytes(b"new")
@@ -165,6 +203,7 @@ def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
     assert tree_digest(state.trusted_dir) != before
     assert not first.exists() and state.current().name == "gen-000001"
     assert (state.current() / "director" / "timestamp.json").read_bytes() == b"new"
+    assert (state.current() / "seal.json").is_file()
     assert state.installed()["ecu-a"].release_counter == 2
     # a stale scratch (trusted state moved on since) is refused
     stale = state.work_dir / "gen-000001"
@@ -174,19 +213,19 @@ def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
 
 
 def test_state_discard_and_restart_leave_trusted_state_alone(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     before = tree_digest(state.trusted_dir)
     scratch = state.begin()
     (scratch / "image" / "timestamp.json").write_bytes(b"half-done")
     # power cut: the scratch and a half-moved generation stay behind
     (state.trusted_dir / "gen-000009").mkdir()
-    again = PrimaryState(tmp_path / "s")
+    again = PrimaryState(tmp_path / "s", SIGNER)
     assert tree_digest(again.trusted_dir) == before
     assert not scratch.exists()
 
 
 def test_report_state_round_trips_and_bounds_its_contents(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     rs = ReportState(report_counter=7)
     rs.note_failure([ATTACK_FREEZE, ATTACK_FREEZE, "not-an-attack"], "metadataRejected", "x" * 2000)
     state.save_reports(rs)

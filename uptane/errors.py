@@ -150,6 +150,12 @@ class MixAndMatchError(UptaneRepositoryError):
     attack: ClassVar[str | None] = ATTACK_MIX_AND_MATCH
 
 
+class RootRotationError(UptaneRepositoryError, tuf_exc.BadVersionNumberError):
+    """``N.root.json`` carries another version than N: a broken root rotation (TUF 5.3.5)."""
+
+    attack: ClassVar[str | None] = ATTACK_INVALID_METADATA
+
+
 # --- manifests ---------------------------------------------------------------
 
 
