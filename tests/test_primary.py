@@ -358,6 +358,24 @@ def test_accepts_every_tuf_target_name_and_stores_it_safely(env: Env, name: str)
     assert primary.installed()["ecu-a"].filename == name
 
 
+@pytest.mark.parametrize("custom", [None, "not an object", [1, 2]])
+def test_refuses_image_target_with_malformed_custom(env: Env, custom: object) -> None:
+    """Issue 10 item 11: a typed refusal naming an attack, not an AttributeError."""
+    env.add_image("app.wasm", 1, ("hw-a",), counter=1)
+    env.assign("app.wasm", "ecu-a")
+    primary = env.primary()
+
+    def break_custom(targets: Targets) -> None:
+        fields = targets.targets["app.wasm"].unrecognized_fields
+        fields.pop("custom")
+        if custom is not None:
+            fields["custom"] = custom
+
+    env.craft_image_role("targets", break_custom)
+    result = assert_refused(primary, errors.MetadataError, errors.ATTACK_INVALID_METADATA)
+    assert result.stage == "match"
+
+
 # --- freeze, rollback, mix-and-match (4.3.3) -------------------------------------
 
 
