@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from ecus.primary import CycleResult, Primary, safe_target_path
 from ecus.primary.can_link import SecondaryRefusedError, TransferFailedError
 from ecus.primary.config import DownloadPolicy, MetadataLimits, PrimaryConfig
 from ecus.primary.links import EcuUpdate, InMemorySecondary, SecondaryClient
-from ecus.primary.state import PrimaryState, ReportState
+from ecus.primary.state import PrimaryState, ReportState, StateError
 from uptane.errors import (
     ATTACK_FREEZE,
     ATTACK_PARTIAL_BUNDLE,
@@ -28,7 +29,6 @@ from uptane.errors import (
 from uptane.keys import generate_ed25519, public_key_dict
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import UptaneTarget
-
 
 SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
 
@@ -222,6 +222,69 @@ def test_state_discard_and_restart_leave_trusted_state_alone(tmp_path: Path) -> 
     again = PrimaryState(tmp_path / "s", SIGNER)
     assert tree_digest(again.trusted_dir) == before
     assert not scratch.exists()
+
+
+def test_state_seal_catches_every_change_outside_the_primary(tmp_path: Path) -> None:
+    """Issue 10 item 6: edited, added, removed, renamed: all StateError when read."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    state.update_installed({"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 2)})
+    gen = state.current()
+
+    def tampered(change: Callable[[], None], undo: Callable[[], None]) -> None:
+        change()
+        with pytest.raises(StateError):
+            state.begin()
+        undo()
+        state.begin()  # back as sealed: fine again
+        state.discard(state.work_dir / "gen-000002")
+
+    ts = gen / "image" / "timestamp.json"
+    tampered(lambda: ts.write_bytes(b"{}"), lambda: ts.unlink())
+    inst = gen / "installed.json"
+    good = inst.read_bytes()
+    tampered(
+        lambda: inst.write_bytes(good.replace(b'"release_counter": 2', b'"release_counter": 0')),
+        lambda: inst.write_bytes(good),
+    )
+    tampered(lambda: inst.unlink(), lambda: inst.write_bytes(good))
+    with pytest.raises(StateError):  # installed() alone checks its file
+        inst.write_bytes(b"{}")
+        state.installed()
+    inst.write_bytes(good)
+    seal = gen / "seal.json"
+    sealed = seal.read_bytes()
+    other = PrimaryState(tmp_path / "t", CryptoSigner.generate_ed25519())  # another key's seal
+    tampered(
+        lambda: seal.write_bytes((other.current() / "seal.json").read_bytes()),
+        lambda: seal.write_bytes(sealed),
+    )
+    # a generation renamed (the current link pointed at an older number) is refused
+    os.replace(gen, state.trusted_dir / "gen-000000")
+    os.replace(state.trusted_dir / "current", state.trusted_dir / "old")
+    os.symlink("gen-000000", state.trusted_dir / "current")
+    with pytest.raises(StateError, match="another generation"):
+        state.current()
+
+
+def test_keep_metadata_commits_only_the_named_files(tmp_path: Path) -> None:
+    """Issue 10 item 8: a failed cycle keeps verified metadata, nothing else."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    scratch = state.begin()
+    (scratch / "image" / "root_history").mkdir()
+    (scratch / "image" / "root_history" / "2.root.json").write_bytes(b"root2")
+    os.symlink("root_history/2.root.json", scratch / "image" / "root.json")
+    (scratch / "image" / "role.json").write_bytes(b"delegated")
+    state.write_installed(scratch, {"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 9)})
+    keep = {"image": ("root_history", "root.json", "timestamp.json")}
+    assert state.keep_metadata(scratch, keep)
+    current = state.current()
+    assert (current / "image" / "root.json").read_bytes() == b"root2"
+    assert not (current / "image" / "role.json").exists()
+    assert state.installed() == {}
+    assert not scratch.exists()
+    again = state.begin()
+    assert not state.keep_metadata(again, keep)  # nothing new: no new generation
+    assert state.current() == current
 
 
 def test_report_state_round_trips_and_bounds_its_contents(tmp_path: Path) -> None:

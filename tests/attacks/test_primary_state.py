@@ -22,7 +22,7 @@ from helpers.servers import Switchboard, fixed, serve
 from helpers.uptane_env import PRIMARY, Env, Servers, build_template
 from securesystemslib.signer import Signer
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
 
 from ecus.primary import Primary
 from ecus.primary.state import INSTALLED, REPORTS, StateError
