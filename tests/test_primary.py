@@ -23,6 +23,7 @@ from helpers.uptane_env import (
     build_template,
     shifted,
     tree_digest,
+    wasm,
 )
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Delegations, Metadata, TargetFile, Targets
@@ -33,7 +34,7 @@ from ecus.primary.state import SEAL
 from ecus.primary.verify import KEEP_ON_FAILURE
 from uptane import errors
 from uptane.manifest import EcuVersionReport, InstalledImage
-from uptane.metadata import set_vehicle_id
+from uptane.metadata import build_custom, set_vehicle_id
 from uptane.repository import utc_now
 from uptane.verification.matching import RepositoryMap
 
@@ -343,8 +344,19 @@ def test_refuses_target_name_escaping_download_dir(
 
 @pytest.mark.parametrize("name", ["my app.wasm", "@v1/~x.wasm", "_lead.wasm", "..%2Fevil.wasm"])
 def test_accepts_every_tuf_target_name_and_stores_it_safely(env: Env, name: str) -> None:
-    """Issue 10 item 11: names TUF accepts (spaces, %, @, ~, leading _) install, safely stored."""
-    _target, data = env.add_image(name, 7, ("hw-a",), counter=1)
+    """Issue 10 item 11: names TUF accepts (spaces, %, @, ~, leading _) install, safely stored.
+
+    ``image_repo`` publishes plain names only, so the target is signed in as
+    another TUF repository would publish it.
+    """
+    data = wasm(7)
+    target = TargetFile.from_data(name, data, ["sha256"])
+    target.unrecognized_fields["custom"] = build_custom(hardware_ids=["hw-a"], release_counter=1)
+    env.craft_image_role("targets", lambda t: t.targets.__setitem__(name, target))
+    dirname, sep, basename = name.rpartition("/")
+    blob = env.image_repo.targets_dir / f"{dirname}{sep}{target.hashes['sha256']}.{basename}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
     env.assign(name, "ecu-a")
     primary = env.primary()
     result = primary.run_cycle()

@@ -45,6 +45,7 @@ MAX_FUEL: Final = 2**62
 _IDENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_TARGET_PATH: Final = 255  # ECU reports carry names as Filename (UTF8String 1..255)
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_PLAIN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 def check_identifier(value: object, what: str) -> str:
@@ -82,6 +83,24 @@ def check_target_path(path: object) -> str:
                 "it would not name one file under the repository's targets"
             )
     return path
+
+
+def check_plain_target_path(path: object) -> str:
+    """Return ``path`` if it is a plain target name, the kind this project publishes.
+
+    Stricter than ``check_target_path``, for the Image repository's own
+    names (``image_repo``): each ``/``-separated segment starts with a letter
+    or digit and uses only letters, digits and ``._+-``, so the name is the
+    same in a URL, on any file system and on the bus.
+    """
+    if isinstance(path, str):
+        for segment in path.split("/"):
+            if path and not _PLAIN_SEGMENT_RE.match(segment):
+                raise UnsafeTargetPathError(
+                    f"target name {path!r} is not a plain relative path: segment {segment!r} "
+                    "must start with a letter or digit and use only letters, digits and ._+-"
+                )
+    return check_target_path(path)
 
 
 # Characters a stored segment keeps as they are; everything else is %XX-escaped.
