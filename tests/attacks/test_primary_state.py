@@ -17,15 +17,18 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers.servers import Switchboard, fixed, serve
-from helpers.uptane_env import PRIMARY, Env, Servers, build_template
-from securesystemslib.signer import Signer
+from helpers.uptane_env import DIRECTOR_EXPIRY, PRIMARY, Env, Servers, build_template
+from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
 
+from director.service import EcuSpec
 from ecus.primary import Primary
 from ecus.primary.state import INSTALLED, REPORTS, StateError
+from ecus.sim.compromise import craft_director_targets
 from image_repo.layout import CONFIG_FILE, RepoConfig
 from uptane import errors
 from uptane.manifest import InstalledImage
@@ -314,3 +317,38 @@ def test_failed_cycle_keeps_newer_top_level_versions_but_installs_nothing(
     )
     env.servers.image.overrides.clear()
     assert primary.run_cycle().ok
+
+
+def test_failed_cycle_keeps_no_director_metadata_of_another_vehicle(
+    ready: tuple[Env, Primary],
+) -> None:
+    """One set of Director keys signs every vehicle: another vehicle's newer timestamp and
+    snapshot verify, and only its targets show whose they are. Kept, they would make this
+    vehicle's own metadata a rollback for good; only a Director root is kept before then."""
+    env, primary = ready
+    other = "VIN-TEST-OTHER"
+    signer = CryptoSigner.generate_ed25519()
+    env.director.register_vehicle(
+        other, [EcuSpec("other-primary", "gateway", signer.public_key, primary=True)]
+    )
+    mine = env.director_version()
+    for _ in range(mine + 2):  # the other vehicle's versions overtake this one's
+        version = craft_director_targets(
+            env.director,
+            env.director_config.online_signers(),
+            other,
+            lambda t: None,
+            expiry=DIRECTOR_EXPIRY,
+        )
+    board = env.servers.director.overrides
+    for name in ("timestamp.json", f"{version}.snapshot.json", f"{version}.targets.json"):
+        r = httpx.get(f"{env.servers.director_url}/vehicles/{other}/metadata/{name}")
+        board[env.director_path(name)] = r.content
+    before = trusted(primary, "director", "timestamp.json").signed.version
+
+    result = primary.run_cycle()
+    assert isinstance(result.error, errors.VehicleIdMismatchError), repr(result.error)
+    assert trusted(primary, "director", "timestamp.json").signed.version == before
+    board.clear()
+    again = primary.run_cycle()
+    assert again.ok, [str(i) for i in again.issues]
