@@ -281,6 +281,15 @@ class ConfigError(UptaneError):
     """Configuration is missing or invalid; the message says what to fix."""
 
 
+class StateError(UptaneError):
+    """An ECU's persisted state is corrupt or was changed outside it (``ecus.primary.state``).
+
+    No attack name of its own (a report's attack list is a fixed
+    enumeration): the cycle that finds it fails closed and says so in the
+    ECU's next report (``internalError`` with this message).
+    """
+
+
 class RepositoryEditError(UptaneError):
     """An offline repository edit is refused; nothing was written."""
 

@@ -43,7 +43,7 @@ from typing import Any, Final
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature, Signer
 
-from uptane.errors import ATTACKS, UptaneError
+from uptane.errors import ATTACKS, StateError
 from uptane.manifest import RESULT_CODES, InstalledImage
 from uptane.repository import atomic_write
 
@@ -76,15 +76,6 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(dirpath))
-
-
-class StateError(UptaneError):
-    """The primary's persisted state is corrupt or was changed outside the primary.
-
-    Not an attack name of its own (the report's attack list is a fixed
-    enumeration): the cycle that finds it fails closed and says so in the
-    primary's next report (``internalError`` with this message).
-    """
 
 
 def _canonical(obj: Any) -> bytes:

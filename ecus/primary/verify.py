@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Final, TypeVar
@@ -72,6 +72,14 @@ T = TypeVar("T")
 KEEP_ON_FAILURE: Final[Mapping[str, tuple[str, ...]]] = {
     "director": ("root_history", "root.json", "timestamp.json", "snapshot.json"),
     "image": ("root_history", "root.json", "timestamp.json", "snapshot.json", "targets.json"),
+}
+#: The same before the Director's targets passed the Uptane checks: its roots only.
+#: One set of Director keys signs every vehicle's metadata, and only targets name
+#: the vehicle, so another vehicle's newer timestamp/snapshot verify too: kept, they
+#: would make this vehicle's own metadata look like a rollback for good.
+KEEP_ON_FAILURE_UNCHECKED: Final[Mapping[str, tuple[str, ...]]] = {
+    "director": ("root_history", "root.json"),
+    "image": KEEP_ON_FAILURE["image"],
 }
 #: Files of a repository's metadata directory never set aside (``_set_aside``).
 _NOT_SET_ASIDE: Final = frozenset({"root_history", "root.json", "timestamp.json"})
@@ -212,6 +220,7 @@ class RepositorySync:
     ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer | None]:
         cfg = self.config
         scratch = self.state.begin()
+        keep = KEEP_ON_FAILURE_UNCHECKED
         try:
             # Director: TUF, then the Uptane-only checks (5.4.4.2 steps 1-6 + Director rules)
             stages.enter(STAGE_DIRECTOR)
@@ -233,6 +242,7 @@ class RepositorySync:
             director_targets = check_director_targets(
                 director.targets.signed, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
             )
+            keep = KEEP_ON_FAILURE  # this vehicle's Director metadata, checked
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
@@ -305,7 +315,7 @@ class RepositorySync:
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)
         except Exception:
-            self._keep_verified(scratch)
+            self._keep_verified(scratch, keep)
             raise
         except BaseException:
             self.state.discard(scratch)
@@ -314,20 +324,22 @@ class RepositorySync:
 
     # --- what a failed cycle keeps (TUF 5.3.8, 5.4.5, 5.5.7, 5.6.6) ----------------
 
-    def _keep_verified(self, scratch: Path) -> None:
+    def _keep_verified(self, scratch: Path, keep: Mapping[str, tuple[str, ...]]) -> None:
         """Keep the roots and top-level metadata ngclient verified in a cycle that failed.
 
         ngclient writes a file into the scratch copy only once it verified it,
         so a root rotation, or a newer timestamp/snapshot, stays trusted even
         though the cycle failed later: key revocations and rollback floors
-        move forward (TUF 5.3.8, 5.4.5, 5.5.7, 5.6.6). Not kept: Director
-        targets (the instructions, accepted with the rest or not at all; their
-        version stays protected by the kept snapshot), delegated roles and
-        ``installed.json``. A failure to keep is not allowed to hide the
+        move forward (TUF 5.3.8, 5.4.5, 5.5.7, 5.6.6). ``keep`` says what
+        (``KEEP_ON_FAILURE``; ``KEEP_ON_FAILURE_UNCHECKED`` while the Director's
+        metadata has not yet been shown to be this vehicle's). Never kept:
+        Director targets (the instructions, accepted with the rest or not at
+        all; their version stays protected by the kept snapshot), delegated
+        roles and ``installed.json``. A failure to keep is not allowed to hide the
         cycle's own error: the scratch copy is then simply dropped.
         """
         try:
-            self.state.keep_metadata(scratch, KEEP_ON_FAILURE)
+            self.state.keep_metadata(scratch, keep)
         except Exception:
             self.state.discard(scratch)
 
@@ -341,7 +353,7 @@ class RepositorySync:
         make: Callable[[str], Updater],
         bootstrap: bytes,
         now: datetime,
-        lookups: Iterable[str] = (),
+        lookups: Sequence[str] = (),
     ) -> tuple[Updater, str, VerifiedRepository]:
         """Refresh one repository with ngclient, look ``lookups`` up, re-verify the bytes.
 
