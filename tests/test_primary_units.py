@@ -17,12 +17,13 @@ from ecus.primary import CycleResult, Primary, safe_target_path
 from ecus.primary.can_link import SecondaryRefusedError, TransferFailedError
 from ecus.primary.config import DownloadPolicy, MetadataLimits, PrimaryConfig
 from ecus.primary.links import EcuUpdate, InMemorySecondary, SecondaryClient
-from ecus.primary.state import PrimaryState, ReportState, StateError
+from ecus.primary.state import PrimaryState, ReportState
 from uptane.errors import (
     ATTACK_FREEZE,
     ATTACK_PARTIAL_BUNDLE,
     ConfigError,
     ImageMismatchError,
+    StateError,
     TransportError,
     UnsafeTargetPathError,
 )

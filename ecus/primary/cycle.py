@@ -52,7 +52,7 @@ from ecus.primary.result import (
     Stages,
     result_code,
 )
-from ecus.primary.state import PrimaryState, ReportState, StateError
+from ecus.primary.state import PrimaryState, ReportState
 from ecus.primary.verify import RepositorySync, _runs
 from uptane.errors import (
     ATTACK_PARTIAL_BUNDLE,
@@ -60,6 +60,7 @@ from uptane.errors import (
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
     ManifestError,
+    StateError,
     TransportError,
     attack_name,
 )

@@ -27,7 +27,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
 
 from director.service import EcuSpec
 from ecus.primary import Primary
-from ecus.primary.state import INSTALLED, REPORTS, StateError
+from ecus.primary.state import INSTALLED, REPORTS
 from ecus.sim.compromise import craft_director_targets
 from image_repo.layout import CONFIG_FILE, RepoConfig
 from uptane import errors
@@ -126,7 +126,7 @@ def test_tampered_installed_state_fails_closed(ready: tuple[Env, Primary]) -> No
 
     result = primary.run_cycle()  # must not raise
     assert not result.ok and result.updates == {}
-    assert isinstance(result.error, StateError), repr(result.error)
+    assert isinstance(result.error, errors.StateError), repr(result.error)
     report = primary.own_report().report
     assert report.last_result == "internalError"
     assert "changed outside the primary" in report.last_result_text
@@ -142,8 +142,8 @@ def test_corrupt_installed_state_is_a_typed_error_not_a_crash(
     (primary.state.current() / INSTALLED).write_bytes(garbage)
     result = primary.run_cycle()  # promised never to raise
     assert not result.ok
-    assert isinstance(result.error, StateError), repr(result.error)
-    with pytest.raises(StateError):
+    assert isinstance(result.error, errors.StateError), repr(result.error)
+    with pytest.raises(errors.StateError):
         primary.installed()
 
 
