@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from uptane.errors import ConfigError, KeyLoadError
 from uptane.keys import KeyRef
-from uptane.metadata import check_target_path
+from uptane.metadata import check_plain_target_path
 
 CONFIG_FILE: Final = "image-repo.json"
 METADATA_DIR: Final = "metadata"
@@ -36,7 +36,7 @@ def blob_relpath(name: str, sha256: str) -> str:
     The hash prefixes the basename, as python-tuf's ngclient requests it with
     ``prefix_targets_with_hash`` (TUF 5.5.2 consistent targets).
     """
-    check_target_path(name)
+    check_plain_target_path(name)
     dirname, sep, basename = name.rpartition("/")
     return f"{dirname}{sep}{sha256}.{basename}"
 

@@ -62,7 +62,7 @@ from uptane.metadata import (
     Limits,
     build_custom,
     check_identifier,
-    check_target_path,
+    check_plain_target_path,
 )
 from uptane.repository import (
     TOP_LEVEL_ROLES,
@@ -465,7 +465,7 @@ class ImageRepository:
         counter lower than any role already publishes for ``name``.
         """
         data = bytes(data)
-        check_target_path(name)
+        check_plain_target_path(name)
         custom = build_custom(
             hardware_ids=hardware_ids,
             release_counter=release_counter,

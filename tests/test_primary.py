@@ -7,6 +7,7 @@ is byte-for-byte unchanged (Uptane 2.1, 4.3 threat model; 5.4.4.2).
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -22,15 +23,18 @@ from helpers.uptane_env import (
     build_template,
     shifted,
     tree_digest,
+    wasm,
 )
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Delegations, Metadata, TargetFile, Targets
 
 from ecus.primary import CycleResult, Primary
 from ecus.primary.config import DownloadPolicy, MetadataLimits
+from ecus.primary.state import SEAL
+from ecus.primary.verify import KEEP_ON_FAILURE
 from uptane import errors
 from uptane.manifest import EcuVersionReport, InstalledImage
-from uptane.metadata import set_vehicle_id
+from uptane.metadata import build_custom, set_vehicle_id
 from uptane.repository import utc_now
 from uptane.verification.matching import RepositoryMap
 
@@ -70,17 +74,49 @@ def next_report(primary: Primary) -> EcuVersionReport:
     return primary.own_report().report
 
 
+def all_or_nothing_digest(primary: Primary) -> str:
+    """Digest of the trusted state but what a failed cycle may keep (``KEEP_ON_FAILURE``)."""
+    current = primary.state.current()
+    kept = {SEAL} | {f"{repo}/{name}" for repo, names in KEEP_ON_FAILURE.items() for name in names}
+    h = hashlib.sha256()
+    for path in sorted(current.rglob("*")):
+        rel = path.relative_to(current).as_posix()
+        if path.is_dir() or any(rel == k or rel.startswith(f"{k}/") for k in kept):
+            continue
+        h.update(f"{rel} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def kept_versions(primary: Primary) -> dict[str, int]:
+    """Version of every role file a failed cycle may keep."""
+    current = primary.state.current()
+    versions = {}
+    for repo, names in KEEP_ON_FAILURE.items():
+        for name in names:
+            path = current / repo / name
+            if path.is_file():
+                versions[f"{repo}/{name}"] = Metadata.from_bytes(path.read_bytes()).signed.version
+    return versions
+
+
 def assert_refused(
     primary: Primary,
     error_type: type[BaseException],
     attack: str | None,
     run: Callable[[], CycleResult] | None = None,
 ) -> CycleResult:
-    before = tree_digest(primary.trusted_dir)
+    """The cycle failed with ``error_type``, naming ``attack``; nothing installable changed.
+
+    A failed cycle may keep newer roots and top-level metadata it verified
+    (TUF 5.3.8-5.6.6), never lower versions; everything else is as before.
+    """
+    before, versions = all_or_nothing_digest(primary), kept_versions(primary)
     result = (run or primary.run_cycle)()
     assert not result.ok
     assert isinstance(result.error, error_type), repr(result.error)
-    assert tree_digest(primary.trusted_dir) == before, "a failed cycle changed trusted state"
+    assert all_or_nothing_digest(primary) == before, "a failed cycle changed trusted state"
+    after = kept_versions(primary)
+    assert all(after[k] >= v for k, v in versions.items()), (versions, after)
     assert not list((primary.config.state_dir / "work").glob("*")), "scratch state left behind"
     if attack is not None:
         assert attack in result.attacks
@@ -293,9 +329,8 @@ def test_refuses_empty_targets_for_another_vehicle(
         "../evil.wasm",
         "/etc/evil.wasm",
         "a/../../evil.wasm",
-        "..%2Fevil.wasm",
-        "a%2fevil.wasm",
-        "a\\..\\evil",
+        "a//evil.wasm",
+        "./evil.wasm",
     ],
 )
 def test_refuses_target_name_escaping_download_dir(
@@ -305,6 +340,52 @@ def test_refuses_target_name_escaping_download_dir(
     env.craft_director(_replace_ecu_a(env.director_target(target, "ecu-a", path=name)))
     assert_refused(primary, errors.UnsafeTargetPathError, errors.ATTACK_ARBITRARY_SOFTWARE)
     assert not (primary.config.images_dir.parent / "evil.wasm").exists()
+
+
+@pytest.mark.parametrize("name", ["my app.wasm", "@v1/~x.wasm", "_lead.wasm", "..%2Fevil.wasm"])
+def test_accepts_every_tuf_target_name_and_stores_it_safely(env: Env, name: str) -> None:
+    """Issue 10 item 11: names TUF accepts (spaces, %, @, ~, leading _) install, safely stored.
+
+    ``image_repo`` publishes plain names only, so the target is signed in as
+    another TUF repository would publish it.
+    """
+    data = wasm(7)
+    target = TargetFile.from_data(name, data, ["sha256"])
+    target.unrecognized_fields["custom"] = build_custom(hardware_ids=["hw-a"], release_counter=1)
+    env.craft_image_role("targets", lambda t: t.targets.__setitem__(name, target))
+    dirname, sep, basename = name.rpartition("/")
+    blob = env.image_repo.targets_dir / f"{dirname}{sep}{target.hashes['sha256']}.{basename}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    env.assign(name, "ecu-a")
+    primary = env.primary()
+    result = primary.run_cycle()
+    assert result.ok, [str(i) for i in result.issues]
+    path = result.updates["ecu-a"].image_path
+    assert path.read_bytes() == data
+    assert path.is_relative_to(primary.config.images_dir.resolve())
+    assert not (primary.config.images_dir.parent / "evil.wasm").exists()
+    assert isinstance(primary.distribute(result)["ecu-a"], EcuVersionReport)
+    assert env.secondaries["ecu-a"].installed is not None
+    assert primary.installed()["ecu-a"].filename == name
+
+
+@pytest.mark.parametrize("custom", [None, "not an object", [1, 2]])
+def test_refuses_image_target_with_malformed_custom(env: Env, custom: object) -> None:
+    """Issue 10 item 11: a typed refusal naming an attack, not an AttributeError."""
+    env.add_image("app.wasm", 1, ("hw-a",), counter=1)
+    env.assign("app.wasm", "ecu-a")
+    primary = env.primary()
+
+    def break_custom(targets: Targets) -> None:
+        fields = targets.targets["app.wasm"].unrecognized_fields
+        fields.pop("custom")
+        if custom is not None:
+            fields["custom"] = custom
+
+    env.craft_image_role("targets", break_custom)
+    result = assert_refused(primary, errors.MetadataError, errors.ATTACK_INVALID_METADATA)
+    assert result.stage == "match"
 
 
 # --- freeze, rollback, mix-and-match (4.3.3) -------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,15 @@ from uptane.errors import (
     ATTACK_PARTIAL_BUNDLE,
     ConfigError,
     ImageMismatchError,
+    StateError,
     TransportError,
     UnsafeTargetPathError,
 )
 from uptane.keys import generate_ed25519, public_key_dict
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import UptaneTarget
+
+SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
 
 
 def root_bytes() -> bytes:
@@ -135,9 +139,44 @@ def test_safe_target_path_keeps_images_inside_the_download_dir(tmp_path: Path) -
     base = tmp_path / "images"
     base.mkdir()
     assert safe_target_path(base, "dir/app.wasm") == base.resolve() / "dir" / "app.wasm"
-    for name in ["../x", "/etc/passwd", "a/../../x", "a%2F..%2Fx", "a\\x", ".", "a//b", ""]:
+    for name in ["../x", "/etc/passwd", "a/../../x", ".", "a//b", "", "a/./b", "a\nb", "x" * 256]:
         with pytest.raises(UnsafeTargetPathError):
             safe_target_path(base, name)
+
+
+# Names TUF accepts that the old per-segment pattern refused (issue 10, item 11).
+ODD_NAMES = [
+    "my app.wasm",
+    "100%.wasm",
+    "a%2F..%2Fx",
+    "..%2Fevil.wasm",
+    "a\\..\\evil",
+    "user@host.wasm",
+    "~tilde/x.wasm",
+    "_leading.wasm",
+    ".hidden",
+    "dir/..hidden",
+    "ünïcode.wasm",
+    "x" * 255,
+]
+
+
+def test_safe_target_path_maps_every_tuf_name_to_its_own_file_inside(tmp_path: Path) -> None:
+    """Free-form names are accepted and mapped one-to-one to plain files under the base."""
+    base = tmp_path / "images"
+    base.mkdir()
+    paths = [safe_target_path(base, name) for name in ODD_NAMES]
+    assert len(set(paths)) == len(ODD_NAMES)
+    for name, path in zip(ODD_NAMES, paths, strict=True):
+        assert path.is_relative_to(base.resolve()) and path != base.resolve()
+        rel = path.relative_to(base.resolve())
+        assert len(rel.parts) == name.count("/") + 1  # no segment added or merged
+        assert all(not part.startswith(".") and len(part.encode()) <= 200 for part in rel.parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())  # a real file system takes it
+    assert sorted(p.name for p in base.iterdir() if p.is_file()) == sorted(
+        p.name for p in paths if p.parent == base.resolve()
+    )
 
 
 def test_safe_target_path_refuses_escape_through_a_symlink(tmp_path: Path) -> None:
@@ -154,7 +193,7 @@ def test_safe_target_path_refuses_escape_through_a_symlink(tmp_path: Path) -> No
 
 
 def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     first = state.current()
     scratch = state.begin()
     (scratch / "director" / "timestamp.json").write_bytes(b"new")
@@ -165,6 +204,7 @@ def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
     assert tree_digest(state.trusted_dir) != before
     assert not first.exists() and state.current().name == "gen-000001"
     assert (state.current() / "director" / "timestamp.json").read_bytes() == b"new"
+    assert (state.current() / "seal.json").is_file()
     assert state.installed()["ecu-a"].release_counter == 2
     # a stale scratch (trusted state moved on since) is refused
     stale = state.work_dir / "gen-000001"
@@ -174,19 +214,82 @@ def test_state_commit_swaps_a_whole_generation(tmp_path: Path) -> None:
 
 
 def test_state_discard_and_restart_leave_trusted_state_alone(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     before = tree_digest(state.trusted_dir)
     scratch = state.begin()
     (scratch / "image" / "timestamp.json").write_bytes(b"half-done")
     # power cut: the scratch and a half-moved generation stay behind
     (state.trusted_dir / "gen-000009").mkdir()
-    again = PrimaryState(tmp_path / "s")
+    again = PrimaryState(tmp_path / "s", SIGNER)
     assert tree_digest(again.trusted_dir) == before
     assert not scratch.exists()
 
 
+def test_state_seal_catches_every_change_outside_the_primary(tmp_path: Path) -> None:
+    """Issue 10 item 6: edited, added, removed, renamed: all StateError when read."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    state.update_installed({"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 2)})
+    gen = state.current()
+
+    def tampered(change: Callable[[], None], undo: Callable[[], None]) -> None:
+        change()
+        with pytest.raises(StateError):
+            state.begin()
+        undo()
+        state.begin()  # back as sealed: fine again
+        state.discard(state.work_dir / "gen-000002")
+
+    ts = gen / "image" / "timestamp.json"
+    tampered(lambda: ts.write_bytes(b"{}"), lambda: ts.unlink())
+    inst = gen / "installed.json"
+    good = inst.read_bytes()
+    tampered(
+        lambda: inst.write_bytes(good.replace(b'"release_counter": 2', b'"release_counter": 0')),
+        lambda: inst.write_bytes(good),
+    )
+    tampered(lambda: inst.unlink(), lambda: inst.write_bytes(good))
+    with pytest.raises(StateError):  # installed() alone checks its file
+        inst.write_bytes(b"{}")
+        state.installed()
+    inst.write_bytes(good)
+    seal = gen / "seal.json"
+    sealed = seal.read_bytes()
+    other = PrimaryState(tmp_path / "t", CryptoSigner.generate_ed25519())  # another key's seal
+    tampered(
+        lambda: seal.write_bytes((other.current() / "seal.json").read_bytes()),
+        lambda: seal.write_bytes(sealed),
+    )
+    # a generation renamed (the current link pointed at an older number) is refused
+    os.replace(gen, state.trusted_dir / "gen-000000")
+    os.replace(state.trusted_dir / "current", state.trusted_dir / "old")
+    os.symlink("gen-000000", state.trusted_dir / "current")
+    with pytest.raises(StateError, match="another generation"):
+        state.current()
+
+
+def test_keep_metadata_commits_only_the_named_files(tmp_path: Path) -> None:
+    """Issue 10 item 8: a failed cycle keeps verified metadata, nothing else."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    scratch = state.begin()
+    (scratch / "image" / "root_history").mkdir()
+    (scratch / "image" / "root_history" / "2.root.json").write_bytes(b"root2")
+    os.symlink("root_history/2.root.json", scratch / "image" / "root.json")
+    (scratch / "image" / "role.json").write_bytes(b"delegated")
+    state.write_installed(scratch, {"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 9)})
+    keep = {"image": ("root_history", "root.json", "timestamp.json")}
+    assert state.keep_metadata(scratch, keep)
+    current = state.current()
+    assert (current / "image" / "root.json").read_bytes() == b"root2"
+    assert not (current / "image" / "role.json").exists()
+    assert state.installed() == {}
+    assert not scratch.exists()
+    again = state.begin()
+    assert not state.keep_metadata(again, keep)  # nothing new: no new generation
+    assert state.current() == current
+
+
 def test_report_state_round_trips_and_bounds_its_contents(tmp_path: Path) -> None:
-    state = PrimaryState(tmp_path / "s")
+    state = PrimaryState(tmp_path / "s", SIGNER)
     rs = ReportState(report_counter=7)
     rs.note_failure([ATTACK_FREEZE, ATTACK_FREEZE, "not-an-attack"], "metadataRejected", "x" * 2000)
     state.save_reports(rs)

@@ -37,6 +37,7 @@ from uptane.errors import (
     MetadataError,
     MixAndMatchError,
     ReleaseCounterRollbackError,
+    RootRotationError,
     TargetMismatchError,
     UnknownEcuError,
     UnsafeTargetPathError,
@@ -227,6 +228,18 @@ def test_classify_version_error_names_mix_and_match_only_for_newer_files() -> No
     assert classify_version_error(err, None, None) is err
 
 
+def test_classify_version_error_names_a_mislabelled_root_a_root_rotation_error() -> None:
+    """``N.root.json`` carrying another version is never a mix-and-match (issue 10, item 7)."""
+    r = make_repo()
+    resign(r, Root.type)
+    v1, v2 = r.store.files["1.root.json"], r.store.files["2.root.json"]
+    err = tuf_exc.BadVersionNumberError("x")
+    for filename, data in (("1.root.json", v2), ("2.root.json", v1)):
+        named = classify_version_error(err, filename, data)
+        assert isinstance(named, RootRotationError) and not isinstance(named, MixAndMatchError)
+        assert isinstance(named, tuf_exc.BadVersionNumberError)
+
+
 # --- Director checks -------------------------------------------------------------
 
 
@@ -334,6 +347,28 @@ def test_match_target_refuses_missing_or_renamed_image() -> None:
         match_target(director_target(img), None)
     with pytest.raises(TargetMismatchError):
         match_target(director_target(img), image_target("other.wasm", b"image"))
+
+
+@pytest.mark.parametrize("custom", [None, "a string", ["hardware_ids"], 7])
+def test_match_target_refuses_malformed_image_custom_with_a_typed_error(custom: Any) -> None:
+    """Issue 10 item 11: a missing or non-object ``custom`` is a MetadataError, no crash."""
+    img = image_target()
+    bad = TargetFile(img.length, dict(img.hashes), img.path)
+    if custom is not None:
+        bad.unrecognized_fields["custom"] = custom
+    with pytest.raises(MetadataError, match="custom must be an object"):
+        match_target(director_target(img), bad)
+    with pytest.raises(MetadataError, match="custom must be an object"):
+        match_target(bad, img)
+
+
+@pytest.mark.parametrize(
+    "name", ["my app.wasm", "100%.wasm", "a@b.wasm", "~x/y.wasm", "_lead.wasm", "a\\b", "ü.wasm"]
+)
+def test_target_names_accept_what_tuf_accepts(name: str) -> None:
+    img = image_target(name)
+    assert UptaneTarget.from_target_file(img).name == name
+    match_target(director_target(img), img)
 
 
 # --- Image repository delegations (How to resolve delegations; 5.4.4.2 step 7) ---------

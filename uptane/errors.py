@@ -150,6 +150,12 @@ class MixAndMatchError(UptaneRepositoryError):
     attack: ClassVar[str | None] = ATTACK_MIX_AND_MATCH
 
 
+class RootRotationError(UptaneRepositoryError, tuf_exc.BadVersionNumberError):
+    """``N.root.json`` carries another version than N: a broken root rotation (TUF 5.3.5)."""
+
+    attack: ClassVar[str | None] = ATTACK_INVALID_METADATA
+
+
 # --- manifests ---------------------------------------------------------------
 
 
@@ -273,6 +279,15 @@ class KeyLoadError(UptaneError):
 
 class ConfigError(UptaneError):
     """Configuration is missing or invalid; the message says what to fix."""
+
+
+class StateError(UptaneError):
+    """An ECU's persisted state is corrupt or was changed outside it (``ecus.primary.state``).
+
+    No attack name of its own (a report's attack list is a fixed
+    enumeration): the cycle that finds it fails closed and says so in the
+    ECU's next report (``internalError`` with this message).
+    """
 
 
 class RepositoryEditError(UptaneError):

@@ -9,10 +9,12 @@ place that knows their layout: it parses them into frozen dataclasses (raising
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import quote
 
 from tuf.api.metadata import TargetFile, Targets
 
@@ -41,8 +43,9 @@ MAX_MEMORY_PAGES: Final = 65536
 MAX_FUEL: Final = 2**62
 
 _IDENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TARGET_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-MAX_TARGET_PATH: Final = 255
+MAX_TARGET_PATH: Final = 255  # ECU reports carry names as Filename (UTF8String 1..255)
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_PLAIN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 def check_identifier(value: object, what: str) -> str:
@@ -56,22 +59,75 @@ def check_identifier(value: object, what: str) -> str:
 
 
 def check_target_path(path: object) -> str:
-    """Return ``path`` if it is a plain relative target name, else raise.
+    """Return ``path`` if it is a target name this project accepts, else raise.
 
-    Segments are separated by ``/``; each must start with a letter or digit and
-    use only letters, digits and ``._+-``. That rules out ``..``, absolute
-    paths, backslashes, percent-encoding and control characters, so a target
-    name can never escape the directory it is written into.
+    TUF target paths are free-form strings, and so are these: spaces, ``%``,
+    ``@``, ``~``, ``\\``, a leading ``_`` or ``.`` and any Unicode are fine.
+    Names are data, never file names: whoever stores an image uses
+    ``target_relpath`` to turn its name into a safe relative path. Refused
+    (``UnsafeTargetPathError``): a name that is empty, longer than
+    ``MAX_TARGET_PATH`` characters (what an ECU report can carry), holds a
+    control character, or has an empty, ``.`` or ``..`` segment between its
+    ``/`` separators (``/abs``, ``a//b``, ``a/../b``): ngclient builds
+    download URLs by appending the name, and URL dot-segment removal would
+    fetch such a name from outside the repository's targets.
     """
     if not isinstance(path, str) or not path or len(path) > MAX_TARGET_PATH:
         raise UnsafeTargetPathError(f"target name must be 1-{MAX_TARGET_PATH} characters")
+    if _CONTROL_RE.search(path):
+        raise UnsafeTargetPathError(f"target name {path!r} holds a control character")
     for segment in path.split("/"):
-        if not _TARGET_SEGMENT_RE.match(segment):
+        if segment in ("", ".", ".."):
             raise UnsafeTargetPathError(
-                f"target name {path!r} is not a plain relative path: segment {segment!r} "
-                "must start with a letter or digit and use only letters, digits and ._+-"
+                f"target name {path!r} has an empty, '.' or '..' segment: "
+                "it would not name one file under the repository's targets"
             )
     return path
+
+
+def check_plain_target_path(path: object) -> str:
+    """Return ``path`` if it is a plain target name, the kind this project publishes.
+
+    Stricter than ``check_target_path``, for the Image repository's own
+    names (``image_repo``): each ``/``-separated segment starts with a letter
+    or digit and uses only letters, digits and ``._+-``, so the name is the
+    same in a URL, on any file system and on the bus.
+    """
+    if isinstance(path, str):
+        for segment in path.split("/"):
+            if path and not _PLAIN_SEGMENT_RE.match(segment):
+                raise UnsafeTargetPathError(
+                    f"target name {path!r} is not a plain relative path: segment {segment!r} "
+                    "must start with a letter or digit and use only letters, digits and ._+-"
+                )
+    return check_target_path(path)
+
+
+# Characters a stored segment keeps as they are; everything else is %XX-escaped.
+_SAFE_SEGMENT_CHARS: Final = "+"  # plus quote()'s own: letters, digits, "_.-~"
+_MAX_SEGMENT_BYTES: Final = 200
+
+
+def _safe_segment(segment: str) -> str:
+    encoded = quote(segment, safe=_SAFE_SEGMENT_CHARS)
+    if encoded.startswith("."):  # no hidden files, no clash with temporary ".name.part" files
+        encoded = "%2E" + encoded[1:]
+    if len(encoded.encode()) > _MAX_SEGMENT_BYTES:  # quote() never writes "%H": no clash
+        encoded = "%H" + hashlib.sha256(segment.encode()).hexdigest()
+    return encoded
+
+
+def target_relpath(path: str) -> str:
+    """The relative file path that stores image ``path`` (after ``check_target_path``).
+
+    One-to-one and safe on any POSIX file system: each ``/``-separated
+    segment is percent-encoded except letters, digits and ``_.-~+``, a
+    leading ``.`` is encoded too, and a segment longer than 200 bytes once
+    encoded becomes ``%H`` + its SHA-256. Plain names (``apps/app-1.wasm``)
+    map to themselves.
+    """
+    check_target_path(path)
+    return "/".join(_safe_segment(s) for s in path.split("/"))
 
 
 def _int_field(value: object, what: str, minimum: int, maximum: int) -> int:
@@ -214,8 +270,13 @@ def build_custom(
     return custom
 
 
-def shall_match(custom: Mapping[str, Any]) -> dict[str, Any]:
-    """The SHALL-match subset of a target's custom fields, for comparison."""
+def shall_match(custom: object, what: str = "target") -> dict[str, Any]:
+    """The SHALL-match subset of a target's custom fields, for comparison.
+
+    Raises ``MetadataError`` when ``custom`` is missing or not an object.
+    """
+    if not isinstance(custom, Mapping):
+        raise MetadataError(f"{what}: custom must be an object, got {type(custom).__name__}")
     return {name: custom.get(name) for name in SHALL_MATCH_FIELDS}
 
 

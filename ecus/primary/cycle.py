@@ -60,6 +60,7 @@ from uptane.errors import (
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
     ManifestError,
+    StateError,
     TransportError,
     attack_name,
 )
@@ -99,7 +100,7 @@ class Primary(RepositorySync):
             if client.serial not in known:
                 raise ValueError(f"secondary {client.serial!r} is not in the primary config")
             self._clients[client.serial] = client
-        self.state = PrimaryState(config.state_dir)
+        self.state = PrimaryState(config.state_dir, self._signer)
         self._timer = timer
         self.fetcher = PolicyFetcher(config.download, timer=timer)
         self._http = (
@@ -127,17 +128,38 @@ class Primary(RepositorySync):
 
     def report_state(self) -> ReportState:
         """What the primary's next own report will say (attacks, last result)."""
-        return self.state.reports()
+        return self._reports()
+
+    def _reports(self) -> ReportState:
+        """The report state; a ``reports.json`` that fails authentication is replaced.
+
+        Its counter cannot be trusted, and a counter must never be reused, so
+        the new state counts on from the primary's clock in milliseconds (far
+        above any counter reached one report at a time) and its last result
+        says what happened (``StateError``, see ``ecus.primary.state``).
+        """
+        try:
+            return self.state.reports()
+        except StateError as e:
+            state = ReportState(report_counter=int(self.clock().timestamp() * 1000))
+            state.note_failure([], "internalError", f"state: {e}")
+            self.state.save_reports(state)
+            return state
 
     def own_report(self, nonce: bytes = b"") -> SignedEcuVersionReport:
         """Sign the primary's own ECU version report; bumps and persists its counter."""
-        state = self.state.reports()
+        state = self._reports()
         state.report_counter += 1
         self.state.save_reports(state)  # persisted before use: a counter is never reused
+        try:
+            installed = self.installed().get(self.config.ecu_serial)
+        except StateError as e:  # fail closed: claim nothing, say why
+            installed = None
+            state.note_failure([], "internalError", f"state: {e}")
         report = EcuVersionReport(
             ecu_serial=self.config.ecu_serial,
             hardware_id=self.config.hardware_id,
-            installed=self.installed().get(self.config.ecu_serial),
+            installed=installed,
             report_counter=state.report_counter,
             latest_time=self.clock().replace(microsecond=0),
             nonce=nonce,
@@ -248,7 +270,7 @@ class Primary(RepositorySync):
         signed, reports, issues = self.collect_reports()
         stages.enter(STAGE_MANIFEST)
         manifest = self.upload_manifest(signed)
-        state = self.state.reports()
+        state = self._reports()
         if manifest.accepted:
             # the Director has our attacks and last result: start afresh
             state.attacks, state.last_result, state.last_result_text = [], "ok", ""
@@ -273,7 +295,7 @@ class Primary(RepositorySync):
             stage = stages.close()
             attack = attack_name(e)
             issues.append(CycleIssue(stage, e, attack))
-            state = self.state.reports()
+            state = self._reports()
             state.note_failure([attack] if attack else [], result_code(e), f"{stage}: {e}")
             self.state.save_reports(state)
             return CycleResult(
@@ -346,7 +368,7 @@ class Primary(RepositorySync):
         if installed:
             self.state.update_installed(self._merge_installed(self.installed(), installed))
         if failed and done:
-            state = self.state.reports()
+            state = self._reports()
             state.note_failure([ATTACK_PARTIAL_BUNDLE], state.last_result, state.last_result_text)
             self.state.save_reports(state)
         return outcomes

@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 
 from ecus.primary.config import PrimaryConfig
@@ -47,7 +49,7 @@ from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
 )
-from uptane.metadata import UptaneTarget, check_target_path
+from uptane.metadata import UptaneTarget, target_relpath
 from uptane.verification.der import DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
@@ -67,17 +69,33 @@ from uptane.verification.matching import (
 
 T = TypeVar("T")
 
+#: What a failed cycle keeps of the metadata ngclient verified (``_keep_verified``).
+KEEP_ON_FAILURE: Final[Mapping[str, tuple[str, ...]]] = {
+    "director": ("root_history", "root.json", "timestamp.json", "snapshot.json"),
+    "image": ("root_history", "root.json", "timestamp.json", "snapshot.json", "targets.json"),
+}
+#: The same before the Director's targets passed the Uptane checks: its roots only.
+#: One set of Director keys signs every vehicle's metadata, and only targets name
+#: the vehicle, so another vehicle's newer timestamp/snapshot verify too: kept, they
+#: would make this vehicle's own metadata look like a rollback for good.
+KEEP_ON_FAILURE_UNCHECKED: Final[Mapping[str, tuple[str, ...]]] = {
+    "director": ("root_history", "root.json"),
+    "image": KEEP_ON_FAILURE["image"],
+}
+#: Files of a repository's metadata directory never set aside (``_set_aside``).
+_NOT_SET_ASIDE: Final = frozenset({"root_history", "root.json", "timestamp.json"})
+
 
 def safe_target_path(base: Path, name: str) -> Path:
     """Where image ``name`` goes under ``base``; refuses anything that escapes it.
 
-    The name must be a plain relative target path (``check_target_path``:
-    no ``..``, absolute paths, backslashes or percent-encoding) AND the
-    resolved path, symlinks followed, must stay inside ``base``.
+    Any name ``check_target_path`` accepts (TUF's free-form names) is mapped
+    to a safe relative path by ``target_relpath`` (percent-encoded segments,
+    no dot segments); the resolved path, symlinks followed, must also stay
+    inside ``base``.
     """
-    check_target_path(name)
     root = base.resolve()
-    candidate = (root / name).resolve()
+    candidate = (root / target_relpath(name)).resolve()
     if candidate == root or not candidate.is_relative_to(root):
         raise UnsafeTargetPathError(f"target {name!r} resolves outside the download directory")
     return candidate
@@ -203,11 +221,14 @@ class RepositorySync:
     ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer | None]:
         cfg = self.config
         scratch = self.state.begin()
+        keep = KEEP_ON_FAILURE_UNCHECKED
         try:
             # Director: TUF, then the Uptane-only checks (5.4.4.2 steps 1-6 + Director rules)
             stages.enter(STAGE_DIRECTOR)
             previous = self._previous_director_counters(scratch / "director")
-            director_updater, director_url = self._refresh(
+            _director_updater, director_url, director = self._sync_repository(
+                "director",
+                scratch / "director",
                 cfg.repository_map.director_urls,
                 lambda url: self._updater(
                     scratch / "director",
@@ -216,35 +237,29 @@ class RepositorySync:
                     cfg.director_root,
                     now,
                 ),
-            )
-            director = verify_repository(
-                "director",
-                self._repository_bytes(scratch / "director", director_updater, cfg.director_root),
+                cfg.director_root,
                 now,
             )
             director_targets = check_director_targets(
                 director.targets.signed, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
             )
+            keep = KEEP_ON_FAILURE  # this vehicle's Director metadata, checked
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
-            image_updater, _ = self._refresh(
+            names = list(dict.fromkeys(t.name for t in director_targets.by_ecu.values()))
+            for name in names:
+                cfg.repository_map.check_covered(name)
+            image_updater, _, image = self._sync_repository(
+                "image",
+                scratch / "image",
                 cfg.repository_map.image_urls,
                 lambda url: self._updater(
                     scratch / "image", f"{url}/metadata/", f"{url}/targets/", cfg.image_root, now
                 ),
-            )
-            # ngclient's lookup loads (and verifies) the roles on each target's path
-            looked_up: set[str] = set()
-            for target in director_targets.by_ecu.values():
-                cfg.repository_map.check_covered(target.name)
-                if target.name not in looked_up:
-                    self._tuf(functools.partial(image_updater.get_targetinfo, target.name))
-                    looked_up.add(target.name)
-            image = verify_repository(
-                "image",
-                self._repository_bytes(scratch / "image", image_updater, cfg.image_root),
+                cfg.image_root,
                 now,
+                names,
             )
 
             # Agreement, delegations and release counters (5.4.4.2 step 7)
@@ -301,10 +316,83 @@ class RepositorySync:
             reported = {s: r.installed for s, r in reports.items() if r.installed is not None}
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)
+        except Exception:
+            self._keep_verified(scratch, keep)
+            raise
         except BaseException:
             self.state.discard(scratch)
             raise
         return updates, dict(director_targets.by_ecu), der
+
+    # --- what a failed cycle keeps (TUF 5.3.8, 5.4.5, 5.5.7, 5.6.6) ----------------
+
+    def _keep_verified(self, scratch: Path, keep: Mapping[str, tuple[str, ...]]) -> None:
+        """Keep the roots and top-level metadata ngclient verified in a cycle that failed.
+
+        ngclient writes a file into the scratch copy only once it verified it,
+        so a root rotation, or a newer timestamp/snapshot, stays trusted even
+        though the cycle failed later: key revocations and rollback floors
+        move forward (TUF 5.3.8, 5.4.5, 5.5.7, 5.6.6). ``keep`` says what
+        (``KEEP_ON_FAILURE``; ``KEEP_ON_FAILURE_UNCHECKED`` while the Director's
+        metadata has not yet been shown to be this vehicle's). Never kept:
+        Director targets (the instructions, accepted with the rest or not at
+        all; their version stays protected by the kept snapshot), delegated
+        roles and ``installed.json``. A failure to keep is not allowed to hide the
+        cycle's own error: the scratch copy is then simply dropped.
+        """
+        try:
+            self.state.keep_metadata(scratch, keep)
+        except Exception:
+            self.state.discard(scratch)
+
+    # --- a stale local snapshot (ngclient reuses what it stored) -------------------
+
+    def _sync_repository(
+        self,
+        name: str,
+        metadata_dir: Path,
+        urls: tuple[str, ...],
+        make: Callable[[str], Updater],
+        bootstrap: bytes,
+        now: datetime,
+        lookups: Sequence[str] = (),
+    ) -> tuple[Updater, str, VerifiedRepository]:
+        """Refresh one repository with ngclient, look ``lookups`` up, re-verify the bytes.
+
+        ngclient reuses a stored snapshot (targets, delegated role) when the
+        new index names the version it holds, without checking its hashes; if
+        the repository changed that file's content without a version bump the
+        re-check refuses the stored copy, and would every cycle. So once, when
+        the re-check finds a length/hash mismatch, the stored snapshot and
+        targets files are set aside, their versions kept as the rollback floor
+        (``_check_floor``), and the repository is fetched afresh; only a
+        fresh copy that fails too is an error (``mix_and_match``). A fresh
+        attempt that fails puts the stored files back.
+        """
+
+        def attempt() -> tuple[Updater, str, VerifiedRepository]:
+            updater, url = self._refresh(urls, make)
+            for path in lookups:  # ngclient's lookup loads (and verifies) the roles on the path
+                self._tuf(functools.partial(updater.get_targetinfo, path))
+            data = self._repository_bytes(metadata_dir, updater, bootstrap)
+            return updater, url, verify_repository(name, data, now)
+
+        try:
+            return attempt()
+        except tuf_exc.LengthOrHashMismatchError:
+            floor = _snapshot_floor(metadata_dir)
+            if floor is None:
+                raise
+        aside = metadata_dir.with_name(f"{metadata_dir.name}.aside")
+        _set_aside(metadata_dir, aside)
+        try:
+            updater, url, verified = attempt()
+            _check_floor(name, floor, verified)
+        except BaseException:
+            _put_back(aside, metadata_dir)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        return updater, url, verified
 
     @staticmethod
     def _merge_installed(
@@ -379,7 +467,10 @@ class RepositorySync:
         tmp = Path(tmp_name)
         try:
             try:
-                updater.download_target(info, filepath=str(tmp))
+                # ngclient appends the name to the URL as it is: quote it, so that a
+                # name with "%", "?", "#" or spaces asks for that very file
+                url_info = TargetFile(info.length, info.hashes, quote(info.path, safe="/"))
+                updater.download_target(url_info, filepath=str(tmp))
             except tuf_exc.DownloadLengthMismatchError as e:
                 raise EndlessDataError(
                     f"{info.path!r}: server sent more than {info.length} bytes"
@@ -392,6 +483,58 @@ class RepositorySync:
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+
+def _snapshot_floor(metadata_dir: Path) -> Snapshot | None:
+    """The stored snapshot before a refetch (parsed, not re-verified), or None."""
+    try:
+        return Metadata[Snapshot].from_bytes((metadata_dir / "snapshot.json").read_bytes()).signed
+    except (OSError, DeserializationError):
+        return None
+
+
+def _set_aside(metadata_dir: Path, aside: Path) -> None:
+    """Move every stored role but root and timestamp out of ngclient's sight."""
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for entry in metadata_dir.iterdir():
+        if entry.name not in _NOT_SET_ASIDE:
+            os.replace(entry, aside / entry.name)
+
+
+def _put_back(aside: Path, metadata_dir: Path) -> None:
+    """Undo ``_set_aside``: drop what the fresh attempt stored, restore the old files."""
+    for entry in metadata_dir.iterdir():
+        if entry.name not in _NOT_SET_ASIDE:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for entry in aside.iterdir():
+        os.replace(entry, metadata_dir / entry.name)
+    aside.rmdir()
+
+
+def _check_floor(name: str, floor: Snapshot, fresh: VerifiedRepository) -> None:
+    """The fresh copy must not go back from the set-aside snapshot (TUF 5.5.5).
+
+    ngclient checks this itself against a stored snapshot; with the stored
+    one set aside, it is checked here: the snapshot version, and the version
+    of every role the old snapshot listed, which the new one must still list.
+    """
+    new = fresh.snapshot.signed
+    if new.version < floor.version:
+        raise tuf_exc.BadVersionNumberError(
+            f"{name} snapshot version {new.version} is below the stored {floor.version}"
+        )
+    for role, old in floor.meta.items():
+        meta = new.meta.get(role)
+        if meta is None:
+            raise tuf_exc.RepositoryError(f"{name} snapshot no longer lists {role}")
+        if meta.version < old.version:
+            raise tuf_exc.BadVersionNumberError(
+                f"{name} {role} version {meta.version} is below the stored {old.version}"
+            )
 
 
 def _runs(installed: InstalledImage | None, target: UptaneTarget) -> bool:

@@ -24,7 +24,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from uptane.errors import MixAndMatchError
+from uptane.errors import MixAndMatchError, RootRotationError
 
 _CONSISTENT_NAME: Final = re.compile(r"^(?P<version>[1-9][0-9]{0,18})\.(?P<role>.+)\.json$")
 
@@ -217,8 +217,10 @@ def classify_version_error(
     ``filename``/``data`` are the last metadata file downloaded. With
     consistent snapshots the file name carries the version its signed index
     promised; a file whose own version is *higher* was combined with an older
-    index: a mix-and-match, returned as ``MixAndMatchError``. Anything else
-    (a lower version, a timestamp going back) stays a rollback: ``error``.
+    index: a mix-and-match, returned as ``MixAndMatchError``. A root file
+    ``N.root.json`` of another version is a broken root rotation
+    (``RootRotationError``), not a mix-and-match. Anything else (a lower
+    version, a timestamp going back) stays a rollback: ``error``.
     """
     if filename is None or data is None:
         return error
@@ -230,6 +232,10 @@ def classify_version_error(
     except DeserializationError:
         return error
     expected = int(match.group("version"))
+    if match.group("role") == Root.type and served != expected:  # no index names roots
+        return RootRotationError(
+            f"{filename} carries root version {served}: not the rotation to version {expected}"
+        )
     if served > expected:
         return MixAndMatchError(
             f"{match.group('role')} version {served} served where its index names "

@@ -152,7 +152,8 @@ def match_target(director: TargetFile, image: TargetFile | None) -> None:
     Same name (``image`` is what the Image repository returns for the
     Director's name, through its delegations), same length, every hash the
     Director lists equal to the Image repository's, and equal SHALL-match
-    custom fields. Raises ``TargetMismatchError``.
+    custom fields. Raises ``TargetMismatchError``; ``MetadataError`` when
+    either target's ``custom`` is missing or not an object.
     """
     name = director.path
     if image is None:
@@ -173,7 +174,8 @@ def match_target(director: TargetFile, image: TargetFile | None) -> None:
             raise TargetMismatchError(
                 f"{name!r}: {algorithm} differs between Director and Image repository"
             )
-    d_fields, i_fields = shall_match(director.custom), shall_match(image.custom)
+    d_fields = shall_match(director.custom, f"Director target {name!r}")
+    i_fields = shall_match(image.custom, f"Image repository target {name!r}")
     if d_fields != i_fields:
         differing = sorted(k for k in d_fields if d_fields[k] != i_fields[k])
         raise TargetMismatchError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
-from tuf.api.metadata import TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from ecus.sim.compromise import (
     ImageRepoCompromise,
@@ -143,7 +143,16 @@ def _image_threshold(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
     attacker = ImageRepoCompromise(world.image_repo.path)
     served = attacker.sign_targets(lambda t: t.targets.__setitem__(evil.path, evil))
     _forget_download(vehicle, assignment.image)
-    arm, disarm = _overrides(world.image_board.overrides, served.files)
+    arm, undo = _overrides(world.image_board.overrides, served.files)
+
+    def disarm() -> None:
+        undo()
+        # the attacker's timestamp/snapshot verified and stay trusted (TUF 5.4.5, 5.5.7):
+        # the repository recovers from leaked online keys by replacing them (TUF 5.3.11)
+        for role in (Snapshot.type, Timestamp.type):
+            keyids = Metadata[Root].from_bytes(world.image_repo.root_bytes()).signed.roles[role]
+            world.image_repo.rotate_key(role, keyids.keyids[0])
+
     return _play(
         r,
         arm,
