@@ -468,7 +468,9 @@ def register_cmd(
             raise click.BadParameter(f"key file {keyfile}: {e}", param_hint="--ecu") from None
         specs.append(EcuSpec(serial, hw, key, primary=serial == primary))
     if primary not in {spec.serial for spec in specs}:
-        raise click.BadParameter(f"{primary!r} is not one of the --ecu serials", param_hint="--primary")
+        raise click.BadParameter(
+            f"{primary!r} is not one of the --ecu serials", param_hint="--primary"
+        )
     director = _open(directory, db_url)
     try:
         status = director.register_vehicle(vin, specs)

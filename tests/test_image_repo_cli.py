@@ -222,7 +222,9 @@ REFUSALS = [
         "already published by role 'acme'",
         id="release-counter-rollback-other-role",
     ),
-    pytest.param([], ["--capability", "network.raw"], "'network.raw' is not one of", id="capability"),
+    pytest.param(
+        [], ["--capability", "network.raw"], "'network.raw' is not one of", id="capability"
+    ),
     pytest.param([], ["--name", "../evil.wasm"], "not a plain relative path", id="dotdot"),
     pytest.param([], ["--name", "/etc/evil.wasm"], "not a plain relative path", id="absolute"),
     pytest.param([], ["--name", "a\\evil.wasm"], "not a plain relative path", id="backslash"),
