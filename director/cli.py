@@ -55,10 +55,10 @@ def database_error_text(e: BaseException, url: str | None = None) -> str | None:
     sa_exc = sys.modules.get("sqlalchemy.exc")
     where = f" {_hide_password(url)}" if url else ""
     if sa_exc is not None:
+        if isinstance(e, sa_exc.NoSuchModuleError):  # an ArgumentError too
+            return f"unsupported database{where}: use {SUPPORTED_DATABASES}"
         if isinstance(e, sa_exc.ArgumentError):
             return f"invalid database URL{where}: {one_line(str(e))}; use {SUPPORTED_DATABASES}"
-        if isinstance(e, sa_exc.NoSuchModuleError):
-            return f"unsupported database{where}: use {SUPPORTED_DATABASES}"
         if isinstance(e, sa_exc.DBAPIError | sa_exc.OperationalError):
             orig = getattr(e, "orig", None) or e
             first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(e).__name__

@@ -510,3 +510,156 @@ def test_root_rotation_refused_without_a_threshold_of_old_root_keys(repo: Path, 
     assert result.exit_code != 0
     assert "keys of the root it replaces" in result.output
     assert tree(repo) == before
+
+
+# --- the module ABI, checked at add ------------------------------------------------
+
+WAT_DIR = Path(__file__).parent / "wat"
+
+
+def _module(tmp_path: Path, wat: str) -> Path:
+    p = tmp_path / "m.wasm"
+    p.write_bytes(bytes(wasmtime.wat2wasm(wat)))
+    return p
+
+
+ABI_REFUSALS = [
+    pytest.param(
+        LOG_SENSOR, ["--capability", "log"], "needs capability 'sensor.read'", id="missing"
+    ),
+    pytest.param(MINIMAL % "", ["--capability", "health"], "drop --capability health", id="unused"),
+    pytest.param(
+        """(module (memory (export "memory") 1)
+          (func (export "self_test") (result i32) (i32.const 0)))""",
+        [],
+        "does not export function tick(i64) -> (i64)",
+        id="no-tick",
+    ),
+    pytest.param(
+        """(module (func (export "self_test") (result i32) (i32.const 0))
+          (func (export "tick") (param i64) (result i64) (local.get 0)))""",
+        [],
+        "does not export its memory",
+        id="no-memory",
+    ),
+    pytest.param(
+        MINIMAL.replace(
+            "(param i64) (result i64) (local.get 0)", "(param i32) (result i32) (local.get 0)"
+        )
+        % "",
+        [],
+        "export tick must have signature (i64) -> (i64)",
+        id="tick-signature",
+    ),
+    pytest.param(
+        '(module (import "env" "abort" (func)) ' + MINIMAL[len("(module ") :] % "",
+        [],
+        "import env.abort is not a host function",
+        id="foreign-import",
+    ),
+    pytest.param(
+        '(module (import "uptane" "log" (func (param i32))) ' + MINIMAL[len("(module ") :] % "",
+        ["--capability", "log"],
+        "import uptane.log must have signature (i32, i32) -> ()",
+        id="import-signature",
+    ),
+    pytest.param(
+        MINIMAL.replace('(memory (export "memory") 1)', '(memory (export "memory") 4)') % "",
+        ["--memory-pages", "2"],
+        "needs 4 memory pages, --memory-pages is 2",
+        id="memory",
+    ),
+]
+
+
+@pytest.mark.parametrize(("wat", "args", "message"), ABI_REFUSALS)
+def test_add_checks_the_module_against_what_is_signed(
+    repo: Path, run: Run, tmp_path: Path, wat: str, args: list[str], message: str
+) -> None:
+    module = _module(tmp_path, wat)
+    before = tree(repo)
+    result = run("add", repo, module, "--hardware-id", "hw", "--release-counter", 1, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
+    assert tree(repo) == before
+
+
+def test_add_help_lists_capabilities_abi_and_a_minimal_app(
+    run: Run, repo: Path, tmp_path: Path
+) -> None:
+    from image_repo.abi import MINIMAL_WAT
+
+    text = run("add", "--help").output
+    for word in (
+        "log",
+        "health",
+        "sensor.read",
+        "actuator.write",
+        "sensor_read",
+        "actuator_write",
+        "self_test",
+        "tick",
+        "version",
+        "memory",
+        "docs/wasm-abi.md",
+    ):
+        assert word in text
+    for line in MINIMAL_WAT.splitlines():
+        assert line.strip() in text
+    # the minimal app of the help is accepted, and a secondary loads it
+    ok(
+        run(
+            "add",
+            repo,
+            _module(tmp_path, MINIMAL_WAT),
+            "--hardware-id",
+            "hw",
+            "--release-counter",
+            1,
+        )
+    )
+
+
+def test_abi_tables_match_the_secondarys_wasm_host() -> None:
+    """image_repo.abi repeats the ABI of ecus.secondary.wasm_host: they must agree."""
+    from ecus.secondary import wasm_host
+    from image_repo import abi
+
+    host = {
+        name: (cap, sig.params, sig.results) for name, (cap, sig) in wasm_host._HOST_FUNCS.items()
+    }
+    assert host == {f.name: (f.capability, f.params, f.results) for f in abi.HOST_FUNCTIONS}
+    exports = {
+        name: (sig.params, sig.results, required)
+        for name, (sig, required) in wasm_host._EXPORT_FUNCS.items()
+    }
+    assert exports == {f.name: (f.params, f.results, f.required) for f in abi.EXPORTS}
+    assert wasm_host.ABI_MODULE == abi.ABI_MODULE
+
+
+@pytest.mark.parametrize("wat", sorted(WAT_DIR.glob("*.wat")), ids=lambda p: p.stem)
+def test_abi_check_agrees_with_the_secondary_on_every_test_module(wat: Path) -> None:
+    """What add refuses statically, a secondary refuses at compile (and vice versa)."""
+    from ecus.secondary.wasm_host import WasmHost
+    from image_repo.abi import HOST_FUNCTIONS, check_module
+    from uptane.errors import WasmError
+    from uptane.metadata import KNOWN_CAPABILITIES, Limits
+
+    data = bytes(wasmtime.wat2wasm(wat.read_text()))
+    limits = Limits()
+    module = wasmtime.Module(wasmtime.Engine(), data)
+    imported = {i.name for i in module.imports if i.module == "uptane"}
+    # grant exactly what the module imports: only the ABI itself can refuse it
+    caps = sorted({f.capability for f in HOST_FUNCTIONS if f.name in imported} & KNOWN_CAPABILITIES)
+    try:
+        WasmHost().compile(data, caps, limits)
+        host_ok = True
+    except WasmError:
+        host_ok = False
+    try:
+        check_module(data, caps, limits)
+        static_ok = True
+    except WasmError:
+        static_ok = False
+    assert static_ok == host_ok
