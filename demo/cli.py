@@ -70,8 +70,8 @@ def print_scenarios(console: Console) -> None:
     from ecus.sim.scenarios import SCENARIOS
 
     table = Table(title="scenarios (uptane demo --scenarios a,b,c)")
-    table.add_column("name")
-    table.add_column("attack reported")
+    table.add_column("name", no_wrap=True)
+    table.add_column("attack reported", no_wrap=True)
     table.add_column("what happens")
     table.add_column("defeated by")
     for sc in SCENARIOS:
