@@ -112,15 +112,6 @@ MINIMAL_WAT: Final = """\
 """
 
 
-def describe_abi() -> str:
-    """The ABI as plain text (for ``add --help`` and the docs)."""
-    lines = ["Capabilities (--capability) and the imports they grant, from module 'uptane':"]
-    lines += [f"  {f.capability:<15} {f.name} {f.signature}: {f.purpose}" for f in HOST_FUNCTIONS]
-    lines.append("Exports: memory (one 32-bit memory within --memory-pages)")
-    lines += [f"  {f.name} {f.signature}: {f.purpose}" for f in EXPORTS]
-    return "\n".join(lines)
-
-
 def _compile(data: bytes) -> wasmtime.Module:
     if not data.startswith(WASM_MAGIC):
         # wasmtime would also parse WAT text; images are binary modules

@@ -86,8 +86,8 @@ Capabilities (--capability) and the imports they grant, from module "uptane":
 \b
 Exports:
   memory                    one 32-bit memory, at most --memory-pages pages
-  self_test() -> i32        0 = pass (run once per trial, --fuel per call)
-  tick(i64 t) -> i64        the app's output at tick t
+  self_test() -> i32        0 = pass (run once per trial)
+  tick(i64 t) -> i64        the app's output at tick t (--fuel per call)
   version() -> i32          optional: the app's own version
 \b
 A minimal app (no capability; compile with wat2wasm, or

@@ -200,6 +200,30 @@ def test_once_fails_when_a_secondary_is_unreachable(
     assert "manifest: refused (missing_ecu" in out
 
 
+def test_loop_mode_prints_the_same_line_every_cycle(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ecus_cli, "LINK_TIMEOUT", 0.5)
+    vin = f"CLI{uuid.uuid4().hex[:8]}"
+    channel = f"ecu-cli-{uuid.uuid4().hex[:8]}"  # nobody answers on it
+    primary_cfg, _, serial = write_configs(world, tmp_path, vin, channel)
+    config, can_setup = load_primary(primary_cfg)
+    can_setup = replace(can_setup, bus=CanBusConfig(interface="virtual", channel=channel))
+    lines: list[str] = []
+    stop = threading.Event()
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 2:
+            stop.set()
+
+    ok = ecus_cli.run_cycles(config, can_setup, once=False, interval=0, echo=echo, stop=stop)
+    assert not ok and len(lines) == 2
+    for n, line in enumerate(lines, 1):
+        assert line.startswith(f"cycle {n}: FAILED") and f"{serial} unreachable" in line
+        assert "manifest: refused (missing_ecu" in line
+
+
 def test_once_fails_and_director_list_shows_why_when_the_secondary_refuses(
     world: World, tmp_path: Path
 ) -> None:
