@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from uptane.cli import PartGroup, one_line
+from uptane.cli import PartGroup, check_listen, one_line
 
 if TYPE_CHECKING:
     from director.config import DirectorConfig
@@ -62,7 +62,10 @@ def database_error_text(e: BaseException, url: str | None = None) -> str | None:
         if isinstance(e, sa_exc.DBAPIError | sa_exc.OperationalError):
             orig = getattr(e, "orig", None) or e
             first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(e).__name__
-            return f"cannot use the database{where}: {first}"
+            return (
+                f"cannot use the database{where}: {first} (is it running? the URL is --db "
+                "or db_url in director.json)"
+            )
     if isinstance(e, ModuleNotFoundError):
         return (
             f"no driver for the database{where} (module {e.name} is not installed); "
@@ -388,9 +391,10 @@ def serve_cmd(
     from director.server import NoDelayH11Protocol
 
     config = _load(directory, db_url)
-    director = _open(directory, db_url)  # migrate + import roots once, up front
     bind_host = host or config.host
     bind_port = config.port if port is None else port
+    check_listen(bind_host, bind_port)
+    director = _open(directory, db_url)  # migrate + import roots once, up front
     if workers > 1:
         director.close()
         os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())

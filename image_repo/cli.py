@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from uptane.cli import PartGroup
+from uptane.cli import PartGroup, check_listen
 
 if TYPE_CHECKING:
     from image_repo.repo import ImageRepository, RepoStatus
@@ -279,4 +279,5 @@ def serve_cmd(repo_dir: Path, host: str, port: int) -> None:
     from image_repo.server import serve
 
     _repo(repo_dir)  # refuse a directory that is not a repository
+    check_listen(host, port)
     serve(repo_dir, host=host, port=port)

@@ -247,3 +247,16 @@ def test_image_repo_status_shows_key_ids_per_role(tmp_path: Path) -> None:
 
 def test_unknown_command_is_one_line() -> None:
     one_error(invoke("image-repo", "nosuch"), "No such command", code=2)
+
+
+def test_serve_on_a_busy_port_is_one_line(director_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    repo = tmp_path / "repo"
+    assert invoke("image-repo", "init", repo).exit_code == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv in (["director", "serve", director_dir], ["image-repo", "serve", repo]):
+            one_error(invoke(*argv, "--port", port), f"cannot listen on 127.0.0.1:{port}", "--port")

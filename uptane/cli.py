@@ -42,6 +42,20 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def check_listen(host: str, port: int) -> None:
+    """Raise a one-line ``ClickException`` if a server could not listen on ``host:port``."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
+        ) from None
+
+
 def error_text(e: BaseException) -> str | None:
     """The message for an operator mistake, or None if ``e`` is a bug (let it raise)."""
     from uptane.errors import UptaneError  # imports tuf: only when an error happens
