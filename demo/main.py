@@ -454,7 +454,7 @@ class Demo:
         reachable = all(e.last_result != "unreachable" for e in outcome.ecus.values())
         on_v2 = all((e.release_counter or 0) >= 2 for e in outcome.ecus.values())
         self.report.expect(
-            "every ECU runs its assigned image (v2 or a later release), nothing pending",
+            "every ECU runs its assigned image (v2 or later), nothing pending",
             outcome.ok and reachable and on_v2 and not pending,
             f"pending: {', '.join(pending) or 'none'}",
         )
@@ -571,7 +571,7 @@ def closing_table(report: DemoReport) -> Table:
 def expectations_table(report: DemoReport) -> Table:
     table = Table(title="expected outcomes")
     table.add_column("")
-    table.add_column("expectation")
+    table.add_column("expectation", no_wrap=True)
     table.add_column("detail")
     for e in report.expectations:
         table.add_row(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final
 
 APPS_DIR: Final = Path(__file__).resolve().parent
-CALIBRATION_KIB: Final = 96
+CALIBRATION_KIB: Final = 64
 TABLE_OFFSET: Final = 65536  # the second memory page: the app's own data stays in the first
 _PAGE: Final = 65536
 _MEMORY: Final = '(memory (export "memory") 1)'
