@@ -41,7 +41,7 @@ from rich.text import Text
 from demo.apps import CALIBRATION_KIB, demo_app
 from ecus.primary import CycleResult
 from ecus.primary.fetch import PolicyFetcher
-from ecus.sim.runner import quiet_logs, quiet_power_cuts
+from ecus.sim.runner import NOISY_LOGGERS, quiet_logs, quiet_power_cuts
 from ecus.sim.scenarios import SCENARIOS, Scenario, ScenarioOutcome, scenario
 from ecus.sim.world import (
     PRIMARY_HW,
@@ -339,7 +339,7 @@ class Demo:
         published = world.publish(version, hws, data=demo_app(version))
         for name, target in published.items():
             self.say(
-                f"published {name} ({target.length / 1024:.0f} KiB, with its "
+                f"published {name} ({target.length} bytes: the app and its "
                 f"{CALIBRATION_KIB} KiB calibration table)"
             )
         count = world.assign_version(version, hws, [vehicle.vin])
@@ -590,6 +590,9 @@ def run_demo(options: DemoOptions, console: Console, directory: Path) -> DemoRep
         stack.enter_context(quiet_logs())
         stack.enter_context(quiet_power_cuts())
         demo.setup(stack)
+        # the servers' start configured uvicorn's loggers: quiet them again (a scenario
+        # breaks connections on purpose; its outcome is reported, not a traceback)
+        stack.enter_context(quiet_logs((*NOISY_LOGGERS, "uvicorn.error")))
         if demo.update_to(1):
             before = demo.ticks(1)
             if demo.update_to(2):

@@ -52,8 +52,8 @@ def test_output_fits_100_columns_and_faults_read_the_same(output: str) -> None:
     row = next(ln for ln in output.splitlines() if ln.startswith("│ power-cut-chunk"))
     assert "none (a fault)" in row
     # the demo's apps have a realistic size, so the CAN transfers are real ones
-    sizes = [int(m) for m in re.findall(r"blink-v\d\.wasm \((\d+) KiB", output)]
-    assert sizes and all(64 <= kib <= 256 for kib in sizes), sizes
+    sizes = [int(m) for m in re.findall(r"blink-v\d\.wasm \((\d+) bytes", output)]
+    assert len(sizes) == 6 and all(64 * 1024 <= n <= 256 * 1024 for n in sizes), sizes
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_full_default_demo() -> None:
     out = result.output
     for sc in SCENARIOS:
         assert f"scenario {sc.name} blocked and recovered" in out
-    assert "FAIL" not in out
+    assert "FAIL" not in out and "Traceback" not in out
     rows = closing_rows(out)
     assert len(rows) == 4
     assert f"All {len(SCENARIOS) + 4} expected outcomes happened" in out
