@@ -260,3 +260,11 @@ def test_serve_on_a_busy_port_is_one_line(director_dir: Path, tmp_path: Path) ->
         port = busy.getsockname()[1]
         for argv in (["director", "serve", director_dir], ["image-repo", "serve", repo]):
             one_error(invoke(*argv, "--port", port), f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_ecu_keygen_into_an_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    one_error(invoke("ecu", "keygen", a_file / "keys", "b1"), "Not a directory")
+    assert invoke("ecu", "keygen", tmp_path / "keys", "b1").exit_code == 0
+    one_error(invoke("ecu", "keygen", tmp_path / "keys", "b1"), "refusing to overwrite")
