@@ -1,17 +1,25 @@
-"""``uptane demo``: the whole system on one machine, in well under a minute."""
+"""``uptane demo``: the whole system on one machine, in well under a minute.
+
+The demo's modules (servers, ECUs, scenarios) are imported when it runs, so
+``--help`` is quick.
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from demo.main import DemoOptions, run_demo
-from ecus.sim.scenarios import SCENARIOS, scenario
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ecus.sim.scenarios import Scenario
+
+#: Output width when not on a terminal (CI, pipes): the tables fit in it.
+WIDTH = 100
 
 
 class DemoFailed(click.ClickException):
@@ -20,10 +28,19 @@ class DemoFailed(click.ClickException):
     exit_code = 1
 
 
+def scenario(name: str) -> Scenario:
+    """The scenario called ``name`` (``ecus.sim.scenarios.scenario``)."""
+    from ecus.sim.scenarios import scenario as lookup
+
+    return lookup(name)
+
+
 def _console() -> Console:
+    from rich.console import Console
+
     console = Console(highlight=False)
-    if not console.is_terminal:  # CI, pipes: wide enough for the tables
-        console = Console(highlight=False, width=160)
+    if not console.is_terminal:  # CI, pipes: the tables fit in WIDTH columns
+        console = Console(highlight=False, width=WIDTH)
     return console
 
 
@@ -48,9 +65,13 @@ def _scenario_names(value: str | None) -> tuple[str, ...] | None:
 
 
 def print_scenarios(console: Console) -> None:
+    from rich.table import Table
+
+    from ecus.sim.scenarios import SCENARIOS
+
     table = Table(title="scenarios (uptane demo --scenarios a,b,c)")
-    table.add_column("name")
-    table.add_column("attack reported")
+    table.add_column("name", no_wrap=True)
+    table.add_column("attack reported", no_wrap=True)
     table.add_column("what happens")
     table.add_column("defeated by")
     for sc in SCENARIOS:
@@ -120,6 +141,8 @@ def cli(
 
     The servers' URLs and the directory are printed; the servers stop at exit.
     """
+    from demo.main import DemoOptions, run_demo
+
     console = _console()
     if list_scenarios:
         print_scenarios(console)

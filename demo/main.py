@@ -38,9 +38,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from demo.apps import CALIBRATION_KIB, demo_app
 from ecus.primary import CycleResult
 from ecus.primary.fetch import PolicyFetcher
-from ecus.sim.runner import quiet_logs, quiet_power_cuts
+from ecus.sim.runner import NOISY_LOGGERS, quiet_logs, quiet_power_cuts
 from ecus.sim.scenarios import SCENARIOS, Scenario, ScenarioOutcome, scenario
 from ecus.sim.world import (
     PRIMARY_HW,
@@ -335,9 +336,13 @@ class Demo:
         assert world is not None and vehicle is not None
         self.step(f"Version {version}")
         hws = sorted(set(self.hardware_ids))
-        published = world.publish(version, hws)
+        # the demo's builds carry a calibration table: a realistic size for a CAN transfer
+        published = world.publish(version, hws, data=demo_app(version))
         for name, target in published.items():
-            self.say(f"published {name} ({target.length} bytes) to the Image repository")
+            self.say(
+                f"published {name} ({target.length} bytes: the app and its "
+                f"{CALIBRATION_KIB} KiB calibration table)"
+            )
         if version > 1:  # and v{n-1} -> v{n} as signed deltas (docs/deltas.md)
             for hw in hws:
                 line = add_delta_between(
@@ -426,25 +431,24 @@ class Demo:
             self.say(
                 f"[{index}/{len(chosen)}] {mark} {escape(sc.name)} ({elapsed:.1f} s): {escape(verdict)}"
             )
+            self.say(f"      [dim]defeated by: {escape(sc.defeated_by)}[/dim]")
             self.report.expect(f"scenario {sc.name} blocked and recovered", ok, short)
-        table = Table(title="attacks and faults")
-        table.add_column("scenario")
-        table.add_column("blocked")
+        table = Table(title="attacks and faults (each one's defence: in its line above)")
+        table.add_column("scenario", no_wrap=True)
+        table.add_column("blocked", no_wrap=True)
         table.add_column("detected")
-        table.add_column("slots unchanged")
-        table.add_column("recovered")
-        table.add_column("defeated by")
+        table.add_column("slots unchanged", no_wrap=True)
+        table.add_column("recovered", no_wrap=True)
         for sc, outcome in self.report.scenarios:
             if outcome is None:
-                table.add_row(sc.name, "crashed", "", "", "", sc.defeated_by)
+                table.add_row(sc.name, "crashed", "", "", "")
                 continue
             table.add_row(
                 sc.name,
                 "yes" if outcome.blocked else "NO",
-                ", ".join(outcome.detected) or "-",
+                detected_text(outcome),
                 "yes" if outcome.slots_unchanged else "no",
                 "yes" if outcome.recovered else "NO",
-                sc.defeated_by,
             )
         self.console.print(table)
 
@@ -466,7 +470,7 @@ class Demo:
         reachable = all(e.last_result != "unreachable" for e in outcome.ecus.values())
         on_v2 = all((e.release_counter or 0) >= 2 for e in outcome.ecus.values())
         self.report.expect(
-            "every ECU runs its assigned image (v2 or a later release), nothing pending",
+            "every ECU runs its assigned image (v2 or later), nothing pending",
             outcome.ok and reachable and on_v2 and not pending,
             f"pending: {', '.join(pending) or 'none'}",
         )
@@ -511,6 +515,11 @@ def _attack_list(counts: Counter[str] | None) -> tuple[str, ...]:
     return tuple(f"{name} x{n}" if n > 1 else name for name, n in sorted(counts.items()))
 
 
+def detected_text(outcome: ScenarioOutcome) -> str:
+    """The attacks a scenario's outcome names, the same in its line and in the table."""
+    return ", ".join(outcome.detected) or "none (a fault)"
+
+
 def _verdict(sc: Scenario, outcome: ScenarioOutcome | None, crash: str) -> tuple[bool, str, str]:
     """(as expected?, a short summary, the whole story) of one scenario."""
     if outcome is None:
@@ -523,8 +532,7 @@ def _verdict(sc: Scenario, outcome: ScenarioOutcome | None, crash: str) -> tuple
         problems.append("did NOT recover")
     if sc.attack is not None and sc.attack not in outcome.detected:
         problems.append(f"{sc.attack} not detected")
-    seen = ", ".join(outcome.detected) or "no attack named (fault)"
-    short = f"detected: {seen}"
+    short = f"detected: {detected_text(outcome)}"
     text = short
     if outcome.error:
         text += f"; error: {outcome.error}"
@@ -536,20 +544,40 @@ def _verdict(sc: Scenario, outcome: ScenarioOutcome | None, crash: str) -> tuple
     return not problems, short, text
 
 
+def short_serial(vin: str, serial: str) -> str:
+    """An ECU serial without the VIN prefix the table's title already shows."""
+    return serial.removeprefix(f"{vin}-") or serial
+
+
+def short_image(hardware_id: str, name: str | None) -> str:
+    """An image name without the ``apps/<hardware id>/`` its row already shows."""
+    if not name:
+        return "-"
+    return name.removeprefix(f"apps/{hardware_id}/")
+
+
 def closing_table(report: DemoReport) -> Table:
-    table = Table(title=f"vehicle {report.vin}: final state")
-    table.add_column("ECU")
-    table.add_column("hardware id")
-    table.add_column("installed version (release)")
-    table.add_column("image")
-    table.add_column("last result")
-    table.add_column("attacks detected")
+    """The final state per ECU, at most 100 columns wide, names never cut.
+
+    Serials lose the VIN prefix and image names the ``apps/<hardware id>/``
+    prefix (the caption says so); attack lists wrap between names.
+    """
+    table = Table(
+        title=f"vehicle {report.vin}: final state",
+        caption=f"ECU = serial after '{report.vin}-'; image = name after 'apps/<hardware id>/'",
+    )
+    table.add_column("ECU", no_wrap=True)
+    table.add_column("hardware id", no_wrap=True)
+    table.add_column("release", no_wrap=True)
+    table.add_column("image", no_wrap=True)
+    table.add_column("last result", max_width=24)
+    table.add_column("attacks detected", max_width=28)
     for row in report.ecus:
         table.add_row(
-            row.serial,
+            short_serial(report.vin, row.serial),
             row.hardware_id,
             "-" if row.release is None else f"v{row.release}",
-            row.installed or "-",
+            short_image(row.hardware_id, row.installed),
             row.last_result,
             ", ".join(row.attacks) or "none",
         )
@@ -559,7 +587,7 @@ def closing_table(report: DemoReport) -> Table:
 def expectations_table(report: DemoReport) -> Table:
     table = Table(title="expected outcomes")
     table.add_column("")
-    table.add_column("expectation")
+    table.add_column("expectation", no_wrap=True)
     table.add_column("detail")
     for e in report.expectations:
         table.add_row(
@@ -578,6 +606,9 @@ def run_demo(options: DemoOptions, console: Console, directory: Path) -> DemoRep
         stack.enter_context(quiet_logs())
         stack.enter_context(quiet_power_cuts())
         demo.setup(stack)
+        # the servers' start configured uvicorn's loggers: quiet them again (a scenario
+        # breaks connections on purpose; its outcome is reported, not a traceback)
+        stack.enter_context(quiet_logs((*NOISY_LOGGERS, "uvicorn.error")))
         if demo.update_to(1):
             before = demo.ticks(1)
             if demo.update_to(2):

@@ -5,6 +5,11 @@ keys; they sign the Director root chain into ``DIR/root/``. Every other
 command opens the database named in ``DIR/director.json`` (or ``--db``),
 runs the migrations and imports newer root versions first, so a fresh
 directory needs nothing but ``init``.
+
+Every command takes the Director directory DIR as its first argument, like
+``uptane image-repo`` (``--dir DIR`` and ``UPTANE_DIRECTOR_DIR`` also work).
+Heavy libraries (SQLAlchemy, FastAPI, tuf) are imported inside the commands,
+so ``--help`` is quick.
 """
 
 from __future__ import annotations
@@ -17,45 +22,143 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from tuf.api.metadata import Metadata, Root
 
-from director.config import CONFIG_FILE, DEFAULT_PORT, ONLINE_ROLES, DirectorConfig
-from director.service import Director, EcuSpec, check_ecu_key
-from uptane import der_metadata
-from uptane.errors import ConfigError
-from uptane.keys import KeyRef, generate_ed25519
-from uptane.repository import DirectoryStore, ExpiryPolicy, SigningRepository
+from uptane.cli import PartGroup, check_listen, one_line
+
+if TYPE_CHECKING:
+    from director.config import DirectorConfig
+    from uptane.keys import KeyRef
+    from uptane.repository import SigningRepository
 
 F = TypeVar("F", bound=Callable[..., Any])
 DIR_ENV = "UPTANE_DIRECTOR_DIR"
+# director.config's, repeated so that --help needs no import of the config module
+DEFAULT_PORT = 8084
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+SUPPORTED_DATABASES = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def database_error_text(e: BaseException, url: str | None = None) -> str | None:
+    """One line for a database URL or connection problem, None if ``e`` is not one."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    where = f" {_hide_password(url)}" if url else ""
+    if sa_exc is not None:
+        if isinstance(e, sa_exc.NoSuchModuleError):  # an ArgumentError too
+            return f"unsupported database{where}: use {SUPPORTED_DATABASES}"
+        if isinstance(e, sa_exc.ArgumentError):
+            return f"invalid database URL{where}: {one_line(str(e))}; use {SUPPORTED_DATABASES}"
+        if isinstance(e, sa_exc.DBAPIError | sa_exc.OperationalError):
+            orig = getattr(e, "orig", None) or e
+            first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(e).__name__
+            return (
+                f"cannot use the database{where}: {first} (is it running? the URL is --db "
+                "or db_url in director.json)"
+            )
+    if isinstance(e, ModuleNotFoundError):
+        return (
+            f"no driver for the database{where} (module {e.name} is not installed); "
+            f"use {SUPPORTED_DATABASES}"
+        )
+    return None
+
+
+def check_db_url(url: str) -> None:
+    """Raise ``ConfigError`` unless ``url`` parses and its driver is installed (no connection)."""
+    from director.db import make_engine
+    from uptane.errors import ConfigError
+
+    try:
+        make_engine(url).dispose()
+    except Exception as e:
+        text = database_error_text(e, url)
+        if text is None:
+            raise
+        raise ConfigError(text) from None
+
+
+class _DirCommand(click.Command):
+    """A command whose first argument DIR may also be given as ``--dir DIR``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--dir" and i + 1 < len(args):
+                value = args[i + 1]
+                del args[i : i + 2]
+                args.insert(0, value)
+                break
+            if arg.startswith("--dir="):
+                del args[i]
+                args.insert(0, arg[len("--dir=") :])
+                break
+        return super().parse_args(ctx, args)
+
+
+class _DirectorGroup(PartGroup):
+    """Director commands: database mistakes are one line too."""
+
+    command_class = _DirCommand
+
+    def error_text(self, e: BaseException) -> str | None:
+        return database_error_text(e) or super().error_text(e)
 
 
 def _dir_option(f: F) -> F:
-    return click.option(
-        "--dir",
+    """DIR, the Director directory (first argument; ``--dir DIR`` is accepted too)."""
+    return click.argument(
         "directory",
+        metavar="DIR",
         type=click.Path(file_okay=False, path_type=Path),
-        default="director",
-        show_default=True,
         envvar=DIR_ENV,
-        help="Director directory (written by `init`).",
     )(f)
 
 
 def _db_option(f: F) -> F:
     return click.option(
-        "--db", "db_url", default=None, help="Database URL (default: from director.json)."
+        "--db",
+        "db_url",
+        default=None,
+        metavar="URL",
+        help=f"Database URL ({SUPPORTED_DATABASES}; default: from director.json).",
     )(f)
 
 
 def _load(directory: Path, db_url: str | None) -> DirectorConfig:
+    from director.config import DirectorConfig
+
     config = DirectorConfig.load(directory)
     if db_url:
+        check_db_url(db_url)
         config.db_url = db_url
     return config
+
+
+def _open(directory: Path, db_url: str | None) -> Any:
+    """The ``Director`` of DIR, with database errors naming the URL."""
+    from director.service import Director
+
+    config = _load(directory, db_url)
+    try:
+        return Director.from_config(config)
+    except Exception as e:
+        text = database_error_text(e, config.db_url)
+        if text is None:
+            raise
+        raise click.ClickException(text) from None
 
 
 def _free_key_name(keys_dir: Path, prefix: str) -> str:
@@ -68,6 +171,8 @@ def _free_key_name(keys_dir: Path, prefix: str) -> str:
 
 
 def _root_repo(config: DirectorConfig, signers: list[KeyRef]) -> SigningRepository:
+    from uptane.repository import DirectoryStore, ExpiryPolicy, SigningRepository
+
     repo = SigningRepository(
         store=DirectoryStore(config.root_dir), expiry=ExpiryPolicy(root=config.root_expiry)
     )
@@ -76,10 +181,14 @@ def _root_repo(config: DirectorConfig, signers: list[KeyRef]) -> SigningReposito
 
 
 def _write_root_der(config: DirectorConfig, repo: SigningRepository, refs: list[KeyRef]) -> int:
+    from tuf.api.metadata import Metadata, Root
+
+    from uptane import der_metadata
+    from uptane.repository import atomic_write
+
     md: Metadata[Root] = repo.open(Root.type)
     der = der_metadata.to_der_metadata(md, [ref.signer() for ref in refs])
     path = config.root_dir / f"{md.signed.version}.root.der"
-    from uptane.repository import atomic_write
 
     atomic_write(path, der)
     return md.signed.version
@@ -96,12 +205,25 @@ def init_director(
     root_threshold: int = 1,
     token: str | None = None,
 ) -> DirectorConfig:
-    """Create keys, root version 1 (JSON + DER) and ``director.json`` in ``directory``."""
+    """Create keys, root version 1 (JSON + DER) and ``director.json`` in ``directory``.
+
+    ``db_url`` (empty: SQLite in the directory) is checked before anything is written.
+    """
+    from tuf.api.metadata import Root
+
+    from director.config import CONFIG_FILE, DirectorConfig
+    from uptane.errors import ConfigError
+    from uptane.keys import generate_ed25519
+
     directory = Path(directory)
     if (directory / CONFIG_FILE).exists():
         raise ConfigError(f"{directory / CONFIG_FILE} exists; refusing to overwrite")
     if not 1 <= root_threshold <= root_keys:
         raise ConfigError("need 1 <= root threshold <= number of root keys")
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory")
+    if db_url:
+        check_db_url(db_url)
     directory.mkdir(parents=True, exist_ok=True)
     config = DirectorConfig(
         directory=directory,
@@ -135,6 +257,11 @@ def rotate_key(config: DirectorConfig, role: str) -> tuple[int, KeyRef]:
     Returns the new root version and key. Restart running servers afterwards
     when an online key changed (they load online keys at start).
     """
+    from tuf.api.metadata import Root
+
+    from uptane.errors import ConfigError
+    from uptane.keys import generate_ed25519
+
     if role not in (Root.type, *ONLINE_ROLES):
         raise ConfigError(f"unknown role {role!r}")
     if not config.root_keys:
@@ -169,13 +296,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@click.group("director")
+def last_result_text(result: str | None, text: str | None) -> str:
+    """An ECU's last reported result as one cell: ``ok``, ``code: reason`` or ``-``."""
+    if not result:
+        return "-"
+    return f"{result}: {text}" if text and result != "ok" else result
+
+
+@click.group("director", cls=_DirectorGroup)
 def cli() -> None:
     """The Director repository: inventory, assignments, per-vehicle metadata."""
 
 
 @cli.command("init")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@_dir_option
 @click.option("--image-repo-url", default=None, help="Image repository base URL.")
 @click.option(
     "--image-repo-root",
@@ -196,7 +330,11 @@ def init_cmd(
     root_keys: int,
     root_threshold: int,
 ) -> None:
-    """Create Director keys, root metadata and config in DIRECTORY."""
+    """Create Director keys, root metadata and config in DIR (created if missing).
+
+    --db is checked (URL and driver) before anything is written; without it
+    the inventory is SQLite in DIR/director.db.
+    """
     config = init_director(
         directory,
         image_repo_url=image_repo_url,
@@ -214,12 +352,12 @@ def init_cmd(
 @cli.command("rotate")
 @_dir_option
 @_db_option
-@click.argument("role", type=click.Choice([Root.type, *ONLINE_ROLES]))
+@click.argument("role", type=click.Choice(["root", *ONLINE_ROLES]))
 def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
     """Replace ROLE's key and sign the next root (needs the offline root keys)."""
     config = _load(directory, db_url)
     version, new = rotate_key(config, role)
-    director = Director.from_config(config)
+    director = _open(directory, db_url)
     try:
         resigned = director.refresh_expiring()
     finally:
@@ -253,9 +391,10 @@ def serve_cmd(
     from director.server import NoDelayH11Protocol
 
     config = _load(directory, db_url)
-    director = Director.from_config(config)  # migrate + import roots once, up front
     bind_host = host or config.host
     bind_port = config.port if port is None else port
+    check_listen(bind_host, bind_port)
+    director = _open(directory, db_url)  # migrate + import roots once, up front
     if workers > 1:
         director.close()
         os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())
@@ -302,19 +441,41 @@ def serve_cmd(
 def register_cmd(
     directory: Path, db_url: str | None, vin: str, ecus: tuple[str, ...], primary: str
 ) -> None:
-    """Register a vehicle and its ECUs' public keys."""
+    """Register a vehicle and its ECUs' public keys.
+
+    Each --ecu is SERIAL,HARDWARE_ID,KEY.pub.json, the public key file that
+    `uptane ecu keygen` writes; --primary names one of the serials.
+    """
+    from director.service import EcuSpec, check_ecu_key
+    from uptane.errors import UptaneError
+
     specs = []
     for entry in ecus:
         parts = entry.split(",")
         if len(parts) != 3:
-            raise click.BadParameter(f"{entry!r}: expected SERIAL,HARDWARE_ID,KEYFILE")
+            raise click.BadParameter(
+                f"{entry!r}: expected SERIAL,HARDWARE_ID,KEY.pub.json", param_hint="--ecu"
+            )
         serial, hw, keyfile = parts
         try:
             key_dict = json.loads(Path(keyfile).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise click.BadParameter(f"cannot read key {keyfile}: {e}") from e
-        specs.append(EcuSpec(serial, hw, check_ecu_key(key_dict), primary=serial == primary))
-    director = Director.from_config(_load(directory, db_url))
+            key = check_ecu_key(key_dict)
+        except OSError as e:
+            raise click.BadParameter(
+                f"cannot read key file {keyfile}: {e.strerror or e}", param_hint="--ecu"
+            ) from None
+        except ValueError as e:
+            raise click.BadParameter(
+                f"key file {keyfile} is not JSON: {e}", param_hint="--ecu"
+            ) from None
+        except UptaneError as e:
+            raise click.BadParameter(f"key file {keyfile}: {e}", param_hint="--ecu") from None
+        specs.append(EcuSpec(serial, hw, key, primary=serial == primary))
+    if primary not in {spec.serial for spec in specs}:
+        raise click.BadParameter(
+            f"{primary!r} is not one of the --ecu serials", param_hint="--primary"
+        )
+    director = _open(directory, db_url)
     try:
         status = director.register_vehicle(vin, specs)
     finally:
@@ -337,8 +498,16 @@ def assign_cmd(
     hardware_id: str | None,
     vins: tuple[str, ...],
 ) -> None:
-    """Assign IMAGE from the Image repository to ECUs."""
-    director = Director.from_config(_load(directory, db_url))
+    """Assign IMAGE (a target name of the Image repository) to ECUs.
+
+    Give --ecu SERIAL (repeatable) or --hardware-id HW (every ECU with it,
+    optionally only in the --vin vehicles).
+    """
+    if bool(ecu_serials) == (hardware_id is not None):
+        raise click.UsageError("give --ecu SERIAL (repeatable) or --hardware-id HW, not both")
+    if vins and hardware_id is None:
+        raise click.BadParameter("--vin only narrows --hardware-id", param_hint="--vin")
+    director = _open(directory, db_url)
     try:
         infos = director.assign(
             image,
@@ -357,8 +526,12 @@ def assign_cmd(
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
-    """Vehicles with installed images, pending assignments, last seen, attacks."""
-    director = Director.from_config(_load(directory, db_url))
+    """Vehicles: per ECU installed image, pending assignment, last result, attacks.
+
+    "last result" is what the ECU last reported (ok, or the failure code and
+    its reason, e.g. trialFailed: self_test returned 1).
+    """
+    director = _open(directory, db_url)
     try:
         vehicles = director.list_vehicles()
     finally:
@@ -369,7 +542,9 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("VIN", "ECU", "hardware", "installed", "pending", "last seen", "attacks")
+    table = Table(
+        "VIN", "ECU", "hardware", "installed", "pending", "last result", "last seen", "attacks"
+    )
     for v in vehicles:
         pending = {a.ecu_serial: a.image for a in v.pending}
         attacks: dict[str, set[str]] = {}
@@ -382,6 +557,7 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
                 e.hardware_id,
                 (e.installed or {}).get("filename", "-"),
                 pending.get(e.serial, "-"),
+                last_result_text(e.last_result, e.last_result_text),
                 (v.last_seen.isoformat(timespec="seconds") if v.last_seen else "never")
                 if i == 0
                 else "",

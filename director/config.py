@@ -23,7 +23,6 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 
-from director.db import default_sqlite_url
 from uptane.errors import ConfigError, KeyLoadError
 from uptane.keys import KeyRef
 
@@ -65,6 +64,8 @@ class DirectorConfig:
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
         if not self.db_url:
+            from director.db import default_sqlite_url  # SQLAlchemy: only when needed
+
             self.db_url = default_sqlite_url(self.directory)
         if self.refresh_margin >= self.metadata_expiry:
             raise ConfigError("refresh_margin must be shorter than metadata_expiry")

@@ -46,7 +46,9 @@ def check_ecu_key(key_dict: object) -> Key:
     rest = {k: v for k, v in key_dict.items() if k != "keyid"}
     try:
         key = public_key_from_dict(rest)
-    except (KeyLoadError, AttributeError, ValueError, TypeError, KeyError) as e:
+    except KeyLoadError as e:  # already says "invalid public key: ..."
+        raise InvalidRequestError(str(e)) from e
+    except (AttributeError, ValueError, TypeError, KeyError) as e:
         raise InvalidRequestError(f"invalid public key: {e}") from e
     if key.keytype != "ed25519" or key.scheme != "ed25519":
         raise InvalidRequestError("ECU keys must be ed25519 (DESIGN 3)")

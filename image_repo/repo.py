@@ -86,8 +86,10 @@ def validate_wasm(data: bytes) -> None:
     try:
         wasmtime.Module.validate(wasmtime.Engine(), data)
     except wasmtime.WasmtimeError as e:
-        first_line = str(e).splitlines()[0] if str(e) else "invalid module"
-        raise WasmInvalidModuleError(f"not a valid WebAssembly module: {first_line}") from e
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise WasmInvalidModuleError(
+            f"not a valid WebAssembly module: {text or 'invalid module'}"
+        ) from e
 
 
 def check_role_name(name: str) -> str:
@@ -517,12 +519,19 @@ class ImageRepository:
     def add_target_file(
         self, path: str | os.PathLike[str], *, name: str | None = None, **kwargs: Any
     ) -> TargetFile:
-        """``add_target`` with the bytes of ``path``; the name defaults to its basename."""
+        """``add_target`` with the bytes of ``path``; the name defaults to its basename.
+
+        The module is first checked against the secondary's ABI with exactly
+        the capabilities and limits to be signed (``image_repo.abi``).
+        """
+        from image_repo.abi import check_module
+
         p = Path(path)
         try:
             data = p.read_bytes()
         except OSError as e:
             raise RepositoryEditError(f"cannot read {p}: {e}") from e
+        check_module(data, kwargs.get("capabilities", ()), kwargs.get("limits") or Limits())
         return self.add_target(data, name=name if name is not None else p.name, **kwargs)
 
     def remove_target(self, name: str, *, role: str = Targets.type) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,24 +22,59 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+SERIALS = ("primary", *(f"{hw}-{i}" for i, hw in enumerate(HWS, 1)))
+
+
 def closing_rows(output: str) -> dict[str, str]:
-    """The closing table's line for each ECU serial (the table after 'final state')."""
+    """The closing table's line for each ECU (the table after 'final state').
+
+    The table fits 100 columns: serials are shown without the VIN prefix,
+    images without ``apps/<hardware id>/``, each on one line, never cut.
+    """
     table = output[output.index(f"vehicle {DEFAULT_VIN}: final state") :]
     table = table[: table.index("expected outcomes")]
+    assert f"serial after '{DEFAULT_VIN}-'" in table
     rows = {}
     for line in table.splitlines():
+        assert len(line) <= 100, line
         cells = [c.strip() for c in line.split("│")]
-        if len(cells) > 2 and cells[1].startswith(DEFAULT_VIN):
+        if len(cells) > 2 and cells[1] in SERIALS:
             rows[cells[1]] = line
     return rows
 
 
-def test_demo_subset_of_scenarios_keeps_dir(tmp_path: Path) -> None:
-    directory = tmp_path / "demo"
+def test_output_fits_100_columns_and_faults_read_the_same(output: str) -> None:
+    for line in output.splitlines():
+        assert len(line) <= 100, line
+    # a fault names no attack: the same words in its scenario line and in the table
+    line = next(ln for ln in output.splitlines() if "HANDLED power-cut-chunk" in ln)
+    assert "detected: none (a fault)" in line
+    row = next(ln for ln in output.splitlines() if ln.startswith("│ power-cut-chunk"))
+    assert "none (a fault)" in row
+    # the demo's apps have a realistic size, so the CAN transfers are real ones
+    sizes = [int(m) for m in re.findall(r"blink-v\d\.wasm \((\d+) bytes", output)]
+    assert len(sizes) == 6 and all(64 * 1024 <= n <= 256 * 1024 for n in sizes), sizes
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """One demo with an attack and a fault, its directory kept (--dir)."""
+    directory = tmp_path_factory.mktemp("demo") / "demo"
     result = run(
-        "--secondaries", "3", "--scenarios", "freeze-director,replayed-manifest",
+        "--secondaries", "3", "--scenarios", "freeze-director,replayed-manifest,power-cut-chunk",
         "--dir", str(directory),
     )  # fmt: skip
+    return directory, result
+
+
+@pytest.fixture
+def output(demo_run: tuple[Path, Result]) -> str:
+    assert demo_run[1].exit_code == 0, demo_run[1].output
+    return demo_run[1].output
+
+
+def test_demo_subset_of_scenarios_keeps_dir(demo_run: tuple[Path, Result]) -> None:
+    directory, result = demo_run
     assert result.exit_code == 0, result.output
     out = result.output
     # servers and directory are shown, the directory is kept (--dir)
@@ -50,16 +86,15 @@ def test_demo_subset_of_scenarios_keeps_dir(tmp_path: Path) -> None:
     assert "0 1 2 3 4 5" in out and "7 9 11 13 15 17" in out
     assert "BLOCKED freeze-director" in out and "BLOCKED replayed-manifest" in out
     rows = closing_rows(out)
-    assert set(rows) == {f"{DEFAULT_VIN}-primary"} | {
-        f"{DEFAULT_VIN}-{hw}-{i}" for i, hw in enumerate(HWS, 1)
-    }
+    assert set(rows) == set(SERIALS)
     for i, hw in enumerate(HWS, 1):
-        row = rows[f"{DEFAULT_VIN}-{hw}-{i}"]
-        assert hw in row and f"apps/{hw}/blink-v2.wasm" in row and "│ v2 " in row
+        row = rows[f"{hw}-{i}"]
+        v = 3 if i == 1 else 2  # power-cut-chunk installs a v3 on the first secondary
+        assert f"│ {hw} " in row and f"│ blink-v{v}.wasm " in row and f"│ v{v} " in row
         assert "│ ok " in row
-    primary = rows[f"{DEFAULT_VIN}-primary"]
+    primary = rows["primary"]
     assert "freeze" in primary and "gateway" in primary
-    assert "All 6 expected outcomes happened" in out
+    assert "All 7 expected outcomes happened" in out
 
 
 @pytest.mark.slow
@@ -70,7 +105,7 @@ def test_full_default_demo() -> None:
     out = result.output
     for sc in SCENARIOS:
         assert f"scenario {sc.name} blocked and recovered" in out
-    assert "FAIL" not in out
+    assert "FAIL" not in out and "Traceback" not in out
     rows = closing_rows(out)
     assert len(rows) == 4
     assert f"All {len(SCENARIOS) + 4} expected outcomes happened" in out

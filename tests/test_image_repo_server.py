@@ -24,8 +24,16 @@ from image_repo.server import create_app, serve_in_thread
 from uptane.cli import cli as uptane_cli
 from uptane.keys import KeyRef
 
-WASM = bytes(wasmtime.wat2wasm("(module)"))
-SUPPLIER_WASM = bytes(wasmtime.wat2wasm('(module (func (export "tick")))'))
+# apps that `image-repo add` accepts: they import exactly what their capability grants
+_APP = """(module %s (memory (export "memory") 1)
+  (func (export "self_test") (result i32) (i32.const 0))
+  (func (export "tick") (param i64) (result i64) (local.get 0)))"""
+WASM = bytes(wasmtime.wat2wasm(_APP % '(import "uptane" "log" (func (param i32 i32)))'))
+SUPPLIER_WASM = bytes(
+    wasmtime.wat2wasm(
+        _APP % '(import "uptane" "actuator_write" (func (param i32 i64) (result i32)))'
+    )
+)
 
 
 def words(text: str) -> list[str]:
@@ -189,7 +197,19 @@ def test_timestamp_signed_by_a_rotated_out_key_is_refused(
 def test_server_serves_only_repository_files(repo: Path, tmp_path: Path) -> None:
     app = tmp_path / "app.wasm"
     app.write_bytes(WASM)
-    run("add", repo, app, "--name", "dir/app.wasm", "--hardware-id", "hw", "--release-counter", 1)
+    run(
+        "add",
+        repo,
+        app,
+        "--name",
+        "dir/app.wasm",
+        "--hardware-id",
+        "hw",
+        "--release-counter",
+        1,
+        "--capability",
+        "log",
+    )
     sha = hashlib.sha256(WASM).hexdigest()
     (repo / "metadata" / ".1.root.json.abc.tmp").write_bytes(b"partial")
     (repo / "targets" / "escape.pem").symlink_to(repo / "keys" / "root-1.pem")

@@ -6,18 +6,21 @@ to that file:
 ```json
 {
   "vin": "VIN123", "ecu_serial": "primary-1", "hardware_id": "gw-a",
-  "key": {"uri": "file2:/abs/primary.pem", "public": {... TUF key dict with keyid ...}},
+  "key": {"uri": "file2:keys/primary.pem", "public": "keys/primary.pub.json"},
   "repository_map": "map.json",
   "director_root": "director-root.json", "image_root": "image-root.json",
   "state_dir": "state", "download_dir": "images",
-  "secondaries": [{"serial": "ecu-1", "hardware_id": "hw-a", "public_key": {...}}],
+  "secondaries": [{"serial": "ecu-1", "hardware_id": "hw-a", "public_key": "keys/ecu-1.pub.json"}],
   "download": {"min_bytes_per_second": 4096, "grace_seconds": 5, "socket_timeout": 10},
   "metadata_limits": {"timestamp": 16384, "snapshot": 2000000, "targets": 5000000}
 }
 ```
 
 ``repository_map`` is a TAP 4 map (``uptane.verification.matching``) given
-as a file name or inline.
+as a file name or inline. A public key (``key.public``, a secondary's
+``public_key``) is a ``NAME.pub.json`` file, as ``uptane ecu keygen`` writes,
+or an inline TUF key dict; a relative ``file2:`` URI is relative to the file.
+Every field: docs/config.md.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
 from uptane.errors import ConfigError, KeyLoadError, MetadataError
-from uptane.keys import KeyRef, public_key_from_dict
+from uptane.keys import KeyRef, load_public_key, public_key_from_dict
 from uptane.metadata import check_identifier
 from uptane.verification.matching import RepositoryMap
 
@@ -54,11 +57,11 @@ class EcuEntry:
             raise ConfigError(str(e)) from e
 
     @classmethod
-    def from_dict(cls, raw: Any) -> EcuEntry:
+    def from_dict(cls, raw: Any, base_dir: Path | None = None) -> EcuEntry:
         if not isinstance(raw, dict) or set(raw) != {"serial", "hardware_id", "public_key"}:
             raise ConfigError("a secondary needs exactly 'serial', 'hardware_id', 'public_key'")
         try:
-            key = public_key_from_dict(raw["public_key"])
+            key = _public_key(raw["public_key"], base_dir)
         except KeyLoadError as e:
             raise ConfigError(f"secondary {raw.get('serial')!r}: {e}") from e
         return cls(serial=raw["serial"], hardware_id=raw["hardware_id"], public_key=key)
@@ -103,6 +106,27 @@ class MetadataLimits:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"metadata_limits.{f.name} must be a positive integer")
+
+
+def _public_key(raw: Any, base_dir: Path | None) -> Key:
+    """A public key from a ``NAME.pub.json`` path (relative to ``base_dir``) or a key dict."""
+    if isinstance(raw, str):
+        return load_public_key((base_dir or Path()) / raw)
+    return public_key_from_dict(raw)
+
+
+def _key_ref(raw: Any, base_dir: Path) -> KeyRef:
+    """``{"uri": ..., "public": ...}``: a relative ``file2:`` URI is relative to ``base_dir``."""
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != {"uri", "public"}
+        or not isinstance(raw["uri"], str)
+    ):
+        raise KeyLoadError("'key' needs exactly 'uri' (a signer URI) and 'public'")
+    uri: str = raw["uri"]
+    if uri.startswith("file2:") and not Path(uri[len("file2:") :]).is_absolute():
+        uri = f"file2:{(base_dir / uri[len('file2:') :]).resolve()}"
+    return KeyRef(public=_public_key(raw["public"], base_dir), uri=uri)
 
 
 def _check_root(data: bytes, what: str) -> bytes:
@@ -201,7 +225,7 @@ class PrimaryConfig:
             else RepositoryMap.from_bytes(read("repository_map"))
         )
         try:
-            key = KeyRef.from_dict(raw.get("key"))
+            key = _key_ref(raw.get("key"), base_dir)
         except KeyLoadError as e:
             raise ConfigError(f"primary key: {e}") from e
         secondaries_raw = raw.get("secondaries", [])
@@ -217,7 +241,7 @@ class PrimaryConfig:
             image_root=read("image_root"),
             state_dir=path_of("state_dir"),
             download_dir=path_of("download_dir") if "download_dir" in raw else None,
-            secondaries=tuple(EcuEntry.from_dict(s) for s in secondaries_raw),
+            secondaries=tuple(EcuEntry.from_dict(s, base_dir) for s in secondaries_raw),
             download=_sub(DownloadPolicy, raw.get("download", {}), "download"),
             metadata_limits=_sub(MetadataLimits, raw.get("metadata_limits", {}), "metadata_limits"),
             http_timeout=float(raw.get("http_timeout", 30.0)),
