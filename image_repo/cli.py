@@ -168,9 +168,7 @@ def add(
     )
     if delta_from is not None or delta_auto:
         click.echo(
-            describe_delta(
-                add_delta_from(_repo(repo_dir), target.path, delta_from, role=role)
-            )
+            describe_delta(add_delta_from(_repo(repo_dir), target.path, delta_from, role=role))
         )
 
 

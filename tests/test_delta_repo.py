@@ -112,18 +112,28 @@ def test_cli_publishes_a_delta(tmp_path: Path) -> None:
     for v in (1, 2):
         (tmp_path / f"v{v}.wasm").write_bytes(release(v))
     common = ("--hardware-id", HW, "--name", NAME)
-    assert run("add", d, tmp_path / "v1.wasm", *common, "--release-counter", 1).exit_code == 0
+    grants = ("--capability", "log", "--capability", "health", "--capability", "actuator.write")
+    v1_args = (*common, *grants)
+    v2_args = (*common, *grants, "--capability", "sensor.read")
+    assert run("add", d, tmp_path / "v1.wasm", *v1_args, "--release-counter", 1).exit_code == 0
     r = run(
-        "add", d, tmp_path / "v2.wasm", *common, "--release-counter", 2, "--delta-from", f"{NAME}@1"
+        "add",
+        d,
+        tmp_path / "v2.wasm",
+        *v2_args,
+        "--release-counter",
+        2,
+        "--delta-from",
+        f"{NAME}@1",
     )
     assert r.exit_code == 0, r.output
     assert "added delta apps/blink.wasm.delta-" in r.output
-    r = run("add", d, tmp_path / "v2.wasm", *common, "--release-counter", 3, "--delta-from", "x")
+    r = run("add", d, tmp_path / "v2.wasm", *v2_args, "--release-counter", 3, "--delta-from", "x")
     assert r.exit_code == 1
-    assert r.output.startswith("Error: refused (RepositoryEditError)")
+    assert r.output.startswith("Error: --delta-from")
     assert "Traceback" not in r.output
     # --delta: from the previous release of the same name (release 2's bytes)
-    r = run("add", d, tmp_path / "v1.wasm", *common, "--release-counter", 3, "--delta")
+    r = run("add", d, tmp_path / "v1.wasm", *v1_args, "--release-counter", 3, "--delta")
     assert r.exit_code == 0, r.output
     names = {t.name for t in ImageRepository(d).status().targets}
     v2_sha256 = hashlib.sha256(release(2)).hexdigest()
