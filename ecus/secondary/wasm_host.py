@@ -66,10 +66,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol, TypeVar
+from typing import Final, TypeVar
 
 import wasmtime
 
+from ecus.secondary.ceilings import WasmCeilings
+from ecus.secondary.peripherals import Peripherals, SimPeripherals
 from uptane.errors import (
     UptaneError,
     WasmError,
@@ -78,7 +80,6 @@ from uptane.errors import (
     WasmHealthFailedError,
     WasmHostError,
     WasmInvalidModuleError,
-    WasmLimitsExceededError,
     WasmMemoryLimitError,
     WasmMissingExportError,
     WasmSelfTestFailedError,
@@ -93,6 +94,8 @@ from uptane.metadata import (
     Limits,
     check_capabilities,
 )
+
+__all__ = ["Peripherals", "SimPeripherals", "TrialResult", "WasmApp", "WasmCeilings", "WasmHost"]
 
 _T = TypeVar("_T")
 
@@ -112,74 +115,6 @@ _I64_MAX: Final = 2**63 - 1
 _OOM_TRAPS: Final = frozenset(
     {wasmtime.TrapCode.UNREACHABLE, wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS}
 )
-
-
-@dataclass(frozen=True)
-class WasmCeilings:
-    """What this ECU grants an image at most, whatever its signed ``limits`` say.
-
-    Defaults fit a small ECU: 4 MiB of linear memory, 20 M fuel per call
-    (a few tens of milliseconds of work), 100 M for the self-test, and one
-    second of wall-clock time per call.
-    """
-
-    fuel_per_call: int = 20_000_000
-    self_test_fuel: int = 100_000_000
-    memory_pages: int = 64
-    call_seconds: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("fuel_per_call", "self_test_fuel", "memory_pages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ceiling {name} must be a positive integer")
-        seconds = self.call_seconds
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-            raise ValueError("ceiling call_seconds must be a positive number")
-
-    def check(self, limits: Limits) -> None:
-        """Raise ``WasmLimitsExceededError`` naming every signed limit above its ceiling."""
-        over = [
-            f"{name} {getattr(limits, name)} > {getattr(self, name)}"
-            for name in ("fuel_per_call", "self_test_fuel", "memory_pages")
-            if getattr(limits, name) > getattr(self, name)
-        ]
-        if over:
-            raise WasmLimitsExceededError(
-                "signed limits exceed this ECU's ceilings: " + ", ".join(over)
-            )
-
-
-class Peripherals(Protocol):
-    """What an ECU lends its WASM app: sensors, actuators and a log sink."""
-
-    def read_sensor(self, channel: int) -> int:
-        """Return the current reading of ``channel`` (a signed 64-bit value)."""
-
-    def write_actuator(self, channel: int, value: int) -> None:
-        """Drive actuator ``channel`` to ``value``."""
-
-    def log(self, message: str) -> None:
-        """Record one log line from the app."""
-
-
-@dataclass
-class SimPeripherals:
-    """Deterministic simulated peripherals: fixed sensor values, recorded writes."""
-
-    sensors: dict[int, int] = field(default_factory=dict)
-    default_sensor: int = 0
-    writes: list[tuple[int, int]] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
-
-    def read_sensor(self, channel: int) -> int:
-        return self.sensors.get(channel, self.default_sensor)
-
-    def write_actuator(self, channel: int, value: int) -> None:
-        self.writes.append((channel, value))
-
-    def log(self, message: str) -> None:
-        self.logs.append(message)
 
 
 _VALTYPES: Final = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}

@@ -1,0 +1,50 @@
+"""ECU ceilings on the signed limits of a WASM image (DESIGN 5; issue 10).
+
+Signed ``limits`` are the image's; the ECU caps them, so a huge signed fuel
+or memory budget cannot hold a small ECU: an image above the ceilings is
+refused (at the offer, before any byte moves), and every call is bounded in
+wall-clock time by the WASM host whatever its fuel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uptane.errors import WasmLimitsExceededError
+from uptane.metadata import Limits
+
+
+@dataclass(frozen=True)
+class WasmCeilings:
+    """What this ECU grants an image at most, whatever its signed ``limits`` say.
+
+    Defaults fit a small ECU: 4 MiB of linear memory, 20 M fuel per call
+    (a few tens of milliseconds of work), 100 M for the self-test, and one
+    second of wall-clock time per call.
+    """
+
+    fuel_per_call: int = 20_000_000
+    self_test_fuel: int = 100_000_000
+    memory_pages: int = 64
+    call_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("fuel_per_call", "self_test_fuel", "memory_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ceiling {name} must be a positive integer")
+        seconds = self.call_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ValueError("ceiling call_seconds must be a positive number")
+
+    def check(self, limits: Limits) -> None:
+        """Raise ``WasmLimitsExceededError`` naming every signed limit above its ceiling."""
+        over = [
+            f"{name} {getattr(limits, name)} > {getattr(self, name)}"
+            for name in ("fuel_per_call", "self_test_fuel", "memory_pages")
+            if getattr(limits, name) > getattr(self, name)
+        ]
+        if over:
+            raise WasmLimitsExceededError(
+                "signed limits exceed this ECU's ceilings: " + ", ".join(over)
+            )
