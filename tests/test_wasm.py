@@ -318,12 +318,18 @@ def test_host_function_error_fails_the_trial(host: WasmHost) -> None:
 
 
 def test_wall_clock_bound_interrupts_a_call_whatever_its_fuel() -> None:
-    """Epoch interruption stops a loop that its (huge) signed fuel would let run on."""
-    host = WasmHost(WasmCeilings(fuel_per_call=10**15, call_seconds=0.2))
-    limits = small_limits(fuel_per_call=10**15)
+    """Epoch interruption stops a loop long before its (huge) signed fuel runs out.
+
+    The fuel is finite (seconds of looping), so without the bound the trial ends
+    in ``fuel_exhausted`` and this test fails instead of hanging.
+    """
+    fuel = 5 * 10**9
+    host = WasmHost(WasmCeilings(fuel_per_call=fuel, call_seconds=0.5))
+    limits = small_limits(fuel_per_call=fuel)
     result = host.trial(wasm("loop_in_tick"), (), limits, SimPeripherals())
     failed(result, "timeout")
     assert result.ticks_run == 3
+    assert result.fuel_used < fuel
     app = host.load(wasm("loop_in_tick"), (), limits, SimPeripherals())
     assert app.tick(0) == 0  # the bound is per call: a later call gets a fresh one
     with pytest.raises(WasmTimeoutError):

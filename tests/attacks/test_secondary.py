@@ -3,7 +3,15 @@ images (DESIGN 5, 7; issue 10, items 1-5)."""
 
 from __future__ import annotations
 
+import httpx
+import pytest
+from tuf.api.metadata import TargetFile, Targets
+
+from ecus.primary.can_link import MetadataRejectedError
+from ecus.sim.compromise import craft_director_targets
+from ecus.sim.scenarios import next_release, publish_release
 from uptane import errors
+from uptane.metadata import ECU_SERIAL
 
 from .harness import Car
 
@@ -63,3 +71,54 @@ def test_unbounded_signed_limits(car: Car) -> None:
     assert outcome.error is not None and "fuel_per_call" in outcome.error, outcome.error
     assert car.attack.after == car.attack.before, "a slot changed: bytes were transferred"
     assert outcome.blocked and outcome.recovered, outcome
+
+
+def _director_assigns(car: Car, serial: str, name: str) -> bytes:
+    """DER Director targets assigning image ``name`` to ``serial``, signed by the Director's
+    online keys (as a compromised Director would sign them)."""
+    world = car.world
+    _, image = world.image_repo.targets()[name]
+    target = TargetFile(
+        length=image.length,
+        hashes=dict(image.hashes),
+        path=image.path,
+        unrecognized_fields={"custom": {**image.custom, ECU_SERIAL: serial}},
+    )
+
+    def mutate(targets: Targets) -> None:
+        targets.targets = {
+            p: t for p, t in targets.targets.items() if t.custom.get(ECU_SERIAL) != serial
+        }
+        targets.targets[target.path] = target
+
+    version = craft_director_targets(
+        world.director,
+        world.director_config.online_signers(),
+        car.vin,
+        mutate,
+        expiry=world.director_config.metadata_expiry,
+    )
+    url = f"{world.director_url}/vehicles/{car.vin}/metadata/{version}.targets.der"
+    response = httpx.get(url, timeout=10.0)
+    response.raise_for_status()
+    return response.content
+
+
+def test_release_counter_below_previous_director_targets(car: Car) -> None:
+    """Uptane 5.4.4.2 step 5: the secondary trusted targets assigning a release it has
+    not installed yet; later targets assigning an older release (still above the
+    installed one) are refused, and the slots do not change."""
+    victim = car.serials[0]
+    sec = car.vehicle.secondaries[victim]
+    assert sec.client is not None and sec.ecu is not None
+    base = next_release(car.world, car.vehicle, sec.hardware_id)
+    older = publish_release(car.world, sec.hardware_id, base)
+    newer = publish_release(car.world, sec.hardware_id, base + 2)
+    assert sec.client.push_metadata([], _director_assigns(car, victim, newer)) == "ok"
+    before = sec.slot_snapshot()
+    with pytest.raises(MetadataRejectedError, match="previously trusted"):
+        sec.client.push_metadata([], _director_assigns(car, victim, older))
+    assert sec.slot_snapshot() == before
+    pending = sec.ecu.pending_target
+    assert pending is not None and pending.name == newer  # the newer release stays
+    assert errors.ATTACK_ROLLBACK in car.vehicle.report(victim).attacks_detected
