@@ -28,6 +28,8 @@ from ecus.primary.can_link import (
     SecondaryRefusedError,
 )
 from ecus.secondary import Secondary
+from ecus.secondary.ceilings import WasmCeilings
+from ecus.secondary.config import SecondaryConfig
 from ecus.secondary.slots import COMMITTED, FAILED
 from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.memory import MemoryEndpoint, memory_pair
@@ -42,7 +44,9 @@ from uptane.errors import (
     ATTACK_WRONG_ECU,
     ATTACK_WRONG_VEHICLE,
     CodecError,
+    ConfigError,
 )
+from uptane.keys import generate_ed25519
 from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
@@ -853,3 +857,34 @@ def test_rogue_report_reader_cannot_make_attacks_vanish(ecu: Ecu) -> None:
     assert ecu.report().attacks_detected == (ATTACK_SPOOFED_MESSAGE,)
     ecu.secondary.handle(_receipt_request(report.report_counter, ecu.primary))
     assert ecu.report().attacks_detected == ()
+
+
+def test_secondary_config_provisions_primary_key_and_ceilings(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    brake, primary = generate_ed25519(keys, "brake"), generate_ed25519(keys, "primary")
+    (tmp_path / "root.der").write_bytes(DirectorSim().root_ders[1])
+    raw: dict[str, Any] = {
+        "serial": SERIAL,
+        "hardware_id": HW,
+        "key": {"uri": "file2:keys/brake.pem", "public": "keys/brake.pub.json"},
+        "director_root": "root.der",
+        "slot_dir": "slots",
+        "primary_key": "keys/primary.pub.json",
+        "ceilings": {"fuel_per_call": 1000, "memory_pages": 2, "call_seconds": 0.5},
+    }
+    config = SecondaryConfig.from_dict(raw, base_dir=tmp_path)
+    assert config.key.public.keyid == brake.public.keyid
+    assert config.primary_key is not None and config.primary_key.keyid == primary.public.keyid
+    assert config.ceilings == WasmCeilings(fuel_per_call=1000, memory_pages=2, call_seconds=0.5)
+    default = SecondaryConfig.from_dict(
+        {k: v for k, v in raw.items() if k not in ("primary_key", "ceilings")}, base_dir=tmp_path
+    )
+    assert default.primary_key is None and default.ceilings == WasmCeilings()
+    for bad, message in (
+        ({"ceilings": {"fuel": 1}}, "unknown ceilings"),
+        ({"ceilings": {"memory_pages": 0}}, "memory_pages"),
+        ({"ceilings": []}, "'ceilings' must be an object"),
+        ({"primary_key": "keys/missing.pub.json"}, "primary_key"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            SecondaryConfig.from_dict({**raw, **bad}, base_dir=tmp_path)
