@@ -22,7 +22,7 @@ from ecus.sim.world import SimSecondary, SimVehicle, World
 from ecus.transport.isotp import CanNode
 from uptane import codec
 from uptane.errors import ATTACK_WRONG_ECU
-from uptane.manifest import InstalledImage, sign_statement
+from uptane.manifest import InstalledImage, SignedEcuVersionReport, sign_statement
 from uptane.metadata import Limits
 
 from .base import ScenarioOutcome, _cycle_ok, _Run, default_error
@@ -125,8 +125,8 @@ def rogue_report_reader(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
         counter = 0
         for _ in range(3):
             _, answer = send("versionReportRequest", {"nonce": os.urandom(16)})
-            counter = codec.decode("SignedEcuVersionReport", bytes(answer["signedReport"]))
-            counter = codec.decode("EcuVersionReport", bytes(counter["report"]))["reportCounter"]
+            read = SignedEcuVersionReport.from_der(bytes(answer["signedReport"])).report
+            counter = read.report_counter
         receipt = {"ecuSerial": sec.serial, "reportCounter": counter}
         forged = sign_statement("reportReceipt", receipt, CryptoSigner.generate_ed25519())
         send(
