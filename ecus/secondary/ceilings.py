@@ -8,7 +8,12 @@ wall-clock time by the WASM host whatever its fuel.
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from dataclasses import dataclass
+
+import wasmtime
 
 from uptane.errors import WasmLimitsExceededError
 from uptane.metadata import Limits
@@ -48,3 +53,50 @@ class WasmCeilings:
             raise WasmLimitsExceededError(
                 "signed limits exceed this ECU's ceilings: " + ", ".join(over)
             )
+
+
+class EpochWatchdog:
+    """Bumps a wasmtime engine's epoch once a call's wall-clock bound has passed.
+
+    One daemon thread serves every engine of the process; it sleeps while no
+    call is running. ``arm`` before a call (whose store's epoch deadline is one
+    tick ahead), ``disarm`` after it: a call that outlives its bound traps.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, wasmtime.Engine]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, engine: wasmtime.Engine, seconds: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            self._armed[token] = (time.monotonic() + seconds, engine)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if not self._armed:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                for token, (deadline, engine) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[token]
+                        engine.increment_epoch()
+                if self._armed:
+                    self._cond.wait(min(d for d, _ in self._armed.values()) - now)
+
+
+#: The process-wide watchdog of the WASM hosts.
+WATCHDOG = EpochWatchdog()

@@ -48,9 +48,9 @@ caps them. An image whose ``fuel_per_call``, ``self_test_fuel`` or
 (``WasmLimitsExceededError``: the secondary checks at the offer, before any
 byte moves, and ``load`` checks again). Every call also has a wall-clock
 bound (``call_seconds``) whatever its fuel, enforced by wasmtime epoch
-interruption: a timer bumps the engine's epoch when the bound passes and the
-call traps (``WasmTimeoutError``). Calls on one host are serialized, so one
-call's timer never cuts another short.
+interruption: a watchdog thread bumps the engine's epoch when the bound
+passes and the call traps (``WasmTimeoutError``). Calls on one host are
+serialized, so one call's bound never cuts another short.
 
 A trial (``WasmHost.trial``) compiles and instantiates the module, runs
 ``self_test``, then ``confirm_ticks`` ticks, then ``version()``: every call
@@ -70,7 +70,7 @@ from typing import Final, TypeVar
 
 import wasmtime
 
-from ecus.secondary.ceilings import WasmCeilings
+from ecus.secondary.ceilings import WATCHDOG, WasmCeilings
 from ecus.secondary.peripherals import Peripherals, SimPeripherals
 from uptane.errors import (
     UptaneError,
@@ -199,7 +199,7 @@ class WasmHost:
         config.cranelift_nan_canonicalization = True
         config.wasm_relaxed_simd_deterministic = True
         self.engine = wasmtime.Engine(config)
-        # One call at a time on this engine: a call's epoch timer must not cut another short.
+        # One call at a time on this engine: a call's epoch bump must not cut another short.
         self._calls = threading.Lock()
 
     def compile(
@@ -490,11 +490,9 @@ class WasmApp:
         self._bad_health_this_call = []
         with self._call_lock:
             self._store.set_fuel(fuel)
-            # the wall-clock bound: the call traps once the timer bumps the epoch
+            # the wall-clock bound: the call traps once the watchdog bumps the epoch
             self._store.set_epoch_deadline(1)
-            timer = threading.Timer(self.call_seconds, self._engine.increment_epoch)
-            timer.daemon = True
-            timer.start()
+            token = WATCHDOG.arm(self._engine, self.call_seconds)
             try:
                 return call()
             except WasmError as e:
@@ -512,7 +510,7 @@ class WasmApp:
                 )
                 raise self._failed from e
             finally:
-                timer.cancel()
+                WATCHDOG.disarm(token)
                 self.fuel_used += fuel - self._store.get_fuel()
 
     def _classify(self, name: str, trap: wasmtime.Trap) -> WasmError:
