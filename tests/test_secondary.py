@@ -888,3 +888,14 @@ def test_secondary_config_provisions_primary_key_and_ceilings(tmp_path: Path) ->
     ):
         with pytest.raises(ConfigError, match=message):
             SecondaryConfig.from_dict({**raw, **bad}, base_dir=tmp_path)
+
+
+def test_without_a_primary_key_receipts_clear_nothing(ecu: Ecu) -> None:
+    """An ECU not provisioned with the primary's key keeps reporting its attacks."""
+    ecu.boot(primary_key=None)
+    tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), hardware_ids=["other-hw"])
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([tf]))
+    carried = ecu.report()
+    ecu.secondary.handle(_receipt_request(carried.report_counter, ecu.primary))
+    assert ecu.report().attacks_detected == (ATTACK_WRONG_ECU,)

@@ -377,6 +377,8 @@ class Secondary:
 
     def _on_receipt(self, counter: int | None, signatures: Any) -> None:
         """Clear the attacks the Director recorded, if the primary signed the receipt."""
+        if self.primary_key is None:
+            return  # not provisioned: no receipt can be checked, attacks stay reported
         try:
             if counter is None:
                 raise SpoofedMessageError("report receipt names no counter")
