@@ -217,6 +217,7 @@ def run_cycles(
     stop = stop or threading.Event()
     with contextlib.ExitStack() as stack:
         node = stack.enter_context(CanNode.open(can_setup.bus))
+        signer = config.key.signer()  # signs time messages and report receipts (DESIGN 7)
         clients = []
         for entry in config.secondaries:
             request_id, response_id = can_setup.ids[entry.serial]
@@ -225,7 +226,7 @@ def run_cycles(
                     IsoTpConfig(request_id, response_id, fd=can_setup.bus.fd, timeout=LINK_TIMEOUT)
                 )
             )
-            clients.append(CanSecondaryClient(link, entry.serial, clock=utc_now))
+            clients.append(CanSecondaryClient(link, entry.serial, clock=utc_now, signer=signer))
         primary = Primary(config, clients, clock=utc_now)
         number, ok = 0, False
         while True:
@@ -303,6 +304,8 @@ def serve_secondary(
         clock=utc_now,
         max_time_ahead=config.max_time_ahead,
         delta_memory_limit=config.delta_memory_limit,
+        primary_key=config.primary_key,
+        ceilings=config.ceilings,
     )
     iso = IsoTpConfig(config.request_id, config.response_id, fd=config.bus.fd, timeout=LINK_TIMEOUT)
     with CanNode.open(config.bus) as node, node.endpoint(iso, ecu.handle) as endpoint:

@@ -78,7 +78,24 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "installResult": st.fixed_dictionaries(
         {"code": result_codes, "text": texts, "signedReport": signed_blobs}
     ),
-    "timeMessage": st.fixed_dictionaries({"time": st.integers(0, 253402300799)}),
+    "timeMessage": st.fixed_dictionaries(
+        {"time": st.integers(0, 253402300799)},
+        optional={
+            "nonce": st.binary(min_size=16, max_size=32),
+            "signatures": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "keyid": st.text("0123456789abcdef", min_size=64, max_size=64),
+                        "value": st.binary(min_size=1, max_size=80),
+                    }
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        },
+    ),
+    "timeNonceRequest": st.fixed_dictionaries({"protocolVersion": st.integers(0, 255)}),
+    "timeNonceResponse": st.fixed_dictionaries({"nonce": st.binary(min_size=16, max_size=32)}),
 }
 
 messages = st.sampled_from(sorted(MESSAGES)).flatmap(

@@ -109,6 +109,7 @@ def write_configs(world: World, d: Path, vin: str, channel: str) -> tuple[Path, 
                 "vin": vin,
                 "key": {"uri": "file2:keys/brake.pem", "public": "keys/brake.pub.json"},
                 "director_root": "director-root.der",
+                "primary_key": "keys/primary.pub.json",
                 "slot_dir": "slots",
                 "can": {"request_id": "0x610", "response_id": "0x611"},
                 "bus": {"interface": "virtual", "channel": channel},
@@ -152,6 +153,8 @@ def test_primary_updates_a_secondary_over_virtual_can(world: World, tmp_path: Pa
         active = ecus[0].store.active_target()
         assert active is not None and active.name == image_name(HW, 1)
         assert ecus[0].report_state.last_result == "ok"
+        assert ecus[0].report_state.attacks == ()  # the primary's signed time was accepted
+        assert ecus[0].store.time_floor is not None
     finally:
         stop.set()
         thread.join(10)

@@ -53,7 +53,13 @@ SAMPLE_MESSAGES: dict[str, Any] = {
     "chunkAck": {"code": "ok", "nextOffset": 4196},
     "installRequest": {"filename": "app.wasm"},
     "installResult": {"code": "rolledBack", "text": "self-test trapped", "signedReport": b"\x05"},
-    "timeMessage": {"time": 1_700_000_000},
+    "timeMessage": {
+        "time": 1_700_000_000,
+        "nonce": b"\x04" * 16,
+        "signatures": [{"keyid": "a" * 64, "value": b"\x05" * 64}],
+    },
+    "timeNonceRequest": {"protocolVersion": 1},
+    "timeNonceResponse": {"nonce": b"\x06" * 16},
 }
 
 

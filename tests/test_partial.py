@@ -334,3 +334,39 @@ def test_find_target_and_load_targets(sim: DirectorSim) -> None:
 def test_naive_reference_time_is_a_caller_bug(sim: DirectorSim) -> None:
     with pytest.raises(ValueError):
         verify(ME, trusted(sim), sim.targets_ders[1], T0.replace(tzinfo=None), 0)
+
+
+def test_release_counter_below_previous_director_targets_is_refused(sim: DirectorSim) -> None:
+    """5.4.4.2 step 5: trusted targets assigned release 5 (not installed yet); a later
+    bundle assigning release 3 is refused although the installed release is 1."""
+    first = verify(ME, trusted(sim), sim.publish_targets([mine(release_counter=5)]), T0, 1)
+    assert first.state.release_counter == 5
+    older = sim.publish_targets([mine(release_counter=3)])
+    with pytest.raises(ReleaseCounterRollbackError, match="previously trusted") as e:
+        verify(ME, first.state, older, T0, 1)
+    assert attack_name(e.value) == ATTACK_ROLLBACK
+    same = verify(ME, first.state, sim.publish_targets([mine(release_counter=5)]), T0, 1)
+    assert same.target is not None and same.target.release_counter == 5
+    none = verify(ME, first.state, sim.publish_targets([]), T0, 1)
+    assert none.state.release_counter == 0  # no target for this ECU: no previous release
+
+
+def test_targets_key_rotation_forgets_the_previous_release_floor(sim: DirectorSim) -> None:
+    """Like the version floor (TUF 5.3.11): a floor signed by replaced keys may be forged."""
+    floor = TrustedDirectorState(sim.root_ders[1], targets_version=1, release_counter=1000)
+    sim.rotate_root(root_key=False, targets_key=True)
+    der = sim.publish_targets([mine(release_counter=3)])
+    result = verify(ME, floor, der, T0, 1, new_roots=sim.root_chain())
+    assert result.target is not None and result.target.release_counter == 3
+    kept = DirectorSim()
+    kept_floor = TrustedDirectorState(kept.root_ders[1], targets_version=1, release_counter=1000)
+    kept.rotate_root()  # same targets keys: the floor stays
+    with pytest.raises(ReleaseCounterRollbackError):
+        verify(
+            ME,
+            kept_floor,
+            kept.publish_targets([mine(release_counter=3)]),
+            T0,
+            1,
+            kept.root_chain(),
+        )

@@ -28,6 +28,8 @@ from ecus.primary.can_link import (
     SecondaryRefusedError,
 )
 from ecus.secondary import Secondary
+from ecus.secondary.ceilings import WasmCeilings
+from ecus.secondary.config import SecondaryConfig
 from ecus.secondary.slots import COMMITTED, FAILED
 from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.memory import MemoryEndpoint, memory_pair
@@ -36,12 +38,21 @@ from uptane.errors import (
     ATTACK_ARBITRARY_SOFTWARE,
     ATTACK_ENDLESS_DATA,
     ATTACK_FREEZE,
+    ATTACK_REPLAYED_MESSAGE,
     ATTACK_ROLLBACK,
+    ATTACK_SPOOFED_MESSAGE,
     ATTACK_WRONG_ECU,
     ATTACK_WRONG_VEHICLE,
     CodecError,
+    ConfigError,
 )
-from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
+from uptane.keys import generate_ed25519
+from uptane.manifest import (
+    EcuVersionReport,
+    InstalledImage,
+    SignedEcuVersionReport,
+    sign_statement,
+)
 from uptane.metadata import Limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +95,7 @@ class Ecu:
     tmp: Path
     sim: DirectorSim = field(default_factory=DirectorSim)
     signer: CryptoSigner = field(default_factory=CryptoSigner.generate_ed25519)
+    primary: CryptoSigner = field(default_factory=CryptoSigner.generate_ed25519)
     clock: Clock = field(default_factory=Clock)
     peripherals: SimPeripherals = field(default_factory=lambda: SimPeripherals(sensors={0: 5}))
     secondary: Secondary = field(init=False)
@@ -97,6 +109,7 @@ class Ecu:
         """(Re)start the ECU over the same slot directory, with a fresh link."""
         if self.endpoint is not None:
             self.endpoint.close()
+        kw.setdefault("primary_key", self.primary.public_key)
         self.secondary = Secondary(
             ecu_serial=SERIAL,
             hardware_id=HW,
@@ -110,7 +123,7 @@ class Ecu:
         )
         link, self.endpoint = memory_pair(self.secondary.handle, timeout=10.0)
         self.endpoint.start()
-        self.client = CanSecondaryClient(link, SERIAL, chunk_size=100)
+        self.client = CanSecondaryClient(link, SERIAL, chunk_size=100, signer=self.primary)
         return self.secondary
 
     def close(self) -> None:
@@ -629,17 +642,24 @@ def test_time_message_makes_metadata_expire(ecu: Ecu) -> None:
 # --- report state ---------------------------------------------------------------------
 
 
-def test_attacks_are_reported_once_and_last_result_stays(ecu: Ecu) -> None:
+def test_attacks_stay_until_the_primary_confirms_the_director_recorded_them(ecu: Ecu) -> None:
     tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), hardware_ids=["other-hw"])
     with pytest.raises(MetadataRejectedError):
         ecu.client.push_metadata([], ecu.sim.publish_targets([tf]))
     ecu.boot()  # survives a restart
     first = ecu.report()
     assert first.attacks_detected == (ATTACK_WRONG_ECU,)
-    second = ecu.report()
+    # read again without a receipt: still there (the Director may not have it)
+    again = ecu.report()
+    assert again.attacks_detected == (ATTACK_WRONG_ECU,)
+    # the primary confirms the Director recorded ``first``: cleared
+    n = os.urandom(16)
+    second = SignedEcuVersionReport.from_der(
+        ecu.client.version_report(n, last_accepted=first.report_counter)
+    ).verify(ecu.signer.public_key)
     assert second.attacks_detected == ()
     assert second.last_result == "metadataRejected"
-    assert second.report_counter > first.report_counter
+    assert second.report_counter > again.report_counter
 
 
 def test_restart_keeps_the_verified_target(ecu: Ecu) -> None:
@@ -651,3 +671,231 @@ def test_restart_keeps_the_verified_target(ecu: Ecu) -> None:
     ecu.client.send_image(app("blink_v1"), ecu.info_of(v1))
     assert ecu.client.install(v1.path).ok
     assert ecu.secondary.pending_target is None
+
+
+# --- issue 10: stuck trial, ceilings, spoofed time, release floor, rogue reader ---------
+
+
+def _rollback_report(ecu: Ecu, tf: TargetFile, data: bytes) -> EcuVersionReport:
+    """Send ``data``: the install must roll back with a signed report naming why."""
+    before = ecu.slots()
+    outcome = SignedEcuVersionReport.from_der(ecu.update(tf, data))
+    report = outcome.verify(ecu.signer.public_key)
+    assert report.last_result == "trialFailed"
+    assert ecu.secondary.store.trial is None  # nothing is left on trial
+    assert (ecu.slots().active, ecu.slots().name, ecu.slots().digest) == (
+        before.active,
+        before.name,
+        before.digest,
+    )
+    return report
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"), [("version_traps", "trap"), ("version_loops", "fuel_exhausted")]
+)
+def test_version_export_failure_rolls_back_not_stuck_on_trial(
+    ecu: Ecu, module: str, reason: str
+) -> None:
+    """Issue 10 item 1: ``version()`` is inside the trial; the next offer is not blocked."""
+    ecu.install_v1()
+    bad = ecu.target("apps/bad.wasm", bad_module(module), release_counter=2, capabilities=())
+    report = _rollback_report(ecu, bad, bad_module(module))
+    assert report.last_result_text.startswith(f"{reason}:")
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=3)
+    good = SignedEcuVersionReport.from_der(ecu.update(v2, app("blink_v2")))
+    assert good.verify(ecu.signer.public_key).last_result == "ok"
+
+
+def test_host_error_during_trial_rolls_back(ecu: Ecu) -> None:
+    """A peripheral failing under the module is a ``host_error`` rollback, not internalError."""
+    ecu.install_v1()
+
+    def broken(channel: int) -> int:
+        raise OSError("sensor bus fault")
+
+    ecu.peripherals.read_sensor = broken  # type: ignore[method-assign]
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    report = _rollback_report(ecu, v2, app("blink_v2"))
+    assert report.last_result_text.startswith("host_error:")
+
+
+def test_limits_above_the_ecu_ceilings_are_refused_at_the_offer(ecu: Ecu) -> None:
+    """Issue 10 item 2: refused before any byte moves, typed result in the report."""
+    before = ecu.slots()
+    huge = Limits(fuel_per_call=2**62, memory_pages=65536, confirm_ticks=3)
+    tf = ecu.target("apps/blink_v2.wasm", app("blink_v2"), limits=huge)
+    assert ecu.client.push_metadata([], ecu.sim.publish_targets([tf])) == "ok"
+    with pytest.raises(ImageRefusedError) as e:
+        ecu.client.offer(ecu.info_of(tf))
+    assert e.value.code == "limitsExceeded"
+    assert ecu.slots() == before
+    report = ecu.report()
+    assert report.last_result == "limitsExceeded"
+    assert "fuel_per_call" in report.last_result_text
+    assert "memory_pages" in report.last_result_text
+
+
+def _time_message(ecu: Ecu, when: datetime, signer: Any, nonce: bytes | None = None) -> bytes:
+    if nonce is None:
+        kind, value = codec.decode_message(
+            ecu.secondary.handle(codec.encode_message("timeNonceRequest", {"protocolVersion": 1}))
+        )
+        assert kind == "timeNonceResponse"
+        nonce = bytes(value["nonce"])
+    seconds = int(when.timestamp())
+    statement = {"ecuSerial": SERIAL, "nonce": nonce, "time": seconds}
+    return codec.encode_message(
+        "timeMessage",
+        {"time": seconds, "nonce": nonce, "signatures": sign_statement("time", statement, signer)},
+    )
+
+
+def _ack(ecu: Ecu, request: bytes) -> tuple[str, str]:
+    kind, value = codec.decode_message(ecu.secondary.handle(request))
+    assert kind == "ack"
+    return value["code"], value["text"]
+
+
+def test_unsigned_or_rogue_time_message_is_refused_and_reported(ecu: Ecu) -> None:
+    """Issue 10 item 3: any bus node could send ``timeMessage(now + 23 h)``; now refused."""
+    ahead = T0 + timedelta(hours=23)
+    unsigned = codec.encode_message("timeMessage", {"time": int(ahead.timestamp())})
+    assert _ack(ecu, unsigned)[0] == "badRequest"
+    assert ecu.report().attacks_detected == (ATTACK_SPOOFED_MESSAGE,)
+    rogue = _time_message(ecu, ahead, CryptoSigner.generate_ed25519())
+    code, text = _ack(ecu, rogue)
+    assert code == "badRequest" and ATTACK_SPOOFED_MESSAGE in text
+    assert ecu.secondary.reference_time() == T0  # the floor did not move
+    ecu.boot()
+    assert ecu.secondary.reference_time() == T0
+
+
+def test_replayed_time_message_is_refused_and_reported(ecu: Ecu) -> None:
+    """A genuine signed time message is good once, and only with a nonce the ECU issued."""
+    genuine = _time_message(ecu, T0 + timedelta(hours=1), ecu.primary)
+    assert _ack(ecu, genuine)[0] == "ok"
+    assert _ack(ecu, genuine)[0] == "badRequest"  # replayed: its nonce is used up
+    assert ecu.report().attacks_detected == (ATTACK_REPLAYED_MESSAGE,)
+    made_up = _time_message(ecu, T0 + timedelta(hours=2), ecu.primary, nonce=b"\x07" * 16)
+    assert _ack(ecu, made_up)[0] == "badRequest"
+    assert ecu.secondary.reference_time() == T0 + timedelta(hours=1)
+
+
+def test_clockless_ecu_refuses_an_unsigned_far_future_time(ecu: Ecu) -> None:
+    """With ``max_time_ahead=None`` an unsigned 9999-12-31 used to brick updates for good."""
+    ecu.boot(max_time_ahead=None)
+    end = datetime(9999, 12, 31, tzinfo=T0.tzinfo)
+    assert _ack(ecu, codec.encode_message("timeMessage", {"time": int(end.timestamp())}))[0] == (
+        "badRequest"
+    )
+    ecu.install_v1()  # metadata valid at T0 still verifies
+    assert ecu.report().installed is not None
+
+
+def test_time_message_without_a_provisioned_primary_key_is_refused(ecu: Ecu) -> None:
+    ecu.boot(primary_key=None)
+    code, text = _ack(ecu, _time_message(ecu, T0 + timedelta(hours=1), ecu.primary))
+    assert code == "badRequest" and "no primary key" in text
+    assert ecu.secondary.reference_time() == T0
+
+
+def test_signed_time_within_the_bound_is_what_a_compromised_primary_can_do(ecu: Ecu) -> None:
+    """The bound stays: even the primary's key cannot move time more than a day ahead."""
+    assert _ack(ecu, _time_message(ecu, T0 + timedelta(days=2), ecu.primary))[0] == "badRequest"
+    assert ecu.secondary.reference_time() == T0
+
+
+def test_release_counter_below_the_previously_trusted_targets_is_refused(ecu: Ecu) -> None:
+    """Issue 10 item 4 (5.4.4.2 step 5): release 5 trusted, not installed; release 3 refused."""
+    v5 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=5)
+    assert ecu.client.push_metadata([], ecu.sim.publish_targets([v5])) == "ok"
+    v3 = ecu.target("apps/blink_v1.wasm", app("blink_v1"), release_counter=3, capabilities=V1_CAPS)
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([v3]))
+    assert ATTACK_ROLLBACK in ecu.report().attacks_detected
+    ecu.boot()  # the floor comes from the persisted targets
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([v3]))
+    pending = ecu.secondary.pending_target
+    assert pending is not None and pending.release_counter == 5
+
+
+def _receipt_request(counter: int, signer: Any, serial: str = SERIAL) -> bytes:
+    receipt = {"ecuSerial": serial, "reportCounter": counter}
+    return codec.encode_message(
+        "versionReportRequest",
+        {
+            "nonce": os.urandom(16),
+            "lastAccepted": counter,
+            "receiptSignatures": sign_statement("reportReceipt", receipt, signer),
+        },
+    )
+
+
+def test_rogue_report_reader_cannot_make_attacks_vanish(ecu: Ecu) -> None:
+    """Issue 10 item 5: reading reports, or a forged receipt, clears nothing."""
+    tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), hardware_ids=["other-hw"])
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([tf]))
+    for _ in range(3):  # a rogue node asks for reports first
+        ecu.secondary.handle(codec.encode_message("versionReportRequest", {"nonce": b"r"}))
+    carried = ecu.report()
+    assert ATTACK_WRONG_ECU in carried.attacks_detected
+    rogue = CryptoSigner.generate_ed25519()
+    ecu.secondary.handle(_receipt_request(carried.report_counter, rogue))
+    ecu.secondary.handle(_receipt_request(carried.report_counter, ecu.primary, serial="ecu-2"))
+    unsigned = codec.encode_message(
+        "versionReportRequest", {"nonce": b"", "lastAccepted": carried.report_counter}
+    )
+    ecu.secondary.handle(unsigned)
+    ecu.secondary.handle(_receipt_request(10**12, ecu.primary))  # never issued
+    report = ecu.report()
+    assert set(report.attacks_detected) == {ATTACK_WRONG_ECU, ATTACK_SPOOFED_MESSAGE}
+    # the genuine receipt for ``carried`` clears what it carried, not what came later
+    ecu.secondary.handle(_receipt_request(carried.report_counter, ecu.primary))
+    assert ecu.report().attacks_detected == (ATTACK_SPOOFED_MESSAGE,)
+    ecu.secondary.handle(_receipt_request(report.report_counter, ecu.primary))
+    assert ecu.report().attacks_detected == ()
+
+
+def test_secondary_config_provisions_primary_key_and_ceilings(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    brake, primary = generate_ed25519(keys, "brake"), generate_ed25519(keys, "primary")
+    (tmp_path / "root.der").write_bytes(DirectorSim().root_ders[1])
+    raw: dict[str, Any] = {
+        "serial": SERIAL,
+        "hardware_id": HW,
+        "key": {"uri": "file2:keys/brake.pem", "public": "keys/brake.pub.json"},
+        "director_root": "root.der",
+        "slot_dir": "slots",
+        "primary_key": "keys/primary.pub.json",
+        "ceilings": {"fuel_per_call": 1000, "memory_pages": 2, "call_seconds": 0.5},
+    }
+    config = SecondaryConfig.from_dict(raw, base_dir=tmp_path)
+    assert config.key.public.keyid == brake.public.keyid
+    assert config.primary_key is not None and config.primary_key.keyid == primary.public.keyid
+    assert config.ceilings == WasmCeilings(fuel_per_call=1000, memory_pages=2, call_seconds=0.5)
+    default = SecondaryConfig.from_dict(
+        {k: v for k, v in raw.items() if k not in ("primary_key", "ceilings")}, base_dir=tmp_path
+    )
+    assert default.primary_key is None and default.ceilings == WasmCeilings()
+    for bad, message in (
+        ({"ceilings": {"fuel": 1}}, "unknown ceilings"),
+        ({"ceilings": {"memory_pages": 0}}, "memory_pages"),
+        ({"ceilings": []}, "'ceilings' must be an object"),
+        ({"primary_key": "keys/missing.pub.json"}, "primary_key"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            SecondaryConfig.from_dict({**raw, **bad}, base_dir=tmp_path)
+
+
+def test_without_a_primary_key_receipts_clear_nothing(ecu: Ecu) -> None:
+    """An ECU not provisioned with the primary's key keeps reporting its attacks."""
+    ecu.boot(primary_key=None)
+    tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), hardware_ids=["other-hw"])
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([tf]))
+    carried = ecu.report()
+    ecu.secondary.handle(_receipt_request(carried.report_counter, ecu.primary))
+    assert ecu.report().attacks_detected == (ATTACK_WRONG_ECU,)

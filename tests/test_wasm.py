@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from ecus.secondary.wasm_host import SimPeripherals, TrialResult, WasmHost
+from ecus.secondary.wasm_host import SimPeripherals, TrialResult, WasmCeilings, WasmHost
 from uptane.errors import (
     WASM_REASONS,
     InstallError,
@@ -16,8 +16,11 @@ from uptane.errors import (
     WasmError,
     WasmForbiddenImportError,
     WasmFuelExhaustedError,
+    WasmHostError,
     WasmInvalidModuleError,
+    WasmLimitsExceededError,
     WasmMemoryLimitError,
+    WasmTimeoutError,
 )
 from uptane.metadata import Limits
 
@@ -279,4 +282,80 @@ def test_errors_are_typed_install_errors() -> None:
         "self_test_failed",
         "missing_export",
         "health_failed",
+        "timeout",
+        "host_error",
+        "limits_exceeded",
     } == WASM_REASONS
+
+
+# --- every call is inside the trial; ECU ceilings (issue 10, items 1-2) ------
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [("version_traps", "trap"), ("version_loops", "fuel_exhausted")],
+)
+def test_version_failure_fails_the_trial(host: WasmHost, module: str, reason: str) -> None:
+    """``version()`` runs inside the trial: its trap or fuel exhaustion fails it."""
+    result = host.trial(wasm(module), (), small_limits(), SimPeripherals())
+    failed(result, reason)
+    assert result.ticks_run == 5  # self_test and the window passed first
+
+
+class _BrokenSensor(SimPeripherals):
+    def read_sensor(self, channel: int) -> int:
+        raise OSError(f"sensor {channel} bus fault")
+
+
+def test_host_function_error_fails_the_trial(host: WasmHost) -> None:
+    """A peripheral that raises under the module is a typed ``host_error``, not a crash."""
+    result = host.trial(wasm("sensor_tick"), ("sensor.read",), small_limits(), _BrokenSensor())
+    failed(result, "host_error")
+    assert "sensor 0 bus fault" in result.detail
+    app = host.load(wasm("sensor_tick"), ("sensor.read",), small_limits(), _BrokenSensor())
+    with pytest.raises(WasmHostError):
+        app.tick(0)
+
+
+def test_wall_clock_bound_interrupts_a_call_whatever_its_fuel() -> None:
+    """Epoch interruption stops a loop long before its (huge) signed fuel runs out.
+
+    The fuel is finite (seconds of looping), so without the bound the trial ends
+    in ``fuel_exhausted`` and this test fails instead of hanging.
+    """
+    fuel = 5 * 10**9
+    host = WasmHost(WasmCeilings(fuel_per_call=fuel, call_seconds=0.5))
+    limits = small_limits(fuel_per_call=fuel)
+    result = host.trial(wasm("loop_in_tick"), (), limits, SimPeripherals())
+    failed(result, "timeout")
+    assert result.ticks_run == 3
+    assert result.fuel_used < fuel
+    app = host.load(wasm("loop_in_tick"), (), limits, SimPeripherals())
+    assert app.tick(0) == 0  # the bound is per call: a later call gets a fresh one
+    with pytest.raises(WasmTimeoutError):
+        app.tick(3)
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ({"fuel_per_call": 20_000_001}, "fuel_per_call"),
+        ({"self_test_fuel": 100_000_001}, "self_test_fuel"),
+        ({"memory_pages": 65}, "memory_pages"),
+    ],
+)
+def test_limits_above_the_ceilings_are_refused_before_running(
+    host: WasmHost, limits: dict[str, int], field: str
+) -> None:
+    with pytest.raises(WasmLimitsExceededError, match=field):
+        host.load(wasm("blink_v1"), V1_CAPS, Limits(**limits), SimPeripherals())
+    failed(
+        host.trial(wasm("blink_v1"), V1_CAPS, Limits(**limits), SimPeripherals()), "limits_exceeded"
+    )
+
+
+def test_ceilings_are_checked() -> None:
+    with pytest.raises(ValueError, match="memory_pages"):
+        WasmCeilings(memory_pages=0)
+    with pytest.raises(ValueError, match="call_seconds"):
+        WasmCeilings(call_seconds=0)

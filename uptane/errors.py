@@ -32,6 +32,7 @@ ATTACK_WRONG_VEHICLE: Final = "wrong_vehicle"
 ATTACK_REPLAYED_REPORT: Final = "replayed_report"
 ATTACK_SPOOFED_MESSAGE: Final = "spoofed_message"
 ATTACK_INVALID_METADATA: Final = "invalid_metadata"
+ATTACK_REPLAYED_MESSAGE: Final = "replayed_message"
 
 ATTACKS: Final = frozenset(
     {
@@ -49,6 +50,7 @@ ATTACKS: Final = frozenset(
         ATTACK_REPLAYED_REPORT,
         ATTACK_SPOOFED_MESSAGE,
         ATTACK_INVALID_METADATA,
+        ATTACK_REPLAYED_MESSAGE,
     }
 )
 
@@ -197,6 +199,18 @@ class CodecError(UptaneError):
     """Bytes could not be encoded or decoded as the expected ASN.1/DER value."""
 
 
+class SpoofedMessageError(UptaneError):
+    """A bus message that must be signed by the primary is not (DESIGN 7)."""
+
+    attack: ClassVar[str | None] = ATTACK_SPOOFED_MESSAGE
+
+
+class ReplayedMessageError(UptaneError):
+    """A signed bus message does not carry a nonce its receiver issued (a replay)."""
+
+    attack: ClassVar[str | None] = ATTACK_REPLAYED_MESSAGE
+
+
 class InstallError(UptaneError):
     """An image could not be installed; the previous slot stays active."""
 
@@ -258,6 +272,24 @@ class WasmHealthFailedError(WasmError):
     reason: ClassVar[str] = "health_failed"
 
 
+class WasmTimeoutError(WasmError):
+    """A call ran longer than the ECU's wall-clock bound (epoch interruption)."""
+
+    reason: ClassVar[str] = "timeout"
+
+
+class WasmHostError(WasmError):
+    """A host function failed under the module (a peripheral error)."""
+
+    reason: ClassVar[str] = "host_error"
+
+
+class WasmLimitsExceededError(WasmError):
+    """The image's signed limits exceed this ECU's ceilings: refused before transfer."""
+
+    reason: ClassVar[str] = "limits_exceeded"
+
+
 WASM_REASONS: Final = frozenset(
     cls.reason
     for cls in (
@@ -269,6 +301,9 @@ WASM_REASONS: Final = frozenset(
         WasmSelfTestFailedError,
         WasmMissingExportError,
         WasmHealthFailedError,
+        WasmTimeoutError,
+        WasmHostError,
+        WasmLimitsExceededError,
     )
 )
 

@@ -25,7 +25,7 @@ from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature, Signer
 
 from uptane import codec
-from uptane.errors import ATTACKS, CodecError, ManifestError
+from uptane.errors import ATTACKS, CodecError, ManifestError, SpoofedMessageError
 from uptane.metadata import check_identifier
 
 MANIFEST_TYPE: Final = "vehicle_manifest"
@@ -45,6 +45,7 @@ RESULT_CODES: Final = (
     "notReady",
     "internalError",
     "noUpdate",
+    "limitsExceeded",
 )
 
 
@@ -194,6 +195,47 @@ class SignedEcuVersionReport:
             f"ECU version report is not signed by key {key.keyid[:8]}",
             reason="bad_ecu_signature",
         )
+
+
+# --- what the primary signs for a secondary (DESIGN 7) --------------------------
+
+STATEMENT_TYPE: Final = "PrimaryStatement"
+
+
+def statement_bytes(kind: str, value: Mapping[str, Any]) -> bytes:
+    """DER of a ``PrimaryStatement`` (``time`` or ``reportReceipt``): what is signed."""
+    return codec.encode(STATEMENT_TYPE, (kind, dict(value)))
+
+
+def sign_statement(kind: str, value: Mapping[str, Any], signer: Signer) -> list[dict[str, Any]]:
+    """The ASN.1 ``Signatures`` of the primary over one statement."""
+    sig = signer.sign(statement_bytes(kind, value))
+    try:
+        return [{"keyid": sig.keyid, "value": bytes.fromhex(sig.signature)}]
+    except ValueError as e:
+        raise CodecError(f"signature is not hex: {e}") from e
+
+
+def verify_statement(kind: str, value: Mapping[str, Any], signatures: Any, key: Key | None) -> None:
+    """Check that ``key`` (the primary's) signed this statement; else ``SpoofedMessageError``.
+
+    A statement without signatures, or with no signature by ``key``, or an
+    ECU without a provisioned primary key (``key`` None) is refused the same way.
+    """
+    if key is None:
+        raise SpoofedMessageError("no primary key is provisioned: signed messages are refused")
+    if not signatures:
+        raise SpoofedMessageError(f"{kind} message is not signed")
+    data = statement_bytes(kind, value)
+    for entry in signatures:
+        if entry["keyid"] != key.keyid:
+            continue
+        try:
+            key.verify_signature(Signature(key.keyid, bytes(entry["value"]).hex()), data)
+        except Exception as e:  # securesystemslib raises UnverifiedSignatureError
+            raise SpoofedMessageError(f"{kind} signature by the primary key is invalid") from e
+        return
+    raise SpoofedMessageError(f"{kind} message is not signed by the primary key")
 
 
 @dataclass(frozen=True)

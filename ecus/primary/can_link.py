@@ -12,6 +12,12 @@ client offers the image again and continues from the offset the secondary
 names, up to ``max_retries`` times per transfer, so bytes the secondary
 already holds are not sent again.
 
+Time and receipts (DESIGN 7): with the primary's ``signer``, the client
+sends its time as a signed ``timeMessage`` bound to a nonce it first asks
+the secondary for, and a version report request may carry a signed receipt
+naming the counter of the ECU's last report the Director accepted, so the
+ECU clears the attacks that report carried. Without a signer neither is sent.
+
 Nothing a secondary says is trusted: replies are size-capped by the link and
 decoded with the codec (``CodecError`` on anything malformed), reports are
 returned as raw DER for the primary to verify with the ECU's key. A refusal
@@ -27,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from securesystemslib.signer import Key, SSlibKey
+from securesystemslib.signer import Key, Signer, SSlibKey
 
 from ecus.primary.deltas import send_delta
 from ecus.primary.links import EcuUpdate
@@ -35,7 +41,7 @@ from ecus.transport.base import SecondaryLink
 from uptane import codec
 from uptane.delta import DeltaOffer
 from uptane.errors import CodecError, TransportError, UptaneError
-from uptane.manifest import InstalledImage, SignedEcuVersionReport
+from uptane.manifest import InstalledImage, SignedEcuVersionReport, sign_statement
 from uptane.verification import partial
 
 logger = logging.getLogger(__name__)
@@ -142,8 +148,10 @@ class CanSecondaryClient:
         timeout: float | None = None,
         install_timeout: float = DEFAULT_INSTALL_TIMEOUT,
         clock: Callable[[], datetime] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.link = link
+        self.signer = signer  # the primary's key: signs time messages and receipts
         self._serial = serial
         self.chunk_size = self._check_chunk_size(chunk_size)
         # called as progress(offset, length) during image transfers of send_update
@@ -208,9 +216,18 @@ class CanSecondaryClient:
             free_slot_size=v["freeSlotSize"],
         )
 
-    def version_report(self, nonce: bytes) -> bytes:
-        """A fresh ``SignedEcuVersionReport`` (DER) carrying ``nonce`` (5.4.2.1)."""
-        v = self._call("versionReportRequest", {"nonce": nonce}, "versionReportResponse")
+    def version_report(self, nonce: bytes, last_accepted: int = 0) -> bytes:
+        """A fresh ``SignedEcuVersionReport`` (DER) carrying ``nonce`` (5.4.2.1).
+
+        ``last_accepted`` > 0 (the counter of this ECU's last report the
+        Director recorded) goes along as a receipt signed by the primary.
+        """
+        request: dict[str, Any] = {"nonce": nonce}
+        if last_accepted > 0 and self.signer is not None:
+            receipt = {"ecuSerial": self.serial, "reportCounter": last_accepted}
+            request["lastAccepted"] = last_accepted
+            request["receiptSignatures"] = sign_statement("reportReceipt", receipt, self.signer)
+        v = self._call("versionReportRequest", request, "versionReportResponse")
         return bytes(v["signedReport"])
 
     def get_report(self, nonce: bytes) -> SignedEcuVersionReport:
@@ -218,11 +235,27 @@ class CanSecondaryClient:
         return SignedEcuVersionReport.from_der(self.version_report(nonce))
 
     def send_time(self, when: datetime) -> None:
-        """Send the primary's time; the secondary only uses it to move its floor forward."""
+        """Send the primary's time, signed and bound to a nonce the secondary issued.
+
+        The secondary only uses it to move its time floor forward (DESIGN 7).
+        """
         if when.tzinfo is None:
             raise ValueError("time must be timezone-aware")
+        if self.signer is None:
+            raise ValueError("sending time needs the primary's signer")
         seconds = int(when.astimezone(UTC).timestamp())
-        v = self._call("timeMessage", {"time": seconds}, "ack")
+        nonce = bytes(
+            self._call(
+                "timeNonceRequest", {"protocolVersion": PROTOCOL_VERSION}, "timeNonceResponse"
+            )["nonce"]
+        )
+        statement = {"ecuSerial": self.serial, "nonce": nonce, "time": seconds}
+        message = {
+            "time": seconds,
+            "nonce": nonce,
+            "signatures": sign_statement("time", statement, self.signer),
+        }
+        v = self._call("timeMessage", message, "ack")
         if v["code"] != "ok":
             raise SecondaryRefusedError(v["code"], v["text"], "time")
 
@@ -370,7 +403,7 @@ class CanSecondaryClient:
         """
         if update.ecu_serial != self.serial:
             raise ValueError(f"update for {update.ecu_serial!r} sent to {self.serial!r}")
-        if self.clock is not None:
+        if self.clock is not None and self.signer is not None:
             try:
                 self.send_time(self.clock())
             except SecondaryRefusedError as e:  # its floor is ahead of us: not fatal

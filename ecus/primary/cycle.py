@@ -95,6 +95,8 @@ class Primary(RepositorySync):
         self.clock = clock
         self._signer = signer if signer is not None else config.key.signer()
         self._clients: dict[str, SecondaryClient] = {}
+        # per secondary: counter of its last report the Director accepted (DESIGN 7)
+        self._accepted: dict[str, int] = {}
         known = {s.serial for s in config.secondaries}
         for client in secondaries:
             if client.serial not in known:
@@ -190,7 +192,9 @@ class Primary(RepositorySync):
                 continue
             nonce = os.urandom(NONCE_BYTES)
             try:
-                report_signed = SignedEcuVersionReport.from_der(client.version_report(nonce))
+                report_signed = SignedEcuVersionReport.from_der(
+                    client.version_report(nonce, last_accepted=self._accepted.get(entry.serial, 0))
+                )
                 report = report_signed.verify(entry.public_key)
                 if report.ecu_serial != entry.serial or report.hardware_id != entry.hardware_id:
                     raise ManifestError(
@@ -274,6 +278,8 @@ class Primary(RepositorySync):
         if manifest.accepted:
             # the Director has our attacks and last result: start afresh
             state.attacks, state.last_result, state.last_result_text = [], "ok", ""
+            # and the secondaries': the next requests carry signed receipts (DESIGN 7)
+            self._accepted.update({s: r.report_counter for s, r in reports.items()})
         else:
             issues.append(
                 CycleIssue(

@@ -73,8 +73,12 @@ class SecondaryClient(Protocol):
         """The ECU serial this client talks to."""
         ...
 
-    def version_report(self, nonce: bytes) -> bytes:
-        """Ask for a fresh signed version report carrying ``nonce`` (5.4.2.1)."""
+    def version_report(self, nonce: bytes, last_accepted: int = 0) -> bytes:
+        """Ask for a fresh signed version report carrying ``nonce`` (5.4.2.1).
+
+        ``last_accepted`` > 0 is the counter of the ECU's last report the
+        Director recorded: the ECU may clear the attacks it carried.
+        """
         ...
 
     def send_update(self, update: EcuUpdate) -> bytes:
@@ -124,7 +128,7 @@ class InMemorySecondary:
         data = SignedEcuVersionReport.sign(report, self.signer).to_der()
         return self.tamper(data) if self.tamper is not None else data
 
-    def version_report(self, nonce: bytes) -> bytes:
+    def version_report(self, nonce: bytes, last_accepted: int = 0) -> bytes:
         return self._report(nonce)
 
     def send_update(self, update: EcuUpdate) -> bytes:

@@ -13,15 +13,24 @@ to that file:
   "bus": {"interface": "socketcan", "channel": "can0", "fd": false,
           "bitrate": 500000, "data_bitrate": 2000000},
   "max_time_ahead_seconds": 86400,
-  "delta_memory_bytes": 81920
+  "delta_memory_bytes": 81920,
+  "primary_key": "primary.pub.json",
+  "ceilings": {"fuel_per_call": 20000000, "self_test_fuel": 100000000,
+               "memory_pages": 64, "call_seconds": 1.0}
 }
 ```
 
 ``key.uri`` is any securesystemslib signer URI (a relative ``file2:`` path is
 resolved against the config file); ``key.public`` is a ``NAME.pub.json`` file
 or an inline TUF key dict. ``max_time_ahead_seconds`` may be null (an ECU
-without a trustworthy clock). ``delta_memory_bytes`` bounds the memory a
-delta's decoder may need (``ecus.secondary.delta``). ``can`` ids are integers or hex strings; the
+without a trustworthy clock). ``primary_key`` (a ``NAME.pub.json`` file or an
+inline TUF key dict) is the vehicle primary's public key, provisioned like
+the Director root: time messages and report receipts must be signed by it
+(DESIGN 7); without it the ECU refuses every time message and keeps its
+recorded attacks in every report. ``ceilings`` caps the signed WASM limits
+(``ecus.secondary.ceilings.WasmCeilings``; every field optional, defaults
+sized for a small ECU). ``delta_memory_bytes`` bounds the memory a delta's decoder may need
+(``ecus.secondary.delta``). ``can`` ids are integers or hex strings; the
 primary sends requests on ``request_id`` and listens on ``response_id``.
 
 The primary's CAN wiring is read by ``ecus.primary.can_config``.
@@ -36,6 +45,7 @@ from typing import Any
 
 from securesystemslib.signer import Key
 
+from ecus.secondary.ceilings import WasmCeilings
 from ecus.secondary.delta import DEFAULT_DELTA_MEMORY
 from ecus.secondary.ecu import DEFAULT_MAX_TIME_AHEAD
 from ecus.transport.can_config import (
@@ -68,6 +78,8 @@ class SecondaryConfig:
     max_time_ahead: timedelta | None = DEFAULT_MAX_TIME_AHEAD
     #: memory a delta's decoder may need (docs/deltas.md)
     delta_memory_limit: int = DEFAULT_DELTA_MEMORY
+    primary_key: Key | None = None
+    ceilings: WasmCeilings = field(default_factory=WasmCeilings)
 
     def __post_init__(self) -> None:
         try:
@@ -98,6 +110,8 @@ class SecondaryConfig:
             "bus",
             "max_time_ahead_seconds",
             "delta_memory_bytes",
+            "primary_key",
+            "ceilings",
         }
         unknown = set(raw) - known
         if unknown:
@@ -130,6 +144,9 @@ class SecondaryConfig:
         if isinstance(delta_memory, bool) or not isinstance(delta_memory, int) or delta_memory < 1:
             raise ConfigError("'delta_memory_bytes' must be a positive integer")
         vin = raw.get("vin")
+        primary_key = None
+        if raw.get("primary_key") is not None:
+            primary_key = _public_key(raw["primary_key"], base_dir, "primary_key")
         return cls(
             serial=raw["serial"],
             hardware_id=raw["hardware_id"],
@@ -142,7 +159,29 @@ class SecondaryConfig:
             vin=None if vin is None else str(vin),
             max_time_ahead=None if ahead is None else timedelta(seconds=ahead),
             delta_memory_limit=delta_memory,
+            primary_key=primary_key,
+            ceilings=_ceilings(raw.get("ceilings", {})),
         )
+
+
+def _ceilings(raw: Any) -> WasmCeilings:
+    section = json_object(raw, "ceilings")
+    unknown = set(section) - {"fuel_per_call", "self_test_fuel", "memory_pages", "call_seconds"}
+    if unknown:
+        raise ConfigError(f"unknown ceilings: {sorted(unknown)}")
+    try:
+        return WasmCeilings(**section)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _public_key(raw: Any, base_dir: Path, what: str) -> Key:
+    try:
+        if isinstance(raw, str):
+            return load_public_key(base_dir / raw)
+        return public_key_from_dict(raw)
+    except KeyLoadError as e:
+        raise ConfigError(f"{what}: {e}") from e
 
 
 def _key(raw: Any, base_dir: Path) -> KeyRef:
@@ -152,13 +191,5 @@ def _key(raw: Any, base_dir: Path) -> KeyRef:
     uri: str = section["uri"]
     if uri.startswith("file2:") and not Path(uri[len("file2:") :]).is_absolute():
         uri = f"file2:{(base_dir / uri[len('file2:') :]).resolve()}"
-    public_raw = section["public"]
-    try:
-        public: Key = (
-            load_public_key(base_dir / public_raw)
-            if isinstance(public_raw, str)
-            else public_key_from_dict(public_raw)
-        )
-    except KeyLoadError as e:
-        raise ConfigError(f"secondary key: {e}") from e
+    public = _public_key(section["public"], base_dir, "secondary key")
     return KeyRef(public=public, uri=uri)

@@ -30,35 +30,62 @@ Update flow (Uptane 2.1, 5.4.4.1 and 5.4.3):
 Time (DESIGN 7): the reference time is ``max(clock(), floor)``; the floor is
 persisted and never moves backwards. It advances to the reference time
 whenever the ECU uses it (verifying metadata, signing a report), and to the
-time of a ``timeMessage`` that is
-not before it and, when ``max_time_ahead`` is set, not more than that ahead
-of the ECU's own clock. A time message is unauthenticated, so it may only
-move time forward (failing closed: metadata can only look *more* expired,
-never less), and the bound keeps a spoofed one from pushing the persisted
-floor arbitrarily far into the future. An ECU without a trustworthy clock
-sets ``max_time_ahead=None`` and relies on the primary's time.
+time of a ``timeMessage`` that is authentic, fresh, not before it and, when
+``max_time_ahead`` is set, not more than that ahead of the ECU's own clock.
+Authentic and fresh: the primary asks for a nonce (``timeNonceRequest``; the
+ECU keeps the last ``MAX_TIME_NONCES`` it issued, each good once) and signs
+``PrimaryStatement.time {ecuSerial, nonce, time}`` with its key, provisioned
+on the ECU like the Director root (``primary_key``). A time message that is
+unsigned or signed by another key is refused and ``spoofed_message`` goes
+into the next report; one with a nonce the ECU did not issue, or already
+used, is refused as ``replayed_message``. Without a provisioned primary key
+every time message is refused. A time may still only move the floor forward
+(failing closed: metadata can only look *more* expired), and the bound keeps
+even a signed one from pushing the floor arbitrarily far into the future.
+What a compromised primary can still do: send a signed time up to
+``max_time_ahead`` past the ECU's clock (with ``max_time_ahead=None``, any
+time: such an ECU trusts its primary for time), which makes metadata look
+expired and so withholds updates; it can withhold updates anyway.
 
-Attacks detected are reported in every signed report and cleared once they
-went out in a ``versionReportResponse`` (the report that goes into the
-vehicle manifest); the last result stays until the next step replaces it.
+ECU ceilings (``WasmCeilings``, given to the ``WasmHost``): an offer of an
+image whose signed limits exceed them is refused with ``limitsExceeded``
+before any byte moves, and the report says why.
+
+Attacks detected are reported in every signed report until the primary
+confirms the Director recorded one that carried them: a
+``versionReportRequest`` may name the counter of this ECU's last report the
+Director accepted (``lastAccepted``), signed by the primary's key; the ECU
+then clears the attacks recorded before that report was signed. A receipt
+that is not signed by the primary is ignored and reported as
+``spoofed_message``, so a rogue node reading reports cannot make recorded
+attacks vanish. A replayed genuine receipt clears only what the Director
+already has. The last result stays until the next step replaces it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from securesystemslib.signer import Signer
+from securesystemslib.signer import Key, Signer
 from tuf.api import exceptions as tuf_exc
 
 from ecus.secondary.delta import DEFAULT_DELTA_MEMORY, DeltaRefusedError, abandon, start_delta
+from ecus.secondary.report_state import ReportState, _text
 from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
-from ecus.secondary.wasm_host import Peripherals, SimPeripherals, WasmApp, WasmHost
+from ecus.secondary.wasm_host import (
+    Peripherals,
+    SimPeripherals,
+    WasmApp,
+    WasmCeilings,
+    WasmHost,
+)
 from ecus.transport.base import DEFAULT_MAX_REQUEST
 from uptane import codec
 from uptane.delta import DeltaOffer
@@ -67,20 +94,23 @@ from uptane.errors import (
     ATTACK_ENDLESS_DATA,
     ATTACK_INVALID_METADATA,
     ATTACK_WRONG_ECU,
-    ATTACKS,
     CodecError,
     EndlessDataError,
     ImageMismatchError,
     InstallError,
+    ReplayedMessageError,
+    SpoofedMessageError,
     UptaneError,
     WasmError,
+    WasmHostError,
+    WasmLimitsExceededError,
     attack_name,
 )
 from uptane.manifest import (
-    RESULT_CODES,
     EcuVersionReport,
     InstalledImage,
     SignedEcuVersionReport,
+    verify_statement,
 )
 from uptane.metadata import UptaneTarget
 from uptane.verification import partial
@@ -93,17 +123,13 @@ ROOT_KEY: Final = "director_root"
 TARGETS_KEY: Final = "director_targets"
 #: Extra key of the report state (attacks since the last report, last result).
 REPORT_KEY: Final = "report"
-MAX_ATTACKS: Final = 16
-MAX_TEXT: Final = 500
 MAX_LENGTH: Final = 4_294_967_295  # ASN.1 Length
 DEFAULT_MAX_TIME_AHEAD: Final = timedelta(days=1)
+#: Time nonces an ECU keeps outstanding (each good for one time message).
+MAX_TIME_NONCES: Final = 4
+TIME_NONCE_BYTES: Final = 16
 
 Clock = Callable[[], datetime]
-
-
-def _text(value: object) -> str:
-    text = str(value)
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
 
 
 def _utc(value: datetime) -> datetime:
@@ -131,33 +157,6 @@ def _is_installed(target: UptaneTarget, installed: InstalledTarget | None) -> bo
     )
 
 
-@dataclass(frozen=True)
-class ReportState:
-    """What the next version report says besides the installed image."""
-
-    attacks: tuple[str, ...] = ()
-    last_result: str = "ok"
-    last_result_text: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "attacks": list(self.attacks),
-            "last_result": self.last_result,
-            "last_result_text": self.last_result_text,
-        }
-
-    @classmethod
-    def from_dict(cls, data: object) -> ReportState:
-        if not isinstance(data, Mapping):
-            return cls()
-        code = str(data.get("last_result", "ok"))
-        return cls(
-            attacks=tuple(str(a) for a in data.get("attacks", ()) if a in ATTACKS),
-            last_result=code if code in RESULT_CODES else "internalError",
-            last_result_text=_text(data.get("last_result_text", "")),
-        )
-
-
 class Secondary:
     """One secondary ECU with partial verification (Uptane 2.1, 5.4.4.1)."""
 
@@ -179,12 +178,18 @@ class Secondary:
         max_trial_boots: int = 0,
         fault: Callable[[str], None] | None = None,
         delta_memory_limit: int = DEFAULT_DELTA_MEMORY,
+        primary_key: Key | None = None,
+        ceilings: WasmCeilings | None = None,
     ) -> None:
         self.identity = partial.SecondaryIdentity(ecu_serial, hardware_id, vin)
         self.signer = signer
         self.clock = clock
+        self.primary_key = primary_key
         self.peripherals: Peripherals = peripherals if peripherals is not None else SimPeripherals()
-        self.host = host or WasmHost()
+        if host is not None and ceilings is not None and host.ceilings != ceilings:
+            raise ValueError("pass ceilings or a host with them, not both")
+        self.host = host or WasmHost(ceilings)
+        self._time_nonces: deque[bytes] = deque(maxlen=MAX_TIME_NONCES)
         self.max_message = max_message
         self.max_time_ahead = max_time_ahead
         self.delta_memory_limit = delta_memory_limit  # bytes a delta's decoder may use
@@ -206,7 +211,8 @@ class Secondary:
             targets = partial.load_targets(targets_der)
             targets_version = targets.version
             self._target = partial.find_target(self.identity, targets)
-        self.trusted = partial.TrustedDirectorState(root_der, targets_version)
+        release = 0 if self._target is None else self._target.release_counter
+        self.trusted = partial.TrustedDirectorState(root_der, targets_version, release)
         self._boot()
 
     # --- boot and the running app -------------------------------------------
@@ -265,12 +271,19 @@ class Secondary:
 
     def _set_result(self, code: str, text: str, attack: str | None = None) -> None:
         state = self.report_state
-        attacks = state.attacks
-        if attack is not None and attack not in attacks:
-            attacks = (*attacks, attack)[-MAX_ATTACKS:]
-        self._save_report_state(ReportState(attacks, code, _text(text)))
+        if attack is not None:
+            state = state.with_attack(attack, self.store.report_counter)
+        self._save_report_state(ReportState(state.attacks, code, _text(text), state.since))
 
-    def signed_report(self, nonce: bytes = b"", *, consume_attacks: bool = False) -> bytes:
+    def _note_attack(self, attack: str | None, text: str) -> None:
+        """Record an attack for the next reports without touching the last result."""
+        logger.warning("%s: %s", self.identity.ecu_serial, text)
+        if attack is not None:
+            self._save_report_state(
+                self.report_state.with_attack(attack, self.store.report_counter)
+            )
+
+    def signed_report(self, nonce: bytes = b"") -> bytes:
         """A fresh signed ``EcuVersionReport`` (5.4.2.1), as DER."""
         state = self.report_state
         active = self.store.active_target()
@@ -293,10 +306,7 @@ class Secondary:
             last_result=state.last_result,
             last_result_text=state.last_result_text,
         )
-        der = SignedEcuVersionReport.sign(report, self.signer).to_der()
-        if consume_attacks and state.attacks:
-            self._save_report_state(ReportState((), state.last_result, state.last_result_text))
-        return der
+        return SignedEcuVersionReport.sign(report, self.signer).to_der()
 
     # --- messages -----------------------------------------------------------
 
@@ -331,6 +341,7 @@ class Secondary:
             "imageOffer": self._on_offer,
             "imageChunk": self._on_chunk,
             "installRequest": self._on_install,
+            "timeNonceRequest": self._on_time_nonce,
         }
 
     @staticmethod
@@ -363,11 +374,57 @@ class Secondary:
         )
 
     def _on_report(self, value: Mapping[str, Any]) -> bytes:
-        report = self.signed_report(bytes(value["nonce"]), consume_attacks=True)
+        if "lastAccepted" in value or "receiptSignatures" in value:
+            self._on_receipt(value.get("lastAccepted"), value.get("receiptSignatures"))
+        report = self.signed_report(bytes(value["nonce"]))
         return codec.encode_message("versionReportResponse", {"signedReport": report})
 
+    def _on_receipt(self, counter: int | None, signatures: Any) -> None:
+        """Clear the attacks the Director recorded, if the primary signed the receipt."""
+        if self.primary_key is None:
+            return  # not provisioned: no receipt can be checked, attacks stay reported
+        try:
+            if counter is None:
+                raise SpoofedMessageError("report receipt names no counter")
+            receipt = {"ecuSerial": self.identity.ecu_serial, "reportCounter": counter}
+            verify_statement("reportReceipt", receipt, signatures, self.primary_key)
+        except SpoofedMessageError as e:
+            self._note_attack(e.attack, f"report receipt refused: {e}")
+            return
+        if counter > self.store.report_counter:
+            self._note_attack(
+                SpoofedMessageError.attack,
+                f"report receipt names counter {counter}, never issued "
+                f"(last is {self.store.report_counter})",
+            )
+            return
+        self._save_report_state(self.report_state.cleared(counter))
+
+    def _on_time_nonce(self, value: Mapping[str, Any]) -> bytes:
+        nonce = os.urandom(TIME_NONCE_BYTES)
+        self._time_nonces.append(nonce)
+        return codec.encode_message("timeNonceResponse", {"nonce": nonce})
+
+    def _check_time_message(self, value: Mapping[str, Any]) -> datetime:
+        """The time of an authentic, fresh time message; else a typed error (DESIGN 7)."""
+        if "nonce" not in value or "signatures" not in value:
+            raise SpoofedMessageError("time message is not signed")
+        nonce = bytes(value["nonce"])
+        statement = {"ecuSerial": self.identity.ecu_serial, "nonce": nonce, "time": value["time"]}
+        verify_statement("time", statement, value["signatures"], self.primary_key)
+        if nonce not in self._time_nonces:
+            raise ReplayedMessageError("time message carries a nonce this ECU did not issue")
+        self._time_nonces.remove(nonce)  # good once
+        return datetime.fromtimestamp(value["time"], UTC)
+
     def _on_time(self, value: Mapping[str, Any]) -> bytes:
-        when = datetime.fromtimestamp(value["time"], UTC)
+        if self.primary_key is None:
+            return self._ack("badRequest", "no primary key is provisioned: time is not accepted")
+        try:
+            when = self._check_time_message(value)
+        except (SpoofedMessageError, ReplayedMessageError) as e:
+            self._note_attack(e.attack, f"time message refused: {e}")
+            return self._ack("badRequest", f"time message refused ({e.attack}): {e}")
         floor = self.store.time_floor
         # time messages carry whole seconds: compare at that resolution
         if floor is not None and when < floor.replace(microsecond=0):
@@ -466,6 +523,11 @@ class Secondary:
                 self._writer = None
                 return self._refuse_offer("noSpace", str(e), None)
             return self._chunk_ack("ok", self._writer.offset)
+        try:  # before any byte moves: this ECU's ceilings on the signed limits
+            self.host.ceilings.check(target.limits)
+        except WasmLimitsExceededError as e:
+            self._writer = None
+            return self._refuse_offer("limitsExceeded", f"{target.name}: {e}", None)
         # Every offer resumes from the durable offset: after a lost ack the
         # primary learns how far the slot really got.
         try:
@@ -525,15 +587,24 @@ class Secondary:
         return self._result(code, text)
 
     def _run_trial(self, booted: BootedImage) -> tuple[str, str]:
+        """Try the image on trial; commit it or roll back, whatever the module does."""
         target = booted.target
-        result = self.host.trial(booted.image, target.capabilities, target.limits, self.peripherals)
-        if result.passed and result.app is not None:
+        try:
+            result = self.host.trial(
+                booted.image, target.capabilities, target.limits, self.peripherals
+            )
+            passed, app = result.passed and result.app is not None, result.app
+            reason, detail = result.reason or "trial_failed", result.detail
+        except Exception as e:  # never leave the image on trial (issue 10)
+            logger.exception("trial of %s failed", target.name)
+            passed, app = False, None
+            reason, detail = WasmHostError.reason, f"{type(e).__name__}: {e}"
+        if passed and app is not None:
             self.store.commit()
-            self.app = result.app
-            code, text = "ok", f"installed {target.name}: {result.detail}"
+            self.app = app
+            code, text = "ok", f"installed {target.name}: {detail}"
         else:
-            reason = result.reason or "trial_failed"
             self.store.rollback(reason)
-            code, text = "trialFailed", f"{reason}: {result.detail}; rolled back"
+            code, text = "trialFailed", f"{reason}: {detail}; rolled back"
         self._set_result(code, text)
         return code, text

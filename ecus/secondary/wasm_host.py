@@ -42,30 +42,48 @@ trap (``unreachable`` or an out-of-bounds access, as an allocator failure
 ends in) while the memory has grown to the cap is reported as
 ``WasmMemoryLimitError``; any other trap is ``WasmTrapError``.
 
+ECU ceilings (``WasmCeilings``): signed limits are the image's; the ECU
+caps them. An image whose ``fuel_per_call``, ``self_test_fuel`` or
+``memory_pages`` exceed the ECU's ceilings is refused
+(``WasmLimitsExceededError``: the secondary checks at the offer, before any
+byte moves, and ``load`` checks again). Every call also has a wall-clock
+bound (``call_seconds``) whatever its fuel, enforced by wasmtime epoch
+interruption: a watchdog thread bumps the engine's epoch when the bound
+passes and the call traps (``WasmTimeoutError``). Calls on one host are
+serialized, so one call's bound never cuts another short.
+
 A trial (``WasmHost.trial``) compiles and instantiates the module, runs
-``self_test`` and then ``confirm_ticks`` ticks; the first failure stops it
-and names its ``reason`` (``uptane.errors.WASM_REASONS``). Rate-limit
-violations do not fail a trial (the write is refused, the module sees -1);
-they are counted in the result for the ECU to report.
+``self_test``, then ``confirm_ticks`` ticks, then ``version()``: every call
+into the module is inside the trial, and the first failure (a ``WasmError``,
+or any error of a host function, ``WasmHostError``) stops it and names its
+``reason`` (``uptane.errors.WASM_REASONS``). Rate-limit violations do not
+fail a trial (the write is refused, the module sees -1); they are counted in
+the result for the ECU to report.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol, TypeVar
+from typing import Final, TypeVar
 
 import wasmtime
 
+from ecus.secondary.ceilings import WATCHDOG, WasmCeilings
+from ecus.secondary.peripherals import Peripherals, SimPeripherals
 from uptane.errors import (
+    UptaneError,
     WasmError,
     WasmForbiddenImportError,
     WasmFuelExhaustedError,
     WasmHealthFailedError,
+    WasmHostError,
     WasmInvalidModuleError,
     WasmMemoryLimitError,
     WasmMissingExportError,
     WasmSelfTestFailedError,
+    WasmTimeoutError,
     WasmTrapError,
 )
 from uptane.metadata import (
@@ -76,6 +94,8 @@ from uptane.metadata import (
     Limits,
     check_capabilities,
 )
+
+__all__ = ["Peripherals", "SimPeripherals", "TrialResult", "WasmApp", "WasmCeilings", "WasmHost"]
 
 _T = TypeVar("_T")
 
@@ -95,38 +115,6 @@ _I64_MAX: Final = 2**63 - 1
 _OOM_TRAPS: Final = frozenset(
     {wasmtime.TrapCode.UNREACHABLE, wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS}
 )
-
-
-class Peripherals(Protocol):
-    """What an ECU lends its WASM app: sensors, actuators and a log sink."""
-
-    def read_sensor(self, channel: int) -> int:
-        """Return the current reading of ``channel`` (a signed 64-bit value)."""
-
-    def write_actuator(self, channel: int, value: int) -> None:
-        """Drive actuator ``channel`` to ``value``."""
-
-    def log(self, message: str) -> None:
-        """Record one log line from the app."""
-
-
-@dataclass
-class SimPeripherals:
-    """Deterministic simulated peripherals: fixed sensor values, recorded writes."""
-
-    sensors: dict[int, int] = field(default_factory=dict)
-    default_sensor: int = 0
-    writes: list[tuple[int, int]] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
-
-    def read_sensor(self, channel: int) -> int:
-        return self.sensors.get(channel, self.default_sensor)
-
-    def write_actuator(self, channel: int, value: int) -> None:
-        self.writes.append((channel, value))
-
-    def log(self, message: str) -> None:
-        self.logs.append(message)
 
 
 _VALTYPES: Final = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
@@ -199,9 +187,11 @@ class TrialResult:
 class WasmHost:
     """Compiles and runs images; holds the one wasmtime ``Engine`` of an ECU."""
 
-    def __init__(self) -> None:
+    def __init__(self, ceilings: WasmCeilings | None = None) -> None:
+        self.ceilings = ceilings if ceilings is not None else WasmCeilings()
         config = wasmtime.Config()
         config.consume_fuel = True
+        config.epoch_interruption = True
         config.wasm_threads = False
         config.shared_memory = False
         config.wasm_multi_memory = False
@@ -209,6 +199,8 @@ class WasmHost:
         config.cranelift_nan_canonicalization = True
         config.wasm_relaxed_simd_deterministic = True
         self.engine = wasmtime.Engine(config)
+        # One call at a time on this engine: a call's epoch bump must not cut another short.
+        self._calls = threading.Lock()
 
     def compile(
         self, module_bytes: bytes, capabilities: Iterable[str], limits: Limits
@@ -280,10 +272,22 @@ class WasmHost:
         limits: Limits,
         peripherals: Peripherals,
     ) -> WasmApp:
-        """Compile, check and instantiate an image under its limits (no self-test)."""
+        """Compile, check and instantiate an image under its limits (no self-test).
+
+        Raises ``WasmLimitsExceededError`` first if ``limits`` exceed the ceilings.
+        """
+        self.ceilings.check(limits)
         caps = check_capabilities(capabilities)
         module = self.compile(module_bytes, caps, limits)
-        return WasmApp(self.engine, module, caps, limits, peripherals)
+        return WasmApp(
+            self.engine,
+            module,
+            caps,
+            limits,
+            peripherals,
+            call_seconds=self.ceilings.call_seconds,
+            call_lock=self._calls,
+        )
 
     def trial(
         self,
@@ -294,24 +298,34 @@ class WasmHost:
         *,
         start_tick: int = 0,
     ) -> TrialResult:
-        """Try an image: load, ``self_test`` within its budget, then the confirmation window.
+        """Try an image: load, ``self_test`` within its budget, the confirmation window,
+        then ``version()``.
 
         Ticks ``start_tick .. start_tick + confirm_ticks - 1`` each run within
         ``fuel_per_call``. Any ``WasmError`` (including a non-zero self-test
-        result or a non-zero health code) ends the trial as not passed.
+        result or a non-zero health code) or any other error under the module
+        (``WasmHostError``) ends the trial as not passed. Only bad arguments
+        raise (``MetadataError`` for unknown capabilities).
         """
         outputs: list[int] = []
         app: WasmApp | None = None
         self_test_code: int | None = None
         try:
-            app = self.load(module_bytes, capabilities, limits, peripherals)
-            self_test_code = app.self_test()
-            if self_test_code != 0:
-                raise WasmSelfTestFailedError(f"self_test returned {self_test_code}")
-            app.check_health("self_test")
-            for t in range(start_tick, start_tick + limits.confirm_ticks):
-                outputs.append(app.tick(t))
-                app.check_health(f"tick {t}")
+            try:
+                app = self.load(module_bytes, capabilities, limits, peripherals)
+                self_test_code = app.self_test()
+                if self_test_code != 0:
+                    raise WasmSelfTestFailedError(f"self_test returned {self_test_code}")
+                app.check_health("self_test")
+                for t in range(start_tick, start_tick + limits.confirm_ticks):
+                    outputs.append(app.tick(t))
+                    app.check_health(f"tick {t}")
+                version = app.version()
+                app.check_health("version")
+            except UptaneError:  # a WasmError, or bad arguments (MetadataError)
+                raise
+            except Exception as e:  # anything else under the module is a host failure
+                raise WasmHostError(f"trial failed: {type(e).__name__}: {e}") from e
         except WasmError as e:
             return TrialResult(
                 passed=False,
@@ -330,7 +344,7 @@ class WasmHost:
             ticks_run=len(outputs),
             outputs=tuple(outputs),
             self_test_code=self_test_code,
-            version=app.version(),
+            version=version,
             rate_limit_violations=app.rate_limit_violations,
             fuel_used=app.fuel_used,
             app=app,
@@ -356,8 +370,14 @@ class WasmApp:
         capabilities: Iterable[str],
         limits: Limits,
         peripherals: Peripherals,
+        *,
+        call_seconds: float = WasmCeilings.call_seconds,
+        call_lock: threading.Lock | None = None,
     ) -> None:
         self.limits = limits
+        self.call_seconds = call_seconds
+        self._engine = engine
+        self._call_lock = call_lock if call_lock is not None else threading.Lock()
         self.capabilities = check_capabilities(capabilities)
         self.peripherals = peripherals
         self.rate_limit_violations = 0
@@ -468,20 +488,30 @@ class WasmApp:
         self._writes_this_call = 0
         self._logs_this_call = 0
         self._bad_health_this_call = []
-        self._store.set_fuel(fuel)
-        try:
-            return call()
-        except WasmError as e:
-            self._failed = e
-            raise
-        except wasmtime.Trap as trap:
-            self._failed = self._classify(name, trap)
-            raise self._failed from None
-        except wasmtime.WasmtimeError as e:
-            self._failed = WasmTrapError(f"{name} failed: {_first_line(e)}")
-            raise self._failed from None
-        finally:
-            self.fuel_used += fuel - self._store.get_fuel()
+        with self._call_lock:
+            self._store.set_fuel(fuel)
+            # the wall-clock bound: the call traps once the watchdog bumps the epoch
+            self._store.set_epoch_deadline(1)
+            token = WATCHDOG.arm(self._engine, self.call_seconds)
+            try:
+                return call()
+            except WasmError as e:
+                self._failed = e
+                raise
+            except wasmtime.Trap as trap:
+                self._failed = self._classify(name, trap)
+                raise self._failed from None
+            except wasmtime.WasmtimeError as e:
+                self._failed = WasmTrapError(f"{name} failed: {_first_line(e)}")
+                raise self._failed from None
+            except Exception as e:  # a host function (peripheral) failed under the module
+                self._failed = WasmHostError(
+                    f"{name}: host function failed: {type(e).__name__}: {e}"
+                )
+                raise self._failed from e
+            finally:
+                WATCHDOG.disarm(token)
+                self.fuel_used += fuel - self._store.get_fuel()
 
     def _classify(self, name: str, trap: wasmtime.Trap) -> WasmError:
         code = trap.trap_code
@@ -490,6 +520,10 @@ class WasmApp:
                 self.limits.self_test_fuel if name == "self_test" else self.limits.fuel_per_call
             )
             return WasmFuelExhaustedError(f"{name} used up its fuel ({budget})")
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return WasmTimeoutError(
+                f"{name} ran longer than this ECU's bound of {self.call_seconds} s per call"
+            )
         if self._memory is not None and code in _OOM_TRAPS:
             pages = self._memory.size(self._store)
             if pages >= self.limits.memory_pages and pages > self._initial_pages:

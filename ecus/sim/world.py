@@ -202,6 +202,9 @@ class SimVehicle:
         self.primary_faults = FaultyBus(primary_bus)  # the primary's controller (bus off, ...)
         self.primary_node = self.stack.enter_context(CanNode(self.primary_faults))
         self.secondaries: dict[str, SimSecondary] = {}
+        # provisioned on every secondary like the Director root (DESIGN 7)
+        self.primary_key = generate_ed25519(self.dir / "keys", "primary")
+        self.primary_signer = self.primary_key.signer()
         for index, hw in enumerate(hardware_ids):
             serial = f"{vin}-{hw}-{index + 1}"
             faulty = FaultyBus(self.bus.open())
@@ -223,7 +226,6 @@ class SimVehicle:
                 config=config,
                 peripherals=SimPeripherals(sensors={0: 7}),
             )
-        self.primary_key = generate_ed25519(self.dir / "keys", "primary")
         self.primary_serial = f"{vin}-primary"
         specs = [EcuSpec(self.primary_serial, PRIMARY_HW, self.primary_key.public, primary=True)]
         specs += [
@@ -241,7 +243,12 @@ class SimVehicle:
         sec = self.secondaries[serial]
         link = self.stack.enter_context(self.primary_node.link(sec.config))
         sec.client = CanSecondaryClient(
-            link, serial, chunk_size=CHUNK_SIZE, clock=self.clock, install_timeout=30.0
+            link,
+            serial,
+            chunk_size=CHUNK_SIZE,
+            clock=self.clock,
+            install_timeout=30.0,
+            signer=self.primary_signer,
         )
 
     def boot(self, serial: str) -> Secondary:
@@ -260,6 +267,7 @@ class SimVehicle:
             peripherals=sec.peripherals,
             max_message=CHUNK_SIZE + 4096,
             fault=sec._fault,
+            primary_key=self.primary_key.public,
         )
         sec.faults.clear_bus_off()  # powered up again (after a power cut)
         handler = functools.partial(sec._handle, sec.ecu)
@@ -315,8 +323,7 @@ class SimVehicle:
                     errors[serial] = outcome
         ecus: dict[str, EcuOutcome] = {}
         for serial, sec in self.secondaries.items():
-            # Read the ECU's state in process: a version report over CAN would
-            # consume the attacks it detected before the next manifest carries them.
+            # Read the ECU's state in process (no extra report counter is used up).
             err: BaseException | None = errors.get(serial)
             if err is None:
                 err = next((i.error for i in result.issues if i.ecu_serial == serial), None)

@@ -23,7 +23,11 @@ Checks, in order:
 6. Every target names an ECU serial; at most one names this ECU (none means
    "no update").
 7. That target's hardware ids include this ECU's, and its release counter is
-   not lower than the installed one.
+   not lower than the installed one, nor than the one the previously trusted
+   Director targets assigned this ECU (5.4.4.2 step 5 / 5.4.3): a release the
+   ECU trusted but has not installed yet cannot be replaced by an older one.
+   Like the targets version, that floor is forgotten when the targets keys
+   rotate (TUF 5.3.11).
 """
 
 from __future__ import annotations
@@ -63,10 +67,12 @@ class SecondaryIdentity:
 
 @dataclass(frozen=True)
 class TrustedDirectorState:
-    """The Director metadata a secondary trusts: root DER and last targets version."""
+    """The Director metadata a secondary trusts: root DER, last targets version and the
+    release counter those targets assign this ECU (0: none)."""
 
     root_der: bytes
     targets_version: int = 0
+    release_counter: int = 0
 
     @property
     def root(self) -> Root:
@@ -193,9 +199,10 @@ def verify(
     root = _load_root(root_der)
     if root.is_expired(reference_time):
         raise tuf_exc.ExpiredMetadataError("Director root is expired")
-    trusted_version = state.targets_version
+    trusted_version, previous_release = state.targets_version, state.release_counter
     if _targets_keys(root) != _targets_keys(old_root):
-        trusted_version = 0  # new targets keys: the old version floor may be forged
+        # new targets keys: the old version and release floors may be forged
+        trusted_version, previous_release = 0, 0
 
     md = _load(targets_der, MAX_TARGETS_DER)
     if not isinstance(md.signed, Targets):
@@ -215,8 +222,17 @@ def verify(
             f"target {target.name} has release counter {target.release_counter}, "
             f"installed is {installed_release_counter}"
         )
+    if target is not None and target.release_counter < previous_release:
+        raise ReleaseCounterRollbackError(
+            f"target {target.name} has release counter {target.release_counter}, the "
+            f"previously trusted Director targets assigned {previous_release}"
+        )
     return PartialVerificationResult(
-        state=TrustedDirectorState(root_der=root_der, targets_version=targets.version),
+        state=TrustedDirectorState(
+            root_der=root_der,
+            targets_version=targets.version,
+            release_counter=0 if target is None else target.release_counter,
+        ),
         target=target,
         targets_version=targets.version,
     )

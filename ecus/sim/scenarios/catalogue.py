@@ -17,6 +17,7 @@ from uptane.errors import (
     ATTACK_ROLLBACK,
     ATTACK_SLOW_RETRIEVAL,
     ATTACK_SPOOFED_MESSAGE,
+    ATTACK_WRONG_ECU,
     ATTACK_WRONG_VEHICLE,
 )
 
@@ -48,6 +49,7 @@ from .metadata import (
     _wrong_vehicle,
 )
 from .network import _download_attack, _drop_request, _endless_metadata
+from .secondary import over_limit_image, rogue_report_reader, spoofed_time, stuck_trial
 
 
 def _scenario(
@@ -215,6 +217,40 @@ SCENARIOS: tuple[Scenario, ...] = (
         "and another failed; the Director keeps the assignment pending until a manifest "
         "shows it installed, and the next cycle completes the bundle",
         _partial_bundle,
+    ),
+    _scenario(
+        "can-spoofed-time",
+        ATTACK_SPOOFED_MESSAGE,
+        "A CAN node sends time messages 23.5 h ahead: unsigned, signed by its own key, "
+        "and a genuine one replayed",
+        "Time messages must be signed by the primary's key and carry a nonce the ECU "
+        "issued (each good once); the bound on how far ahead a time may go stays",
+        spoofed_time,
+    ),
+    _scenario(
+        "can-rogue-report-reader",
+        ATTACK_WRONG_ECU,
+        "A CAN node reads a secondary's reports and forges a receipt to erase the attack "
+        "it recorded",
+        "Attacks are cleared only by a receipt signed by the primary naming a report the "
+        "Director accepted",
+        rogue_report_reader,
+    ),
+    _scenario(
+        "trial-version-trap",
+        None,
+        "A signed release passes its self-test and ticks, then traps in version()",
+        "Every call into the module is inside the trial: rolled back with a signed "
+        "trialFailed report, the next release installs without a reboot",
+        stuck_trial,
+    ),
+    _scenario(
+        "over-limit-image",
+        None,
+        "A signed release asks for 2^62 fuel per call and 4 GiB of memory",
+        "ECU ceilings on signed limits: refused at the offer before any byte moves "
+        "(limitsExceeded); a wall-clock bound per call (epoch interruption) besides",
+        over_limit_image,
     ),
     power_cut("chunk"),
     power_cut("commit"),
