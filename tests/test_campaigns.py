@@ -5,6 +5,7 @@ PostgreSQL); vehicles report through real signed manifests. Each test
 targets its own vehicles by VIN (or attribute), so tests share the Director.
 """
 
+# ruff: noqa: F811  (the fixtures of test_director are imported by name)
 from __future__ import annotations
 
 import uuid
