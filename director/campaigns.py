@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, case, delete, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -108,8 +108,15 @@ class CampaignInfo:
 
     def totals(self) -> dict[str, int]:
         """Counts over every phase (what the halt rules read)."""
-        keys = ("assigned", "installed", "install_failures", "rollbacks", "health_failures")
-        keys += ("deferred", "declined")
+        keys = (
+            "assigned",
+            "installed",
+            "install_failures",
+            "rollbacks",
+            "health_failures",
+            "deferred",
+            "declined",
+        )
         return {k: sum(getattr(p, k) for p in self.progress) for k in keys}
 
 
@@ -308,8 +315,8 @@ class Campaigns(Assignments):
 
     # --- target group -------------------------------------------------------------
 
-    def _group(self, c: Campaign) -> Select[tuple[int, str]]:
-        stmt = select(Vehicle.id, Vehicle.vin).where(
+    def _group(self, c: Campaign) -> Any:  # a Select of (id, vin)
+        stmt: Any = select(Vehicle.id, Vehicle.vin).where(
             exists().where(Ecu.vehicle_id == Vehicle.id, Ecu.hardware_id.in_(list(c.bundle)))
         )
         if "vins" in c.target:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from director.campaigns import Campaigns
 from director.db import Ecu, Vehicle
+from director.metrics import FleetMetrics
 from director.quarantine import QuarantineControl
 from uptane.manifest import EcuVersionReport
 
@@ -35,6 +36,9 @@ _PREVIOUS = select(
 class FleetControl(Campaigns, QuarantineControl):
     """Campaigns, quarantine and health, fed by every accepted manifest."""
 
+    # set by ``director.metrics.metrics_router`` when the HTTP app serves /metrics
+    fleet_metrics: FleetMetrics | None = None
+
     def observe_fleet(
         self,
         session: Session,
@@ -46,6 +50,10 @@ class FleetControl(Campaigns, QuarantineControl):
         unhealthy = self.record_health(session, previous, reports, now)
         self.observe_quarantine(session, vehicle, previous, reports, now)
         self.observe_campaigns(session, vehicle.id, previous, reports, unhealthy, now)
+        if self.fleet_metrics is not None:
+            for serial in reports:
+                device = self.fleet_metrics.device(serial, previous[serial].hardware_id)
+                self.fleet_metrics.attestations.labels(device, "accepted").inc()
 
     def record_health(
         self,

@@ -102,7 +102,7 @@ class SeenImage(Base):
 
 
 class EcuHealthRecord(Base):
-    """The health part of an ECU's last signed version report."""
+    """The health part of an ECU's last signed version report (counts since its boot image)."""
 
     __tablename__ = "ecu_health"
 
@@ -110,9 +110,11 @@ class EcuHealthRecord(Base):
     # healthy | degraded | unhealthy | unknown
     status: Mapped[str] = mapped_column(String(16))
     traps: Mapped[int] = mapped_column(Integer)
-    capability_denials: Mapped[int] = mapped_column(Integer)
-    rollbacks: Mapped[int] = mapped_column(Integer)
-    rollback_reasons: Mapped[list[str]] = mapped_column(JSON)
+    # {capability: denials}, {reason: rollbacks}
+    capability_denials: Mapped[dict[str, int]] = mapped_column(JSON)
+    rollbacks: Mapped[dict[str, int]] = mapped_column(JSON)
+    # the image the health is about (filename), if any
+    payload: Mapped[str | None] = mapped_column(String(255), nullable=True)
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -90,9 +90,9 @@ def upgrade() -> None:
         _fk("ecu_id", "ecus"),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("traps", sa.Integer(), nullable=False),
-        sa.Column("capability_denials", sa.Integer(), nullable=False),
-        sa.Column("rollbacks", sa.Integer(), nullable=False),
-        sa.Column("rollback_reasons", sa.JSON(), nullable=False),
+        sa.Column("capability_denials", sa.JSON(), nullable=False),
+        sa.Column("rollbacks", sa.JSON(), nullable=False),
+        sa.Column("payload", sa.String(255), nullable=True),
         sa.Column("reported_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("ecu_id"),
     )
