@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from director.campaigns import Campaigns
 from director.db import Ecu, Vehicle
+from director.fleet_db import EcuHealthRecord
+from director.intake import _db_text
 from director.metrics import FleetMetrics
 from director.quarantine import QuarantineControl
 from uptane.manifest import EcuVersionReport
@@ -58,9 +61,53 @@ class FleetControl(Campaigns, QuarantineControl):
     def record_health(
         self,
         session: Session,
-        previous: Mapping[str, object],
+        previous: Mapping[str, Any],
         reports: Mapping[str, EcuVersionReport],
         now: datetime,
     ) -> list[str]:
         """Store reported health per ECU; return the serials reporting unhealthy."""
-        return []
+        unhealthy: list[str] = []
+        for serial, report in sorted(reports.items()):
+            h = report.health
+            if h is None:
+                continue
+            if h.status == "unhealthy":
+                unhealthy.append(serial)
+            ecu_id = previous[serial].id
+            payload = report.installed.filename if report.installed is not None else None
+            values = {
+                "status": h.status,
+                "traps": h.traps,
+                "capability_denials": dict(h.capability_denials),
+                "rollbacks": dict(h.rollbacks),
+                "payload": _db_text(payload) if payload is not None else None,
+                "reported_at": now,
+            }
+            row = session.get(EcuHealthRecord, ecu_id)
+            if row is None:
+                session.add(EcuHealthRecord(ecu_id=ecu_id, **values))
+            else:
+                for k, v in values.items():
+                    setattr(row, k, v)
+        return unhealthy
+
+    def ecu_health(self, vin: str) -> dict[str, dict[str, Any]]:
+        """The health each ECU of ``vin`` last reported, by serial."""
+        with self.db.transaction() as session:
+            vehicle = self._vehicle(session, vin)
+            rows = session.execute(
+                select(Ecu.serial, EcuHealthRecord)
+                .join(EcuHealthRecord, EcuHealthRecord.ecu_id == Ecu.id)
+                .where(Ecu.vehicle_id == vehicle.id)
+            )
+            return {
+                serial: {
+                    "status": h.status,
+                    "traps": h.traps,
+                    "capability_denials": dict(h.capability_denials),
+                    "rollbacks": dict(h.rollbacks),
+                    "payload": h.payload,
+                    "reported_at": h.reported_at,
+                }
+                for serial, h in rows
+            }

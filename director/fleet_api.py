@@ -9,7 +9,7 @@ is locked while it changes).
 - ``POST /api/campaigns`` (a campaign document, see ``director.campaign_spec``),
   ``GET /api/campaigns``, ``GET /api/campaigns/{name}``,
   ``POST /api/campaigns/{name}/pause|resume|abort``, ``POST /api/campaigns-tick``
-- ``PUT /api/vehicles/{vin}/attributes``
+- ``PUT /api/vehicles/{vin}/attributes``, ``GET /api/vehicles/{vin}/health``
 - ``GET /api/quarantine``, ``POST /api/quarantine/{vin}/release``
 - ``GET /api/audit``
 """
@@ -160,6 +160,12 @@ def fleet_router(director: Any) -> APIRouter:
     def set_attributes(vin: str, body: dict[str, str | None]) -> dict[str, str]:
         """Set (or with null remove) attributes campaign targets filter on."""
         result: dict[str, str] = director.set_vehicle_attributes(vin, body)
+        return result
+
+    @router.get("/vehicles/{vin}/health", response_model=dict[str, dict[str, Any]])
+    def vehicle_health(vin: str) -> dict[str, dict[str, Any]]:
+        """The health each ECU last put in its signed report (WASM module status, counts)."""
+        result: dict[str, dict[str, Any]] = director.ecu_health(vin)
         return result
 
     @router.get("/quarantine", response_model=list[QuarantineOut])

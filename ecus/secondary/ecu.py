@@ -56,6 +56,7 @@ from typing import Any, Final
 from securesystemslib.signer import Signer
 from tuf.api import exceptions as tuf_exc
 
+from ecus.secondary import health
 from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
 from ecus.secondary.wasm_host import Peripherals, SimPeripherals, WasmApp, WasmHost
 from ecus.transport.base import DEFAULT_MAX_REQUEST
@@ -213,6 +214,7 @@ class Secondary:
             return
         if booted.rolled_back is not None:
             self._set_result("rolledBack", booted.rolled_back)
+            health.record_rollback(self.store, "boot")
         if booted.trial:
             self._run_trial(booted)
             return
@@ -227,7 +229,14 @@ class Secondary:
     def tick(self, t: int) -> int | None:
         """Run the installed module's ``tick(t)``; None when nothing is installed."""
         with self._lock:
-            return None if self.app is None else self.app.tick(t)
+            if self.app is None:
+                return None
+            try:
+                return self.app.tick(t)
+            except WasmError as e:  # counted and reported as unhealthy (ecus.secondary.health)
+                active = self.store.active_target()
+                health.record_failure(self.store, e, None if active is None else active.name)
+                raise
 
     @property
     def pending_target(self) -> UptaneTarget | None:
@@ -288,6 +297,7 @@ class Secondary:
             attacks_detected=state.attacks,
             last_result=state.last_result,
             last_result_text=state.last_result_text,
+            health=health.current(self.store, self.app, None if active is None else active.name),
         )
         der = SignedEcuVersionReport.sign(report, self.signer).to_der()
         if consume_attacks and state.attacks:
@@ -508,4 +518,7 @@ class Secondary:
             self.store.rollback(reason)
             code, text = "trialFailed", f"{reason}: {result.detail}; rolled back"
         self._set_result(code, text)
+        health.record_trial(
+            self.store, None if result.passed else result.reason, result.rate_limit_violations
+        )
         return code, text
