@@ -3,10 +3,13 @@
 Issue 14. A vehicle is quarantined when an ECU's signed report shows an
 image that is neither one the Director assigned to that ECU nor one the ECU
 ran before (its first reported image, or an earlier assigned one: a
-rollback returns to one of those), or when it reported tampering attacks in
-``attack_manifests`` manifests (default 3) since it was last released.
-Network-level attacks (``drop_request``, ``slow_retrieval``,
-``eavesdrop``) do not count: poor coverage looks the same.
+rollback returns to one of those), or when manifests reported attacks from
+inside the vehicle (``spoofed_message``, ``replayed_report``: a rogue node on
+its CAN bus) in ``attack_manifests`` manifests (default 3) since it was last
+released. Attacks on the network path or the repositories (freeze,
+rollback, drop request, mix-and-match...) do not count: the vehicle
+defeated them and is not suspect, and counting them would let a network
+attacker keep a fleet from its (security) updates by quarantining it.
 
 A quarantined vehicle gets no new assignments (``Director.assign`` refuses
 it when named and skips it in fleet-wide assignments; campaigns skip it),
@@ -29,14 +32,15 @@ from director.db import Assignment, DetectedAttack, Vehicle
 from director.errors import DirectorError, InvalidRequestError
 from director.fleet_db import AuditEntry, QuarantineEntry, SeenImage
 from director.signing import DirectorRepository
-from uptane.errors import ATTACK_DROP_REQUEST, ATTACK_EAVESDROP, ATTACK_SLOW_RETRIEVAL
+from uptane.errors import ATTACK_REPLAYED_REPORT, ATTACK_SPOOFED_MESSAGE
 from uptane.manifest import EcuVersionReport, InstalledImage
 
 logger = logging.getLogger("director.quarantine")
 
 UNEXPECTED_IMAGE = "unexpected_image"
 REPEATED_ATTACKS = "repeated_attacks"
-NETWORK_ATTACKS = frozenset({ATTACK_DROP_REQUEST, ATTACK_EAVESDROP, ATTACK_SLOW_RETRIEVAL})
+# attacks only a node inside the vehicle can make
+VEHICLE_ATTACKS = frozenset({ATTACK_SPOOFED_MESSAGE, ATTACK_REPLAYED_REPORT})
 
 
 class QuarantinedError(DirectorError):
@@ -144,7 +148,7 @@ class QuarantineControl(DirectorRepository):
                     "Director never assigned and the ECU never ran",
                 )
             )
-        tampering = {a for r in reports.values() for a in r.attacks_detected} - NETWORK_ATTACKS
+        tampering = {a for r in reports.values() for a in r.attacks_detected} & VEHICLE_ATTACKS
         if tampering:
             released = session.scalar(
                 select(func.max(QuarantineEntry.released_at)).where(
@@ -153,7 +157,7 @@ class QuarantineControl(DirectorRepository):
             )
             cond = [
                 DetectedAttack.vehicle_id == vehicle.id,
-                DetectedAttack.attack.not_in(sorted(NETWORK_ATTACKS)),
+                DetectedAttack.attack.in_(sorted(VEHICLE_ATTACKS)),
             ]
             if released is not None:
                 cond.append(DetectedAttack.detected_at > released)

@@ -153,12 +153,11 @@ def test_assigned_and_previous_images_do_not_quarantine(env: Env) -> None:
 
 def test_repeated_attack_reports_quarantine(env: Env) -> None:
     (car,) = fleet(env, 1)
-    report(env, car, attacks_detected=("drop_request",))  # network: never counts
-    report(env, car, attacks_detected=("drop_request",))
-    report(env, car, attacks_detected=("drop_request",))
+    for attack in ("drop_request", "freeze", "rollback", "mix_and_match"):
+        report(env, car, attacks_detected=(attack,))  # network or repository: never counts
     assert car.vin not in {q.vin for q in env.director.list_quarantined()}
     report(env, car, attacks_detected=("spoofed_message",))
-    report(env, car, attacks_detected=("arbitrary_software",))
+    report(env, car, attacks_detected=("replayed_report", "freeze"))
     assert car.vin not in {q.vin for q in env.director.list_quarantined()}
     report(env, car, attacks_detected=("spoofed_message",))
     held = {q.vin: q for q in env.director.list_quarantined()}
