@@ -18,7 +18,7 @@ Time is explicit: ``tick(now)`` advances or halts campaigns at ``now``
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,6 +28,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from director.assignments import Assignments
+from director.campaign_outcomes import (
+    ASSIGNED,
+    ASSIGNING,
+    CANCELLED,
+    INSTALLED_V,
+    REFUSED,
+    CampaignOutcomes,
+)
 from director.campaign_spec import HALT_RULES, CampaignSpec, Phase, check_attribute, parse_rule
 from director.db import Assignment, Ecu, Vehicle
 from director.errors import (
@@ -43,33 +51,11 @@ from director.fleet_db import AuditEntry, Campaign, CampaignVehicle, VehicleAttr
 from director.quarantine import active_quarantine
 from director.records import PENDING, SUPERSEDED
 from uptane.errors import UptaneError
-from uptane.manifest import EcuVersionReport
 from uptane.metadata import UptaneTarget
 
 logger = logging.getLogger("director.campaigns")
 
 ACTIVE, PAUSED, HALTED, ABORTED, COMPLETED = "active", "paused", "halted", "aborted", "completed"
-# states of a vehicle in a campaign
-ASSIGNING, ASSIGNED, INSTALLED_V, CANCELLED, REFUSED = (
-    "assigning",
-    "assigned",
-    "installed",
-    "cancelled",
-    "refused",
-)
-# ECU results that count as a rollback, and as an install failure
-ROLLBACK_RESULTS = frozenset({"trialFailed", "rolledBack"})
-FAILURE_RESULTS = frozenset(
-    {
-        "metadataRejected",
-        "imageMismatch",
-        "transferIncomplete",
-        "noSpace",
-        "badRequest",
-        "internalError",
-    }
-)
-CONSENT_RESULTS = frozenset({"deferred", "declined"})
 _BATCH = 500
 
 
@@ -133,7 +119,7 @@ def _phases(c: Campaign) -> list[Phase]:
     ]
 
 
-class Campaigns(Assignments):
+class Campaigns(CampaignOutcomes, Assignments):
     """Campaign creation, phases, halt rules and operator controls."""
 
     # --- vehicle attributes (what target filters read) ------------------------
@@ -259,6 +245,30 @@ class Campaigns(Assignments):
         with self.db.transaction() as session:
             rows = session.scalars(select(Campaign).order_by(Campaign.id)).all()
             return [self._info(session, c) for c in rows]
+
+    def campaign_vehicles(self, name: str) -> dict[str, dict[str, Any]]:
+        """Each vehicle the campaign reached: phase, state, failures, consent (by VIN)."""
+        with self.db.transaction() as session:
+            c = self._campaign_row(session, name)
+            phases = [p["name"] for p in c.phases]
+            rows = session.execute(
+                select(Vehicle.vin, CampaignVehicle)
+                .join(CampaignVehicle, CampaignVehicle.vehicle_id == Vehicle.id)
+                .where(CampaignVehicle.campaign_id == c.id)
+                .order_by(Vehicle.vin)
+            )
+            return {
+                vin: {
+                    "phase": phases[cv.phase],
+                    "status": cv.status,
+                    "install_failed": cv.install_failed,
+                    "rolled_back": cv.rolled_back,
+                    "health_failed": cv.health_failed,
+                    "consent": cv.consent,
+                    "assigned_at": cv.assigned_at,
+                }
+                for vin, cv in rows
+            }
 
     def _campaign_row(self, session: Session, name: str, *, lock: bool = False) -> Campaign:
         stmt = select(Campaign).where(Campaign.name == name)
@@ -535,66 +545,6 @@ class Campaigns(Assignments):
         session.add(
             AuditEntry(at=now, actor=actor[:128], action=action, subject=subject, detail=detail)
         )
-
-    # --- outcomes from signed reports -------------------------------------------------
-
-    def observe_campaigns(
-        self,
-        session: Session,
-        vehicle_id: int,
-        previous: Mapping[str, Any],
-        reports: Mapping[str, EcuVersionReport],
-        unhealthy: Sequence[str],
-        now: datetime,
-    ) -> None:
-        """Update this vehicle's campaign outcomes from an accepted manifest.
-
-        ``previous`` holds each ECU's stored row before this manifest (serial,
-        hardware id, installed, last result and text); a result counts once,
-        when it changes. ``unhealthy`` are the serials whose report says the
-        running module is unhealthy.
-        """
-        rows = session.execute(
-            select(CampaignVehicle, Campaign.bundle)
-            .join(Campaign, Campaign.id == CampaignVehicle.campaign_id)
-            .where(
-                CampaignVehicle.vehicle_id == vehicle_id,
-                CampaignVehicle.status.in_([ASSIGNING, ASSIGNED, INSTALLED_V]),
-            )
-        ).all()
-        for cv, bundle in rows:
-            done = True
-            for serial, report in reports.items():
-                prev = previous[serial]
-                changed = (report.last_result, report.last_result_text) != (
-                    prev.last_result,
-                    prev.last_result_text,
-                )
-                if report.last_result in CONSENT_RESULTS and cv.status != INSTALLED_V:
-                    cv.consent = report.last_result
-                entry = bundle.get(prev.hardware_id)
-                if entry is None:
-                    continue
-                if changed and report.last_result in ROLLBACK_RESULTS:
-                    cv.rolled_back = True
-                elif changed and report.last_result in FAILURE_RESULTS:
-                    cv.install_failed = True
-                runs = report.installed is not None and _matches(report, entry)
-                if runs and serial in unhealthy:
-                    cv.health_failed = True
-                done = done and runs
-            if done and cv.status != INSTALLED_V:
-                cv.status = INSTALLED_V
-                cv.consent = None
-            cv.updated_at = now
-
-
-def _matches(report: EcuVersionReport, entry: Mapping[str, Any]) -> bool:
-    img = report.installed
-    if img is None or img.filename != entry["image"] or img.length != entry["length"]:
-        return False
-    common = set(img.hashes) & set(entry["hashes"])
-    return bool(common) and all(img.hashes[h] == entry["hashes"][h] for h in common)
 
 
 class CampaignNotFoundError(NotFoundError):

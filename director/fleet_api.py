@@ -7,7 +7,7 @@ halt while the server runs; every worker process may tick (the campaign row
 is locked while it changes).
 
 - ``POST /api/campaigns`` (a campaign document, see ``director.campaign_spec``),
-  ``GET /api/campaigns``, ``GET /api/campaigns/{name}``,
+  ``GET /api/campaigns``, ``GET /api/campaigns/{name}``, ``GET /api/campaigns/{name}/vehicles``,
   ``POST /api/campaigns/{name}/pause|resume|abort``, ``POST /api/campaigns-tick``
 - ``PUT /api/vehicles/{vin}/attributes``, ``GET /api/vehicles/{vin}/health``
 - ``GET /api/quarantine``, ``POST /api/quarantine/{vin}/release``
@@ -132,6 +132,12 @@ def fleet_router(director: Any) -> APIRouter:
     def show_campaign(name: str) -> CampaignOut:
         """One campaign with its progress per phase."""
         return CampaignOut.of(director.campaign(name))
+
+    @router.get("/campaigns/{name}/vehicles", response_model=dict[str, dict[str, Any]])
+    def campaign_vehicles(name: str) -> dict[str, dict[str, Any]]:
+        """Each vehicle the campaign reached, by VIN: phase, state, failures, consent."""
+        result: dict[str, dict[str, Any]] = director.campaign_vehicles(name)
+        return result
 
     def control(action: str) -> Callable[[str, ActorIn | None], CampaignOut]:
         method = getattr(director, f"{action}_campaign")
