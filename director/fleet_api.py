@@ -223,10 +223,27 @@ class Ticker:
                 logger.exception("campaign tick failed")
 
 
+TICK_ENV = "UPTANE_DIRECTOR_TICK_SECONDS"
+
+
+def _tick_seconds() -> float:
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get(TICK_ENV, "30")))
+    except ValueError:
+        return 30.0
+
+
 def install_fleet(
-    app: FastAPI, director: Any, operator: Depends, *, tick_seconds: float = 30.0
+    app: FastAPI, director: Any, operator: Depends, *, tick_seconds: float | None = None
 ) -> None:
-    """Add the fleet routes and ``/metrics`` to ``app``, and a campaign ticker to its lifespan."""
+    """Add the fleet routes and ``/metrics`` to ``app``, and a campaign ticker to its lifespan.
+
+    The ticker runs every ``tick_seconds`` (default ``UPTANE_DIRECTOR_TICK_SECONDS``
+    or 30; 0 turns it off, leaving ``POST /api/campaigns-tick`` and the CLI).
+    """
+    interval = _tick_seconds() if tick_seconds is None else tick_seconds
     from director.metrics import RequestCounter, metrics_router
 
     app.include_router(fleet_router(director), dependencies=[operator])
@@ -236,8 +253,9 @@ def install_fleet(
 
     @asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
-        ticker = Ticker(director, tick_seconds)
-        ticker.start()
+        ticker = Ticker(director, interval)
+        if interval > 0:
+            ticker.start()
         try:
             async with inner(a) as state:
                 yield state

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from director.db import Ecu, InstallResult
+from director.db import Assignment, Ecu, InstallResult
 from director.fleet_db import EcuHealthRecord
 
 PER_ECU_ENV = "UPTANE_DIRECTOR_METRICS_PER_ECU"
@@ -103,6 +103,9 @@ class FleetCollector(Collector):
             labels=["device_id", "payload_id"],
         )
         filename = Ecu.installed["filename"].as_string()
+        # ECUs choose what they report: only images the Director assigned get a
+        # series of their own, anything else is "unknown" (quarantine names them)
+        known = {str(i) for (i,) in db.read_all(select(Assignment.image).distinct())}
         if self.per_ecu:
             counter = Ecu.installed["release_counter"].as_integer()
             for d, p, v in db.read_all(
@@ -110,8 +113,12 @@ class FleetCollector(Collector):
             ):
                 version.add_metric([d, p or "none"], float(v or 0))
         else:
+            counts: dict[tuple[str, str], int] = defaultdict(int)
             for d, p, n in db.read_all(select(dev, filename, func.count()).group_by(dev, filename)):
-                version.add_metric([d, p or "none"], float(n))
+                payload = "none" if p is None else p if p in known else "unknown"
+                counts[(d, payload)] += int(n)
+            for (d, p), n in sorted(counts.items()):
+                version.add_metric([d, p], float(n))
         health = GaugeMetricFamily(
             "iot_device_payload_health",
             "ECUs by the health their last report gave.",
@@ -133,6 +140,8 @@ class FleetCollector(Collector):
         )
         for d, status, traps, caps, rbs, payload in rows:
             statuses[(d, status)] += 1
+            if not self.per_ecu and payload is not None and payload not in known:
+                payload = "unknown"
             crashes[(d, payload or "none")] += int(traps)
             for cap, n in (caps or {}).items():
                 denied[(d, cap)] += int(n)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +173,17 @@ def _scrape(env: Env) -> dict[str, Any]:
 
 def test_metrics_are_served_over_http(env: Env) -> None:
     assert env.http.get("/metrics").status_code == 401  # operator token needed
-    cars = fleet(env, 2)
+    cars = fleet(env, 3)
     for car in cars:
+        report(env, car)
+    env.director.assign("brake-1.wasm", ecu_serials=[brake(car) for car in cars[:2]])
+    for car in cars[:2]:
         car.ecus[brake(car)].installed = installed_image(env, "brake-1.wasm")
         report(env, car)
+    # an ECU reports a name the Director never assigned: no series of its own
+    rogue = f"evil-{cars[2].vin}.wasm"
+    cars[2].ecus[brake(cars[2])].installed = installed_image(env, "brake-1.wasm", filename=rogue)
+    report(env, cars[2])
     env.director.create_campaign(spec(cars, PHASES))
     families = _scrape(env)
     for name in (
@@ -196,6 +204,7 @@ def test_metrics_are_served_over_http(env: Env) -> None:
         for s in families["iot_device_payload_version"].samples
     }
     assert version[("brake-ecu", "brake-1.wasm")] >= 2  # by hardware id, not per ECU
+    assert version[("brake-ecu", "unknown")] >= 1 and rogue not in str(version)
     assert not any(
         s.labels["device_id"].startswith(cars[0].vin)
         for s in families["iot_device_payload_version"].samples
@@ -226,3 +235,19 @@ def test_per_ecu_metrics_are_optional(env: Env) -> None:
     assert all(
         s.labels["device_id"] != brake(car) for s in default["iot_device_payload_version"].samples
     )
+
+
+def test_ticker_ticks_campaigns_in_the_background(env: Env) -> None:
+    from director.fleet_api import Ticker
+
+    cars = fleet(env, 2)
+    c = env.director.create_campaign(spec(cars, [{"name": "all", "percent": 100, "minutes": 0}]))
+    ticker = Ticker(env.director, 0.05)
+    ticker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while env.director.campaign(c.name).status != "completed":
+            assert time.monotonic() < deadline, "the ticker did not complete the campaign"
+            time.sleep(0.05)
+    finally:
+        ticker.stop()

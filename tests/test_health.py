@@ -68,11 +68,11 @@ def test_unhealthy_after_install_is_a_campaign_health_failure(env: Env) -> None:
     canary.ecus[brake(canary)].installed = installed_image(env, "brake-2.wasm")
     report(env, canary, health=EcuHealth("healthy"))
     assert env.director.campaign(c.name).totals()["installed"] == 1
-    assert tick(env, c.name, c.phase_started_at + timedelta(minutes=1)) is None  # holds
+    assert tick(env, c.name, c.phase_started_at + timedelta(minutes=1)).status == "active"
     report(env, canary, health=EcuHealth("unhealthy", 5, traps=0))
     assert env.director.campaign(c.name).totals()["health_failures"] == 1
     halted = tick(env, c.name, c.phase_started_at + timedelta(minutes=2))
-    assert halted is not None and halted.status == HALTED
+    assert halted.status == HALTED
     assert "health_failures" in (halted.halt_reason or "")
     assert [pending(env, car) for car in cars[1:]] == [[], []]  # the rest untouched
     stored = env.op.get(f"/api/vehicles/{canary.vin}/health").json()
