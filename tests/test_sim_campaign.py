@@ -58,3 +58,12 @@ def test_good_payload_goes_through_every_phase(tmp_path: Path) -> None:
 def test_bad_payload_needs_a_campaign() -> None:
     result = CliRunner().invoke(cli, ["--bad-payload"])
     assert result.exit_code != 0 and "--campaign" in result.output
+
+
+@pytest.mark.slow
+def test_demo_campaign_scenario() -> None:
+    from demo.cli import cli as demo_cli
+
+    result = CliRunner().invoke(demo_cli, ["--campaign"])
+    assert result.exit_code == 0, result.output
+    assert "halted" in result.output and "untouched" in result.output

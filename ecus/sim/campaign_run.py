@@ -269,3 +269,28 @@ def run_from_cli(
             f"{state}; {len(report.touched)} vehicle(s) touched"
             + (": expected a halt at the first phase" if bad else ": expected it to complete")
         )
+
+
+DEMO_PHASES = [
+    {"name": "canary", "vehicles": 1, "minutes": 30},
+    {"name": "half", "percent": 50, "minutes": 60},
+    {"name": "all", "percent": 100},
+]
+
+
+def demo_campaign(console: Any, directory: Path, *, vehicles: int = 6) -> CampaignRunReport:
+    """``uptane demo --campaign``: a small fleet, a bad payload, a canary that halts it."""
+    console.print(
+        f"[bold]Campaign demo[/bold]: {vehicles} vehicles on v1; v2 passes its trial but "
+        "reports unhealthy afterwards; phases canary (1 vehicle, 30 min), 50 %, 100 %"
+    )
+    config = FleetConfig(vehicles=vehicles, secondaries=2)
+    report = run_campaign_fleet(
+        config,
+        DEMO_PHASES,
+        directory,
+        bad_payload=True,
+        log=lambda m: console.print(f"  {m}", markup=False, highlight=False),
+    )
+    print_campaign_summary(console, report)
+    return report
