@@ -6,6 +6,7 @@ A campaign document (JSON or YAML, ``uptane director campaign create``)::
     images: {brake-ecu: brake-2.wasm}          # one image per hardware id (a bundle)
     target: {all: true}                        # or {vins: [...]} or {attributes: {k: v}}
     halt: {health_failures: 0, rollbacks: "5%", install_failures: 2}   # every phase
+    rollback: {brake-ecu: brake-1r3.wasm}      # optional: assigned on a halt (see below)
     phases:
       - {name: canary, vehicles: 1, minutes: 30}
       - {percent: 10, minutes: 60, halt: {install_failures: "2%"}}
@@ -14,15 +15,17 @@ A campaign document (JSON or YAML, ``uptane director campaign create``)::
 Phase sizes are cumulative (``percent: 10`` means 10 % of the target group in
 all, counting earlier phases). A halt rule is the most the campaign tolerates:
 a count (``2``: halt at the third vehicle) or a rate of the vehicles assigned
-so far (``"5%"``: halt when more than 5 % of them). Parsing refuses anything
-else with ``InvalidRequestError``.
+so far (``"5%"``: halt when more than 5 % of them). ``rollback`` names, per
+hardware id of the bundle, an image to assign to the vehicles that installed
+when the campaign halts (the previous release re-published with a higher
+release counter). Parsing refuses anything else with ``InvalidRequestError``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from director.errors import InvalidRequestError
@@ -161,12 +164,13 @@ class CampaignSpec:
     images: Mapping[str, str]
     target: Mapping[str, Any]
     phases: tuple[Phase, ...]
+    rollback: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, doc: object) -> CampaignSpec:
         if not isinstance(doc, Mapping):
             raise InvalidRequestError("a campaign must be an object")
-        extra = set(doc) - {"name", "images", "target", "halt", "phases"}
+        extra = set(doc) - {"name", "images", "target", "halt", "phases", "rollback"}
         if extra:
             raise InvalidRequestError(f"unknown campaign fields {sorted(extra)}")
         try:
@@ -176,6 +180,11 @@ class CampaignSpec:
                 raise InvalidRequestError("images must map 1-64 hardware ids to image names")
             for hw, image in images.items():
                 check_identifier(hw, "hardware id")
+                check_target_path(image)
+            rollback = doc.get("rollback", {})
+            if not isinstance(rollback, Mapping) or not set(rollback) <= set(images):
+                raise InvalidRequestError("rollback must map hardware ids of images to images")
+            for image in rollback.values():
                 check_target_path(image)
         except InvalidRequestError:
             raise
@@ -189,7 +198,13 @@ class CampaignSpec:
         phases = tuple(_phase(p, i, default_halt) for i, p in enumerate(raw))
         if len({p.name for p in phases}) != len(phases):
             raise InvalidRequestError("phase names repeat")
-        return cls(name=name, images=dict(images), target=target, phases=phases)
+        return cls(
+            name=name,
+            images=dict(images),
+            target=target,
+            phases=phases,
+            rollback=dict(rollback),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +212,7 @@ class CampaignSpec:
             "images": dict(self.images),
             "target": dict(self.target),
             "phases": [p.to_json() for p in self.phases],
+            "rollback": dict(self.rollback),
         }
 
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from director.assignments import Assignments
+from director.campaign_assign import CampaignAssigning
 from director.campaign_outcomes import (
     ASSIGNED,
     ASSIGNING,
@@ -37,19 +37,18 @@ from director.campaign_outcomes import (
     CampaignOutcomes,
 )
 from director.campaign_spec import HALT_RULES, CampaignSpec, Phase, check_attribute, parse_rule
-from director.db import Assignment, Ecu, Vehicle
+from director.db import Ecu, Vehicle
 from director.errors import (
     AlreadyRegisteredError,
     DirectorError,
     HardwareMismatchError,
     InvalidImageError,
     InvalidRequestError,
-    NoMatchingEcuError,
     NotFoundError,
+    ReleaseCounterError,
 )
 from director.fleet_db import AuditEntry, Campaign, CampaignVehicle, VehicleAttribute
 from director.quarantine import active_quarantine
-from director.records import PENDING, SUPERSEDED
 from uptane.errors import UptaneError
 from uptane.metadata import UptaneTarget
 
@@ -91,6 +90,8 @@ class CampaignInfo:
     progress: tuple[PhaseProgress, ...]
     created_at: datetime
     updated_at: datetime
+    # hardware id -> image assigned to vehicles that installed, when the campaign halts
+    rollback: Mapping[str, str] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
         """Counts over every phase (what the halt rules read)."""
@@ -119,7 +120,7 @@ def _phases(c: Campaign) -> list[Phase]:
     ]
 
 
-class Campaigns(CampaignOutcomes, Assignments):
+class Campaigns(CampaignOutcomes, CampaignAssigning):
     """Campaign creation, phases, halt rules and operator controls."""
 
     # --- vehicle attributes (what target filters read) ------------------------
@@ -161,23 +162,15 @@ class Campaigns(CampaignOutcomes, Assignments):
         """Store a campaign and start its first phase (assigning its vehicles)."""
         if not isinstance(spec, CampaignSpec):
             spec = CampaignSpec.from_dict(spec)
-        bundle: dict[str, Any] = {}
-        for hw, image in sorted(spec.images.items()):
-            target = self.image_repo.lookup(image)
-            try:
-                info = UptaneTarget.from_target_file(target)
-            except UptaneError as e:
-                raise InvalidImageError(f"{image}: {e}") from e
-            if hw not in info.hardware_ids:
-                raise HardwareMismatchError(
-                    f"{image} is for hardware {list(info.hardware_ids)}, not {hw!r}"
+        bundle = {hw: self._bundle_entry(hw, image) for hw, image in sorted(spec.images.items())}
+        rollback = {hw: self._bundle_entry(hw, img) for hw, img in sorted(spec.rollback.items())}
+        for hw, entry in rollback.items():
+            if entry["release_counter"] <= bundle[hw]["release_counter"]:
+                raise ReleaseCounterError(
+                    f"rollback image {entry['image']} is release {entry['release_counter']}: "
+                    f"ECUs running {bundle[hw]['image']} (release "
+                    f"{bundle[hw]['release_counter']}) refuse anything not above it"
                 )
-            bundle[hw] = {
-                "image": image,
-                "length": target.length,
-                "hashes": dict(target.hashes),
-                "release_counter": info.release_counter,
-            }
         now = self.clock()
         try:
             with self.db.transaction(write=True) as session:
@@ -190,6 +183,7 @@ class Campaigns(CampaignOutcomes, Assignments):
                     status=ACTIVE,
                     phase=0,
                     phase_started_at=now,
+                    on_halt={"rollback": rollback} if rollback else None,
                     created_at=now,
                     updated_at=now,
                 )
@@ -203,6 +197,24 @@ class Campaigns(CampaignOutcomes, Assignments):
         self._assign_selected(campaign_id)
         logger.info("campaign %s created", spec.name)
         return self.campaign(spec.name)
+
+    def _bundle_entry(self, hw: str, image: str) -> dict[str, Any]:
+        """An Image repository target for hardware ``hw``: name, length, hashes, counter."""
+        target = self.image_repo.lookup(image)
+        try:
+            info = UptaneTarget.from_target_file(target)
+        except UptaneError as e:
+            raise InvalidImageError(f"{image}: {e}") from e
+        if hw not in info.hardware_ids:
+            raise HardwareMismatchError(
+                f"{image} is for hardware {list(info.hardware_ids)}, not {hw!r}"
+            )
+        return {
+            "image": image,
+            "length": target.length,
+            "hashes": dict(target.hashes),
+            "release_counter": info.release_counter,
+        }
 
     def pause_campaign(self, name: str, *, actor: str = "operator") -> CampaignInfo:
         """Stop advancing and assigning until ``resume_campaign``."""
@@ -321,6 +333,7 @@ class Campaigns(CampaignOutcomes, Assignments):
             progress=progress,
             created_at=c.created_at,
             updated_at=c.updated_at,
+            rollback={hw: e["image"] for hw, e in (c.on_halt or {}).get("rollback", {}).items()},
         )
 
     # --- target group -------------------------------------------------------------
@@ -388,64 +401,6 @@ class Campaigns(CampaignOutcomes, Assignments):
         session.flush()
         return len(chosen)
 
-    def _assign_selected(self, campaign_id: int) -> None:
-        """Assign the bundle to the campaign's ``assigning`` vehicles (if still active).
-
-        Runs after the selecting transaction; a crash in between leaves the rows
-        ``assigning`` and the next ``tick`` assigns them (assigning twice only
-        replaces a pending assignment with the same one).
-        """
-        with self.db.transaction() as session:
-            c = session.get(Campaign, campaign_id)
-            if c is None or c.status != ACTIVE:
-                return
-            bundle = {hw: e["image"] for hw, e in c.bundle.items()}
-            vins = list(
-                session.scalars(
-                    select(Vehicle.vin)
-                    .join(CampaignVehicle, CampaignVehicle.vehicle_id == Vehicle.id)
-                    .where(
-                        CampaignVehicle.campaign_id == campaign_id,
-                        CampaignVehicle.status == ASSIGNING,
-                    )
-                    .order_by(Vehicle.vin)
-                )
-            )
-        refused: dict[str, str] = {}
-        for i in range(0, len(vins), _BATCH):
-            batch = vins[i : i + _BATCH]
-            for hw, image in sorted(bundle.items()):
-                todo = [v for v in batch if v not in refused]
-                try:
-                    self.assign(image, hardware_id=hw, vins=todo)
-                except NoMatchingEcuError:
-                    continue
-                except DirectorError:  # one vehicle refused: assign the rest one by one
-                    for vin in todo:
-                        try:
-                            self.assign(image, hardware_id=hw, vins=[vin])
-                        except NoMatchingEcuError:
-                            pass
-                        except DirectorError as e:
-                            refused[vin] = f"{e.reason}: {e}"
-        now = self.clock()
-        with self.db.transaction(write=True) as session:
-            ids = dict(
-                session.execute(select(Vehicle.vin, Vehicle.id).where(Vehicle.vin.in_(vins))).all()
-            )
-            for vin in vins:
-                session.execute(
-                    update(CampaignVehicle)
-                    .where(
-                        CampaignVehicle.campaign_id == campaign_id,
-                        CampaignVehicle.vehicle_id == ids[vin],
-                        CampaignVehicle.status == ASSIGNING,
-                    )
-                    .values(status=REFUSED if vin in refused else ASSIGNED, updated_at=now)
-                )
-        for vin, why in refused.items():
-            logger.warning("campaign %d: vehicle %s refused: %s", campaign_id, vin, why)
-
     # --- time -----------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> list[CampaignInfo]:
@@ -464,8 +419,11 @@ class Campaigns(CampaignOutcomes, Assignments):
                 before = (c.status, c.phase)
                 self._step(session, c, now)
                 moved = (c.status, c.phase) != before
+                status_after = c.status
                 name = c.name
             self._assign_selected(campaign_id)
+            if moved and status_after == HALTED:
+                self._roll_back(campaign_id)
             if moved:
                 changed.append(self.campaign(name))
         return changed
@@ -499,45 +457,6 @@ class Campaigns(CampaignOutcomes, Assignments):
         c.phase_started_at = now
         self._audit(session, now, "director", "campaign_advance", c.name, phases[c.phase].name)
         self._select_phase_vehicles(session, c, now)
-
-    def _withdraw(self, session: Session, c: Campaign, now: datetime) -> None:
-        """Supersede the campaign's assignments that are not installed; re-sign those vehicles."""
-        images = {hw: e["image"] for hw, e in c.bundle.items()}
-        vehicle_ids = list(
-            session.scalars(
-                select(CampaignVehicle.vehicle_id).where(
-                    CampaignVehicle.campaign_id == c.id,
-                    CampaignVehicle.status.in_([ASSIGNING, ASSIGNED]),
-                )
-            )
-        )
-        touched: set[int] = set()
-        for i in range(0, len(vehicle_ids), _BATCH):
-            batch = vehicle_ids[i : i + _BATCH]
-            for a, hw, vid in session.execute(
-                select(Assignment, Ecu.hardware_id, Ecu.vehicle_id)
-                .join(Ecu, Assignment.ecu_id == Ecu.id)
-                .where(Ecu.vehicle_id.in_(batch), Assignment.status == PENDING)
-            ):
-                if images.get(hw) == a.image:
-                    a.status = SUPERSEDED
-                    a.updated_at = now
-                    touched.add(vid)
-            session.execute(
-                update(CampaignVehicle)
-                .where(
-                    CampaignVehicle.campaign_id == c.id,
-                    CampaignVehicle.vehicle_id.in_(batch),
-                    CampaignVehicle.status.in_([ASSIGNING, ASSIGNED]),
-                )
-                .values(status=CANCELLED, updated_at=now)
-            )
-        session.flush()
-        for vid in sorted(touched):
-            vehicle = session.scalars(
-                select(Vehicle).where(Vehicle.id == vid).with_for_update()
-            ).one()
-            self._sign_vehicle(session, vehicle, now)
 
     def _audit(
         self, session: Session, now: datetime, actor: str, action: str, subject: str, detail: str

@@ -70,6 +70,7 @@ class CampaignOut(BaseModel):
     group_size: int
     progress: list[PhaseOut]
     totals: dict[str, int]
+    rollback: dict[str, str]
     created_at: datetime
     updated_at: datetime
 
@@ -89,6 +90,7 @@ class CampaignOut(BaseModel):
             group_size=c.group_size,
             progress=[PhaseOut.model_validate(p) for p in c.progress],
             totals=c.totals(),
+            rollback=dict(c.rollback),
             created_at=c.created_at,
             updated_at=c.updated_at,
         )

@@ -47,6 +47,8 @@ class Campaign(Base):
     phase: Mapped[int] = mapped_column(Integer, default=0)
     phase_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     halt_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # what a halt does besides withdrawing: {"rollback": {hardware_id: {"image", ...}}}
+    on_halt: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -34,8 +34,9 @@ from director.campaigns import (
     CampaignInfo,
     CampaignStateError,
 )
-from director.errors import InvalidRequestError
+from director.errors import InvalidRequestError, ReleaseCounterError
 from director.fleet_db import Base
+from uptane.manifest import EcuHealth
 
 
 def fleet(env: Env, n: int) -> list[Car]:
@@ -234,3 +235,29 @@ def test_migrations_create_the_fleet_tables(env: Env) -> None:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
         tables = set(conn.dialect.get_table_names(conn))
     assert {"campaigns", "campaign_vehicles", "quarantines", "ecu_health", "audit_log"} <= tables
+
+
+def test_halt_rolls_back_installed_vehicles_when_the_campaign_says_so(env: Env) -> None:
+    previous = f"brake-1r3-{uuid.uuid4().hex[:6]}.wasm"  # release 1 re-published as release 3
+    env.image.add(previous, ["brake-ecu"], 3)
+    cars = fleet(env, 3)
+    for car in cars:
+        report(env, car)
+    phases = [{"name": "canary", "vehicles": 2, "minutes": 30}, {"name": "all", "percent": 100}]
+    lower = spec(cars, phases, rollback={"brake-ecu": "brake-1.wasm"})
+    with pytest.raises(ReleaseCounterError):  # the ECUs would refuse it
+        env.director.create_campaign(lower)
+    c = env.director.create_campaign(
+        spec(cars, phases, halt={"health_failures": 0}, rollback={"brake-ecu": previous})
+    )
+    assert c.rollback == {"brake-ecu": previous}
+    for car in cars[:2]:
+        car.ecus[brake(car)].installed = installed_image(env, "brake-2.wasm")
+    report(env, cars[0])
+    report(env, cars[1], health=EcuHealth("unhealthy", 4))
+    c = tick(env, c.name, c.phase_started_at + timedelta(minutes=1))
+    assert c.status == HALTED
+    # the canaries that installed get the previous release back; the rest is untouched
+    assert [pending(env, car) for car in cars] == [[previous], [previous], []]
+    log = [e for e in env.director.audit_log() if e["subject"] == c.name]
+    assert log[0]["action"] == "campaign_rollback"

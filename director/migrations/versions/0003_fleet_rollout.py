@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("phase", sa.Integer(), nullable=False),
         sa.Column("phase_started_at", sa.DateTime(), nullable=False),
         sa.Column("halt_reason", sa.Text(), nullable=True),
+        sa.Column("on_halt", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.UniqueConstraint("name"),
