@@ -379,6 +379,15 @@ class Campaigns(CampaignOutcomes, CampaignAssigning):
                     CampaignVehicle.campaign_id == c.id, CampaignVehicle.vehicle_id == Vehicle.id
                 ),
                 ~active_quarantine(Vehicle.id),
+                # not while another campaign's update is on its way to it (it would
+                # replace that campaign's pending assignment)
+                ~exists().where(
+                    CampaignVehicle.vehicle_id == Vehicle.id,
+                    CampaignVehicle.campaign_id != c.id,
+                    CampaignVehicle.status.in_([ASSIGNING, ASSIGNED]),
+                    Campaign.id == CampaignVehicle.campaign_id,
+                    Campaign.status.in_([ACTIVE, PAUSED]),
+                ),
             )
             .order_by(Vehicle.vin)
             .limit(want)

@@ -261,3 +261,17 @@ def test_halt_rolls_back_installed_vehicles_when_the_campaign_says_so(env: Env) 
     assert [pending(env, car) for car in cars] == [[previous], [previous], []]
     log = [e for e in env.director.audit_log() if e["subject"] == c.name]
     assert log[0]["action"] == "campaign_rollback"
+
+
+def test_a_vehicle_is_in_one_rollout_at_a_time(env: Env) -> None:
+    cars = fleet(env, 2)
+    first = env.director.create_campaign(spec(cars, CANARY_THEN_ALL))
+    assert [pending(env, car) for car in cars] == [["brake-2.wasm"], []]
+    doc = spec(cars, [{"name": "all", "percent": 100}])
+    doc["images"] = {"door-ecu": "door-1.wasm"}
+    second = env.director.create_campaign(doc)
+    # the first campaign's canary is skipped while its update is on its way
+    assert second.totals()["assigned"] == 1
+    assert [sorted(pending(env, car)) for car in cars] == [["brake-2.wasm"], ["door-1.wasm"]]
+    env.director.abort_campaign(first.name)
+    env.director.abort_campaign(second.name)
