@@ -248,4 +248,4 @@ def attributes_cmd(directory: Path, db_url: str | None, vin: str, pairs: tuple[s
     click.echo(" ".join(f"{k}={v}" for k, v in sorted(result.items())) or "(no attributes)")
 
 
-COMMANDS = (campaign_cli, quarantine_cli, attributes_cmd)
+COMMANDS: tuple[click.Command, ...] = (campaign_cli, quarantine_cli, attributes_cmd)

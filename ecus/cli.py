@@ -22,6 +22,7 @@ from ecus.primary import CycleResult, Primary
 from ecus.primary.can_config import PrimaryCan, load_primary
 from ecus.primary.can_link import CanSecondaryClient
 from ecus.primary.config import PrimaryConfig
+from ecus.primary.policy import AllOf, Ask, AskFile, InstallPolicy, UpdateHeldError
 from ecus.secondary import Secondary
 from ecus.secondary.config import SecondaryConfig
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig
@@ -83,7 +84,11 @@ def summarize(
     number: int, result: CycleResult, outcomes: dict[str, BaseException | Any]
 ) -> tuple[bool, str]:
     """Whether a cycle succeeded, and one line saying what it did."""
-    failed = [s for s, o in outcomes.items() if isinstance(o, BaseException)]
+    failed = [
+        s
+        for s, o in outcomes.items()
+        if isinstance(o, BaseException) and not isinstance(o, UpdateHeldError)
+    ]
     ok = result.ok and not failed
     timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in result.timings.items())
     parts = [f"cycle {number}: {'ok' if ok else 'FAILED'}", timings]
@@ -93,7 +98,9 @@ def summarize(
         updates = []
         for serial, update in result.updates.items():
             outcome = outcomes.get(serial)
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, UpdateHeldError):  # the install policy (not a failure)
+                status = f"held ({outcome.result}: {outcome})"
+            elif isinstance(outcome, BaseException):
                 status = f"failed ({type(outcome).__name__}: {outcome})"
             elif outcome is None:
                 status = "not installed"
@@ -118,6 +125,7 @@ def run_cycles(
     interval: float,
     echo: Callable[[str], None] = click.echo,
     stop: threading.Event | None = None,
+    install_policy: InstallPolicy | None = None,
 ) -> bool:
     """Run update cycles over CAN; return whether the last one succeeded."""
     stop = stop or threading.Event()
@@ -133,6 +141,7 @@ def run_cycles(
             )
             clients.append(CanSecondaryClient(link, entry.serial, clock=utc_now))
         primary = Primary(config, clients, clock=utc_now)
+        primary.install_policy = install_policy
         number, ok = 0, False
         while True:
             number += 1
@@ -152,14 +161,42 @@ def run_cycles(
 @click.option(
     "--interval", type=float, default=60.0, show_default=True, help="Seconds between cycles."
 )
+@click.option(
+    "--approvals",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='Install only images approved in this JSON file ({"IMAGE": "approve"|"decline"}); '
+    "others are deferred and reported as such.",
+)
+@click.option("--ask", is_flag=True, help="Ask on the terminal before installing an update.")
 @_bus_options
-def primary(config: Path, once: bool, interval: float, **bus: Any) -> None:
+def primary(
+    config: Path, once: bool, interval: float, approvals: Path | None, ask: bool, **bus: Any
+) -> None:
     """Run the primary ECU of CONFIG: update cycles until Ctrl-C."""
+    policies: list[InstallPolicy] = []
+    if approvals is not None:
+        policies.append(AskFile(approvals))
+    if ask:
+        policies.append(
+            Ask(
+                lambda offer: click.confirm(
+                    "Install " + ", ".join(f"{s}: {i}" for s, i in sorted(offer.images.items())),
+                    default=False,
+                )
+            )
+        )
     with _one_line_errors():
         primary_config, can_setup = load_primary(config)
         can_setup = replace(can_setup, bus=_override(can_setup.bus, **bus))
         try:
-            ok = run_cycles(primary_config, can_setup, once=once, interval=interval)
+            ok = run_cycles(
+                primary_config,
+                can_setup,
+                once=once,
+                interval=interval,
+                install_policy=AllOf(*policies) if policies else None,
+            )
         except KeyboardInterrupt:
             click.echo("stopped")
             return

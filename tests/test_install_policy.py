@@ -118,3 +118,48 @@ def test_held_updates_are_reported_and_counted_not_failed(
 
 def test_deferred_error_is_typed() -> None:
     assert UpdateDeferredError.result == "deferred" and UpdateDeclinedError.result == "declined"
+
+
+def test_ecu_primary_defers_until_the_approval_file_says_so(tmp_path: Path) -> None:
+    import threading
+    import uuid
+
+    from test_ecu_cli import HW, ecu, write_configs
+
+    from ecus.cli import serve_secondary
+    from ecus.secondary import Secondary
+    from ecus.secondary.config import SecondaryConfig
+
+    with World(tmp_path / "world") as world:
+        vin = f"CLI{uuid.uuid4().hex[:8]}"
+        channel = f"policy-{uuid.uuid4().hex[:8]}"
+        primary_cfg, secondary_cfg, serial = write_configs(world, tmp_path, vin, channel)
+        stop, ready = threading.Event(), threading.Event()
+        ecus: list[Secondary] = []
+
+        def on_ready(e: Secondary) -> None:
+            ecus.append(e)
+            ready.set()
+
+        config = SecondaryConfig.load(secondary_cfg)
+        thread = threading.Thread(
+            target=lambda: serve_secondary(config, stop, on_ready=on_ready), daemon=True
+        )
+        thread.start()
+        try:
+            assert ready.wait(10)
+            world.publish(1, [HW])
+            world.director.assign(image_name(HW, 1), ecu_serials=[serial])
+            approvals = tmp_path / "approvals.json"
+            args = ["primary", str(primary_cfg), "--once", "--approvals", str(approvals)]
+            args += ["--interface", "virtual", "--channel", channel]
+            code, out = ecu(*args)
+            assert code == 0, out  # held is not a failure
+            assert f"{serial}->{image_name(HW, 1)} held (deferred: waiting for approval" in out
+            assert ecus[0].store.active_target() is None
+            approvals.write_text(json.dumps({image_name(HW, 1): "approve"}))
+            code, out = ecu(*args)
+            assert code == 0 and f"{serial}->{image_name(HW, 1)} installed" in out, out
+        finally:
+            stop.set()
+            thread.join(10)
