@@ -1,4 +1,4 @@
-"""``uptane director campaign|quarantine|attributes``: fleet rollout control from the shell.
+"""``uptane director campaign|quarantine|attributes|health|audit``: fleet rollout control.
 
 Issue 14. Like the other Director commands these open the database named in
 ``DIR/director.json`` (or ``--db``) directly. Campaign documents are JSON or
@@ -248,4 +248,48 @@ def attributes_cmd(directory: Path, db_url: str | None, vin: str, pairs: tuple[s
     click.echo(" ".join(f"{k}={v}" for k, v in sorted(result.items())) or "(no attributes)")
 
 
-COMMANDS: tuple[click.Command, ...] = (campaign_cli, quarantine_cli, attributes_cmd)
+@click.command("health")
+@_dir_option
+@_db_option
+@click.argument("vin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health_cmd(directory: Path, db_url: str | None, vin: str, as_json: bool) -> None:
+    """The health each ECU of VIN last put in its signed report."""
+    with _director(directory, db_url) as director:
+        health = director.ecu_health(vin)
+    if as_json:
+        click.echo(json.dumps(_jsonable(health), indent=2))
+        return
+    for serial, h in sorted(health.items()):
+        counts = ", ".join(
+            f"{what} {k}={v}"
+            for what, key in (("denied", "capability_denials"), ("rollbacks", "rollbacks"))
+            for k, v in sorted(h[key].items())
+        )
+        click.echo(
+            f"{serial}: {h['status']} running {h['payload'] or 'nothing'}, traps {h['traps']}"
+            + (f", {counts}" if counts else "")
+        )
+
+
+@click.command("audit")
+@_dir_option
+@_db_option
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+def audit_cmd(directory: Path, db_url: str | None, limit: int) -> None:
+    """The latest campaign and quarantine actions, newest first."""
+    with _director(directory, db_url) as director:
+        entries = director.audit_log(limit)
+    for e in entries:
+        click.echo(
+            f"{e['at'].isoformat()} {e['actor']} {e['action']} {e['subject']}: {e['detail']}"
+        )
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    campaign_cli,
+    quarantine_cli,
+    attributes_cmd,
+    health_cmd,
+    audit_cmd,
+)

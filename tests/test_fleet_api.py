@@ -21,6 +21,7 @@ from test_director import (
 )
 
 from uptane.cli import cli as uptane_cli
+from uptane.manifest import EcuHealth
 
 PHASES = [{"name": "canary", "vehicles": 1, "minutes": 30}, {"name": "all", "percent": 100}]
 
@@ -93,6 +94,11 @@ def test_campaign_cli(env: Env, tmp_path: Path) -> None:
         and "not valid JSON" in result.output
     )
     assert "region=eu" in run("attributes", cars[0].vin, "region=eu")
+    assert f"dave campaign_create {doc['name']}" in run("audit")
+    cars[0].ecus[brake(cars[0])].installed = installed_image(env, "brake-2.wasm")
+    report(env, cars[0], health=EcuHealth("unhealthy", 2, traps=1, rollbacks={"trap": 1}))
+    line = run("health", cars[0].vin)
+    assert f"{brake(cars[0])}: unhealthy running brake-2.wasm, traps 1, rollbacks trap=1" in line
 
 
 def test_unassigned_image_quarantines_the_vehicle_until_released(env: Env) -> None:
