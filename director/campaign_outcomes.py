@@ -30,6 +30,8 @@ ASSIGNING, ASSIGNED, INSTALLED_V, CANCELLED, REFUSED = (
     "cancelled",
     "refused",
 )
+# the states whose vehicles' reports campaigns still read
+OBSERVED = (ASSIGNING, ASSIGNED, INSTALLED_V)
 # ECU results that count as a rollback, and as an install failure
 ROLLBACK_RESULTS = frozenset({"trialFailed", "rolledBack"})
 FAILURE_RESULTS = frozenset(
@@ -69,10 +71,12 @@ class CampaignOutcomes:
             .join(Campaign, Campaign.id == CampaignVehicle.campaign_id)
             .where(
                 CampaignVehicle.vehicle_id == vehicle_id,
-                CampaignVehicle.status.in_([ASSIGNING, ASSIGNED, INSTALLED_V]),
+                CampaignVehicle.status.in_(OBSERVED),
             )
         ).all()
         for cv, bundle in rows:
+            before = (cv.status, cv.consent, cv.rolled_back, cv.install_failed, cv.health_failed)
+            consent = cv.consent
             done = True
             for serial, report in reports.items():
                 prev = previous[serial]
@@ -81,22 +85,26 @@ class CampaignOutcomes:
                     prev.last_result_text,
                 )
                 if report.last_result in CONSENT_RESULTS and cv.status != INSTALLED_V:
-                    cv.consent = report.last_result
+                    consent = report.last_result
                 entry = bundle.get(prev.hardware_id)
                 if entry is None:
                     continue
-                if changed and report.last_result in ROLLBACK_RESULTS:
+                if changed and report.last_result in ROLLBACK_RESULTS and not cv.rolled_back:
                     cv.rolled_back = True
-                elif changed and report.last_result in FAILURE_RESULTS:
+                elif changed and report.last_result in FAILURE_RESULTS and not cv.install_failed:
                     cv.install_failed = True
                 runs = report.installed is not None and _matches(report, entry)
-                if runs and serial in unhealthy:
+                if runs and serial in unhealthy and not cv.health_failed:
                     cv.health_failed = True
                 done = done and runs
             if done and cv.status != INSTALLED_V:
                 cv.status = INSTALLED_V
-                cv.consent = None
-            cv.updated_at = now
+                consent = None
+            if consent != cv.consent:
+                cv.consent = consent
+            after = (cv.status, cv.consent, cv.rolled_back, cv.install_failed, cv.health_failed)
+            if after != before:  # a row is written only when its outcome changes
+                cv.updated_at = now
 
 
 def _matches(report: EcuVersionReport, entry: Mapping[str, Any]) -> bool:

@@ -13,27 +13,44 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
+from director.campaign_outcomes import OBSERVED
 from director.campaigns import Campaigns
 from director.db import Ecu, Vehicle
-from director.fleet_db import EcuHealthRecord
+from director.fleet_db import CampaignVehicle, EcuHealthRecord
 from director.intake import _db_text
 from director.metrics import FleetMetrics
 from director.quarantine import QuarantineControl
 from uptane.manifest import EcuVersionReport
 
-# each ECU's stored report state, before this manifest is recorded
-_PREVIOUS = select(
-    Ecu.id,
-    Ecu.serial,
-    Ecu.hardware_id,
-    Ecu.installed,
-    Ecu.last_result,
-    Ecu.last_result_text,
-    Ecu.last_report_counter,
-).where(Ecu.vehicle_id == bindparam("vehicle_id"))
+# each ECU's stored report state and last health, before this manifest is recorded
+# (one query per manifest), and whether the vehicle is in a campaign
+_PREVIOUS = (
+    select(
+        Ecu.id,
+        Ecu.serial,
+        Ecu.hardware_id,
+        Ecu.installed,
+        Ecu.last_result,
+        Ecu.last_result_text,
+        Ecu.last_report_counter,
+        EcuHealthRecord.status.label("health_status"),
+        EcuHealthRecord.traps.label("health_traps"),
+        EcuHealthRecord.capability_denials.label("health_denials"),
+        EcuHealthRecord.rollbacks.label("health_rollbacks"),
+        EcuHealthRecord.payload.label("health_payload"),
+        exists()
+        .where(
+            CampaignVehicle.vehicle_id == Ecu.vehicle_id,
+            CampaignVehicle.status.in_(OBSERVED),
+        )
+        .label("in_campaign"),
+    )
+    .outerjoin(EcuHealthRecord, EcuHealthRecord.ecu_id == Ecu.id)
+    .where(Ecu.vehicle_id == bindparam("vehicle_id"))
+)
 
 
 class FleetControl(Campaigns, QuarantineControl):
@@ -52,7 +69,8 @@ class FleetControl(Campaigns, QuarantineControl):
         previous = {r.serial: r for r in session.execute(_PREVIOUS, {"vehicle_id": vehicle.id})}
         unhealthy = self.record_health(session, previous, reports, now)
         self.observe_quarantine(session, vehicle, previous, reports, now)
-        self.observe_campaigns(session, vehicle.id, previous, reports, unhealthy, now)
+        if any(r.in_campaign for r in previous.values()):
+            self.observe_campaigns(session, vehicle.id, previous, reports, unhealthy, now)
         if self.fleet_metrics is not None:
             for serial in reports:
                 device = self.fleet_metrics.device(serial, previous[serial].hardware_id)
@@ -73,7 +91,7 @@ class FleetControl(Campaigns, QuarantineControl):
                 continue
             if h.status == "unhealthy":
                 unhealthy.append(serial)
-            ecu_id = previous[serial].id
+            prev = previous[serial]
             payload = report.installed.filename if report.installed is not None else None
             values = {
                 "status": h.status,
@@ -81,14 +99,24 @@ class FleetControl(Campaigns, QuarantineControl):
                 "capability_denials": dict(h.capability_denials),
                 "rollbacks": dict(h.rollbacks),
                 "payload": _db_text(payload) if payload is not None else None,
-                "reported_at": now,
             }
-            row = session.get(EcuHealthRecord, ecu_id)
-            if row is None:
-                session.add(EcuHealthRecord(ecu_id=ecu_id, **values))
+            stored = {
+                "status": prev.health_status,
+                "traps": prev.health_traps,
+                "capability_denials": prev.health_denials,
+                "rollbacks": prev.health_rollbacks,
+                "payload": prev.health_payload,
+            }
+            if values == stored:
+                continue  # written only when it changes: no statement per check-in
+            if prev.health_status is None:
+                session.add(EcuHealthRecord(ecu_id=prev.id, reported_at=now, **values))
             else:
-                for k, v in values.items():
-                    setattr(row, k, v)
+                session.execute(
+                    update(EcuHealthRecord)
+                    .where(EcuHealthRecord.ecu_id == prev.id)
+                    .values(reported_at=now, **values)
+                )
         return unhealthy
 
     def ecu_health(self, vin: str) -> dict[str, dict[str, Any]]:

@@ -117,6 +117,7 @@ class EcuHealthRecord(Base):
     rollbacks: Mapped[dict[str, int]] = mapped_column(JSON)
     # the image the health is about (filename), if any
     payload: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # when the ECU first reported this health (rows change only when it does)
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
