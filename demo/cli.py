@@ -117,6 +117,13 @@ def print_scenarios(console: Console) -> None:
     show_default=True,
     help="Most update cycles to wait for each version.",
 )
+@click.option(
+    "--campaign",
+    "campaign_demo",
+    is_flag=True,
+    help="Instead: a small fleet gets a bad v2 through a phased campaign; the canary "
+    "catches it and the campaign halts with the rest of the fleet untouched (issue 14).",
+)
 def cli(
     secondaries: int,
     fd: bool,
@@ -127,6 +134,7 @@ def cli(
     no_attacks: bool,
     list_scenarios: bool,
     max_cycles: int,
+    campaign_demo: bool,
 ) -> None:
     """Update a simulated vehicle end to end, then attack it.
 
@@ -144,6 +152,20 @@ def cli(
     from demo.main import DemoOptions, run_demo
 
     console = _console()
+    if campaign_demo:  # ecus.sim.campaign_run
+        from ecus.sim.campaign_run import demo_campaign
+
+        base = Path(tempfile.mkdtemp(prefix="uptane-demo-campaign-"))
+        try:
+            outcome = demo_campaign(console, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        if not outcome.ok:
+            raise DemoFailed("the campaign did not halt at the canary with the fleet untouched")
+        console.print(
+            "[bold green]The canary caught the bad payload; the campaign halted[/bold green]"
+        )
+        return
     if list_scenarios:
         print_scenarios(console)
         return

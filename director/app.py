@@ -477,6 +477,9 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         """One vehicle's reported state, pending assignments and detected attacks."""
         return VehicleOut.of(director.vehicle_status(vin))
 
+    from director.fleet_api import install_fleet  # campaigns, quarantine, /metrics (issue 14)
+
+    install_fleet(app, director, Depends(operator))
     app.add_middleware(GuardMiddleware, token=token, max_body=max_body)
     return app
 

@@ -24,6 +24,7 @@ from director.errors import (
     UnknownEcuSerialError,
     UnknownVehicleError,
 )
+from director.quarantine import exclude_quarantined
 from director.records import PENDING, SUPERSEDED, AssignmentInfo, _assignment_info
 from director.signing import DirectorRepository
 from uptane.errors import UptaneError
@@ -125,6 +126,12 @@ class Assignments(DirectorRepository):
                 vehicle_vins = sorted(set(session.scalars(stmt)))
                 if not vehicle_vins:
                     raise NoMatchingEcuError(f"no ECU with hardware id {hardware_id!r}")
+            # quarantined vehicles: refused when named, skipped fleet-wide (director.quarantine)
+            vehicle_vins = exclude_quarantined(
+                session, vehicle_vins, named=ecu_serials is not None or vins is not None
+            )
+            if not vehicle_vins:
+                raise NoMatchingEcuError("every matching vehicle is quarantined")
             vehicles = {v: self._vehicle(session, v, lock=True) for v in vehicle_vins}
             chosen: list[tuple[Vehicle, Ecu]] = []
             for vin in vehicle_vins:

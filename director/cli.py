@@ -564,3 +564,10 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
                 ", ".join(sorted(attacks.get(e.serial, ()))) or "-",
             )
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 240).print(table)
+
+
+# fleet rollout control (issue 14): campaign, quarantine, attributes
+from director.fleet_cli import COMMANDS as _FLEET_COMMANDS  # noqa: E402
+
+for _command in _FLEET_COMMANDS:
+    cli.add_command(_command)

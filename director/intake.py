@@ -146,6 +146,15 @@ class ManifestIntake(DirectorRepository):
     max_manifest: int
     report_time_tolerance: timedelta
 
+    def observe_fleet(
+        self,
+        session: Session,
+        vehicle: Vehicle,
+        reports: Mapping[str, EcuVersionReport],
+        now: datetime,
+    ) -> None:
+        """Campaigns, quarantine and health see each accepted manifest (``director.fleet``)."""
+
     def receive_manifest(self, vin: str, data: bytes) -> ManifestReceipt:
         """Check and record a vehicle version manifest, or raise ``ManifestError``.
 
@@ -272,6 +281,7 @@ class ManifestIntake(DirectorRepository):
         record = VehicleManifestRecord(vehicle_id=vehicle.id, received_at=now, body=verified.data)
         session.add(record)
         session.flush()
+        self.observe_fleet(session, vehicle, verified.reports, now)  # director.fleet
         completed: list[AssignmentInfo] = []
         attacks: list[AttackInfo] = []
         updates: list[dict[str, Any]] = []

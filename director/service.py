@@ -26,6 +26,7 @@ from securesystemslib.signer import Signer
 from director.assignments import Assignments, ImageLookup
 from director.config import DEFAULT_REPORT_TIME_TOLERANCE, DirectorConfig
 from director.db import Database
+from director.fleet import FleetControl
 from director.intake import ManifestIntake
 from director.inventory import MAX_ECUS, Inventory, check_ecu_key
 from director.records import (
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 
-class Director(Inventory, Assignments, ManifestIntake):
+class Director(FleetControl, Inventory, Assignments, ManifestIntake):
     """The Director repository and inventory (DESIGN 6), without HTTP.
 
     ``signers`` are the online keys (targets, snapshot, timestamp); root keys

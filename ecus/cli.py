@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ecus.primary import CycleResult
     from ecus.primary.can_config import PrimaryCan
     from ecus.primary.config import PrimaryConfig
+    from ecus.primary.policy import InstallPolicy
     from ecus.secondary import Secondary
     from ecus.secondary.config import SecondaryConfig
     from ecus.transport.isotp import CanBusConfig
@@ -117,6 +118,7 @@ def ecu_outcomes(
     error sending the update), ``deferred`` (an update this command does not
     send: the primary's own image), ``up to date`` (nothing to do).
     """
+    from ecus.primary.policy import UpdateHeldError
     from ecus.primary.verify import _runs
     from uptane.errors import TransportError
 
@@ -145,6 +147,8 @@ def ecu_outcomes(
         if outcome is None:
             why = "primary's own image" if serial == config.ecu_serial else "not sent"
             found.append(EcuOutcome(serial, DEFERRED, f"{name} ({why})"))
+        elif isinstance(outcome, UpdateHeldError):  # the install policy: not a failure
+            found.append(EcuOutcome(serial, DEFERRED, f"{name} ({outcome.result}: {outcome})"))
         elif isinstance(outcome, TransportError):
             found.append(EcuOutcome(serial, UNREACHABLE, f"{name} ({_error(outcome)})"))
         elif isinstance(outcome, BaseException):
@@ -207,6 +211,7 @@ def run_cycles(
     interval: float,
     echo: Callable[[str], None] = click.echo,
     stop: threading.Event | None = None,
+    install_policy: InstallPolicy | None = None,
 ) -> bool:
     """Run update cycles over CAN, a line each; return whether the last one succeeded."""
     from ecus.primary import Primary
@@ -228,6 +233,7 @@ def run_cycles(
             )
             clients.append(CanSecondaryClient(link, entry.serial, clock=utc_now, signer=signer))
         primary = Primary(config, clients, clock=utc_now)
+        primary.install_policy = install_policy
         number, ok = 0, False
         while True:
             number += 1
@@ -268,14 +274,43 @@ ECU's update did not install.
 @click.option(
     "--interval", type=float, default=60.0, show_default=True, help="Seconds between cycles."
 )
+@click.option(
+    "--approvals",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='Install only images approved in this JSON file ({"IMAGE": "approve"|"decline"}); '
+    "others are deferred and reported as such.",
+)
+@click.option("--ask", is_flag=True, help="Ask on the terminal before installing an update.")
 @_bus_options
-def primary(config: Path, once: bool, interval: float, **bus: Any) -> None:
+def primary(
+    config: Path, once: bool, interval: float, approvals: Path | None, ask: bool, **bus: Any
+) -> None:
     from ecus.primary.can_config import load_primary
+    from ecus.primary.policy import AllOf, Ask, AskFile
 
+    policies: list[InstallPolicy] = []
+    if approvals is not None:
+        policies.append(AskFile(approvals))
+    if ask:
+        policies.append(
+            Ask(
+                lambda offer: click.confirm(
+                    "Install " + ", ".join(f"{s}: {i}" for s, i in sorted(offer.images.items())),
+                    default=False,
+                )
+            )
+        )
     primary_config, can_setup = load_primary(config)
     can_setup = replace(can_setup, bus=_override(can_setup.bus, **bus))
     try:
-        ok = run_cycles(primary_config, can_setup, once=once, interval=interval)
+        ok = run_cycles(
+            primary_config,
+            can_setup,
+            once=once,
+            interval=interval,
+            install_policy=AllOf(*policies) if policies else None,
+        )
     except KeyboardInterrupt:
         click.echo("stopped")
         return

@@ -1194,7 +1194,7 @@ def test_migrations_match_the_models(env: Env) -> None:
 
     with env.db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
 
 
 def test_root_import_checks_the_chain(env: Env) -> None:

@@ -46,7 +46,11 @@ RESULT_CODES: Final = (
     "internalError",
     "noUpdate",
     "limitsExceeded",
+    "deferred",
+    "declined",
 )
+HEALTH_STATUSES: Final = ("healthy", "degraded", "unhealthy", "unknown")
+MAX_HEALTH_COUNTS: Final = 16
 
 
 def _canonical(obj: Any) -> bytes:
@@ -92,6 +96,55 @@ class InstalledImage:
         )
 
 
+def _counts_to_asn1(counts: Mapping[str, int]) -> list[dict[str, Any]]:
+    return [{"name": k, "count": v} for k, v in sorted(counts.items())]
+
+
+def _counts_from_asn1(items: Any) -> dict[str, int]:
+    counts = {str(i["name"]): int(i["count"]) for i in items}
+    if len(counts) != len(items):
+        raise CodecError("duplicate name in health counts")
+    if list(counts) != sorted(counts):
+        raise CodecError("health counts must be sorted by name")
+    return counts
+
+
+@dataclass(frozen=True)
+class EcuHealth:
+    """Health of an ECU's running WASM module (issue 14): status, last code, counts.
+
+    ``traps``, ``capability_denials`` (by capability) and ``rollbacks`` (by
+    reason) count since the ECU was made; the Director compares reports.
+    """
+
+    status: str = "unknown"
+    health_code: int = 0
+    traps: int = 0
+    capability_denials: Mapping[str, int] = field(default_factory=dict)
+    rollbacks: Mapping[str, int] = field(default_factory=dict)
+
+    def to_asn1(self) -> dict[str, Any]:
+        if self.status not in HEALTH_STATUSES:
+            raise CodecError(f"unknown health status {self.status!r}")
+        return {
+            "status": self.status,
+            "healthCode": self.health_code,
+            "traps": self.traps,
+            "capabilityDenials": _counts_to_asn1(self.capability_denials),
+            "rollbacks": _counts_to_asn1(self.rollbacks),
+        }
+
+    @classmethod
+    def from_asn1(cls, value: Mapping[str, Any]) -> EcuHealth:
+        return cls(
+            status=value["status"],
+            health_code=value["healthCode"],
+            traps=value["traps"],
+            capability_denials=_counts_from_asn1(value["capabilityDenials"]),
+            rollbacks=_counts_from_asn1(value["rollbacks"]),
+        )
+
+
 @dataclass(frozen=True)
 class EcuVersionReport:
     """Uptane 2.1, 5.4.2.1: what one ECU says it runs, and what it saw."""
@@ -105,6 +158,7 @@ class EcuVersionReport:
     attacks_detected: tuple[str, ...] = ()
     last_result: str = "ok"
     last_result_text: str = ""
+    health: EcuHealth | None = None
 
     def to_der(self) -> bytes:
         if self.last_result not in RESULT_CODES:
@@ -121,6 +175,8 @@ class EcuVersionReport:
         }
         if self.installed is not None:
             value["installed"] = self.installed.to_asn1()
+        if self.health is not None:
+            value["health"] = self.health.to_asn1()
         return codec.encode("EcuVersionReport", value)
 
     @classmethod
@@ -139,6 +195,7 @@ class EcuVersionReport:
             attacks_detected=tuple(v["attacksDetected"]),
             last_result=v["lastResult"],
             last_result_text=v["lastResultText"],
+            health=EcuHealth.from_asn1(v["health"]) if "health" in v else None,
         )
 
 

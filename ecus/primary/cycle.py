@@ -37,6 +37,7 @@ from urllib.parse import quote
 import httpx
 from securesystemslib.signer import Signer
 
+from ecus.primary import policy
 from ecus.primary.config import PrimaryConfig
 from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import SecondaryClient
@@ -79,7 +80,10 @@ class Primary(RepositorySync):
     ``secondaries`` are the links to the ECUs named in ``config.secondaries``.
     ``clock`` is the primary's time (UTC): every expiry check uses it.
     ``timer`` is the monotonic clock used for download rates.
+    ``install_policy`` (``ecus.primary.policy``) may hold updates back.
     """
+
+    install_policy: policy.InstallPolicy | None = None
 
     def __init__(
         self,
@@ -344,6 +348,9 @@ class Primary(RepositorySync):
         reported by that name), and a bundle of which no secondary installed
         anything (nothing is partial; the next cycle sends it again).
         """
+        held = policy.hold(self, result)  # consent and preconditions (ecus.primary.policy)
+        if held is not None:
+            return dict(held)
         outcomes: dict[str, BaseException | EcuVersionReport] = {}
         keys = self.config.ecu_keys
         installed: dict[str, InstalledImage] = {}

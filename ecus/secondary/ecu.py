@@ -76,6 +76,7 @@ from typing import Any, Final
 from securesystemslib.signer import Key, Signer
 from tuf.api import exceptions as tuf_exc
 
+from ecus.secondary import health
 from ecus.secondary.delta import DEFAULT_DELTA_MEMORY, DeltaRefusedError, abandon, start_delta
 from ecus.secondary.report_state import ReportState, _text
 from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
@@ -223,6 +224,7 @@ class Secondary:
             return
         if booted.rolled_back is not None:
             self._set_result("rolledBack", booted.rolled_back)
+            health.record_rollback(self.store, "boot")
         if booted.trial:
             self._run_trial(booted)
             return
@@ -237,7 +239,14 @@ class Secondary:
     def tick(self, t: int) -> int | None:
         """Run the installed module's ``tick(t)``; None when nothing is installed."""
         with self._lock:
-            return None if self.app is None else self.app.tick(t)
+            if self.app is None:
+                return None
+            try:
+                return self.app.tick(t)
+            except WasmError as e:  # counted and reported as unhealthy (ecus.secondary.health)
+                active = self.store.active_target()
+                health.record_failure(self.store, e, None if active is None else active.name)
+                raise
 
     @property
     def pending_target(self) -> UptaneTarget | None:
@@ -305,6 +314,7 @@ class Secondary:
             attacks_detected=state.attacks,
             last_result=state.last_result,
             last_result_text=state.last_result_text,
+            health=health.current(self.store, self.app, None if active is None else active.name),
         )
         return SignedEcuVersionReport.sign(report, self.signer).to_der()
 
@@ -595,10 +605,12 @@ class Secondary:
             )
             passed, app = result.passed and result.app is not None, result.app
             reason, detail = result.reason or "trial_failed", result.detail
+            violations = result.rate_limit_violations
         except Exception as e:  # never leave the image on trial (issue 10)
             logger.exception("trial of %s failed", target.name)
             passed, app = False, None
             reason, detail = WasmHostError.reason, f"{type(e).__name__}: {e}"
+            violations = 0
         if passed and app is not None:
             self.store.commit()
             self.app = app
@@ -607,4 +619,5 @@ class Secondary:
             self.store.rollback(reason)
             code, text = "trialFailed", f"{reason}: {detail}; rolled back"
         self._set_result(code, text)
+        health.record_trial(self.store, None if passed else reason, violations)
         return code, text

@@ -138,6 +138,18 @@ def print_summary(console: Console, report: FleetReport) -> None:
     help="Keep the repositories, databases and ECU state here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option(
+    "--campaign",
+    "campaign_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="After v1, roll out v2 through a Director campaign with these phases (JSON/YAML).",
+)
+@click.option(
+    "--bad-payload",
+    is_flag=True,
+    help="With --campaign: v2 passes its trial, then reports unhealthy (the canary halts it).",
+)
 def cli(
     vehicles: int,
     secondaries: int,
@@ -151,6 +163,8 @@ def cli(
     seed: int,
     directory: Path | None,
     as_json: bool,
+    campaign_file: Path | None,
+    bad_payload: bool,
 ) -> None:
     """Run a fleet of simulated vehicles through v1 (and --update-to) updates.
 
@@ -191,6 +205,11 @@ def cli(
     base = directory if directory is not None else Path(tempfile.mkdtemp(prefix="uptane-sim-"))
     base.mkdir(parents=True, exist_ok=True)
     try:
+        if campaign_file is not None or bad_payload:  # issue 14: ecus.sim.campaign_run
+            from ecus.sim.campaign_run import run_from_cli
+
+            run_from_cli(config, campaign_file, bad_payload, base, console, log, as_json)
+            return
         report = run_fleet(config, base, log)
     finally:
         if not keep:
