@@ -15,17 +15,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from director.campaigns import CampaignInfo
-from director.cli import _db_option, _dir_option, _jsonable, _load
-from director.service import Director
+from director.cli import _db_option, _dir_option, _DirCommand, _jsonable, _load
+
+if TYPE_CHECKING:
+    from director.campaigns import CampaignInfo
+    from director.service import Director
+
+
+class _FleetGroup(click.Group):
+    """A group of Director commands: DIR first, ``--dir DIR`` accepted too."""
+
+    command_class = _DirCommand
 
 
 @contextmanager
 def _director(directory: Path, db_url: str | None) -> Iterator[Director]:
+    from director.service import Director
+
     director = Director.from_config(_load(directory, db_url))
     try:
         yield director
@@ -103,7 +113,7 @@ def _print(c: CampaignInfo, as_json: bool) -> None:
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
 
 
-@click.group("campaign")
+@click.group("campaign", cls=_FleetGroup)
 def campaign_cli() -> None:
     """Phased rollouts with automatic halt: create, list, show, pause, resume, abort."""
 
@@ -173,7 +183,7 @@ def _control(action: str) -> click.Command:
         "resume": "Resume a paused campaign (its phase runs its full duration again).",
         "abort": "End a campaign, withdrawing its assignments not installed yet.",
     }[action]
-    return click.command(action)(cmd)
+    return click.command(action, cls=_DirCommand)(cmd)
 
 
 for _action in ("pause", "resume", "abort"):
@@ -191,7 +201,7 @@ def tick_cmd(directory: Path, db_url: str | None) -> None:
         click.echo(f"campaign {c.name}: {c.status}, phase {c.phase_name}")
 
 
-@click.group("quarantine")
+@click.group("quarantine", cls=_FleetGroup)
 def quarantine_cli() -> None:
     """Vehicles held back from rollouts: list and release."""
 
@@ -230,7 +240,7 @@ def quarantine_release_cmd(
     click.echo(f"released {q.vin} ({q.reason}) by {q.released_by}")
 
 
-@click.command("attributes")
+@click.command("attributes", cls=_DirCommand)
 @_dir_option
 @_db_option
 @click.argument("vin")
@@ -248,7 +258,7 @@ def attributes_cmd(directory: Path, db_url: str | None, vin: str, pairs: tuple[s
     click.echo(" ".join(f"{k}={v}" for k, v in sorted(result.items())) or "(no attributes)")
 
 
-@click.command("health")
+@click.command("health", cls=_DirCommand)
 @_dir_option
 @_db_option
 @click.argument("vin")
@@ -272,7 +282,7 @@ def health_cmd(directory: Path, db_url: str | None, vin: str, as_json: bool) -> 
         )
 
 
-@click.command("audit")
+@click.command("audit", cls=_DirCommand)
 @_dir_option
 @_db_option
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)

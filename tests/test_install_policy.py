@@ -155,11 +155,11 @@ def test_ecu_primary_defers_until_the_approval_file_says_so(tmp_path: Path) -> N
             args += ["--interface", "virtual", "--channel", channel]
             code, out = ecu(*args)
             assert code == 0, out  # held is not a failure
-            assert f"{serial}->{image_name(HW, 1)} held (deferred: waiting for approval" in out
+            assert f"{serial} deferred {image_name(HW, 1)} (deferred: waiting for approval" in out
             assert ecus[0].store.active_target() is None
             approvals.write_text(json.dumps({image_name(HW, 1): "approve"}))
             code, out = ecu(*args)
-            assert code == 0 and f"{serial}->{image_name(HW, 1)} installed" in out, out
+            assert code == 0 and f"{serial} installed {image_name(HW, 1)}" in out, out
         finally:
             stop.set()
             thread.join(10)
