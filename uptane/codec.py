@@ -67,12 +67,21 @@ def encode(type_name: str, value: Any) -> bytes:
         raise CodecError(f"cannot encode {type_name}: {e}") from e
 
 
-def decode(type_name: str, data: Buffer, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
+def decode(
+    type_name: str,
+    data: Buffer,
+    max_size: int = DEFAULT_MAX_MESSAGE,
+    *,
+    canonical: bool = True,
+) -> Any:
     """Decode exactly one DER value of ``type_name`` from ``data``.
 
     Refuses data over ``max_size`` before parsing, trailing bytes, values
     that break a constraint of the module, and any encoding of the value other
-    than its DER one.
+    than its DER one. ``canonical=False`` skips that last check (one encode of
+    the whole value): only for a caller that itself compares ``data`` with an
+    encoding it makes anyway (``uptane.der_metadata`` re-encodes what python-tuf
+    parsed; ``uptane.verification.der`` encodes the verified JSON).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError(f"{type_name}: expected bytes, got {type(data).__name__}")
@@ -89,7 +98,7 @@ def decode(type_name: str, data: Buffer, max_size: int = DEFAULT_MAX_MESSAGE) ->
         value = compiled.decode(type_name, data, check_constraints=True)
         # asn1tools also reads some BER (long-form lengths, any TRUE octet,
         # members out of order): accept only the one DER encoding of the value.
-        if bytes(compiled.encode(type_name, value, check_constraints=True)) != data:
+        if canonical and bytes(compiled.encode(type_name, value, check_constraints=True)) != data:
             raise CodecError(f"{type_name}: not in canonical DER form")
         return value
     except CodecError:

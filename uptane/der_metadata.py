@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+import asn1tools
+from asn1tools.codecs import ber as ber_codec
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Signed
 from tuf.api.serialization import (
@@ -356,14 +358,22 @@ class DERMetadataDeserializer(MetadataDeserializer):
     constraint violations, and any encoding other than the canonical one
     (so a signature check over ``der_signed_bytes(md.signed)`` checks the very
     bytes received). Every failure is a ``DERDeserializationError``.
+
+    One decode and one encode: the ASN.1 value is decoded without the codec's
+    own canonical check, python-tuf builds the metadata, and its DER encoding
+    must equal the input byte for byte. That one comparison proves both that
+    the input is canonical DER and that python-tuf's objects say exactly what
+    the bytes say. The signed part of the input is kept on ``md.signed`` for
+    ``der_signed_bytes`` (a slice, not a third encoding).
     """
 
     def __init__(self, max_size: int = DEFAULT_MAX_METADATA) -> None:
         self.max_size = max_size
 
     def deserialize(self, raw_data: bytes) -> Metadata[Any]:
+        data = bytes(raw_data) if isinstance(raw_data, bytearray | memoryview) else raw_data
         try:
-            value = decode(METADATA_TYPE, raw_data, self.max_size)
+            value = decode(METADATA_TYPE, data, self.max_size, canonical=False)
             kind, signed = value["signed"]
             md_dict = {
                 "signed": _FROM_ASN1[kind](signed),
@@ -387,9 +397,53 @@ class DERMetadataDeserializer(MetadataDeserializer):
             canonical = DERMetadataSerializer().serialize(md)
         except DERSerializationError as e:
             raise DERDeserializationError(f"metadata cannot be re-encoded: {e}") from e
-        if canonical != bytes(raw_data):
+        if canonical != data:
             raise DERDeserializationError("metadata is not in canonical DER form")
+        setattr(md.signed, _RECEIVED_SIGNED, (id(md.signed), signed_part(data)))
         return md
+
+
+# Attribute of a ``Signed`` built by ``DERMetadataDeserializer``: its id and the
+# DER bytes of its signed part as received (proved canonical and equal to the
+# object). The id makes a copy (``copy.deepcopy`` copies the attribute) encode.
+_RECEIVED_SIGNED: Final = "_uptane_der_signed"
+
+
+def signed_part(envelope: bytes) -> bytes:
+    """The ``signed`` element of a canonical DER ``Metadata`` envelope (a slice).
+
+    Only for bytes already proved canonical (equal to an encoding this module
+    made): the slice is found from the DER length headers. Raises
+    ``CodecError`` if the headers do not describe ``envelope`` exactly.
+    """
+    try:
+        if envelope[:1] != b"\x30":
+            raise CodecError("DER metadata is not a SEQUENCE")
+        outer, start = ber_codec.decode_length(envelope, 1)
+        if start + outer != len(envelope):
+            raise CodecError("DER metadata length does not match its header")
+        # ``signed`` is member [0] of the SEQUENCE: a CHOICE, so explicitly tagged
+        if envelope[start : start + 1] != b"\xa0":
+            raise CodecError("DER metadata does not start with its signed part")
+        inner, content = ber_codec.decode_length(envelope, start + 1)
+        end = content + inner
+        if end > len(envelope):
+            raise CodecError("DER signed part runs past the envelope")
+    except (asn1tools.Error, TypeError) as e:
+        raise CodecError(f"malformed DER metadata: {e}") from e
+    return envelope[content:end]
+
+
+def der_envelope(signed: Signed, signatures: list[dict[str, Any]]) -> bytes:
+    """DER ``Metadata`` of ``signed`` with ``signatures`` as the ASN.1 codec decoded them.
+
+    ``uptane.verification.der`` compares a received envelope with this: one
+    encode proves the envelope canonical and equal to ``signed``.
+    """
+    try:
+        return encode(METADATA_TYPE, {"signed": _signed_to_asn1(signed), "signatures": signatures})
+    except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise _wrap_serialization(e) from e
 
 
 def der_signed_bytes(signed: Signed) -> bytes:
@@ -397,7 +451,17 @@ def der_signed_bytes(signed: Signed) -> bytes:
 
     Verify a DER envelope with
     ``delegator.verify_delegate(role, der_signed_bytes(md.signed), md.signatures)``.
+    For the very ``signed`` object ``DERMetadataDeserializer`` built, these
+    are the bytes received (a slice, already proved to be the canonical
+    encoding of ``signed``), so verifiers never encode twice. Anything else,
+    a copy included, is encoded. An object changed in place after decoding
+    keeps its received bytes: to sign changed content, sign through
+    python-tuf (``Metadata.sign`` with ``DERSignedSerializer``, which always
+    encodes), as ``to_der_metadata`` does.
     """
+    received = getattr(signed, _RECEIVED_SIGNED, None)
+    if isinstance(received, tuple) and received[0] == id(signed):
+        return bytes(received[1])
     return DERSignedSerializer().serialize(signed)
 
 

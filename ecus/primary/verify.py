@@ -14,13 +14,14 @@ import functools
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from ecus.primary.config import PrimaryConfig
@@ -47,16 +48,17 @@ from uptane.manifest import (
     InstalledImage,
 )
 from uptane.metadata import UptaneTarget, check_target_path
-from uptane.verification.der import DirectorDer, verify_director_der
+from uptane.verification.der import DerCache, DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
     check_release_counter,
 )
 from uptane.verification.full import (
-    RepositoryBytes,
     VerifiedRepository,
+    check_expiry,
     classify_version_error,
-    verify_repository,
+    verify_root_chain,
+    verify_trusted,
 )
 from uptane.verification.matching import (
     check_delegated_hardware,
@@ -90,12 +92,35 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class VerificationCache:
+    """What a primary keeps in memory between cycles so that nothing is verified twice.
+
+    ``known`` holds, per repository, what the last committed cycle verified
+    and, for the Image repository, the target names it looked up: a cycle
+    whose timestamp and root equal it stops after the timestamp (5.4.4.2).
+    ``root_chains`` maps root chain bytes to the verified chain; ``der`` the
+    verified DER envelopes; ``counters`` the Director release counters of the
+    last trusted Director targets file, by its bytes.
+    """
+
+    known: dict[str, tuple[VerifiedRepository, frozenset[str]]] = field(default_factory=dict)
+    root_chains: dict[tuple[bytes, ...], tuple[Root, ...]] = field(default_factory=dict)
+    der: DerCache = field(default_factory=DerCache)
+    counters: tuple[bytes, dict[str, int]] | None = None
+
+
 class RepositorySync:
     """Full verification and downloads; mixed into ``Primary`` (which sets the attributes)."""
 
     config: PrimaryConfig
     state: PrimaryState
     fetcher: PolicyFetcher
+
+    @functools.cached_property
+    def verification_cache(self) -> VerificationCache:
+        """Per-primary in-memory cache (never trusted across a process restart)."""
+        return VerificationCache()
 
     def director_metadata_url(self, base: str) -> str:
         """The vehicle's Director metadata URL on Director ``base`` (one TAP 4 URL)."""
@@ -150,18 +175,30 @@ class RepositorySync:
             raise EndlessDataError(f"more data than allowed: {e}") from e
 
     def _refresh(
-        self, urls: tuple[str, ...], make: Callable[[str], Updater]
+        self,
+        urls: tuple[str, ...],
+        make: Callable[[str], Updater],
+        unchanged: Callable[[Updater], bool] = lambda _: False,
     ) -> tuple[Updater, str]:
         """Refresh from the first mirror that can be reached (TAP 4 URL list).
 
         Only a failure to connect moves on to the next URL; anything a server
         answered (bad metadata, HTTP errors, slow or endless data) stops here.
+        ngclient's ``refresh()`` step by step (tuf 7: ``_load_root``,
+        ``_load_timestamp``, ``_load_snapshot``, ``_load_targets``, private):
+        when ``unchanged(updater)`` says the timestamp ngclient now trusts is
+        the one the last committed cycle verified, snapshot and targets are
+        unchanged too and are not loaded again (Uptane 5.4.4.2 / TUF 5.4).
         """
         error: tuf_exc.DownloadError | None = None
         for url in urls:
             updater = make(url)
             try:
-                self._tuf(updater.refresh)
+                self._tuf(updater._load_root)
+                self._tuf(updater._load_timestamp)
+                if not unchanged(updater):
+                    self._tuf(updater._load_snapshot)
+                    self._tuf(functools.partial(updater._load_targets, Targets.type, Root.type))
                 return updater, url
             except tuf_exc.DownloadError as e:
                 if isinstance(e, tuf_exc.DownloadHTTPError | tuf_exc.SlowRetrievalError):
@@ -170,32 +207,54 @@ class RepositorySync:
         assert error is not None
         raise error
 
-    @staticmethod
-    def _repository_bytes(
-        metadata_dir: Path, updater: Updater, bootstrap: bytes
-    ) -> RepositoryBytes:
-        """The bytes ngclient trusted, read back from its metadata dir."""
-        # Updater._trusted_set (private, see _updater) tells which delegated roles
-        # ngclient loaded this cycle; their files may sit beside stale ones.
+    def _unchanged(self, name: str, updater: Updater, names: frozenset[str] = frozenset()) -> bool:
+        """Is what ngclient trusts after the timestamp what the last committed cycle verified?
+
+        Same root and same timestamp (so the same snapshot, hence the same
+        targets and delegated roles) and, for the Image repository, no target
+        name that was not looked up then.
+        """
+        known = self.verification_cache.known.get(name)
+        if known is None or not names <= known[1]:
+            return False
         trusted = updater._trusted_set
-        first = Metadata[Root].from_bytes(bootstrap).signed.version
-        current = trusted.root.version
-        chain = tuple(
-            (metadata_dir / "root_history" / f"{v}.root.json").read_bytes()
-            for v in range(first, current + 1)
+        return trusted.root == known[0].root and trusted.timestamp == known[0].timestamp
+
+    def _trusted_repository(
+        self, name: str, metadata_dir: Path, updater: Updater, bootstrap: bytes, now: datetime
+    ) -> VerifiedRepository:
+        """The Uptane re-check of what ngclient trusted, on its parsed objects (5.4.4.2).
+
+        Reads nothing ngclient just wrote but root history past the bootstrap
+        root (after a rotation), and verifies a root chain once per process.
+        """
+        cache = self.verification_cache
+        known = cache.known.get(name)
+        trusted = updater._trusted_set
+        if Snapshot.type not in trusted._trusted_set:
+            # stopped after the timestamp (``_unchanged``): reuse what was verified
+            assert known is not None
+            check_expiry(known[0], now)
+            return known[0]
+        # Updater._trusted_set (private, see _updater): what ngclient verified
+        first = self._bootstrap_version(bootstrap)
+        chain = (
+            bootstrap,
+            *(
+                (metadata_dir / "root_history" / f"{v}.root.json").read_bytes()
+                for v in range(first + 1, trusted.root.version + 1)
+            ),
         )
-        delegated = {}
-        for filename in trusted.snapshot.meta:
-            role = filename.removesuffix(".json")
-            if role != Targets.type and role in trusted:
-                delegated[role] = (metadata_dir / f"{quote(role, safe='')}.json").read_bytes()
-        return RepositoryBytes(
-            root_chain=chain,
-            timestamp=(metadata_dir / "timestamp.json").read_bytes(),
-            snapshot=(metadata_dir / "snapshot.json").read_bytes(),
-            targets=(metadata_dir / "targets.json").read_bytes(),
-            delegated=delegated,
-        )
+        roots = cache.root_chains.get(chain)
+        if roots is None:
+            roots = verify_root_chain(chain, name)
+            cache.root_chains = {chain: roots}
+        return verify_trusted(name, trusted, roots, now)
+
+    @staticmethod
+    @functools.cache
+    def _bootstrap_version(bootstrap: bytes) -> int:
+        return Metadata[Root].from_bytes(bootstrap).signed.version
 
     def _verify_and_download(
         self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: Stages
@@ -215,35 +274,33 @@ class RepositorySync:
                     cfg.director_root,
                     now,
                 ),
+                functools.partial(self._unchanged, "director"),
             )
-            director = verify_repository(
-                "director",
-                self._repository_bytes(scratch / "director", director_updater, cfg.director_root),
-                now,
+            director = self._trusted_repository(
+                "director", scratch / "director", director_updater, cfg.director_root, now
             )
             director_targets = check_director_targets(
-                director.targets.signed, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
+                director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
             )
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
+            names = frozenset(t.name for t in director_targets.by_ecu.values())
+            for target_name in sorted(names):
+                cfg.repository_map.check_covered(target_name)
             image_updater, _ = self._refresh(
                 cfg.repository_map.image_urls,
                 lambda url: self._updater(
                     scratch / "image", f"{url}/metadata/", f"{url}/targets/", cfg.image_root, now
                 ),
+                functools.partial(self._unchanged, "image", names=names),
             )
-            # ngclient's lookup loads (and verifies) the roles on each target's path
-            looked_up: set[str] = set()
-            for target in director_targets.by_ecu.values():
-                cfg.repository_map.check_covered(target.name)
-                if target.name not in looked_up:
-                    self._tuf(functools.partial(image_updater.get_targetinfo, target.name))
-                    looked_up.add(target.name)
-            image = verify_repository(
-                "image",
-                self._repository_bytes(scratch / "image", image_updater, cfg.image_root),
-                now,
+            if Snapshot.type in image_updater._trusted_set._trusted_set:
+                # ngclient's lookup loads (and verifies) the roles on each target's path
+                for target_name in sorted(names):
+                    self._tuf(functools.partial(image_updater.get_targetinfo, target_name))
+            image = self._trusted_repository(
+                "image", scratch / "image", image_updater, cfg.image_root, now
             )
 
             # Agreement, delegations and release counters (5.4.4.2 step 7)
@@ -255,7 +312,7 @@ class RepositorySync:
                 # which delegations led to the image: each must allow this ECU's hardware
                 found = find_image_target(image, target.name)
                 match_target(
-                    director.targets.signed.targets[target.name],
+                    director.targets.targets[target.name],
                     None if found is None else found.target,
                 )
                 assert found is not None  # match_target refused None
@@ -299,6 +356,11 @@ class RepositorySync:
             reported = {s: r.installed for s, r in reports.items() if r.installed is not None}
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)
+            # what this committed cycle verified: the next one may stop after the timestamps
+            self.verification_cache.known = {
+                "director": (director, frozenset()),
+                "image": (image, names),
+            }
         except BaseException:
             self.state.discard(scratch)
             raise
@@ -316,12 +378,18 @@ class RepositorySync:
                 merged[serial] = image
         return merged
 
-    @staticmethod
-    def _previous_director_counters(metadata_dir: Path) -> dict[str, int]:
+    def _previous_director_counters(self, metadata_dir: Path) -> dict[str, int]:
         """Release counter per ECU in the previously trusted Director targets (5.4.4.2)."""
         try:
-            md = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
-        except (OSError, tuf_exc.RepositoryError):
+            data = (metadata_dir / "targets.json").read_bytes()
+        except OSError:
+            return {}
+        cache = self.verification_cache
+        if cache.counters is not None and cache.counters[0] == data:
+            return dict(cache.counters[1])  # the same file as last cycle: parsed then
+        try:
+            md = Metadata[Targets].from_bytes(data)
+        except tuf_exc.RepositoryError:
             return {}
         counters: dict[str, int] = {}
         for target_file in md.signed.targets.values():
@@ -329,6 +397,7 @@ class RepositorySync:
                 t = UptaneTarget.from_target_file(target_file, director=True)
                 assert t.ecu_serial is not None
                 counters[t.ecu_serial] = t.release_counter
+        cache.counters = (data, dict(counters))
         return counters
 
     @staticmethod
@@ -351,15 +420,23 @@ class RepositorySync:
         limit = self.config.metadata_limits.der
         base = self.director_metadata_url(url)
         get = self.fetcher.download_bytes
-        root_ders = {
-            md.signed.version: self._tuf(
-                functools.partial(get, f"{base}{md.signed.version}.root.der", limit)
+        cache = self.verification_cache.der
+        root_ders: dict[int, bytes] = {}
+        prev: Root | None = None
+        for root in director.roots:
+            # an envelope verified against this very JSON root is not fetched again
+            held = cache.root(root, prev)
+            root_ders[root.version] = (
+                held
+                if held is not None
+                else self._tuf(functools.partial(get, f"{base}{root.version}.root.der", limit))
             )
-            for md in director.roots
-        }
-        version = director.targets.signed.version
-        targets_der = self._tuf(functools.partial(get, f"{base}{version}.targets.der", limit))
-        return verify_director_der(director, root_ders, targets_der, max_size=limit)
+            prev = root
+        targets_der = cache.targets_for(director.targets)
+        if targets_der is None:
+            version = director.targets.version
+            targets_der = self._tuf(functools.partial(get, f"{base}{version}.targets.der", limit))
+        return verify_director_der(director, root_ders, targets_der, max_size=limit, cache=cache)
 
     def _download(self, updater: Updater, info: TargetFile) -> Path:
         """Fetch one image: length-capped, every hash checked, written atomically."""
