@@ -299,10 +299,7 @@ def _verify_delegated(
             raise tuf_exc.RepositoryError(f"{name}: {role!r} cannot be a delegated role")
     loaded: dict[str, Metadata[Targets]] = {}
     for role, raw in data.delegated.items():
-        what = f"{name} {role}"
-        md: Metadata[Targets] = _load(raw, Targets, what)
-        _check_meta(snapshot.meta.get(f"{role}.json"), raw, md.signed.version, what)
-        loaded[role] = md
+        loaded[role] = _load(raw, Targets, f"{name} {role}")
     trusted: dict[str, Targets] = {Targets.type: top}
     edges: set[tuple[str, str]] = set()
     tried: set[tuple[str, str]] = set()
@@ -322,17 +319,23 @@ def _verify_delegated(
         progress = False
         for role in list(todo):
             delegators = [d for d in list(trusted) if _delegates(trusted[d], role)]
-            if not delegators:
-                continue
-            if not any([satisfies(d, role) for d in delegators]):
-                raise tuf_exc.UnsignedMetadataError(
-                    f"{name} {role}: not signed by a threshold of the keys of "
-                    f"{', '.join(repr(d) for d in delegators)}"
-                )
-            trusted[role] = loaded[role].signed
-            del todo[role]
-            progress = True
+            md = loaded[role]
+            if delegators:
+                meta = snapshot.meta.get(f"{role}.json")
+                _check_meta(meta, data.delegated[role], md.signed.version, f"{name} {role}")
+            untried = [d for d in delegators if (d, role) not in tried]
+            if any([satisfies(d, role) for d in untried]):  # every delegator, no short cut
+                trusted[role] = md.signed
+                del todo[role]
+                progress = True
         if not progress:
+            for role in sorted(todo):
+                delegators = [d for d in trusted if _delegates(trusted[d], role)]
+                if delegators:
+                    raise tuf_exc.UnsignedMetadataError(
+                        f"{name} {role}: not signed by a threshold of the keys of "
+                        f"{', '.join(repr(d) for d in delegators)}"
+                    )
             raise tuf_exc.RepositoryError(
                 f"{name}: roles {sorted(todo)} are not delegated by any trusted role"
             )
