@@ -409,41 +409,59 @@ class DERMetadataDeserializer(MetadataDeserializer):
 _RECEIVED_SIGNED: Final = "_uptane_der_signed"
 
 
-def signed_part(envelope: bytes) -> bytes:
-    """The ``signed`` element of a canonical DER ``Metadata`` envelope (a slice).
+def _tlv(data: bytes, offset: int, tag: int) -> tuple[int, int]:
+    """(content start, end) of the DER element with one-octet ``tag`` at ``offset``."""
+    if data[offset : offset + 1] != bytes((tag,)):
+        raise CodecError(f"DER metadata: expected tag {tag:#04x} at offset {offset}")
+    length, start = ber_codec.decode_length(data, offset + 1)
+    if length is None or start + length > len(data):
+        raise CodecError(f"DER metadata: element at offset {offset} runs past the end")
+    return start, start + length
 
-    Only for bytes already proved canonical (equal to an encoding this module
-    made): the slice is found from the DER length headers. Raises
-    ``CodecError`` if the headers do not describe ``envelope`` exactly.
+
+def split_envelope(envelope: bytes) -> tuple[bytes, list[bytes]]:
+    """The ``signed`` element and each ``Signature`` element of a DER ``Metadata`` (slices).
+
+    Reads only the length headers: nothing is decoded or checked for
+    canonical form. ``join_envelope`` of the parts equals ``envelope`` exactly
+    when its headers are canonical; ``uptane.verification.der`` relies on that
+    comparison. Raises ``CodecError`` for headers that do not describe
+    ``envelope`` (``Metadata`` is SEQUENCE { [0] TufSigned, [1] SEQUENCE OF
+    Signature }, a CHOICE being explicitly tagged).
     """
     try:
-        if envelope[:1] != b"\x30":
-            raise CodecError("DER metadata is not a SEQUENCE")
-        outer, start = ber_codec.decode_length(envelope, 1)
-        if start + outer != len(envelope):
-            raise CodecError("DER metadata length does not match its header")
-        # ``signed`` is member [0] of the SEQUENCE: a CHOICE, so explicitly tagged
-        if envelope[start : start + 1] != b"\xa0":
-            raise CodecError("DER metadata does not start with its signed part")
-        inner, content = ber_codec.decode_length(envelope, start + 1)
-        end = content + inner
-        if end > len(envelope):
-            raise CodecError("DER signed part runs past the envelope")
-    except (asn1tools.Error, TypeError) as e:
+        start, end = _tlv(envelope, 0, 0x30)
+        if end != len(envelope):
+            raise CodecError("DER metadata: bytes after the envelope")
+        signed_start, signed_end = _tlv(envelope, start, 0xA0)
+        sigs_start, sigs_end = _tlv(envelope, signed_end, 0xA1)
+        if sigs_end != end:
+            raise CodecError("DER metadata: bytes after the signatures")
+        elements = []
+        offset = sigs_start
+        while offset < sigs_end:
+            _, element_end = _tlv(envelope, offset, 0x30)
+            if element_end > sigs_end:
+                raise CodecError("DER metadata: a signature runs past the signatures")
+            elements.append(envelope[offset:element_end])
+            offset = element_end
+    except (asn1tools.Error, TypeError, ValueError, IndexError) as e:
         raise CodecError(f"malformed DER metadata: {e}") from e
-    return envelope[content:end]
+    return envelope[signed_start:signed_end], elements
 
 
-def der_envelope(signed: Signed, signatures: list[dict[str, Any]]) -> bytes:
-    """DER ``Metadata`` of ``signed`` with ``signatures`` as the ASN.1 codec decoded them.
+def join_envelope(signed: bytes, signatures: list[bytes]) -> bytes:
+    """The DER ``Metadata`` of a DER ``signed`` and DER ``Signature`` elements."""
 
-    ``uptane.verification.der`` compares a received envelope with this: one
-    encode proves the envelope canonical and equal to ``signed``.
-    """
-    try:
-        return encode(METADATA_TYPE, {"signed": _signed_to_asn1(signed), "signatures": signatures})
-    except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise _wrap_serialization(e) from e
+    def tlv(tag: int, content: bytes) -> bytes:
+        return bytes((tag,)) + bytes(ber_codec.encode_length_definite(len(content))) + content
+
+    return tlv(0x30, tlv(0xA0, signed) + tlv(0xA1, b"".join(signatures)))
+
+
+def signed_part(envelope: bytes) -> bytes:
+    """The ``signed`` element of a canonical DER ``Metadata`` envelope (a slice)."""
+    return split_envelope(envelope)[0]
 
 
 def der_signed_bytes(signed: Signed) -> bytes:

@@ -356,7 +356,13 @@ class RepositorySync:
             reported = {s: r.installed for s, r in reports.items() if r.installed is not None}
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)
-            # what this committed cycle verified: the next one may stop after the timestamps
+            # what this committed cycle verified: the next one may stop after the timestamps,
+            # and finds the release counters of this Director targets without parsing it
+            cache = self.verification_cache
+            with contextlib.suppress(OSError):
+                data = (self.state.current() / "director" / "targets.json").read_bytes()
+                counters = {s: t.release_counter for s, t in director_targets.by_ecu.items()}
+                cache.counters = (data, counters)
             self.verification_cache.known = {
                 "director": (director, frozenset()),
                 "image": (image, names),

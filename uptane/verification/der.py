@@ -7,11 +7,11 @@ forms and checks that the DER ``signed`` says exactly what the verified JSON
 ``signed`` says (Uptane 2.1, 5.4.4.2 for the JSON side; the secondary then
 does 5.4.4.1 on the DER side).
 
-Cost: one decode of the envelope (for its signatures) and one encode of the
-verified JSON's ``signed`` inside an envelope carrying those signatures; the
-input must equal that encoding byte for byte, which proves at once that it
-is canonical DER and that it says what the JSON says. Signatures are checked
-over the input's own ``signed`` bytes (a slice). ``DerCache`` keeps envelopes
+Cost: one encode of the verified JSON's ``signed`` and a decode of each
+(small) ``Signature`` element; the envelope rebuilt from them must equal the
+input byte for byte, which proves at once that the input is canonical DER
+and that it says what the JSON says; the ``signed`` part of the input is
+never decoded. Signatures are checked over those bytes. ``DerCache`` keeps envelopes
 already verified by version, so an unchanged root or targets is neither
 fetched nor checked again.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from securesystemslib.signer import Signature
 from tuf.api.metadata import Root, Signed, Targets
@@ -28,6 +29,10 @@ from uptane import codec, der_metadata
 from uptane.der_values import _keyid
 from uptane.errors import CodecError, MetadataError
 from uptane.verification.full import VerifiedRepository
+
+SIGNATURE_TYPE: Final = "Signature"
+# Metadata.signatures is SEQUENCE (SIZE(0..64)) OF Signature (uptane.asn)
+MAX_SIGNATURES: Final = 64
 
 
 @dataclass(frozen=True)
@@ -73,27 +78,37 @@ def _equal(a: Signed | None, b: Signed | None) -> bool:
 def _check_envelope(
     data: bytes, json_signed: Signed, max_size: int, what: str
 ) -> tuple[bytes, dict[str, Signature]]:
-    """``data`` is the canonical DER of ``json_signed`` plus signatures: (signed bytes, sigs)."""
+    """``data`` is the canonical DER of ``json_signed`` plus signatures: (signed bytes, sigs).
+
+    One encode (the verified JSON's ``signed``) and the small ``Signature``
+    elements decoded; nothing else of ``data`` is decoded: the envelope
+    rebuilt from those canonical parts must equal ``data`` byte for byte.
+    """
+    if len(data) > max_size:
+        raise MetadataError(f"DER {what}: {len(data)} bytes exceeds the limit of {max_size}")
     try:
-        value = codec.decode(der_metadata.METADATA_TYPE, data, max_size, canonical=False)
+        _, elements = der_metadata.split_envelope(data)
+        if len(elements) > MAX_SIGNATURES:
+            raise CodecError(f"more than {MAX_SIGNATURES} signatures")
         signatures: dict[str, Signature] = {}
-        for s in value["signatures"]:
-            keyid = _keyid(s["keyid"], "signature keyid")
+        for element in elements:
+            value = codec.decode(SIGNATURE_TYPE, element)  # canonical, constraints checked
+            keyid = _keyid(value["keyid"], "signature keyid")
             if keyid in signatures:
                 raise CodecError(f"signature keyid {keyid} appears twice")
-            signatures[keyid] = Signature(keyid, bytes(s["value"]).hex())
+            signatures[keyid] = Signature(keyid, bytes(value["value"]).hex())
     except CodecError as e:
         raise MetadataError(f"DER {what} cannot be decoded: {e}") from e
     try:
-        expected = der_metadata.der_envelope(json_signed, value["signatures"])
+        expected = der_metadata.DERSignedSerializer().serialize(json_signed)
     except CodecError as e:
         raise MetadataError(f"the verified JSON {what} has no DER form: {e}") from e
-    if expected != data:
+    if der_metadata.join_envelope(expected, elements) != data:
         raise MetadataError(
             f"DER {what} does not say the same as the verified JSON {what} "
             "(or is not in canonical DER form)"
         )
-    return der_metadata.signed_part(data), signatures
+    return expected, signatures
 
 
 def verify_director_der(
