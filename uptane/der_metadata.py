@@ -332,7 +332,8 @@ class DERSignedSerializer(SignedSerializer):
 
     def serialize(self, signed_obj: Signed) -> bytes:
         try:
-            return encode(SIGNED_TYPE, _signed_to_asn1(signed_obj))
+            # _signed_to_asn1 checks every Python type (der_values): asn1tools need not
+            return encode(SIGNED_TYPE, _signed_to_asn1(signed_obj), check_types=False)
         except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise _wrap_serialization(e) from e
 
@@ -346,7 +347,7 @@ class DERMetadataSerializer(MetadataSerializer):
                 "signed": _signed_to_asn1(metadata_obj.signed),
                 "signatures": _signatures_to_asn1(metadata_obj),
             }
-            return encode(METADATA_TYPE, value)
+            return encode(METADATA_TYPE, value, check_types=False)
         except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise _wrap_serialization(e) from e
 
