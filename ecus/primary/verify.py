@@ -231,7 +231,7 @@ class RepositorySync:
         cache = self.verification_cache
         known = cache.known.get(name)
         trusted = updater._trusted_set
-        if Snapshot.type not in trusted._trusted_set:
+        if Snapshot.type not in trusted:
             # stopped after the timestamp (``_unchanged``): reuse what was verified
             assert known is not None
             check_expiry(known[0], now)
@@ -295,7 +295,7 @@ class RepositorySync:
                 ),
                 functools.partial(self._unchanged, "image", names=names),
             )
-            if Snapshot.type in image_updater._trusted_set._trusted_set:
+            if Snapshot.type in image_updater._trusted_set:
                 # ngclient's lookup loads (and verifies) the roles on each target's path
                 for target_name in sorted(names):
                     self._tuf(functools.partial(image_updater.get_targetinfo, target_name))
