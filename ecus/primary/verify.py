@@ -50,6 +50,7 @@ from uptane.manifest import (
 from uptane.metadata import UptaneTarget, check_target_path
 from uptane.verification.der import DerCache, DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
+    DirectorTargets,
     check_director_targets,
     check_release_counter,
 )
@@ -101,13 +102,19 @@ class VerificationCache:
     whose timestamp and root equal it stops after the timestamp (5.4.4.2).
     ``root_chains`` maps root chain bytes to the verified chain; ``der`` the
     verified DER envelopes; ``counters`` the Director release counters of the
-    last trusted Director targets file, by its bytes.
+    last trusted Director targets file, by its bytes; ``checked`` what the
+    Director-only checks and the Director/Image matching found for the very
+    objects a warm cycle reuses (they depend on nothing else).
     """
 
     known: dict[str, tuple[VerifiedRepository, frozenset[str]]] = field(default_factory=dict)
     root_chains: dict[tuple[bytes, ...], tuple[Root, ...]] = field(default_factory=dict)
     der: DerCache = field(default_factory=DerCache)
     counters: tuple[bytes, dict[str, int]] | None = None
+    # the Director checks and Director/Image agreement of the very objects of ``known``
+    checked: tuple[Targets, VerifiedRepository, DirectorTargets, dict[str, TargetFile]] | None = (
+        None
+    )
 
 
 class RepositorySync:
@@ -279,9 +286,13 @@ class RepositorySync:
             director = self._trusted_repository(
                 "director", scratch / "director", director_updater, cfg.director_root, now
             )
-            director_targets = check_director_targets(
-                director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
-            )
+            checked = self.verification_cache.checked
+            if checked is not None and checked[0] is director.targets:
+                director_targets = checked[2]  # a warm cycle: these very objects were checked
+            else:
+                director_targets = check_director_targets(
+                    director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
+                )
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
@@ -307,17 +318,22 @@ class RepositorySync:
             stages.enter(STAGE_MATCH)
             installed = self.state.installed(scratch)
             image_infos: dict[str, TargetFile] = {}
+            matched = checked is not None and checked[0] is director.targets and checked[1] is image
+            if matched:
+                assert checked is not None
+                image_infos = dict(checked[3])  # a warm cycle: the same objects, matched then
             for serial, target in director_targets.by_ecu.items():
-                # the same walk as ngclient's, over the re-verified bytes, also telling
-                # which delegations led to the image: each must allow this ECU's hardware
-                found = find_image_target(image, target.name)
-                match_target(
-                    director.targets.targets[target.name],
-                    None if found is None else found.target,
-                )
-                assert found is not None  # match_target refused None
-                check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
-                image_infos[target.name] = found.target
+                if not matched:
+                    # the same walk as ngclient's, over the re-verified objects, also telling
+                    # which delegations led to the image: each must allow this ECU's hardware
+                    found = find_image_target(image, target.name)
+                    match_target(
+                        director.targets.targets[target.name],
+                        None if found is None else found.target,
+                    )
+                    assert found is not None  # match_target refused None
+                    check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
+                    image_infos[target.name] = found.target
                 check_release_counter(
                     target, self._installed_counter(serial, installed, reports, previous)
                 )
@@ -367,6 +383,7 @@ class RepositorySync:
                 "director": (director, frozenset()),
                 "image": (image, names),
             }
+            cache.checked = (director.targets, image, director_targets, dict(image_infos))
         except BaseException:
             self.state.discard(scratch)
             raise
