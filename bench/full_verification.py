@@ -1,16 +1,29 @@
-"""Primary full verification time vs two bare ngclient refreshes (DESIGN 9).
+"""Primary full verification time vs two bare ngclient refreshes (DESIGN 9; issue 16).
 
-For a vehicle of 1, 10 and 50 ECUs, each with an image assigned, against a
-real Director and Image repository on loopback: time the primary's full
-verification (Director + Image repository with ngclient, the sans-IO
-re-check, Director checks, Director/Image matching of every target, DER
-forms; manifests and image downloads excluded) from an empty trusted state,
-and, in the same run and against the same servers, two bare ngclient
-``Updater.refresh()`` calls (Director for this vehicle + Image repository)
-from empty metadata dirs. Prints one line per vehicle size ending in
-``ratio=<primary/bare>``; medians over ``--rounds`` rounds.
+For vehicles of 1, 10, 50 and 200 ECUs, each ECU with an image assigned, and
+for a 10-ECU vehicle whose Image repository lists 1,000 images, against a
+real Director and Image repository on loopback:
 
-Run: ``.venv/bin/python bench/full_verification.py [--rounds N] [--sizes 1,10,50]``
+- cold: the primary's full verification (Director + Image repository with
+  ngclient, the Uptane re-check, Director checks, Director/Image matching of
+  every target, DER forms; manifests and image downloads excluded) from an
+  empty trusted state, against two bare ngclient ``Updater.refresh()`` calls
+  (Director for this vehicle + Image repository) from empty metadata dirs;
+- warm: the same primary's next cycle with nothing changed on either
+  repository (Uptane 5.4.4.2: the timestamps say nothing changed), against
+  two bare ngclient refreshes over the metadata dirs the cold ones filled.
+
+Both are measured in the same run against the same servers. One line per
+vehicle: ``ratio=<primary/bare>`` (cold) and ``warm_ratio=``; medians over
+``--rounds`` rounds (round 0 warms up). Goals (issue 16): ratio <= 1.3 at 50
+ECUs, <= 1.5 at 200, warm_ratio <= 1.1.
+
+``--cpu`` measures CPU time of the measuring thread (``time.thread_time``:
+the primary's or ngclient's own work, not the in-process servers') instead of
+wall time, for a machine other jobs load.
+
+Run: ``.venv/bin/python bench/full_verification.py [--rounds N] [--sizes 1,10,50,200]
+[--image-targets 1000] [--cpu]`` (``--image-targets 0`` skips that vehicle).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tuf.api.metadata import TargetFile, Targets
 from tuf.ngclient import Updater
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -30,23 +44,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers.servers import Switchboard, serve
 from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template
 
-from ecus.primary import CycleResult
+from ecus.primary import CycleResult, Primary
+from uptane.metadata import build_custom
+
+TIMER = time.perf_counter
 
 
-def vehicle(tmp: Path, template: Path, servers: Servers, ecus: int) -> Env:
-    """A vehicle of ``ecus`` ECUs (primary included), one image assigned to each."""
+def vehicle(tmp: Path, template: Path, servers: Servers, ecus: int, extra: int = 0) -> Env:
+    """``ecus`` ECUs (primary included), one image each; ``extra`` more unassigned images."""
     env = Env(tmp, template, servers, secondaries={f"ecu-{i:03d}": "hw-a" for i in range(1, ecus)})
     env.add_image("primary.wasm", 0, ("gateway",))
     env.assign("primary.wasm", PRIMARY)
     for i in range(1, ecus):
         env.add_image(f"app-{i:03d}.wasm", i, ("hw-a",))
         env.assign(f"app-{i:03d}.wasm", f"ecu-{i:03d}")
+    if extra:
+        blobs = {f"lib/other-{i:04d}.wasm": f"other image {i}".encode() for i in range(extra)}
+
+        def add(targets: Targets) -> None:
+            for name, data in blobs.items():
+                target = TargetFile.from_data(name, data, ["sha256", "sha512"])
+                target.unrecognized_fields["custom"] = build_custom(
+                    hardware_ids=["hw-b"], release_counter=1
+                )
+                targets.targets[name] = target
+
+        env.craft_image_role(Targets.type, add, blobs)
     return env
 
 
-def primary_verification(env: Env, round_dir: Path) -> float:
-    """Seconds of full verification in one cycle of a primary with empty trusted state."""
-    primary = env.primary(state_dir=round_dir / "state", download_dir=round_dir / "images")
+def verification_seconds(primary: Primary) -> float:
+    """Seconds of full verification in one cycle of ``primary``."""
     result: CycleResult = primary.run_cycle()
     if not result.ok:
         raise SystemExit(f"primary cycle failed: {[str(i) for i in result.issues]}")
@@ -54,12 +82,12 @@ def primary_verification(env: Env, round_dir: Path) -> float:
 
 
 def bare_refreshes(env: Env, round_dir: Path) -> float:
-    """Seconds of two bare ngclient refreshes (Director for this vehicle, Image) from scratch."""
+    """Seconds of two bare ngclient refreshes (Director for this vehicle, Image)."""
     config = env.primary_config()
     director_dir, image_dir = round_dir / "bare-director", round_dir / "bare-image"
-    director_dir.mkdir(parents=True)
-    image_dir.mkdir(parents=True)
-    start = time.perf_counter()
+    director_dir.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    start = TIMER()
     Updater(
         str(director_dir),
         f"{env.servers.director_url}/vehicles/{VIN}/metadata/",
@@ -68,15 +96,42 @@ def bare_refreshes(env: Env, round_dir: Path) -> float:
     Updater(
         str(image_dir), f"{env.servers.image_url}/metadata/", bootstrap=config.image_root
     ).refresh()
-    return time.perf_counter() - start
+    return TIMER() - start
+
+
+def measure(env: Env, vehicle_dir: Path, rounds: int) -> tuple[float, float, float, float]:
+    """Median (cold primary, cold bare, warm primary, warm bare) seconds."""
+    times: list[tuple[float, float, float, float]] = []
+    for n in range(rounds + 1):  # round 0 warms up
+        round_dir = vehicle_dir / f"round-{n}"
+        config = env.primary_config(
+            state_dir=round_dir / "state", download_dir=round_dir / "images"
+        )
+        primary = Primary(config, env.secondaries.values(), clock=env.clock, timer=TIMER)
+        cold = verification_seconds(primary)
+        warm = verification_seconds(primary)
+        bare_cold = bare_refreshes(env, round_dir)
+        bare_warm = bare_refreshes(env, round_dir)
+        shutil.rmtree(round_dir)
+        if n:
+            times.append((cold, bare_cold, warm, bare_warm))
+    medians = [statistics.median(column) for column in zip(*times, strict=True)]
+    return medians[0], medians[1], medians[2], medians[3]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--sizes", default="1,10,50")
+    parser.add_argument("--sizes", default="1,10,50,200")
+    parser.add_argument("--image-targets", type=int, default=1000)
+    parser.add_argument("--cpu", action="store_true", help="thread CPU time, not wall time")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    global TIMER
+    if args.cpu:
+        TIMER = time.thread_time
+    vehicles = [(int(s), 0) for s in args.sizes.split(",") if s]
+    if args.image_targets:
+        vehicles.append((10, args.image_targets))
 
     image_sb, director_sb = Switchboard(), Switchboard()
     with (
@@ -87,25 +142,20 @@ def main() -> None:
         root = Path(tmp)
         servers = Servers(image_sb, image_url, director_sb, director_url)
         template = build_template(root / "template", image_url)
-        for ecus in sizes:
-            env = vehicle(root / f"vehicle-{ecus}", template, servers, ecus)
+        for ecus, extra in vehicles:
+            label = f"vehicle-{ecus}-{extra}"
+            env = vehicle(root / label, template, servers, ecus, extra)
             try:
-                primary_times, bare_times = [], []
-                for n in range(args.rounds + 1):  # round 0 warms up
-                    round_dir = root / f"vehicle-{ecus}" / f"round-{n}"
-                    p = primary_verification(env, round_dir)
-                    b = bare_refreshes(env, round_dir)
-                    shutil.rmtree(round_dir)
-                    if n:
-                        primary_times.append(p)
-                        bare_times.append(b)
+                cold, bare_cold, warm, bare_warm = measure(env, root / label / "runs", args.rounds)
             finally:
                 env.close()
-            primary_ms = statistics.median(primary_times) * 1000
-            bare_ms = statistics.median(bare_times) * 1000
+            images = f"image_targets={ecus + extra:<4d}"
             print(
-                f"ecus={ecus:<3d} primary_full_verification_ms={primary_ms:.1f} "
-                f"two_bare_ngclient_refreshes_ms={bare_ms:.1f} ratio={primary_ms / bare_ms:.2f}",
+                f"ecus={ecus:<3d} {images} primary_full_verification_ms={cold * 1000:.1f} "
+                f"two_bare_ngclient_refreshes_ms={bare_cold * 1000:.1f} "
+                f"ratio={cold / bare_cold:.2f} "
+                f"warm_primary_ms={warm * 1000:.1f} warm_bare_ms={bare_warm * 1000:.1f} "
+                f"warm_ratio={warm / bare_warm:.2f}",
                 flush=True,
             )
 

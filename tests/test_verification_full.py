@@ -7,11 +7,16 @@ fails if the check is removed.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from asn1tools.codecs import ber as ber_codec
+from asn1tools.codecs.ber import encode_length_definite
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import (
@@ -26,8 +31,10 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
+from tuf.ngclient import Updater
+from tuf.ngclient.fetcher import FetcherInterface
 
-from uptane import der_metadata
+from uptane import codec, der_metadata
 from uptane.errors import (
     ConfigError,
     DelegationNotAllowedError,
@@ -45,7 +52,7 @@ from uptane.errors import (
 )
 from uptane.metadata import UptaneTarget, build_custom, set_vehicle_id
 from uptane.repository import ExpiryPolicy, MemoryStore, SigningRepository
-from uptane.verification.der import verify_director_der
+from uptane.verification.der import DerCache, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
     check_release_counter,
@@ -53,8 +60,11 @@ from uptane.verification.director_checks import (
 from uptane.verification.full import (
     RepositoryBytes,
     VerifiedRepository,
+    check_expiry,
     classify_version_error,
     verify_repository,
+    verify_root_chain,
+    verify_trusted,
 )
 from uptane.verification.matching import (
     RepositoryMap,
@@ -139,7 +149,7 @@ def director_target(image: TargetFile, serial: str = "ecu-a", **changes: Any) ->
 def test_verify_repository_accepts_a_consistent_repository() -> None:
     r = make_repo()
     verified = verify_repository("x", r.data(), NOW)
-    assert verified.targets.signed.version == 1 and verified.root.version == 1
+    assert verified.targets.version == 1 and verified.root.version == 1
 
 
 @pytest.mark.parametrize("role", [Root.type, Timestamp.type, Snapshot.type, Targets.type])
@@ -647,3 +657,225 @@ def test_der_root_chain_needs_the_previous_root_keys() -> None:
     only_new = {**roots, 2: der_metadata.to_der_metadata(v2, [new_root_key])}
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify_director_der(verified, only_new, targets)
+
+
+# --- DER: one decode, one encode-and-compare (issue 16) ---------------------------
+
+
+def _tlv(tag: int, content: bytes, *, long_form: bool = False) -> bytes:
+    """A DER TLV; ``long_form``: the length in four octets (BER, not DER)."""
+    n = len(content)
+    length = b"\x84" + n.to_bytes(4, "big") if long_form else bytes(encode_length_definite(n))
+    return bytes([tag]) + length + content
+
+
+def _envelope(signed: bytes, signer: Signer) -> bytes:
+    """A DER ``Metadata`` around ``signed`` (any bytes), validly signed by ``signer``."""
+    sig = signer.sign(signed)
+    entry = codec.encode("Signature", {"keyid": sig.keyid, "value": bytes.fromhex(sig.signature)})
+    return _tlv(0x30, _tlv(0xA0, signed) + _tlv(0xA1, entry))  # [0] signed, [1] signatures
+
+
+def test_der_envelope_helper_builds_what_to_der_metadata_builds() -> None:
+    r, _, targets = director_with_der()
+    signed = der_metadata.der_signed_bytes(r.repo.open(Targets.type).signed)
+    assert _envelope(signed, r.keys[Targets.type]) == targets
+
+
+def test_der_targets_one_byte_off_the_verified_json_is_refused() -> None:
+    """Validly signed DER targets whose signed part differs from the JSON's by one byte."""
+    r, roots, _ = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    signed = der_metadata.der_signed_bytes(r.repo.open(Targets.type).signed)
+    other = signed.replace(b"app.wasm", b"app.wasn")
+    assert (
+        len(other) == len(signed) and sum(a != b for a, b in zip(signed, other, strict=True)) == 1
+    )
+    forged = _envelope(other, r.keys[Targets.type])
+    md = der_metadata.DERMetadataDeserializer().deserialize(forged)  # canonical, well signed
+    verified.root.verify_delegate(Targets.type, other, md.signatures)
+    with pytest.raises(MetadataError, match="same"):
+        verify_director_der(verified, roots, forged)
+
+
+def test_non_canonical_der_is_refused_even_when_validly_signed() -> None:
+    """The signed part's outer length in long form, and signed over those very bytes."""
+    r, roots, targets = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    signed = der_metadata.der_signed_bytes(r.repo.open(Targets.type).signed)
+    length, content = ber_codec.decode_length(signed, 1)
+    assert content + length == len(signed)
+    ber = _tlv(signed[0], signed[content:], long_form=True)
+    forged = _envelope(ber, r.keys[Targets.type])
+    with pytest.raises(MetadataError, match="canonical"):
+        verify_director_der(verified, roots, forged)
+    with pytest.raises(der_metadata.DERDeserializationError, match="canonical"):
+        der_metadata.DERMetadataDeserializer().deserialize(forged)
+    # the envelope's own length in long form (signatures untouched)
+    assert targets[1] & 0x80
+    _, start = ber_codec.decode_length(targets, 1)
+    long_outer = _tlv(0x30, targets[start:], long_form=True)
+    with pytest.raises(MetadataError, match="canonical"):
+        verify_director_der(verified, roots, long_outer)
+    with pytest.raises(der_metadata.DERDeserializationError, match="canonical"):
+        der_metadata.DERMetadataDeserializer().deserialize(long_outer)
+
+
+def test_der_signed_bytes_of_decoded_metadata_is_the_received_slice() -> None:
+    _, _, targets = director_with_der()
+    md = der_metadata.DERMetadataDeserializer().deserialize(targets)
+    signed = der_metadata.der_signed_bytes(md.signed)
+    assert signed == der_metadata.DERSignedSerializer().serialize(md.signed)
+    assert signed in targets and len(signed) < len(targets)
+    copied = copy.deepcopy(md.signed)  # a copy is encoded, not given the received bytes
+    copied.version += 1
+    assert der_metadata.der_signed_bytes(copied) != signed
+
+
+def test_der_cache_reuses_only_envelopes_it_verified() -> None:
+    r, roots, targets = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    cache = DerCache()
+    verify_director_der(verified, roots, targets, cache=cache)
+    # another cycle parses equal JSON again: the same envelopes need no new check
+    again = verify_repository("director", r.data(), NOW)
+    assert cache.targets_for(again.targets) == targets
+    assert cache.root(again.roots[0], None) == roots[1]
+    # other bytes for the same version are checked, not taken from the cache
+    forged = der_metadata.to_der_metadata(
+        r.repo.open(Targets.type), [CryptoSigner.generate_ed25519()]
+    )
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(again, roots, forged, cache=cache)
+    forged_root = der_metadata.to_der_metadata(r.repo.open(Root.type), [r.keys[Targets.type]])
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(again, {1: forged_root}, targets, cache=cache)
+    # new JSON targets (a new version): the cached envelope does not match it
+    resign(r, Targets.type)
+    newer = verify_repository("director", r.data(), NOW)
+    assert cache.targets_for(newer.targets) is None
+    with pytest.raises(MetadataError, match="same"):
+        verify_director_der(newer, roots, targets, cache=cache)
+
+
+# --- delegation walk on verified keys only (issue 10, item 10) --------------------
+
+
+def test_delegation_walk_checks_the_delegator_on_the_walked_path() -> None:
+    """A role signed for one delegator is not accepted where another one delegates it."""
+    r = make_repo()
+    delegate(r, Targets.type, "shared", ["apps/*"], ["hw-a"])
+    delegate(r, Targets.type, "vendor", ["*"], ["hw-a"])
+    vendor_key = CryptoSigner.generate_ed25519()
+    with r.repo.edit_targets("vendor") as t:
+        role = DelegatedRole("shared", [], 1, False, paths=["apps/*"])
+        t.delegations = Delegations(keys={}, roles={"shared": role})
+        t.add_key(vendor_key.public_key, "shared")
+    r.repo.publish(force=True)
+    publish_image(r, "shared", "apps/x.wasm")
+    data = r.data(delegated=("shared", "vendor"))
+    md = Metadata[Targets].from_bytes(data.delegated["shared"])
+    md.signatures.clear()
+    md.sign(vendor_key)  # signed for vendor's delegation only
+    resigned = replace(data, delegated={**data.delegated, "shared": md.to_bytes()})
+    image = verify_repository("image", resigned, NOW)
+    assert image.edges == {(Targets.type, "vendor"), ("vendor", "shared")}
+    # the walk for apps/x.wasm reaches 'shared' from top-level targets first
+    with pytest.raises(tuf_exc.UnsignedMetadataError, match="shared"):
+        find_image_target(image, "apps/x.wasm")
+    found = find_image_target(verify_repository("image", data, NOW), "apps/x.wasm")
+    assert found is not None and found.role == "shared"
+
+
+# --- over ngclient's trusted set (what the primary runs) --------------------------
+
+
+class MemoryFetcher(FetcherInterface):
+    """ngclient's fetcher plug point over a repository's files in memory."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        name = url.rsplit("/", 1)[-1]
+        if name not in self.files:
+            raise tuf_exc.DownloadHTTPError(f"{name} not found", 404)
+        return iter([self.files[name]])
+
+
+def ngclient_image(r: Repo, tmp: Path, *paths: str) -> VerifiedRepository:
+    updater = Updater(
+        str(tmp),
+        "http://repo/",
+        fetcher=MemoryFetcher(r.store.files),
+        bootstrap=r.store.files["1.root.json"],
+    )
+    updater.refresh()
+    for path in paths:
+        updater.get_targetinfo(path)
+    roots = verify_root_chain((r.store.files["1.root.json"],), "image")
+    return verify_trusted("image", updater._trusted_set, roots, NOW)
+
+
+def test_verify_trusted_accepts_a_snapshot_listing_root(tmp_path: Path) -> None:
+    """TUF lets snapshot list top-level roles: only delegated targets roles are delegated."""
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"])
+    publish_image(r, "acme", "apps/x.wasm")
+    with r.repo.edit_snapshot() as snapshot:
+        snapshot.meta["root.json"] = MetaFile(version=1)
+    r.repo.do_timestamp(force=True)
+    image = ngclient_image(r, tmp_path, "apps/x.wasm")
+    assert set(image.delegated) == {"acme"}
+    assert image.edges == {(Targets.type, "acme")}
+    found = find_image_target(image, "apps/x.wasm")
+    assert found is not None and found.role == "acme"
+
+
+def test_verify_trusted_rechecks_expiry_and_version_links(tmp_path: Path) -> None:
+    r = make_repo(short_lived=Targets.type)
+    image = ngclient_image(r, tmp_path)
+    check_expiry(image, NOW + timedelta(minutes=59))
+    with pytest.raises(tuf_exc.ExpiredMetadataError, match="targets"):
+        check_expiry(image, NOW + timedelta(minutes=61))
+    resign(r, Targets.type)
+    newer = ngclient_image(r, tmp_path / "newer")
+    with pytest.raises(tuf_exc.BadVersionNumberError):
+        verify_trusted(
+            "image",
+            _Mixed(newer, image),
+            newer.roots,
+            NOW,  # snapshot of one, targets of another
+        )
+    with pytest.raises(tuf_exc.RepositoryError, match="trusted root"):
+        verify_trusted("image", _Mixed(newer, newer), (), NOW)
+
+
+@dataclass
+class _Mixed:
+    """A trusted set made of two repository states (what ngclient never holds)."""
+
+    a: VerifiedRepository
+    b: VerifiedRepository
+
+    @property
+    def root(self) -> Root:
+        return self.a.root
+
+    @property
+    def timestamp(self) -> Timestamp:
+        return self.a.timestamp
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.a.snapshot
+
+    @property
+    def targets(self) -> Targets:
+        return self.b.targets
+
+    def get(self, role: str) -> Any:
+        return self.b.delegated.get(role)
+
+    def contains(self, role: str, delegator: str) -> bool:
+        return (delegator, role) in self.b.edges

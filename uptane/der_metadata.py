@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+import asn1tools
+from asn1tools.codecs import ber as ber_codec
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Signed
 from tuf.api.serialization import (
@@ -330,7 +332,8 @@ class DERSignedSerializer(SignedSerializer):
 
     def serialize(self, signed_obj: Signed) -> bytes:
         try:
-            return encode(SIGNED_TYPE, _signed_to_asn1(signed_obj))
+            # _signed_to_asn1 checks every Python type (der_values): asn1tools need not
+            return encode(SIGNED_TYPE, _signed_to_asn1(signed_obj), check_types=False)
         except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise _wrap_serialization(e) from e
 
@@ -344,7 +347,7 @@ class DERMetadataSerializer(MetadataSerializer):
                 "signed": _signed_to_asn1(metadata_obj.signed),
                 "signatures": _signatures_to_asn1(metadata_obj),
             }
-            return encode(METADATA_TYPE, value)
+            return encode(METADATA_TYPE, value, check_types=False)
         except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise _wrap_serialization(e) from e
 
@@ -356,14 +359,22 @@ class DERMetadataDeserializer(MetadataDeserializer):
     constraint violations, and any encoding other than the canonical one
     (so a signature check over ``der_signed_bytes(md.signed)`` checks the very
     bytes received). Every failure is a ``DERDeserializationError``.
+
+    One decode and one encode: the ASN.1 value is decoded without the codec's
+    own canonical check, python-tuf builds the metadata, and its DER encoding
+    must equal the input byte for byte. That one comparison proves both that
+    the input is canonical DER and that python-tuf's objects say exactly what
+    the bytes say. The signed part of the input is kept on ``md.signed`` for
+    ``der_signed_bytes`` (a slice, not a third encoding).
     """
 
     def __init__(self, max_size: int = DEFAULT_MAX_METADATA) -> None:
         self.max_size = max_size
 
     def deserialize(self, raw_data: bytes) -> Metadata[Any]:
+        data = bytes(raw_data) if isinstance(raw_data, bytearray | memoryview) else raw_data
         try:
-            value = decode(METADATA_TYPE, raw_data, self.max_size)
+            value = decode(METADATA_TYPE, data, self.max_size, canonical=False)
             kind, signed = value["signed"]
             md_dict = {
                 "signed": _FROM_ASN1[kind](signed),
@@ -387,9 +398,71 @@ class DERMetadataDeserializer(MetadataDeserializer):
             canonical = DERMetadataSerializer().serialize(md)
         except DERSerializationError as e:
             raise DERDeserializationError(f"metadata cannot be re-encoded: {e}") from e
-        if canonical != bytes(raw_data):
+        if canonical != data:
             raise DERDeserializationError("metadata is not in canonical DER form")
+        setattr(md.signed, _RECEIVED_SIGNED, (id(md.signed), signed_part(data)))
         return md
+
+
+# Attribute of a ``Signed`` built by ``DERMetadataDeserializer``: its id and the
+# DER bytes of its signed part as received (proved canonical and equal to the
+# object). The id makes a copy (``copy.deepcopy`` copies the attribute) encode.
+_RECEIVED_SIGNED: Final = "_uptane_der_signed"
+
+
+def _tlv(data: bytes, offset: int, tag: int) -> tuple[int, int]:
+    """(content start, end) of the DER element with one-octet ``tag`` at ``offset``."""
+    if data[offset : offset + 1] != bytes((tag,)):
+        raise CodecError(f"DER metadata: expected tag {tag:#04x} at offset {offset}")
+    length, start = ber_codec.decode_length(data, offset + 1)
+    if length is None or start + length > len(data):
+        raise CodecError(f"DER metadata: element at offset {offset} runs past the end")
+    return start, start + length
+
+
+def split_envelope(envelope: bytes) -> tuple[bytes, list[bytes]]:
+    """The ``signed`` element and each ``Signature`` element of a DER ``Metadata`` (slices).
+
+    Reads only the length headers: nothing is decoded or checked for
+    canonical form. ``join_envelope`` of the parts equals ``envelope`` exactly
+    when its headers are canonical; ``uptane.verification.der`` relies on that
+    comparison. Raises ``CodecError`` for headers that do not describe
+    ``envelope`` (``Metadata`` is SEQUENCE { [0] TufSigned, [1] SEQUENCE OF
+    Signature }, a CHOICE being explicitly tagged).
+    """
+    try:
+        start, end = _tlv(envelope, 0, 0x30)
+        if end != len(envelope):
+            raise CodecError("DER metadata: bytes after the envelope")
+        signed_start, signed_end = _tlv(envelope, start, 0xA0)
+        sigs_start, sigs_end = _tlv(envelope, signed_end, 0xA1)
+        if sigs_end != end:
+            raise CodecError("DER metadata: bytes after the signatures")
+        elements = []
+        offset = sigs_start
+        while offset < sigs_end:
+            _, element_end = _tlv(envelope, offset, 0x30)
+            if element_end > sigs_end:
+                raise CodecError("DER metadata: a signature runs past the signatures")
+            elements.append(envelope[offset:element_end])
+            offset = element_end
+    except (asn1tools.Error, TypeError, ValueError, IndexError) as e:
+        raise CodecError(f"malformed DER metadata: {e}") from e
+    return envelope[signed_start:signed_end], elements
+
+
+def join_envelope(signed: bytes, signatures: list[bytes]) -> bytes:
+    """The DER ``Metadata`` of a DER ``signed`` and DER ``Signature`` elements."""
+
+    def tlv(tag: int, content: bytes) -> bytes:
+        return bytes((tag,)) + bytes(ber_codec.encode_length_definite(len(content))) + content
+
+    return tlv(0x30, tlv(0xA0, signed) + tlv(0xA1, b"".join(signatures)))
+
+
+def signed_part(envelope: bytes) -> bytes:
+    """The ``signed`` element of a canonical DER ``Metadata`` envelope (a slice)."""
+    return split_envelope(envelope)[0]
 
 
 def der_signed_bytes(signed: Signed) -> bytes:
@@ -397,7 +470,17 @@ def der_signed_bytes(signed: Signed) -> bytes:
 
     Verify a DER envelope with
     ``delegator.verify_delegate(role, der_signed_bytes(md.signed), md.signatures)``.
+    For the very ``signed`` object ``DERMetadataDeserializer`` built, these
+    are the bytes received (a slice, already proved to be the canonical
+    encoding of ``signed``), so verifiers never encode twice. Anything else,
+    a copy included, is encoded. An object changed in place after decoding
+    keeps its received bytes: to sign changed content, sign through
+    python-tuf (``Metadata.sign`` with ``DERSignedSerializer``, which always
+    encodes), as ``to_der_metadata`` does.
     """
+    received = getattr(signed, _RECEIVED_SIGNED, None)
+    if isinstance(received, tuple) and received[0] == id(signed):
+        return bytes(received[1])
     return DERSignedSerializer().serialize(signed)
 
 

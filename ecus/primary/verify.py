@@ -14,10 +14,11 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
@@ -50,16 +51,18 @@ from uptane.manifest import (
     InstalledImage,
 )
 from uptane.metadata import UptaneTarget, target_relpath
-from uptane.verification.der import DirectorDer, verify_director_der
+from uptane.verification.der import DerCache, DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
+    DirectorTargets,
     check_director_targets,
     check_release_counter,
 )
 from uptane.verification.full import (
-    RepositoryBytes,
     VerifiedRepository,
+    check_expiry,
     classify_version_error,
-    verify_repository,
+    verify_root_chain,
+    verify_trusted,
 )
 from uptane.verification.matching import (
     check_delegated_hardware,
@@ -109,12 +112,41 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class VerificationCache:
+    """What a primary keeps in memory between cycles so that nothing is verified twice.
+
+    ``known`` holds, per repository, what the last committed cycle verified
+    and, for the Image repository, the target names it looked up: a cycle
+    whose timestamp and root equal it stops after the timestamp (5.4.4.2).
+    ``root_chains`` maps root chain bytes to the verified chain; ``der`` the
+    verified DER envelopes; ``counters`` the Director release counters of the
+    last trusted Director targets file, by its bytes; ``checked`` what the
+    Director-only checks and the Director/Image matching found for the very
+    objects a warm cycle reuses (they depend on nothing else).
+    """
+
+    known: dict[str, tuple[VerifiedRepository, frozenset[str]]] = field(default_factory=dict)
+    root_chains: dict[tuple[bytes, ...], tuple[Root, ...]] = field(default_factory=dict)
+    der: DerCache = field(default_factory=DerCache)
+    counters: tuple[bytes, dict[str, int]] | None = None
+    # the Director checks and Director/Image agreement of the very objects of ``known``
+    checked: tuple[Targets, VerifiedRepository, DirectorTargets, dict[str, TargetFile]] | None = (
+        None
+    )
+
+
 class RepositorySync:
     """Full verification and downloads; mixed into ``Primary`` (which sets the attributes)."""
 
     config: PrimaryConfig
     state: PrimaryState
     fetcher: PolicyFetcher
+
+    @functools.cached_property
+    def verification_cache(self) -> VerificationCache:
+        """Per-primary in-memory cache (never trusted across a process restart)."""
+        return VerificationCache()
 
     def director_metadata_url(self, base: str) -> str:
         """The vehicle's Director metadata URL on Director ``base`` (one TAP 4 URL)."""
@@ -169,18 +201,30 @@ class RepositorySync:
             raise EndlessDataError(f"more data than allowed: {e}") from e
 
     def _refresh(
-        self, urls: tuple[str, ...], make: Callable[[str], Updater]
+        self,
+        urls: tuple[str, ...],
+        make: Callable[[str], Updater],
+        unchanged: Callable[[Updater], bool] = lambda _: False,
     ) -> tuple[Updater, str]:
         """Refresh from the first mirror that can be reached (TAP 4 URL list).
 
         Only a failure to connect moves on to the next URL; anything a server
         answered (bad metadata, HTTP errors, slow or endless data) stops here.
+        ngclient's ``refresh()`` step by step (tuf 7: ``_load_root``,
+        ``_load_timestamp``, ``_load_snapshot``, ``_load_targets``, private):
+        when ``unchanged(updater)`` says the timestamp ngclient now trusts is
+        the one the last committed cycle verified, snapshot and targets are
+        unchanged too and are not loaded again (Uptane 5.4.4.2 / TUF 5.4).
         """
         error: tuf_exc.DownloadError | None = None
         for url in urls:
             updater = make(url)
             try:
-                self._tuf(updater.refresh)
+                self._tuf(updater._load_root)
+                self._tuf(updater._load_timestamp)
+                if not unchanged(updater):
+                    self._tuf(updater._load_snapshot)
+                    self._tuf(functools.partial(updater._load_targets, Targets.type, Root.type))
                 return updater, url
             except tuf_exc.DownloadError as e:
                 if isinstance(e, tuf_exc.DownloadHTTPError | tuf_exc.SlowRetrievalError):
@@ -189,32 +233,54 @@ class RepositorySync:
         assert error is not None
         raise error
 
-    @staticmethod
-    def _repository_bytes(
-        metadata_dir: Path, updater: Updater, bootstrap: bytes
-    ) -> RepositoryBytes:
-        """The bytes ngclient trusted, read back from its metadata dir."""
-        # Updater._trusted_set (private, see _updater) tells which delegated roles
-        # ngclient loaded this cycle; their files may sit beside stale ones.
+    def _unchanged(self, name: str, updater: Updater, names: frozenset[str] = frozenset()) -> bool:
+        """Is what ngclient trusts after the timestamp what the last committed cycle verified?
+
+        Same root and same timestamp (so the same snapshot, hence the same
+        targets and delegated roles) and, for the Image repository, no target
+        name that was not looked up then.
+        """
+        known = self.verification_cache.known.get(name)
+        if known is None or not names <= known[1]:
+            return False
         trusted = updater._trusted_set
-        first = Metadata[Root].from_bytes(bootstrap).signed.version
-        current = trusted.root.version
-        chain = tuple(
-            (metadata_dir / "root_history" / f"{v}.root.json").read_bytes()
-            for v in range(first, current + 1)
+        return trusted.root == known[0].root and trusted.timestamp == known[0].timestamp
+
+    def _trusted_repository(
+        self, name: str, metadata_dir: Path, updater: Updater, bootstrap: bytes, now: datetime
+    ) -> VerifiedRepository:
+        """The Uptane re-check of what ngclient trusted, on its parsed objects (5.4.4.2).
+
+        Reads nothing ngclient just wrote but root history past the bootstrap
+        root (after a rotation), and verifies a root chain once per process.
+        """
+        cache = self.verification_cache
+        known = cache.known.get(name)
+        trusted = updater._trusted_set
+        if Snapshot.type not in trusted:
+            # stopped after the timestamp (``_unchanged``): reuse what was verified
+            assert known is not None
+            check_expiry(known[0], now)
+            return known[0]
+        # Updater._trusted_set (private, see _updater): what ngclient verified
+        first = self._bootstrap_version(bootstrap)
+        chain = (
+            bootstrap,
+            *(
+                (metadata_dir / "root_history" / f"{v}.root.json").read_bytes()
+                for v in range(first + 1, trusted.root.version + 1)
+            ),
         )
-        delegated = {}
-        for filename in trusted.snapshot.meta:
-            role = filename.removesuffix(".json")
-            if role != Targets.type and role in trusted:
-                delegated[role] = (metadata_dir / f"{quote(role, safe='')}.json").read_bytes()
-        return RepositoryBytes(
-            root_chain=chain,
-            timestamp=(metadata_dir / "timestamp.json").read_bytes(),
-            snapshot=(metadata_dir / "snapshot.json").read_bytes(),
-            targets=(metadata_dir / "targets.json").read_bytes(),
-            delegated=delegated,
-        )
+        roots = cache.root_chains.get(chain)
+        if roots is None:
+            roots = verify_root_chain(chain, name)
+            cache.root_chains = {chain: roots}
+        return verify_trusted(name, trusted, roots, now)
+
+    @staticmethod
+    @functools.cache
+    def _bootstrap_version(bootstrap: bytes) -> int:
+        return Metadata[Root].from_bytes(bootstrap).signed.version
 
     def _verify_and_download(
         self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: Stages
@@ -239,17 +305,22 @@ class RepositorySync:
                 ),
                 cfg.director_root,
                 now,
+                unchanged=functools.partial(self._unchanged, "director"),
             )
-            director_targets = check_director_targets(
-                director.targets.signed, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
-            )
+            checked = self.verification_cache.checked
+            if checked is not None and checked[0] is director.targets:
+                director_targets = checked[2]  # a warm cycle: these very objects were checked
+            else:
+                director_targets = check_director_targets(
+                    director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
+                )
             keep = KEEP_ON_FAILURE  # this vehicle's Director metadata, checked
 
             # Image repository: TUF, then look up every Director target through delegations
             stages.enter(STAGE_IMAGE)
-            names = list(dict.fromkeys(t.name for t in director_targets.by_ecu.values()))
-            for name in names:
-                cfg.repository_map.check_covered(name)
+            names = frozenset(t.name for t in director_targets.by_ecu.values())
+            for target_name in sorted(names):
+                cfg.repository_map.check_covered(target_name)
             image_updater, _, image = self._sync_repository(
                 "image",
                 scratch / "image",
@@ -260,23 +331,29 @@ class RepositorySync:
                 cfg.image_root,
                 now,
                 names,
+                unchanged=functools.partial(self._unchanged, "image", names=names),
             )
 
             # Agreement, delegations and release counters (5.4.4.2 step 7)
             stages.enter(STAGE_MATCH)
             installed = self.state.installed(scratch)
             image_infos: dict[str, TargetFile] = {}
+            matched = checked is not None and checked[0] is director.targets and checked[1] is image
+            if matched:
+                assert checked is not None
+                image_infos = dict(checked[3])  # a warm cycle: the same objects, matched then
             for serial, target in director_targets.by_ecu.items():
-                # the same walk as ngclient's, over the re-verified bytes, also telling
-                # which delegations led to the image: each must allow this ECU's hardware
-                found = find_image_target(image, target.name)
-                match_target(
-                    director.targets.signed.targets[target.name],
-                    None if found is None else found.target,
-                )
-                assert found is not None  # match_target refused None
-                check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
-                image_infos[target.name] = found.target
+                if not matched:
+                    # the same walk as ngclient's, over the re-verified objects, also telling
+                    # which delegations led to the image: each must allow this ECU's hardware
+                    found = find_image_target(image, target.name)
+                    match_target(
+                        director.targets.targets[target.name],
+                        None if found is None else found.target,
+                    )
+                    assert found is not None  # match_target refused None
+                    check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
+                    image_infos[target.name] = found.target
                 check_release_counter(
                     target, self._installed_counter(serial, installed, reports, previous)
                 )
@@ -316,6 +393,18 @@ class RepositorySync:
             reported = {s: r.installed for s, r in reports.items() if r.installed is not None}
             self.state.write_installed(scratch, self._merge_installed(installed, reported))
             self.state.commit(scratch)
+            # what this committed cycle verified: the next one may stop after the timestamps,
+            # and finds the release counters of this Director targets without parsing it
+            cache = self.verification_cache
+            with contextlib.suppress(OSError):
+                data = (self.state.current() / "director" / "targets.json").read_bytes()
+                counters = {s: t.release_counter for s, t in director_targets.by_ecu.items()}
+                cache.counters = (data, counters)
+            self.verification_cache.known = {
+                "director": (director, frozenset()),
+                "image": (image, names),
+            }
+            cache.checked = (director.targets, image, director_targets, dict(image_infos))
         except Exception:
             self._keep_verified(scratch, keep)
             raise
@@ -355,30 +444,40 @@ class RepositorySync:
         make: Callable[[str], Updater],
         bootstrap: bytes,
         now: datetime,
-        lookups: Sequence[str] = (),
+        lookups: frozenset[str] = frozenset(),
+        unchanged: Callable[[Updater], bool] = lambda _: False,
     ) -> tuple[Updater, str, VerifiedRepository]:
-        """Refresh one repository with ngclient, look ``lookups`` up, re-verify the bytes.
+        """Refresh one repository with ngclient, look ``lookups`` up, re-check what it trusts.
 
         ngclient reuses a stored snapshot (targets, delegated role) when the
-        new index names the version it holds, without checking its hashes; if
-        the repository changed that file's content without a version bump the
-        re-check refuses the stored copy, and would every cycle. So once, when
-        the re-check finds a length/hash mismatch, the stored snapshot and
-        targets files are set aside, their versions kept as the rollback floor
-        (``_check_floor``), and the repository is fetched afresh; only a
-        fresh copy that fails too is an error (``mix_and_match``). A fresh
-        attempt that fails puts the stored files back.
+        new index names the version it holds, without checking its hashes
+        (``_check_stored``); if the repository changed that file's content
+        without a version bump that stored copy would be refused every cycle.
+        So once, on a length/hash mismatch, the stored snapshot and targets
+        files are set aside, their versions kept as the rollback floor
+        (``_check_floor``), and the repository is fetched afresh; only a fresh
+        copy that fails too is an error (``mix_and_match``). A fresh attempt
+        that fails puts the stored files back. ``unchanged`` lets a warm cycle
+        stop after the timestamp (``_refresh``).
         """
 
-        def attempt() -> tuple[Updater, str, VerifiedRepository]:
-            updater, url = self._refresh(urls, make)
-            for path in lookups:  # ngclient's lookup loads (and verifies) the roles on the path
-                self._tuf(functools.partial(updater.get_targetinfo, path))
-            data = self._repository_bytes(metadata_dir, updater, bootstrap)
-            return updater, url, verify_repository(name, data, now)
+        def attempt(
+            unchanged: Callable[[Updater], bool],
+        ) -> tuple[Updater, str, VerifiedRepository]:
+            updater, url = self._refresh(urls, make, unchanged)
+            trusted = updater._trusted_set
+            if Snapshot.type in trusted:
+                for path in sorted(lookups):  # ngclient's lookup loads the roles on the path
+                    self._tuf(functools.partial(updater.get_targetinfo, path))
+                _check_stored(metadata_dir, trusted)
+            return (
+                updater,
+                url,
+                self._trusted_repository(name, metadata_dir, updater, bootstrap, now),
+            )
 
         try:
-            return attempt()
+            return attempt(unchanged)
         except tuf_exc.LengthOrHashMismatchError:
             floor = _snapshot_floor(metadata_dir)
             if floor is None:
@@ -386,7 +485,7 @@ class RepositorySync:
         aside = metadata_dir.with_name(f"{metadata_dir.name}.aside")
         _set_aside(metadata_dir, aside)
         try:
-            updater, url, verified = attempt()
+            updater, url, verified = attempt(lambda _: False)
             _check_floor(name, floor, verified)
         except BaseException:
             _put_back(aside, metadata_dir)
@@ -406,12 +505,18 @@ class RepositorySync:
                 merged[serial] = image
         return merged
 
-    @staticmethod
-    def _previous_director_counters(metadata_dir: Path) -> dict[str, int]:
+    def _previous_director_counters(self, metadata_dir: Path) -> dict[str, int]:
         """Release counter per ECU in the previously trusted Director targets (5.4.4.2)."""
         try:
-            md = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
-        except (OSError, tuf_exc.RepositoryError):
+            data = (metadata_dir / "targets.json").read_bytes()
+        except OSError:
+            return {}
+        cache = self.verification_cache
+        if cache.counters is not None and cache.counters[0] == data:
+            return dict(cache.counters[1])  # the same file as last cycle: parsed then
+        try:
+            md = Metadata[Targets].from_bytes(data)
+        except tuf_exc.RepositoryError:
             return {}
         counters: dict[str, int] = {}
         for target_file in md.signed.targets.values():
@@ -419,6 +524,7 @@ class RepositorySync:
                 t = UptaneTarget.from_target_file(target_file, director=True)
                 assert t.ecu_serial is not None
                 counters[t.ecu_serial] = t.release_counter
+        cache.counters = (data, dict(counters))
         return counters
 
     @staticmethod
@@ -441,15 +547,23 @@ class RepositorySync:
         limit = self.config.metadata_limits.der
         base = self.director_metadata_url(url)
         get = self.fetcher.download_bytes
-        root_ders = {
-            md.signed.version: self._tuf(
-                functools.partial(get, f"{base}{md.signed.version}.root.der", limit)
+        cache = self.verification_cache.der
+        root_ders: dict[int, bytes] = {}
+        prev: Root | None = None
+        for root in director.roots:
+            # an envelope verified against this very JSON root is not fetched again
+            held = cache.root(root, prev)
+            root_ders[root.version] = (
+                held
+                if held is not None
+                else self._tuf(functools.partial(get, f"{base}{root.version}.root.der", limit))
             )
-            for md in director.roots
-        }
-        version = director.targets.signed.version
-        targets_der = self._tuf(functools.partial(get, f"{base}{version}.targets.der", limit))
-        return verify_director_der(director, root_ders, targets_der, max_size=limit)
+            prev = root
+        targets_der = cache.targets_for(director.targets)
+        if targets_der is None:
+            version = director.targets.version
+            targets_der = self._tuf(functools.partial(get, f"{base}{version}.targets.der", limit))
+        return verify_director_der(director, root_ders, targets_der, max_size=limit, cache=cache)
 
     def _download(self, updater: Updater, info: TargetFile) -> Path:
         """Fetch one image: length-capped, every hash checked, written atomically."""
@@ -483,6 +597,30 @@ class RepositorySync:
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+
+def _check_stored(metadata_dir: Path, trusted: Any) -> None:
+    """Files ngclient took from its own store match the lengths and hashes listed for them.
+
+    ngclient loads a stored snapshot (targets, delegated role) whose version
+    the new index names as trusted, without checking the hashes that index
+    lists (TUF 5.5.2, 5.6.2). This checks them, for the files whose index
+    lists a length or hashes: ``LengthOrHashMismatchError`` when the stored
+    copy is not the file the index names (``_sync_repository`` refetches).
+    """
+    listed: list[tuple[str, Any]] = [("snapshot", trusted.timestamp.snapshot_meta)]
+    for filename, meta in trusted.snapshot.meta.items():
+        role = filename.removesuffix(".json")
+        if role != Root.type and role in trusted:
+            listed.append((role, meta))
+    for role, meta in listed:
+        if meta.length is None and not meta.hashes:
+            continue
+        try:
+            data = (metadata_dir / f"{quote(role, safe='')}.json").read_bytes()
+        except OSError as e:
+            raise tuf_exc.RepositoryError(f"stored {role} metadata is unreadable: {e}") from e
+        meta.verify_length_and_hashes(data)
 
 
 def _snapshot_floor(metadata_dir: Path) -> Snapshot | None:
@@ -522,7 +660,7 @@ def _check_floor(name: str, floor: Snapshot, fresh: VerifiedRepository) -> None:
     one set aside, it is checked here: the snapshot version, and the version
     of every role the old snapshot listed, which the new one must still list.
     """
-    new = fresh.snapshot.signed
+    new = fresh.snapshot
     if new.version < floor.version:
         raise tuf_exc.BadVersionNumberError(
             f"{name} snapshot version {new.version} is below the stored {floor.version}"

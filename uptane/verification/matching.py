@@ -236,7 +236,9 @@ def find_image_target(
     role once, ending at a terminating delegation (and at succinct ones,
     TAP 15), visiting at most ``max_delegations`` roles. Returns None when no
     role lists ``path``. A role the walk needs that is not in
-    ``image.delegated`` raises ``RepositoryError``: it was never verified.
+    ``image.delegated`` raises ``RepositoryError``: it was never verified;
+    one whose signatures do not satisfy the delegation the walk followed to
+    it (not in ``image.edges``) raises ``UnsignedMetadataError``.
     """
     stack: list[tuple[str, tuple[DelegationStep, ...]]] = [(Targets.type, ())]
     visited: set[str] = set()
@@ -244,12 +246,18 @@ def find_image_target(
         role, chain = stack.pop()
         if role in visited:
             continue
-        md = image.targets if role == Targets.type else image.delegated.get(role)
-        if md is None:
+        targets = image.targets if role == Targets.type else image.delegated.get(role)
+        if targets is None:
             raise tuf_exc.RepositoryError(
                 f"{image.name}: role {role!r}, delegated for {path!r}, was not verified"
             )
-        targets = md.signed
+        # the role must satisfy the delegation walked to it, not any delegator's
+        delegator = Targets.type if len(chain) < 2 else chain[-2].role
+        if chain and (delegator, role) not in image.edges:
+            raise tuf_exc.UnsignedMetadataError(
+                f"{image.name}: role {role!r} is not signed by the keys {delegator!r} "
+                f"delegates it to"
+            )
         found = targets.targets.get(path)
         if found is not None:
             return ImageTarget(found, role, chain)
