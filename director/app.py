@@ -37,6 +37,7 @@ from director.config import DEFAULT_MAX_BODY
 from director.errors import DirectorError
 from director.service import (
     AssignmentInfo,
+    AuditInfo,
     Director,
     EcuSpec,
     VehicleStatus,
@@ -208,6 +209,39 @@ class VehicleOut(BaseModel):
 class ManifestAccepted(BaseModel):
     accepted: bool = True
     metadata_version: int
+    refused_reports: dict[str, str] = Field(
+        default_factory=dict,
+        description="ECU serial -> reason, for secondaries' reports left out and recorded "
+        "as attacks (not fresh: replayed_report, report_time_in_past, report_time_in_future)",
+    )
+
+
+class CounterResetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="why (e.g. ECU reflashed)")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    vin: str | None
+    ecu_serial: str | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, a: AuditInfo) -> AuditOut:
+        return cls(
+            id=a.id,
+            at=a.at,
+            actor=a.actor,
+            action=a.action,
+            vin=a.vin,
+            ecu_serial=a.ecu_serial,
+            detail=dict(a.detail),
+        )
 
 
 class ErrorOut(BaseModel):
@@ -402,6 +436,7 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
     @app.put(
         "/vehicles/{vin}/manifest",
         response_model=ManifestAccepted,
+        response_model_exclude_unset=True,
         responses=errors,
         tags=["vehicle"],
         openapi_extra={
@@ -415,7 +450,13 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         """Upload a signed vehicle version manifest (Uptane 2.1, 5.4.2)."""
         data = await request.body()
         receipt = await run_in_threadpool(director.receive_manifest, vin, data)
-        return ManifestAccepted(metadata_version=receipt.metadata_version)
+        if receipt.refused_reports:
+            return ManifestAccepted(
+                accepted=True,
+                metadata_version=receipt.metadata_version,
+                refused_reports=dict(receipt.refused_reports),
+            )
+        return ManifestAccepted(accepted=True, metadata_version=receipt.metadata_version)
 
     # --- operator API ---
 
@@ -476,6 +517,28 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
     def get_vehicle(vin: str) -> VehicleOut:
         """One vehicle's reported state, pending assignments and detected attacks."""
         return VehicleOut.of(director.vehicle_status(vin))
+
+    @app.post(
+        "/api/vehicles/{vin}/ecus/{serial}/reset-counter",
+        response_model=AuditOut,
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def reset_counter(vin: str, serial: str, body: CounterResetIn) -> AuditOut:
+        """Forget an ECU's report counter (reflashed or jammed ECU); writes an audit entry."""
+        return AuditOut.of(director.reset_report_counter(vin, serial, reason=body.reason))
+
+    @app.get(
+        "/api/audit",
+        response_model=list[AuditOut],
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def audit_log() -> list[AuditOut]:
+        """The latest operator actions on checks (newest first)."""
+        return [AuditOut.of(a) for a in director.audit_log()]
 
     app.add_middleware(GuardMiddleware, token=token, max_body=max_body)
     return app

@@ -388,3 +388,22 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
                 ", ".join(sorted(attacks.get(e.serial, ()))) or "-",
             )
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 240).print(table)
+
+
+@cli.command("reset-counter")
+@_dir_option
+@_db_option
+@click.option("--vin", required=True, help="The vehicle.")
+@click.argument("serial")
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+def reset_counter_cmd(
+    directory: Path, db_url: str | None, vin: str, serial: str, reason: str
+) -> None:
+    """Forget ECU SERIAL's report counter (reflashed or jammed ECU), with an audit entry."""
+    director = Director.from_config(_load(directory, db_url))
+    try:
+        entry = director.reset_report_counter(vin, serial, reason=reason, actor="cli")
+    finally:
+        director.close()
+    previous = entry.detail.get("previous_counter")
+    click.echo(f"{vin} {serial}: report counter reset (was {previous}); audit entry {entry.id}")

@@ -206,6 +206,20 @@ class RootMetadata(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class AuditEntry(Base):
+    """An operator action that weakened or changed a check (who, what, when, why)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    vin: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    ecu_serial: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 def default_sqlite_url(directory: str | Path) -> str:
     return f"sqlite:///{Path(directory).resolve() / 'director.db'}"
 
