@@ -18,13 +18,14 @@ vehicles, assign images, list vehicles. Every request body is capped at
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -251,19 +252,26 @@ class ErrorOut(BaseModel):
 
 _MANIFEST_SCHEMA: dict[str, Any] = {
     "type": "object",
+    "description": "A signed vehicle version manifest (Uptane 2.1 5.4.2.2); other top-level "
+    "fields are ignored and not stored",
     "required": ["signed", "signatures"],
     "properties": {
         "signed": {
             "type": "object",
             "required": ["_type", "vin", "primary_ecu_serial", "ecu_version_reports"],
+            "additionalProperties": False,
             "properties": {
                 "_type": {"const": MANIFEST_TYPE},
-                "vin": {"type": "string"},
-                "primary_ecu_serial": {"type": "string"},
+                "vin": {"type": "string", "pattern": IDENT},
+                "primary_ecu_serial": {"type": "string", "pattern": IDENT},
                 "ecu_version_reports": {
                     "type": "object",
+                    "description": "one report per registered ECU of the vehicle, no more",
+                    "maxProperties": 256,
+                    "propertyNames": {"pattern": IDENT},
                     "additionalProperties": {
                         "type": "string",
+                        "contentEncoding": "base64",
                         "description": "base64 of a DER SignedEcuVersionReport",
                     },
                 },
@@ -271,8 +279,11 @@ _MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "signatures": {
             "type": "array",
+            "minItems": 1,
+            "maxItems": 8,
             "items": {
                 "type": "object",
+                "required": ["keyid", "sig"],
                 "properties": {"keyid": {"type": "string"}, "sig": {"type": "string"}},
             },
         },
@@ -356,6 +367,8 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+IfNoneMatch = Annotated[str | None, Header(max_length=1000, description="ETag(s) the client holds")]
+
 _bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
 
 
@@ -383,7 +396,18 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
     @app.exception_handler(ManifestError)
     async def _manifest_error(request: Request, exc: ManifestError) -> JSONResponse:
         status = MANIFEST_STATUS.get(exc.reason, 400)
-        logger.info("manifest refused (%s): %s", exc.reason, exc)
+        # one line, only what the request itself carried (no tokens, no keys)
+        vin = str(request.path_params.get("vin", ""))[:130]
+        peer = request.client.host if request.client is not None else "-"
+        detail = " ".join(str(exc).split())[:500]
+        logger.warning(
+            "manifest refused: vin=%r peer=%s status=%d reason=%s detail=%s",
+            vin,
+            peer,
+            status,
+            exc.reason,
+            detail,
+        )
         return _error(status, exc.reason, str(exc))
 
     @app.exception_handler(DirectorError)
@@ -406,32 +430,48 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         reason = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return _error(exc.status_code, reason, str(exc.detail), headers)
+        headers = dict(exc.headers or {})  # e.g. Allow on a 405 (RFC 9110 15.5.6)
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return _error(exc.status_code, reason, str(exc.detail), headers or None)
 
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 502, 503)
+    }
+
+    file_responses: dict[int | str, dict[str, Any]] = {
+        **errors,
+        200: {
+            "description": "The file: TUF JSON (`.json`) or TUF metadata in DER (`.der`)",
+            "headers": {"ETag": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        304: {"description": "Not modified: the `If-None-Match` tag is the current ETag"},
     }
 
     # --- vehicle API ---
 
     @app.get(
         "/vehicles/{vin}/metadata/{filename}",
-        responses={
-            **errors,
-            200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        },
+        responses=file_responses,
         tags=["vehicle"],
     )
-    def vehicle_metadata(vin: str, filename: str) -> Response:
-        """A file of the vehicle's Director repository (JSON, or DER for root/targets)."""
-        data = director.metadata(vin, filename)
-        return _file_response(filename, data)
+    def vehicle_metadata(vin: str, filename: str, if_none_match: IfNoneMatch = None) -> Response:
+        """A file of the vehicle's Director repository (JSON, or DER for root/targets).
 
-    @app.get("/root/{filename}", tags=["vehicle"], responses=errors)
-    def root_metadata(filename: str) -> Response:
+        Served as stored (signed when it changed, never per request), with an
+        ``ETag``; ``If-None-Match`` with that tag answers 304 without a body.
+        """
+        data = director.metadata(vin, filename)
+        return _file_response(filename, data, if_none_match)
+
+    @app.get("/root/{filename}", tags=["vehicle"], responses=file_responses)
+    def root_metadata(filename: str, if_none_match: IfNoneMatch = None) -> Response:
         """The shared Director root chain: ``N.root.json`` / ``N.root.der``."""
-        return _file_response(filename, director.root_file(filename))
+        return _file_response(filename, director.root_file(filename), if_none_match)
 
     @app.put(
         "/vehicles/{vin}/manifest",
@@ -544,9 +584,34 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
     return app
 
 
-def _file_response(filename: str, data: bytes) -> Response:
+def etag_of(data: bytes) -> str:
+    """The strong entity tag of a metadata file's bytes (RFC 9110 8.8.3)."""
+    return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
+
+
+def _none_match(if_none_match: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` names ``etag`` (weak comparison, RFC 9110 13.1.2)."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def _file_response(filename: str, data: bytes, if_none_match: str | None = None) -> Response:
+    """The file's bytes with an ``ETag``, or ``304 Not Modified`` if the client has them.
+
+    ``no-cache``: a client or cache may keep the file but must revalidate it
+    every time (the timestamp changes when the vehicle's metadata does).
+    """
+    etag = etag_of(data)
+    headers = {"Cache-Control": "private, no-cache", "ETag": etag}
+    if _none_match(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
     media = "application/json" if filename.endswith(".json") else "application/octet-stream"
-    return Response(content=data, media_type=media, headers={"Cache-Control": "no-store"})
+    return Response(content=data, media_type=media, headers=headers)
 
 
 def app_from_env() -> FastAPI:

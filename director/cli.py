@@ -126,7 +126,17 @@ def init_director(
                 root.add_key(ref.public, role)
     _write_root_der(config, repo, config.root_keys)
     config.save()
+    _restrict_modes(config)
     return config
+
+
+def _restrict_modes(config: DirectorConfig) -> None:
+    """Keys private to the owner; no Director directory group/world writable, whatever the umask."""
+    import os
+
+    os.chmod(config.keys_dir, 0o700)
+    for d in (config.directory, config.root_dir):
+        os.chmod(d, d.stat().st_mode & 0o7755)
 
 
 def rotate_key(config: DirectorConfig, role: str) -> tuple[int, KeyRef]:
@@ -187,6 +197,9 @@ def cli() -> None:
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
 @click.option("--root-keys", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--root-threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option(
+    "--show-token", is_flag=True, help="Print the operator token (it is in director.json)."
+)
 def init_cmd(
     directory: Path,
     image_repo_url: str | None,
@@ -195,6 +208,7 @@ def init_cmd(
     port: int,
     root_keys: int,
     root_threshold: int,
+    show_token: bool = False,
 ) -> None:
     """Create Director keys, root metadata and config in DIRECTORY."""
     config = init_director(
@@ -207,7 +221,12 @@ def init_cmd(
         root_threshold=root_threshold,
     )
     click.echo(f"Director initialised in {directory} (root v1, database {config.db_url})")
-    click.echo(f"operator token: {config.token}")
+    if show_token:
+        click.echo(f"operator token: {config.token}")
+    else:
+        click.echo(
+            f"operator token: in {directory / CONFIG_FILE} (mode 0600; --show-token prints it)"
+        )
     click.echo("keep keys/root-*.pem offline; the server only needs the online keys")
 
 

@@ -15,6 +15,7 @@ are atomic across threads and processes.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -258,6 +259,27 @@ def make_engine(url: str) -> Engine:
     return create_engine(u, pool_pre_ping=True)
 
 
+def _private_file(database: str | None) -> None:
+    """Create a SQLite database file 0600 whatever the umask; never group/world writable.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & 0o022:
+            os.chmod(path, mode & 0o7755)
+        return
+    except FileNotFoundError:  # no such directory: SQLite reports it on connect
+        return
+    os.close(fd)
+    os.chmod(path, 0o600)  # O_CREAT's mode is masked by the umask
+
+
 _SQLITE_LOCKS: dict[str, threading.Lock] = {}
 _SQLITE_LOCKS_GUARD = threading.Lock()
 
@@ -270,6 +292,7 @@ class Database:
         self.engine = make_engine(url)
         self._sqlite_writer: threading.Lock | None = None
         if self.engine.dialect.name == "sqlite":
+            _private_file(self.engine.url.database)
             with _SQLITE_LOCKS_GUARD:
                 key = str(self.engine.url.database)
                 self._sqlite_writer = _SQLITE_LOCKS.setdefault(key, threading.Lock())

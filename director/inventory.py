@@ -28,7 +28,7 @@ from director.records import (
     VehicleStatus,
     _assignment_info,
 )
-from director.signing import DirectorRepository
+from director.signing import _IDENT_RE, DirectorRepository
 from uptane.errors import KeyLoadError, UptaneError
 from uptane.keys import public_key_dict, public_key_from_dict
 from uptane.metadata import check_identifier
@@ -78,6 +78,9 @@ class Inventory(DirectorRepository):
                 check_identifier(ecu.hardware_id, "hardware id")
         except UptaneError as e:
             raise InvalidRequestError(str(e)) from e
+        names = [vin, *(e.serial for e in ecus), *(e.hardware_id for e in ecus)]
+        if any(_IDENT_RE.match(name) is None for name in names):  # e.g. a trailing newline
+            raise InvalidRequestError("identifiers are letters, digits and ._:- only")
         if not 1 <= len(ecus) <= MAX_ECUS:
             raise InvalidRequestError(f"a vehicle needs 1-{MAX_ECUS} ECUs")
         if sum(1 for e in ecus if e.primary) != 1:

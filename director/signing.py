@@ -28,7 +28,7 @@ from tuf.api.serialization import DeserializationError
 from director.db import Assignment, Database, Ecu, MetadataFile, RootMetadata, Vehicle
 from director.errors import NotFoundError, NotInitialisedError, UnknownVehicleError
 from director.records import PENDING
-from director.store import FILENAME_RE, DBMetadataStore, latest_root, read_root_file
+from director.store import FILENAME_RE, DBMetadataStore, latest_root
 from uptane import der_metadata
 from uptane.errors import ConfigError
 from uptane.metadata import ECU_SERIAL, set_vehicle_id
@@ -40,8 +40,11 @@ logger = logging.getLogger("director.service")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 # Key of the PostgreSQL advisory lock that serializes root imports.
 _ROOT_LOCK = 0x5550_526F_6F74
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json\Z")
+# ``N.root.json`` / ``N.root.der`` / ``root.json``; versions are 32-bit columns
+_ROOT_NAME_RE = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z")
+_MAX_INT32 = 2**31 - 1
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
 # Statements of the check-in path, built once: a statement object memoises its
@@ -270,6 +273,8 @@ class DirectorRepository:
         if _IDENT_RE.match(vin) is None:
             raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
         version, role, ext = m.groups()
+        if version is not None and int(version) > _MAX_INT32:  # versions are 32-bit columns
+            raise NotFoundError(f"no metadata file {filename!r}")
         if role == Root.type:
             latest = select(func.max(RootMetadata.version)).scalar_subquery()
             col = RootMetadata.data if ext == "json" else RootMetadata.der
@@ -309,8 +314,19 @@ class DirectorRepository:
 
     def root_file(self, filename: str) -> bytes:
         """``N.root.json`` / ``N.root.der`` of the shared Director root chain."""
-        with self.db.transaction() as session:
-            data = read_root_file(session, filename)
+        m = _ROOT_NAME_RE.match(filename)
+        data = None
+        if m is not None:
+            version, ext = m.groups()
+            col = RootMetadata.data if ext == "json" else RootMetadata.der
+            wanted = (
+                select(func.max(RootMetadata.version)).scalar_subquery()
+                if version is None
+                else int(version)
+            )
+            if version is None or int(version) <= _MAX_INT32:
+                row = self.db.read_one(select(col).where(RootMetadata.version == wanted))
+                data = None if row is None or row[0] is None else bytes(row[0])
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data

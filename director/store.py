@@ -20,7 +20,7 @@ from director.db import MetadataFile, RootMetadata
 
 # What a vehicle's metadata URL may name (consistent snapshots; JSON and DER).
 FILENAME_RE: Final = re.compile(
-    r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.(json|der)$"
+    r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.(json|der)\Z"
 )
 
 
