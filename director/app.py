@@ -18,6 +18,7 @@ vehicles, assign images, list vehicles. Every request body is capped at
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -34,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from director.config import DEFAULT_MAX_BODY
+from director.config import DEFAULT_BODY_BUDGET, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY
 from director.errors import DirectorError
 from director.service import (
     AssignmentInfo,
@@ -299,13 +300,27 @@ class GuardMiddleware:
 
     The body is read here (at most ``max_body`` bytes, refused by
     Content-Length before reading and again while reading) and replayed to
-    the app, so no handler ever sees an oversized body.
+    the app, so no handler ever sees an oversized body. A body must arrive
+    within ``body_timeout`` seconds (408), and the bodies held by all
+    requests in flight in this process together stay under ``body_budget``
+    bytes (503 ``busy`` past it): slow or parallel uploads cannot grow the
+    server's memory without bound.
     """
 
-    def __init__(self, app: ASGIApp, token: str, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        max_body: int,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        body_budget: int = DEFAULT_BODY_BUDGET,
+    ) -> None:
         self.app = app
         self.token = token.encode("utf-8")
         self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.body_budget = body_budget
+        self.in_flight = 0  # body bytes held by requests of this process
 
     def authorized(self, scope: Scope) -> bool:
         for name, value in scope.get("headers", []):
@@ -335,36 +350,67 @@ class GuardMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    await _error(400, "malformed", "bad Content-Length")(scope, receive, send)
+                    await _error(400, "malformed", "bad Content-Length", _CLOSE)(
+                        scope, receive, send
+                    )
                     return
                 if length > self.max_body:
                     await _error(
-                        413, "too_large", f"body of {length} bytes is over {self.max_body}"
+                        413, "too_large", f"body of {length} bytes is over {self.max_body}", _CLOSE
                     )(scope, receive, send)
                     return
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                await _error(413, "too_large", f"body is over {self.max_body} bytes")(
-                    scope, receive, send
+        held = 0
+        try:
+            refusal: JSONResponse | None = None
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return
+                        chunk = message.get("body", b"")
+                        body += chunk
+                        held += len(chunk)
+                        self.in_flight += len(chunk)
+                        if len(body) > self.max_body:
+                            refusal = _error(
+                                413, "too_large", f"body is over {self.max_body} bytes", _CLOSE
+                            )
+                            break
+                        if self.in_flight > self.body_budget:
+                            refusal = _error(
+                                503, "busy", "too many request bodies in flight", _RETRY
+                            )
+                            break
+                        if not message.get("more_body", False):
+                            break
+            except TimeoutError:
+                refusal = _error(
+                    408, "timeout", f"body not received within {self.body_timeout:g} s", _CLOSE
                 )
+            if refusal is not None:
+                del body[:]
+                await refusal(scope, receive, send)
                 return
-            if not message.get("more_body", False):
-                break
-        delivered = False
+            delivered = False
 
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= held
+
+
+# Refusals before the whole body is read end the connection (the rest of the
+# body would otherwise be parsed as the next request).
+_CLOSE = {"Connection": "close"}
+_RETRY = {"Connection": "close", "Retry-After": "1"}
 
 
 IfNoneMatch = Annotated[str | None, Header(max_length=1000, description="ETag(s) the client holds")]
@@ -372,7 +418,14 @@ IfNoneMatch = Annotated[str | None, Header(max_length=1000, description="ETag(s)
 _bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
 
 
-def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(
+    director: Director,
+    token: str,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    body_budget: int = DEFAULT_BODY_BUDGET,
+) -> FastAPI:
     """The Director ASGI app; OpenAPI schema at ``/openapi.json``."""
     if len(token) < 16:
         raise ConfigError("the operator token must be at least 16 characters")
@@ -580,7 +633,13 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         """The latest operator actions on checks (newest first)."""
         return [AuditOut.of(a) for a in director.audit_log()]
 
-    app.add_middleware(GuardMiddleware, token=token, max_body=max_body)
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body=max_body,
+        body_timeout=body_timeout,
+        body_budget=body_budget,
+    )
     return app
 
 
@@ -629,4 +688,13 @@ def app_from_env() -> FastAPI:
     if os.environ.get("UPTANE_DIRECTOR_DB"):
         config.db_url = os.environ["UPTANE_DIRECTOR_DB"]
     director = Director.from_config(config)
-    return create_app(director, config.token, max_body=config.max_body)
+    from director.server import DirectorProtocol
+
+    DirectorProtocol.configure(config.connection_limits())
+    return create_app(
+        director,
+        config.token,
+        max_body=config.max_body,
+        body_timeout=config.body_timeout,
+        body_budget=config.body_budget,
+    )
