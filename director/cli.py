@@ -432,3 +432,28 @@ def reset_counter_cmd(
         director.close()
     previous = entry.detail.get("previous_counter")
     click.echo(f"{vin} {serial}: report counter reset (was {previous}); audit entry {entry.id}")
+
+
+@cli.command("import")
+@_dir_option
+@_db_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True)
+def import_cmd(directory: Path, db_url: str | None, file: Path, batch: int) -> None:
+    """Register the vehicles of FILE (.csv or .json) in batches; safe to run again."""
+    from director.bulk import load_vehicles
+
+    records = load_vehicles(file)
+    director = Director.from_config(_load(directory, db_url))
+    try:
+        result = director.import_vehicles(records, batch=batch)
+    finally:
+        director.close()
+    click.echo(
+        f"{result.added} vehicles registered, {result.unchanged} already there, "
+        f"{len(result.conflicts)} conflicts"
+    )
+    for conflict in result.conflicts[:20]:
+        click.echo(f"conflict: {conflict}")
+    if result.conflicts:
+        raise SystemExit(1)

@@ -112,7 +112,7 @@ class Inventory(DirectorRepository):
                     )
                 session.add(vehicle)
                 session.flush()
-                self._sign_vehicle(session, vehicle, now)
+                self._sign_vehicle(session, vehicle, now, new=True)
                 status = self._statuses(session, [vehicle])[0]
         except IntegrityError as e:  # a concurrent registration won the race
             raise AlreadyRegisteredError(f"vehicle {vin!r} or one of its ECUs exists") from e

@@ -24,10 +24,11 @@ from datetime import timedelta
 from securesystemslib.signer import Signer
 
 from director.assignments import Assignments, ImageLookup
+from director.bulk import BulkImport, ImportResult, VehicleRecord
 from director.config import DEFAULT_REPORT_TIME_TOLERANCE, DirectorConfig
 from director.db import Database
 from director.intake import ManifestIntake
-from director.inventory import MAX_ECUS, Inventory, check_ecu_key
+from director.inventory import MAX_ECUS, check_ecu_key
 from director.records import (
     INSTALLED,
     PENDING,
@@ -59,14 +60,16 @@ __all__ = [
     "EcuSpec",
     "EcuStatus",
     "ImageLookup",
+    "ImportResult",
     "InstallResultInfo",
     "ManifestReceipt",
+    "VehicleRecord",
     "VehicleStatus",
     "check_ecu_key",
 ]
 
 
-class Director(Inventory, Assignments, ManifestIntake):
+class Director(BulkImport, Assignments, ManifestIntake):
     """The Director repository and inventory (DESIGN 6), without HTTP.
 
     ``signers`` are the online keys (targets, snapshot, timestamp); root keys

@@ -207,10 +207,22 @@ class DirectorRepository:
             now,
         )
 
-    def _sign_vehicle(self, session: Session, vehicle: Vehicle, now: datetime) -> None:
-        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2)."""
-        root_version, root = self._current_root(session)
-        store = DBMetadataStore(session, vehicle.id, now)
+    def _sign_vehicle(
+        self,
+        session: Session,
+        vehicle: Vehicle,
+        now: datetime,
+        *,
+        new: bool = False,
+        current_root: tuple[int, Root] | None = None,
+    ) -> None:
+        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2).
+
+        ``new``: the vehicle was just added (no files, no assignments yet);
+        ``current_root``: ``_current_root(session)`` if the caller has it.
+        """
+        root_version, root = current_root or self._current_root(session)
+        store = DBMetadataStore(session, vehicle.id, now, new=new, buffered=True)
         e = self.metadata_expiry
         repo = SigningRepository(
             store=store,
@@ -218,12 +230,16 @@ class DirectorRepository:
             expiry=ExpiryPolicy(targets=e, snapshot=e, timestamp=e),
             clock=lambda: now,
         )
-        pending = session.execute(
-            select(Assignment, Ecu.serial)
-            .join(Ecu, Assignment.ecu_id == Ecu.id)
-            .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
-            .order_by(Assignment.id)
-        ).all()
+        pending = (
+            []
+            if new
+            else session.execute(
+                select(Assignment, Ecu.serial)
+                .join(Ecu, Assignment.ecu_id == Ecu.id)
+                .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
+                .order_by(Assignment.id)
+            ).all()
+        )
         with repo.edit_targets() as targets:
             targets.targets = {}
             for a, serial in pending:
@@ -254,6 +270,7 @@ class DirectorRepository:
         # keep the previous version for clients that fetched the old timestamp
         store.prune(Targets.type, version - 1)
         store.prune(Snapshot.type, snapshot_version - 1)
+        store.flush()
 
         vehicle.targets_version = version
         vehicle.root_version = root_version
