@@ -505,6 +505,11 @@ def create_app(
         304: {"description": "Not modified: the `If-None-Match` tag is the current ETag"},
     }
 
+    @app.get("/health", tags=["vehicle"])
+    async def health() -> Response:
+        """Liveness for load balancers: answers without touching the database."""
+        return Response(b'{"ok":true}', media_type="application/json")
+
     # --- vehicle API ---
 
     @app.get(

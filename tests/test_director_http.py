@@ -139,3 +139,8 @@ def test_refused_manifests_are_logged_in_one_line(
     assert "\n" not in lines[0]
     assert f"vin='{car.vin}'" in lines[0] and "reason=malformed" in lines[0]
     assert env.config.token not in lines[0]
+
+
+def test_health_endpoint_for_load_balancers(env: Env) -> None:
+    r = env.http.get("/health")
+    assert (r.status_code, r.json()) == (200, {"ok": True})
