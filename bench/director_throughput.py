@@ -425,16 +425,14 @@ def main() -> None:
             port = server.port
             round_no = 0 if workers == 1 else 1
 
-            def checkins(rnd: int) -> list[dict[str, Any]]:
+            def checkins(rnd: int, port: int) -> list[dict[str, Any]]:
                 batch = [
                     (vin, m)
                     for k in range(args.rounds)
                     for vin, ms in manifests.items()
                     for m in [ms[rnd * args.rounds + k]]
                 ]
-                return [
-                    {"kind": "checkin", "port": server.port, "manifests": b} for b in split(batch)
-                ]
+                return [{"kind": "checkin", "port": port, "manifests": b} for b in split(batch)]
 
             # warm up: every worker, every statement; learn the sample's ETags
             run_clients(server, [{"kind": "trivial", "port": port, "count": 200}] * n)
@@ -461,7 +459,7 @@ def main() -> None:
                     f"endpoint x2 {2 * trivial_per_request * 1000:.3f} ms; "
                     f"ratio={2 * trivial_per_request / poll:.3f}"
                 )
-            ops, wall, cpu, _ = run_clients(server, checkins(round_no))
+            ops, wall, cpu, _ = run_clients(server, checkins(round_no, port))
             if workers == 1:
                 sig = signature_cpu_per_checkin(
                     [(keys[f"{vin}-0"], ms[0]) for vin, ms in manifests.items()], keys
