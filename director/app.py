@@ -18,8 +18,6 @@ vehicles, assign images, list vehicles. Every request body is capped at
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -33,10 +31,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from director.config import DEFAULT_BODY_BUDGET, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY
 from director.errors import DirectorError
+from director.http_layer import (
+    GuardMiddleware,
+    MetadataFastPath,
+    error_response,
+    file_response,
+)
 from director.service import (
     AssignmentInfo,
     AuditInfo,
@@ -66,12 +69,6 @@ MANIFEST_STATUS: dict[str, int] = {
 }
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-
-
-def _error(
-    status: int, reason: str, detail: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
 # --- request / response bodies ------------------------------------------------
@@ -292,127 +289,6 @@ _MANIFEST_SCHEMA: dict[str, Any] = {
 }
 
 
-# --- body cap + operator auth (pure ASGI, before any body is parsed) -----------
-
-
-class GuardMiddleware:
-    """Caps request bodies and refuses operator paths without the bearer token.
-
-    The body is read here (at most ``max_body`` bytes, refused by
-    Content-Length before reading and again while reading) and replayed to
-    the app, so no handler ever sees an oversized body. A body must arrive
-    within ``body_timeout`` seconds (408), and the bodies held by all
-    requests in flight in this process together stay under ``body_budget``
-    bytes (503 ``busy`` past it): slow or parallel uploads cannot grow the
-    server's memory without bound.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        token: str,
-        max_body: int,
-        body_timeout: float = DEFAULT_BODY_TIMEOUT,
-        body_budget: int = DEFAULT_BODY_BUDGET,
-    ) -> None:
-        self.app = app
-        self.token = token.encode("utf-8")
-        self.max_body = max_body
-        self.body_timeout = body_timeout
-        self.body_budget = body_budget
-        self.in_flight = 0  # body bytes held by requests of this process
-
-    def authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, credential = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(
-                    credential.strip(), self.token
-                )
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope.get("path", "")
-        if (path == "/api" or path.startswith("/api/")) and not self.authorized(scope):
-            resp = _error(
-                401,
-                "unauthorized",
-                "operator API needs a bearer token",
-                {"WWW-Authenticate": "Bearer"},
-            )
-            await resp(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _error(400, "malformed", "bad Content-Length", _CLOSE)(
-                        scope, receive, send
-                    )
-                    return
-                if length > self.max_body:
-                    await _error(
-                        413, "too_large", f"body of {length} bytes is over {self.max_body}", _CLOSE
-                    )(scope, receive, send)
-                    return
-        body = bytearray()
-        held = 0
-        try:
-            refusal: JSONResponse | None = None
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    while True:
-                        message = await receive()
-                        if message["type"] == "http.disconnect":
-                            return
-                        chunk = message.get("body", b"")
-                        body += chunk
-                        held += len(chunk)
-                        self.in_flight += len(chunk)
-                        if len(body) > self.max_body:
-                            refusal = _error(
-                                413, "too_large", f"body is over {self.max_body} bytes", _CLOSE
-                            )
-                            break
-                        if self.in_flight > self.body_budget:
-                            refusal = _error(
-                                503, "busy", "too many request bodies in flight", _RETRY
-                            )
-                            break
-                        if not message.get("more_body", False):
-                            break
-            except TimeoutError:
-                refusal = _error(
-                    408, "timeout", f"body not received within {self.body_timeout:g} s", _CLOSE
-                )
-            if refusal is not None:
-                del body[:]
-                await refusal(scope, receive, send)
-                return
-            delivered = False
-
-            async def replay() -> Message:
-                nonlocal delivered
-                if not delivered:
-                    delivered = True
-                    return {"type": "http.request", "body": bytes(body), "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send)
-        finally:
-            self.in_flight -= held
-
-
-# Refusals before the whole body is read end the connection (the rest of the
-# body would otherwise be parsed as the next request).
-_CLOSE = {"Connection": "close"}
-_RETRY = {"Connection": "close", "Retry-After": "1"}
-
-
 IfNoneMatch = Annotated[str | None, Header(max_length=1000, description="ETag(s) the client holds")]
 
 _bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
@@ -447,7 +323,7 @@ def create_app(
             raise StarletteHTTPException(401, "operator API needs a bearer token")
 
     @app.exception_handler(ManifestError)
-    async def _manifest_error(request: Request, exc: ManifestError) -> JSONResponse:
+    async def _manifesterror_response(request: Request, exc: ManifestError) -> JSONResponse:
         status = MANIFEST_STATUS.get(exc.reason, 400)
         # one line, only what the request itself carried (no tokens, no keys)
         vin = str(request.path_params.get("vin", ""))[:130]
@@ -461,32 +337,34 @@ def create_app(
             exc.reason,
             detail,
         )
-        return _error(status, exc.reason, str(exc))
+        return error_response(status, exc.reason, str(exc))
 
     @app.exception_handler(DirectorError)
-    async def _director_error(request: Request, exc: DirectorError) -> JSONResponse:
-        return _error(exc.status, exc.reason, str(exc))
+    async def _directorerror_response(request: Request, exc: DirectorError) -> JSONResponse:
+        return error_response(exc.status, exc.reason, str(exc))
 
     @app.exception_handler(UptaneError)
-    async def _uptane_error(request: Request, exc: UptaneError) -> JSONResponse:
-        return _error(400, "invalid_request", str(exc))
+    async def _uptaneerror_response(request: Request, exc: UptaneError) -> JSONResponse:
+        return error_response(400, "invalid_request", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validationerror_response(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
-        return _error(422, "malformed", json.dumps(errors)[:2000])
+        return error_response(422, "malformed", json.dumps(errors)[:2000])
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
         headers = dict(exc.headers or {})  # e.g. Allow on a 405 (RFC 9110 15.5.6)
         if exc.status_code == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return _error(exc.status_code, reason, str(exc.detail), headers or None)
+        return error_response(exc.status_code, reason, str(exc.detail), headers or None)
 
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 502, 503)
@@ -524,12 +402,12 @@ def create_app(
         ``ETag``; ``If-None-Match`` with that tag answers 304 without a body.
         """
         data = director.metadata(vin, filename)
-        return _file_response(filename, data, if_none_match)
+        return file_response(filename, data, if_none_match)
 
     @app.get("/root/{filename}", tags=["vehicle"], responses=file_responses)
     def root_metadata(filename: str, if_none_match: IfNoneMatch = None) -> Response:
         """The shared Director root chain: ``N.root.json`` / ``N.root.der``."""
-        return _file_response(filename, director.root_file(filename), if_none_match)
+        return file_response(filename, director.root_file(filename), if_none_match)
 
     @app.put(
         "/vehicles/{vin}/manifest",
@@ -645,37 +523,8 @@ def create_app(
         body_timeout=body_timeout,
         body_budget=body_budget,
     )
+    app.add_middleware(MetadataFastPath, director=director)
     return app
-
-
-def etag_of(data: bytes) -> str:
-    """The strong entity tag of a metadata file's bytes (RFC 9110 8.8.3)."""
-    return '"' + hashlib.blake2b(data, digest_size=16).hexdigest() + '"'
-
-
-def _none_match(if_none_match: str | None, etag: str) -> bool:
-    """Whether ``If-None-Match`` names ``etag`` (weak comparison, RFC 9110 13.1.2)."""
-    if not if_none_match:
-        return False
-    for tag in if_none_match.split(","):
-        tag = tag.strip()
-        if tag == "*" or tag.removeprefix("W/") == etag:
-            return True
-    return False
-
-
-def _file_response(filename: str, data: bytes, if_none_match: str | None = None) -> Response:
-    """The file's bytes with an ``ETag``, or ``304 Not Modified`` if the client has them.
-
-    ``no-cache``: a client or cache may keep the file but must revalidate it
-    every time (the timestamp changes when the vehicle's metadata does).
-    """
-    etag = etag_of(data)
-    headers = {"Cache-Control": "private, no-cache", "ETag": etag}
-    if _none_match(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    media = "application/json" if filename.endswith(".json") else "application/octet-stream"
-    return Response(content=data, media_type=media, headers=headers)
 
 
 def app_from_env() -> FastAPI:

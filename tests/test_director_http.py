@@ -18,7 +18,7 @@ from test_director import (  # noqa: F401  (fixtures)
     register,
 )
 
-from director.app import etag_of
+from director.http_layer import etag_of
 
 FILES = ("timestamp.json", "1.snapshot.json", "1.targets.json", "targets.der", "1.root.der")
 
