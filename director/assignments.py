@@ -235,8 +235,11 @@ class Assignments(DirectorRepository):
                 session.add(a)
                 created.append((a, vehicle.vin, ecu.serial))
             session.flush()
+            root_files: dict[str, bytes | None] = {}
             for vin in vehicle_vins:
-                self._sign_vehicle(session, vehicles[vin], now, current_root=current_root)
+                self._sign_vehicle(
+                    session, vehicles[vin], now, current_root=current_root, root_files=root_files
+                )
             infos = [_assignment_info(a, vin, serial) for a, vin, serial in created]
         logger.info("assigned %s to %d ECUs", image, len(infos))
         return infos

@@ -226,8 +226,16 @@ class BulkImport(Inventory):
                     session.add(vehicle)
                     fresh.append(vehicle)
                 session.flush()
+                root_files: dict[str, bytes | None] = {}
                 for vehicle in fresh:
-                    self._sign_vehicle(session, vehicle, now, new=True, current_root=current_root)
+                    self._sign_vehicle(
+                        session,
+                        vehicle,
+                        now,
+                        new=True,
+                        current_root=current_root,
+                        root_files=root_files,
+                    )
                 result.added += len(fresh)
         logger.info(
             "imported %d vehicles (%d unchanged, %d conflicts)",

@@ -215,14 +215,16 @@ class DirectorRepository:
         *,
         new: bool = False,
         current_root: tuple[int, Root] | None = None,
+        root_files: dict[str, bytes | None] | None = None,
     ) -> None:
         """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2).
 
         ``new``: the vehicle was just added (no files, no assignments yet);
-        ``current_root``: ``_current_root(session)`` if the caller has it.
+        ``current_root``: ``_current_root(session)`` if the caller has it;
+        ``root_files``: root files already read in this transaction (filled in).
         """
         root_version, root = current_root or self._current_root(session)
-        store = DBMetadataStore(session, vehicle.id, now, new=new, buffered=True)
+        store = DBMetadataStore(session, vehicle.id, now, new=new, buffered=True, roots=root_files)
         e = self.metadata_expiry
         repo = SigningRepository(
             store=store,

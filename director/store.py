@@ -59,6 +59,7 @@ class DBMetadataStore:
         *,
         new: bool = False,
         buffered: bool = False,
+        roots: dict[str, bytes | None] | None = None,
     ) -> None:
         self.session = session
         self.buffered = buffered
@@ -72,7 +73,8 @@ class DBMetadataStore:
                 )
             )
             self._files = {name: bytes(data) for name, data in rows}
-        self._roots: dict[str, bytes | None] = {}
+        # root files read in this transaction (may be shared by several stores)
+        self._roots: dict[str, bytes | None] = {} if roots is None else roots
         self._changed: set[str] = set()
         self._removed: set[str] = set()
 
