@@ -1,27 +1,38 @@
-"""Director check-in throughput against the bare signature work (DESIGN 6, 9).
+"""Director cost per operation, measured as the SERVER processes' CPU time (DESIGN 6, 9).
 
-Starts an Image repository (static HTTP) and a Director (`uptane director
-serve`, its own process) on loopback, registers N simulated vehicles of 5 ECUs
-each (ed25519 keys), assigns each vehicle an image, and drives every vehicle
-through R check-ins: PUT a signed vehicle version manifest (5 signed ECU
-version reports), then refresh its Director metadata (timestamp, snapshot,
-targets). Manifests are signed before the clock starts, so the figure is the
-Director's work plus HTTP.
+Starts an Image repository (static HTTP) and the Director (`uptane director
+serve`, its own process tree) on loopback over PostgreSQL (a fresh schema),
+registers a fleet of ``--fleet`` vehicles with the bulk import, and drives the
+server from separate client processes. The Director's CPU time is read from
+the OS (``/proc``, user + system, every process of the server's tree), so the
+clients' own CPU does not count; a 2-core machine cannot show the server's
+cost through wall-clock throughput while the clients share the cores.
 
-The baseline, in this process, is the bare signature verification one
-check-in needs (1 primary + 5 ECU ed25519 signatures). The last line is
-``ratio=<check-ins per second / bare verifications per second>``.
+Figures (each against a baseline measured in the same run):
 
-    .venv/bin/python bench/director_throughput.py --vehicles 20 [--db URL]
+- ``poll``: a poll that changed nothing, as a primary makes it with
+  conditional requests: ``GET N+1.root.json`` (404) and ``GET
+  timestamp.json`` with ``If-None-Match`` (304). ``ratio`` = server CPU of
+  the same number of requests to a trivial endpoint (``/health``, same HTTP
+  stack) / server CPU of the poll (goal >= 0.5).
+- ``manifest``: a check-in with a new manifest (PUT of a signed vehicle
+  version manifest of 5 ECU reports, then the poll). ``ratio`` = CPU of the
+  check-in's signature work (1 + 5 ed25519 verifications, measured here) /
+  server CPU of the check-in (goal >= 0.5).
+- check-ins/s (wall clock, clients on the same cores) with 1 and 2 workers.
+
+    .venv/bin/python bench/director_throughput.py [--fleet 10000] [--db URL]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import http.client
 import http.server
-import json
+import multiprocessing as mp
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,30 +42,53 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-from securesystemslib.signer import CryptoSigner, Key
+from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tuf.api.metadata import TargetFile
 
 from director.cli import init_director
-from uptane.keys import public_key_dict
-from uptane.manifest import (
-    EcuVersionReport,
-    SignedEcuVersionReport,
-    SignedVehicleManifest,
-    VehicleVersionManifest,
-)
+from director.service import Director, EcuSpec, VehicleRecord
+from uptane.manifest import EcuVersionReport, SignedEcuVersionReport, VehicleVersionManifest
 from uptane.metadata import build_custom
 from uptane.repository import DirectoryStore, SigningRepository
 
 ECUS_PER_VEHICLE = 5
+DEFAULT_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+# --- the server's CPU time, from the OS ------------------------------------------
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+        todo.extend(children.get(p, []))
+    return total
+
+
+# --- setup --------------------------------------------------------------------------
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -86,54 +120,6 @@ def image_repository(directory: Path) -> tuple[str, bytes, http.server.Threading
     return f"http://127.0.0.1:{server.server_address[1]}", root_bytes, server
 
 
-@dataclass
-class Vehicle:
-    vin: str
-    signers: dict[str, CryptoSigner]
-    hardware: dict[str, str]
-    manifests: list[bytes] = field(default_factory=list)
-
-    @property
-    def primary(self) -> str:
-        return f"{self.vin}-0"
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "vin": self.vin,
-            "ecus": [
-                {
-                    "serial": serial,
-                    "hardware_id": self.hardware[serial],
-                    "public_key": public_key_dict(signer.public_key),
-                    "primary": serial == self.primary,
-                }
-                for serial, signer in self.signers.items()
-            ],
-        }
-
-    def sign_rounds(self, rounds: int) -> None:
-        now = datetime.now(UTC).replace(microsecond=0)
-        for counter in range(1, rounds + 1):
-            reports = {
-                serial: SignedEcuVersionReport.sign(
-                    EcuVersionReport(serial, self.hardware[serial], None, counter, now), signer
-                )
-                for serial, signer in self.signers.items()
-            }
-            manifest = VehicleVersionManifest(self.vin, self.primary, reports)
-            self.manifests.append(manifest.sign(self.signers[self.primary]))
-
-
-def new_vehicle(i: int) -> Vehicle:
-    vin = f"BENCH{i:06d}"
-    serials = [f"{vin}-{k}" for k in range(ECUS_PER_VEHICLE)]
-    hardware = {
-        s: ("gateway" if k == 0 else "bench-hw" if k == 1 else f"hw-{k}")
-        for k, s in enumerate(serials)
-    }
-    return Vehicle(vin, {s: CryptoSigner.generate_ed25519() for s in serials}, hardware)
-
-
 def fresh_postgres_schema(url: str) -> tuple[str, str]:
     """A new schema in the PostgreSQL database ``url`` names; returns (url, schema)."""
     schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -155,165 +141,346 @@ def drop_postgres_schema(url: str, schema: str) -> None:
     engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def active_vehicle(i: int) -> tuple[VehicleRecord, dict[str, CryptoSigner]]:
+    """A vehicle whose keys the bench holds: it sends manifests."""
+    vin = f"ACTIVE{i:06d}"
+    signers = {f"{vin}-{k}": CryptoSigner.generate_ed25519() for k in range(ECUS_PER_VEHICLE)}
+    ecus = tuple(
+        EcuSpec(
+            s, "gateway" if k == 0 else "bench-hw" if k == 1 else f"hw-{k}", sg.public_key, k == 0
+        )
+        for k, (s, sg) in enumerate(signers.items())
+    )
+    return VehicleRecord(vin, ecus), signers
 
 
-def client(url: str, token: str | None = None) -> httpx.Client:
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url, timeout=60, transport=transport, headers=headers)
+def filler_fleet(n: int) -> list[VehicleRecord]:
+    """The rest of the registered fleet (2 ECUs each; keys shared, never used to sign)."""
+    keys = [CryptoSigner.generate_ed25519().public_key for _ in range(2)]
+    return [
+        VehicleRecord(
+            f"FLEET{i:07d}",
+            (
+                EcuSpec(f"FLEET{i:07d}-0", "gateway", keys[0], True),
+                EcuSpec(f"FLEET{i:07d}-1", "bench-hw", keys[1]),
+            ),
+        )
+        for i in range(n)
+    ]
 
 
-def check_in(http: httpx.Client, vehicle: Vehicle, manifest: bytes) -> None:
-    """One vehicle cycle: manifest upload, then the Director metadata a client fetches."""
-    r = http.put(f"/vehicles/{vehicle.vin}/manifest", content=manifest)
-    if r.status_code != 200:
-        raise RuntimeError(f"{vehicle.vin}: manifest refused: {r.text}")
-    base = f"/vehicles/{vehicle.vin}/metadata"
-    ts = http.get(f"{base}/timestamp.json")
-    snapshot_version = json.loads(ts.content)["signed"]["meta"]["snapshot.json"]["version"]
-    snap = http.get(f"{base}/{snapshot_version}.snapshot.json")
-    targets_version = json.loads(snap.content)["signed"]["meta"]["targets.json"]["version"]
-    targets = http.get(f"{base}/{targets_version}.targets.json")
-    if targets.status_code != 200:
-        raise RuntimeError(f"{vehicle.vin}: no targets: {targets.text}")
+def sign_manifests(
+    vin: str, signers: dict[str, CryptoSigner], first: int, count: int
+) -> list[bytes]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    serials = list(signers)
+    out = []
+    for counter in range(first, first + count):
+        reports = {
+            s: SignedEcuVersionReport.sign(
+                EcuVersionReport(
+                    s,
+                    "gateway" if k == 0 else "bench-hw" if k == 1 else f"hw-{k}",
+                    None,
+                    counter,
+                    now,
+                ),
+                signers[s],
+            )
+            for k, s in enumerate(serials)
+        }
+        out.append(VehicleVersionManifest(vin, serials[0], reports).sign(signers[serials[0]]))
+    return out
 
 
-def bare_verification_rate(vehicles: list[Vehicle], min_seconds: float = 1.0) -> float:
-    """Check-ins per second if a check-in cost only its 6 signature verifications."""
-    work: list[tuple[Key, Any, bytes]] = []
-    for v in vehicles:
-        keys = {s: signer.public_key for s, signer in v.signers.items()}
-        for data in v.manifests:
-            parsed = SignedVehicleManifest.from_bytes(data)
-            work.append((keys[v.primary], parsed.signatures[0], parsed.signed_bytes))
-            for serial, report in parsed.manifest.reports.items():
-                work.append((keys[serial], report.signatures[0], report.report_der))
-    checkins = sum(len(v.manifests) for v in vehicles)
+# --- the server --------------------------------------------------------------------
+
+
+class Server:
+    """``uptane director serve`` in its own process group."""
+
+    def __init__(self, directory: Path, db_url: str, workers: int, log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uptane.cli",
+                "director",
+                "serve",
+                "--dir",
+                str(directory),
+                "--db",
+                db_url,
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    c.close()
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not start")
+            time.sleep(0.2)
+
+    def cpu(self) -> float:
+        return tree_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+# --- clients (separate processes) ---------------------------------------------------
+
+
+def _read(conn: http.client.HTTPConnection) -> tuple[int, bytes, str | None]:
+    r = conn.getresponse()
+    return r.status, r.read(), r.getheader("etag")
+
+
+def _poll(conn: http.client.HTTPConnection, vin: str, etag: str | None) -> str | None:
+    """A no-change poll: the next root (404), then the timestamp, conditionally."""
+    base = f"/vehicles/{vin}/metadata"
+    conn.request("GET", f"{base}/2.root.json")
+    status, _, _ = _read(conn)
+    if status != 404:
+        raise RuntimeError(f"{vin}: 2.root.json answered {status}")
+    headers = {"If-None-Match": etag} if etag else {}
+    conn.request("GET", f"{base}/timestamp.json", headers=headers)
+    status, _, new_etag = _read(conn)
+    if status not in (200, 304):
+        raise RuntimeError(f"{vin}: timestamp answered {status}")
+    return new_etag
+
+
+def _client(job: dict[str, Any], start: Any, results: Any) -> None:
+    """One client process: runs ``job`` on one keep-alive connection after ``start``."""
+    conn = http.client.HTTPConnection("127.0.0.1", job["port"], timeout=60)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    etags: dict[str, str | None] = dict(job.get("etags", {}))
+    start.wait()
     done = 0
-    start = time.perf_counter()
-    while True:
+    t0 = time.perf_counter()
+    if job["kind"] == "trivial":
+        for _ in range(job["count"]):
+            conn.request("GET", "/health")
+            _read(conn)
+            done += 1
+    elif job["kind"] == "poll":
+        for vin in job["vins"]:
+            etags[vin] = _poll(conn, vin, etags.get(vin))
+            done += 1
+    elif job["kind"] == "checkin":
+        for vin, manifest in job["manifests"]:
+            conn.request(
+                "PUT",
+                f"/vehicles/{vin}/manifest",
+                body=manifest,
+                headers={"Content-Type": "application/json"},
+            )
+            status, body, _ = _read(conn)
+            if status != 200:
+                raise RuntimeError(f"{vin}: manifest refused: {body[:300]!r}")
+            etags[vin] = _poll(conn, vin, etags.get(vin))
+            done += 1
+    results.put((done, time.perf_counter() - t0, etags))
+    conn.close()
+
+
+def run_clients(server: Server, jobs: Sequence[dict[str, Any]]) -> tuple[int, float, float, dict]:
+    """Run ``jobs`` in client processes at once; (operations, wall s, server CPU s, etags)."""
+    ctx = mp.get_context("fork")
+    start = ctx.Event()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(j, start, results)) for j in jobs]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # every client connected and waiting
+    cpu0 = server.cpu()
+    t0 = time.perf_counter()
+    start.set()
+    done, etags = 0, {}
+    for _ in procs:
+        n, _, e = results.get(timeout=600)
+        done += n
+        etags.update(e)
+    wall = time.perf_counter() - t0
+    cpu = server.cpu() - cpu0
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"a client failed (exit {p.exitcode})")
+    return done, wall, cpu, etags
+
+
+def signature_cpu_per_checkin(manifests: list[tuple[Key, bytes]], keys: dict[str, Key]) -> float:
+    """CPU seconds of one check-in's signature work: 1 + 5 ed25519 verifications."""
+    from director.envelope import ManifestEnvelope
+    from uptane import codec
+
+    work: list[tuple[Key, Signature, bytes]] = []
+    for primary_key, data in manifests:
+        env = ManifestEnvelope.from_bytes(data, 1_000_000)
+        from securesystemslib.formats import encode_canonical
+
+        signed = (encode_canonical(env.signed) or "").encode()
+        work.append((primary_key, env.signatures[0], signed))
+        import base64
+
+        for serial, text_ in env.reports.items():
+            value = codec.decode("SignedEcuVersionReport", base64.b64decode(text_))
+            sig = value["signatures"][0]
+            work.append(
+                (
+                    keys[serial],
+                    Signature(sig["keyid"], bytes(sig["value"]).hex()),
+                    bytes(value["report"]),
+                )
+            )
+    t0 = time.process_time()
+    rounds = 0
+    while time.process_time() - t0 < 1.0:
         for key, sig, data in work:
             key.verify_signature(sig, data)
-        done += checkins
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return done / elapsed
+        rounds += 1
+    return (time.process_time() - t0) / (rounds * len(manifests))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vehicles", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5, help="check-ins per vehicle")
-    parser.add_argument("--concurrency", type=int, default=4, help="vehicles checking in at once")
-    parser.add_argument("--workers", type=int, default=1, help="Director app processes")
-    parser.add_argument("--db", default=None, help="database URL (default: SQLite in a temp dir)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--fleet", type=int, default=10_000, help="registered vehicles")
+    parser.add_argument("--active", type=int, default=40, help="vehicles sending manifests")
+    parser.add_argument("--rounds", type=int, default=10, help="manifests per active vehicle")
+    parser.add_argument("--polls", type=int, default=2000, help="no-change polls measured")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--db", default=DEFAULT_DB, help="PostgreSQL URL (a schema is made)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="director-bench-"))
     image_url, image_root, image_server = image_repository(tmp / "image")
     (tmp / "image-root.json").write_bytes(image_root)
-    db_url, schema = args.db or "", None
-    if db_url and make_url(db_url).get_backend_name() == "postgresql":
-        db_url, schema = fresh_postgres_schema(db_url)
+    db_url, schema = fresh_postgres_schema(args.db)
     config = init_director(
         tmp / "director",
         image_repo_url=image_url,
         image_repo_root=tmp / "image-root.json",
         db_url=db_url,
     )
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uptane.cli",
-            "director",
-            "serve",
-            "--dir",
-            str(tmp / "director"),
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    servers: list[Server] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {(tmp / 'server.log').read_text()}")
-            try:
-                httpx.get(f"{url}/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start") from None
-                time.sleep(0.1)
+        director = Director.from_config(config)
+        actives = [active_vehicle(i) for i in range(args.active)]
+        t0 = time.perf_counter()
+        result = director.import_vehicles(
+            [r for r, _ in actives] + filler_fleet(args.fleet - args.active), batch=500
+        )
+        imported = time.perf_counter() - t0
+        director.assign("bench-app.wasm", hardware_id="bench-hw", vins=[r.vin for r, _ in actives])
+        director.close()
+        print(
+            f"setup: {result.added} vehicles imported in {imported:.1f} s "
+            f"({imported / max(1, result.added) * 1000:.1f} ms/vehicle, PostgreSQL, batches of 500)"
+        )
+        keys = {e.serial: e.public_key for r, _ in actives for e in r.ecus}
+        manifests = {
+            r.vin: sign_manifests(r.vin, signers, 1, 3 * args.rounds) for r, signers in actives
+        }
+        all_vins = [f"FLEET{i:07d}" for i in range(args.fleet - args.active)]
+        rng = random.Random(1)
+        sample = rng.sample(all_vins, min(len(all_vins), args.polls))
+        n = args.clients
 
-        vehicles = [new_vehicle(i) for i in range(args.vehicles)]
-        with client(url, config.token) as op:
-            for v in vehicles:
-                r = op.post("/api/vehicles", json=v.body())
-                r.raise_for_status()
-            r = op.post(
-                "/api/assignments", json={"image": "bench-app.wasm", "hardware_id": "bench-hw"}
+        def split(items: list[Any]) -> list[list[Any]]:
+            return [items[i::n] for i in range(n)]
+
+        log = tmp / "server.log"
+        for workers in (1, 2):
+            server = Server(tmp / "director", db_url, workers, log)
+            servers.append(server)
+            port = server.port
+            round_no = 0 if workers == 1 else 1
+
+            def checkins(rnd: int, port: int) -> list[dict[str, Any]]:
+                batch = [
+                    (vin, m)
+                    for k in range(args.rounds)
+                    for vin, ms in manifests.items()
+                    for m in [ms[rnd * args.rounds + k]]
+                ]
+                return [{"kind": "checkin", "port": port, "manifests": b} for b in split(batch)]
+
+            # warm up: every worker, every statement; learn the sample's ETags
+            run_clients(server, [{"kind": "trivial", "port": port, "count": 200}] * n)
+            _, _, _, etags = run_clients(
+                server, [{"kind": "poll", "port": port, "vins": v} for v in split(sample)]
             )
-            r.raise_for_status()
-        for v in vehicles:
-            v.sign_rounds(args.rounds)
-
-        local = threading.local()
-
-        def drive(v: Vehicle) -> None:
-            if not hasattr(local, "http"):
-                local.http = client(url)
-            for manifest in v.manifests:
-                check_in(local.http, v, manifest)
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            list(pool.map(drive, vehicles))
-        elapsed = time.perf_counter() - start
-        checkins = args.vehicles * args.rounds
-        rate = checkins / elapsed
-
-        with client(url, config.token) as op:
-            listed = op.get("/api/vehicles").json()
-        assert all(e["report_counter"] == args.rounds for v in listed for e in v["ecus"])
-
-        bare = bare_verification_rate(vehicles)
-        backend = make_url(config.db_url).get_backend_name()
-        print(
-            f"director ({backend}, {args.workers} process(es), {args.concurrency} concurrent): {args.vehicles} vehicles x "
-            f"{ECUS_PER_VEHICLE} ECUs x {args.rounds} rounds = {checkins} check-ins "
-            f"(PUT manifest + GET timestamp/snapshot/targets) in {elapsed:.2f} s: "
-            f"{rate:.1f} check-ins/s"
-        )
-        print(
-            f"bare signature verification in this process "
-            f"({1 + ECUS_PER_VEHICLE} ed25519 per check-in): {bare:.1f} check-ins/s"
-        )
-        print(f"director check-ins/s vs bare verification: ratio={rate / bare:.4f}")
+            if workers == 1:
+                ops, _, trivial_cpu, _ = run_clients(
+                    server,
+                    [{"kind": "trivial", "port": port, "count": 2 * args.polls // n}] * n,
+                )
+                trivial_per_request = trivial_cpu / ops
+                ops, _, poll_cpu, _ = run_clients(
+                    server,
+                    [
+                        {"kind": "poll", "port": port, "vins": v, "etags": etags}
+                        for v in split(sample)
+                    ],
+                )
+                poll = poll_cpu / ops
+                print(
+                    f"poll: no-change poll (GET 2.root.json 404 + conditional GET timestamp.json "
+                    f"304) over {args.fleet} vehicles: server CPU {poll * 1000:.3f} ms; trivial "
+                    f"endpoint x2 {2 * trivial_per_request * 1000:.3f} ms; "
+                    f"ratio={2 * trivial_per_request / poll:.3f}"
+                )
+            ops, wall, cpu, _ = run_clients(server, checkins(round_no, port))
+            if workers == 1:
+                sig = signature_cpu_per_checkin(
+                    [(keys[f"{vin}-0"], ms[0]) for vin, ms in manifests.items()], keys
+                )
+                print(
+                    f"manifest: check-in with a new manifest (PUT, 5 ECU reports, + no-change "
+                    f"poll): server CPU {cpu / ops * 1000:.3f} ms; signature work "
+                    f"{sig * 1000:.3f} ms; ratio={sig / (cpu / ops):.3f}"
+                )
+            print(
+                f"check-ins/s with {workers} worker(s): {ops / wall:.1f} "
+                f"({ops} check-ins from {n} client processes on the same cores; "
+                f"server CPU {cpu / ops * 1000:.3f} ms/check-in)"
+            )
+            server.stop()
+            servers.remove(server)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        for server in servers:
+            server.stop()
         image_server.shutdown()
-        if schema is not None:
-            drop_postgres_schema(db_url, schema)
+        drop_postgres_schema(db_url, schema)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

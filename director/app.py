@@ -24,19 +24,25 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from director.config import DEFAULT_MAX_BODY
+from director.config import DEFAULT_BODY_BUDGET, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY
 from director.errors import DirectorError
+from director.http_layer import (
+    GuardMiddleware,
+    MetadataFastPath,
+    error_response,
+    file_response,
+)
 from director.service import (
     AssignmentInfo,
+    AuditInfo,
     Director,
     EcuSpec,
     VehicleStatus,
@@ -63,12 +69,6 @@ MANIFEST_STATUS: dict[str, int] = {
 }
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-
-
-def _error(
-    status: int, reason: str, detail: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
 # --- request / response bodies ------------------------------------------------
@@ -208,6 +208,39 @@ class VehicleOut(BaseModel):
 class ManifestAccepted(BaseModel):
     accepted: bool = True
     metadata_version: int
+    refused_reports: dict[str, str] = Field(
+        default_factory=dict,
+        description="ECU serial -> reason, for secondaries' reports left out and recorded "
+        "as attacks (not fresh: replayed_report, report_time_in_past, report_time_in_future)",
+    )
+
+
+class CounterResetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="why (e.g. ECU reflashed)")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    vin: str | None
+    ecu_serial: str | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, a: AuditInfo) -> AuditOut:
+        return cls(
+            id=a.id,
+            at=a.at,
+            actor=a.actor,
+            action=a.action,
+            vin=a.vin,
+            ecu_serial=a.ecu_serial,
+            detail=dict(a.detail),
+        )
 
 
 class ErrorOut(BaseModel):
@@ -217,19 +250,26 @@ class ErrorOut(BaseModel):
 
 _MANIFEST_SCHEMA: dict[str, Any] = {
     "type": "object",
+    "description": "A signed vehicle version manifest (Uptane 2.1 5.4.2.2); other top-level "
+    "fields are ignored and not stored",
     "required": ["signed", "signatures"],
     "properties": {
         "signed": {
             "type": "object",
             "required": ["_type", "vin", "primary_ecu_serial", "ecu_version_reports"],
+            "additionalProperties": False,
             "properties": {
                 "_type": {"const": MANIFEST_TYPE},
-                "vin": {"type": "string"},
-                "primary_ecu_serial": {"type": "string"},
+                "vin": {"type": "string", "pattern": IDENT},
+                "primary_ecu_serial": {"type": "string", "pattern": IDENT},
                 "ecu_version_reports": {
                     "type": "object",
+                    "description": "one report per registered ECU of the vehicle, no more",
+                    "maxProperties": 256,
+                    "propertyNames": {"pattern": IDENT},
                     "additionalProperties": {
                         "type": "string",
+                        "contentEncoding": "base64",
                         "description": "base64 of a DER SignedEcuVersionReport",
                     },
                 },
@@ -237,8 +277,11 @@ _MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "signatures": {
             "type": "array",
+            "minItems": 1,
+            "maxItems": 8,
             "items": {
                 "type": "object",
+                "required": ["keyid", "sig"],
                 "properties": {"keyid": {"type": "string"}, "sig": {"type": "string"}},
             },
         },
@@ -246,86 +289,19 @@ _MANIFEST_SCHEMA: dict[str, Any] = {
 }
 
 
-# --- body cap + operator auth (pure ASGI, before any body is parsed) -----------
-
-
-class GuardMiddleware:
-    """Caps request bodies and refuses operator paths without the bearer token.
-
-    The body is read here (at most ``max_body`` bytes, refused by
-    Content-Length before reading and again while reading) and replayed to
-    the app, so no handler ever sees an oversized body.
-    """
-
-    def __init__(self, app: ASGIApp, token: str, max_body: int) -> None:
-        self.app = app
-        self.token = token.encode("utf-8")
-        self.max_body = max_body
-
-    def authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, credential = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(
-                    credential.strip(), self.token
-                )
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope.get("path", "")
-        if (path == "/api" or path.startswith("/api/")) and not self.authorized(scope):
-            resp = _error(
-                401,
-                "unauthorized",
-                "operator API needs a bearer token",
-                {"WWW-Authenticate": "Bearer"},
-            )
-            await resp(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _error(400, "malformed", "bad Content-Length")(scope, receive, send)
-                    return
-                if length > self.max_body:
-                    await _error(
-                        413, "too_large", f"body of {length} bytes is over {self.max_body}"
-                    )(scope, receive, send)
-                    return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                await _error(413, "too_large", f"body is over {self.max_body} bytes")(
-                    scope, receive, send
-                )
-                return
-            if not message.get("more_body", False):
-                break
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
+IfNoneMatch = Annotated[str | None, Header(max_length=1000, description="ETag(s) the client holds")]
 
 _bearer = HTTPBearer(auto_error=False, description="operator token from director.json")
 
 
-def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(
+    director: Director,
+    token: str,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    body_budget: int = DEFAULT_BODY_BUDGET,
+) -> FastAPI:
     """The Director ASGI app; OpenAPI schema at ``/openapi.json``."""
     if len(token) < 16:
         raise ConfigError("the operator token must be at least 16 characters")
@@ -347,61 +323,96 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
             raise StarletteHTTPException(401, "operator API needs a bearer token")
 
     @app.exception_handler(ManifestError)
-    async def _manifest_error(request: Request, exc: ManifestError) -> JSONResponse:
+    async def _manifesterror_response(request: Request, exc: ManifestError) -> JSONResponse:
         status = MANIFEST_STATUS.get(exc.reason, 400)
-        logger.info("manifest refused (%s): %s", exc.reason, exc)
-        return _error(status, exc.reason, str(exc))
+        # one line, only what the request itself carried (no tokens, no keys)
+        vin = str(request.path_params.get("vin", ""))[:130]
+        peer = request.client.host if request.client is not None else "-"
+        detail = " ".join(str(exc).split())[:500]
+        logger.warning(
+            "manifest refused: vin=%r peer=%s status=%d reason=%s detail=%s",
+            vin,
+            peer,
+            status,
+            exc.reason,
+            detail,
+        )
+        return error_response(status, exc.reason, str(exc))
 
     @app.exception_handler(DirectorError)
-    async def _director_error(request: Request, exc: DirectorError) -> JSONResponse:
-        return _error(exc.status, exc.reason, str(exc))
+    async def _directorerror_response(request: Request, exc: DirectorError) -> JSONResponse:
+        return error_response(exc.status, exc.reason, str(exc))
 
     @app.exception_handler(UptaneError)
-    async def _uptane_error(request: Request, exc: UptaneError) -> JSONResponse:
-        return _error(400, "invalid_request", str(exc))
+    async def _uptaneerror_response(request: Request, exc: UptaneError) -> JSONResponse:
+        return error_response(400, "invalid_request", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validationerror_response(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
-        return _error(422, "malformed", json.dumps(errors)[:2000])
+        return error_response(422, "malformed", json.dumps(errors)[:2000])
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return _error(exc.status_code, reason, str(exc.detail), headers)
+        headers = dict(exc.headers or {})  # e.g. Allow on a 405 (RFC 9110 15.5.6)
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_response(exc.status_code, reason, str(exc.detail), headers or None)
 
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 502, 503)
     }
 
+    file_responses: dict[int | str, dict[str, Any]] = {
+        **errors,
+        200: {
+            "description": "The file: TUF JSON (`.json`) or TUF metadata in DER (`.der`)",
+            "headers": {"ETag": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        304: {"description": "Not modified: the `If-None-Match` tag is the current ETag"},
+    }
+
+    @app.get("/health", tags=["vehicle"])
+    async def health() -> Response:
+        """Liveness for load balancers: answers without touching the database."""
+        return Response(b'{"ok":true}', media_type="application/json")
+
     # --- vehicle API ---
 
     @app.get(
         "/vehicles/{vin}/metadata/{filename}",
-        responses={
-            **errors,
-            200: {"content": {"application/json": {}, "application/octet-stream": {}}},
-        },
+        responses=file_responses,
         tags=["vehicle"],
     )
-    def vehicle_metadata(vin: str, filename: str) -> Response:
-        """A file of the vehicle's Director repository (JSON, or DER for root/targets)."""
-        data = director.metadata(vin, filename)
-        return _file_response(filename, data)
+    def vehicle_metadata(vin: str, filename: str, if_none_match: IfNoneMatch = None) -> Response:
+        """A file of the vehicle's Director repository (JSON, or DER for root/targets).
 
-    @app.get("/root/{filename}", tags=["vehicle"], responses=errors)
-    def root_metadata(filename: str) -> Response:
+        Served as stored (signed when it changed, never per request), with an
+        ``ETag``; ``If-None-Match`` with that tag answers 304 without a body.
+        """
+        data = director.metadata(vin, filename)
+        return file_response(filename, data, if_none_match)
+
+    @app.get("/root/{filename}", tags=["vehicle"], responses=file_responses)
+    def root_metadata(filename: str, if_none_match: IfNoneMatch = None) -> Response:
         """The shared Director root chain: ``N.root.json`` / ``N.root.der``."""
-        return _file_response(filename, director.root_file(filename))
+        return file_response(filename, director.root_file(filename), if_none_match)
 
     @app.put(
         "/vehicles/{vin}/manifest",
         response_model=ManifestAccepted,
+        response_model_exclude_unset=True,
         responses=errors,
         tags=["vehicle"],
         openapi_extra={
@@ -415,7 +426,13 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
         """Upload a signed vehicle version manifest (Uptane 2.1, 5.4.2)."""
         data = await request.body()
         receipt = await run_in_threadpool(director.receive_manifest, vin, data)
-        return ManifestAccepted(metadata_version=receipt.metadata_version)
+        if receipt.refused_reports:
+            return ManifestAccepted(
+                accepted=True,
+                metadata_version=receipt.metadata_version,
+                refused_reports=dict(receipt.refused_reports),
+            )
+        return ManifestAccepted(accepted=True, metadata_version=receipt.metadata_version)
 
     # --- operator API ---
 
@@ -480,13 +497,38 @@ def create_app(director: Director, token: str, *, max_body: int = DEFAULT_MAX_BO
     from director.fleet_api import install_fleet  # campaigns, quarantine, /metrics (issue 14)
 
     install_fleet(app, director, Depends(operator))
-    app.add_middleware(GuardMiddleware, token=token, max_body=max_body)
+
+    @app.post(
+        "/api/vehicles/{vin}/ecus/{serial}/reset-counter",
+        response_model=AuditOut,
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def reset_counter(vin: str, serial: str, body: CounterResetIn) -> AuditOut:
+        """Forget an ECU's report counter (reflashed or jammed ECU); writes an audit entry."""
+        return AuditOut.of(director.reset_report_counter(vin, serial, reason=body.reason))
+
+    @app.get(
+        "/api/audit",
+        response_model=list[AuditOut],
+        responses=errors,
+        dependencies=[Depends(operator)],
+        tags=["operator"],
+    )
+    def audit_log() -> list[AuditOut]:
+        """The latest operator actions on checks (newest first)."""
+        return [AuditOut.of(a) for a in director.audit_log()]
+
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body=max_body,
+        body_timeout=body_timeout,
+        body_budget=body_budget,
+    )
+    app.add_middleware(MetadataFastPath, director=director)
     return app
-
-
-def _file_response(filename: str, data: bytes) -> Response:
-    media = "application/json" if filename.endswith(".json") else "application/octet-stream"
-    return Response(content=data, media_type=media, headers={"Cache-Control": "no-store"})
 
 
 def app_from_env() -> FastAPI:
@@ -504,4 +546,13 @@ def app_from_env() -> FastAPI:
     if os.environ.get("UPTANE_DIRECTOR_DB"):
         config.db_url = os.environ["UPTANE_DIRECTOR_DB"]
     director = Director.from_config(config)
-    return create_app(director, config.token, max_body=config.max_body)
+    from director.server import DirectorProtocol
+
+    DirectorProtocol.configure(config.connection_limits())
+    return create_app(
+        director,
+        config.token,
+        max_body=config.max_body,
+        body_timeout=config.body_timeout,
+        body_budget=config.body_budget,
+    )

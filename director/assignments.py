@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload
 from tuf.api.metadata import TargetFile
 
 from director.db import Assignment, Ecu, Vehicle
@@ -38,6 +39,30 @@ from uptane.metadata import (
 
 # the Director's log name from before it was split into modules
 logger = logging.getLogger("director.service")
+
+
+# IN lists of at most this many values (PostgreSQL takes at most 65535 parameters)
+_CHUNK = 1000
+
+
+def _lock_vehicles(session: Session, vins: Sequence[str]) -> dict[str, Vehicle]:
+    """Lock ``vins`` (sorted, so no deadlocks) and load their ECUs, in a few statements."""
+    vehicles: dict[str, Vehicle] = {}
+    ordered = sorted(vins)
+    for i in range(0, len(ordered), _CHUNK):
+        stmt = (
+            select(Vehicle)
+            .where(Vehicle.vin.in_(ordered[i : i + _CHUNK]))
+            .order_by(Vehicle.vin)
+            .with_for_update(of=Vehicle)
+            .options(selectinload(Vehicle.ecus))
+        )
+        for vehicle in session.scalars(stmt):
+            vehicles[vehicle.vin] = vehicle
+    missing = set(ordered) - set(vehicles)
+    if missing:  # removed while we looked
+        raise UnknownVehicleError(f"no vehicle {sorted(missing)[:10]}")
+    return vehicles
 
 
 class ImageLookup(Protocol):
@@ -97,7 +122,7 @@ class Assignments(DirectorRepository):
 
         now = self.clock()
         with self.db.transaction(write=True) as session:
-            self._current_root(session)
+            current_root = self._current_root(session)
             # which vehicles: then lock them (sorted, so no deadlocks), then re-read
             if ecu_serials is not None:
                 found = session.execute(
@@ -132,7 +157,7 @@ class Assignments(DirectorRepository):
             )
             if not vehicle_vins:
                 raise NoMatchingEcuError("every matching vehicle is quarantined")
-            vehicles = {v: self._vehicle(session, v, lock=True) for v in vehicle_vins}
+            vehicles = _lock_vehicles(session, vehicle_vins)
             chosen: list[tuple[Vehicle, Ecu]] = []
             for vin in vehicle_vins:
                 vehicle = vehicles[vin]
@@ -160,27 +185,39 @@ class Assignments(DirectorRepository):
             per_vehicle: dict[str, int] = {}
             for vehicle, _ in chosen:
                 per_vehicle[vehicle.vin] = per_vehicle.get(vehicle.vin, 0) + 1
-            for vin, count in per_vehicle.items():
-                others = session.scalars(
-                    select(Ecu.serial)
+            # the image pending for another ECU of a chosen vehicle (set operations)
+            by_id = {vehicles[vin].id: vin for vin in per_vehicle}
+            taken: set[str] = set()
+            ids = sorted(by_id)
+            for i in range(0, len(ids), _CHUNK):
+                for vehicle_id, ecu_id in session.execute(
+                    select(Ecu.vehicle_id, Ecu.id)
                     .join(Assignment, Assignment.ecu_id == Ecu.id)
                     .where(
-                        Ecu.vehicle_id == vehicles[vin].id,
+                        Ecu.vehicle_id.in_(ids[i : i + _CHUNK]),
                         Assignment.status == PENDING,
                         Assignment.image == image,
-                        Ecu.id.not_in(chosen_ids),
                     )
-                ).all()
-                if count > 1 or others:
+                ):
+                    if ecu_id not in chosen_ids:
+                        taken.add(by_id[vehicle_id])
+            for vin, count in per_vehicle.items():
+                if count > 1 or vin in taken:
                     raise DuplicateTargetError(
                         f"vehicle {vin}: {image} would be listed for more than one ECU"
                     )
 
-            session.execute(
-                update(Assignment)
-                .where(Assignment.ecu_id.in_(chosen_ids), Assignment.status == PENDING)
-                .values(status=SUPERSEDED, updated_at=now)
-            )
+            ecu_ids = sorted(chosen_ids)
+            for i in range(0, len(ecu_ids), _CHUNK):
+                session.execute(
+                    update(Assignment)
+                    .where(
+                        Assignment.ecu_id.in_(ecu_ids[i : i + _CHUNK]),
+                        Assignment.status == PENDING,
+                    )
+                    .values(status=SUPERSEDED, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
             created: list[tuple[Assignment, str, str]] = []
             for vehicle, ecu in chosen:
                 custom = dict(base_custom)
@@ -205,8 +242,11 @@ class Assignments(DirectorRepository):
                 session.add(a)
                 created.append((a, vehicle.vin, ecu.serial))
             session.flush()
+            root_files: dict[str, bytes | None] = {}
             for vin in vehicle_vins:
-                self._sign_vehicle(session, vehicles[vin], now)
+                self._sign_vehicle(
+                    session, vehicles[vin], now, current_root=current_root, root_files=root_files
+                )
             infos = [_assignment_info(a, vin, serial) for a, vin, serial in created]
         logger.info("assigned %s to %d ECUs", image, len(infos))
         return infos

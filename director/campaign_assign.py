@@ -22,7 +22,7 @@ from director.assignments import Assignments
 from director.campaign_outcomes import ASSIGNED, ASSIGNING, CANCELLED, INSTALLED_V, REFUSED
 from director.db import Assignment, Ecu, Vehicle
 from director.errors import DirectorError, NoMatchingEcuError
-from director.fleet_db import AuditEntry, Campaign, CampaignVehicle
+from director.fleet_db import Campaign, CampaignVehicle, FleetAuditEntry
 from director.records import PENDING, SUPERSEDED
 
 logger = logging.getLogger("director.campaigns")
@@ -167,7 +167,7 @@ class CampaignAssigning(Assignments):
         )
         with self.db.transaction(write=True) as session:
             session.add(
-                AuditEntry(
+                FleetAuditEntry(
                     at=now,
                     actor="director",
                     action="campaign_rollback",

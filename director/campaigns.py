@@ -47,7 +47,7 @@ from director.errors import (
     NotFoundError,
     ReleaseCounterError,
 )
-from director.fleet_db import AuditEntry, Campaign, CampaignVehicle, VehicleAttribute
+from director.fleet_db import Campaign, CampaignVehicle, FleetAuditEntry, VehicleAttribute
 from director.quarantine import active_quarantine
 from uptane.errors import UptaneError
 from uptane.metadata import UptaneTarget
@@ -471,7 +471,9 @@ class Campaigns(CampaignOutcomes, CampaignAssigning):
         self, session: Session, now: datetime, actor: str, action: str, subject: str, detail: str
     ) -> None:
         session.add(
-            AuditEntry(at=now, actor=actor[:128], action=action, subject=subject, detail=detail)
+            FleetAuditEntry(
+                at=now, actor=actor[:128], action=action, subject=subject, detail=detail
+            )
         )
 
 

@@ -248,7 +248,17 @@ def init_director(
                 root.add_key(ref.public, role)
     _write_root_der(config, repo, config.root_keys)
     config.save()
+    _restrict_modes(config)
     return config
+
+
+def _restrict_modes(config: DirectorConfig) -> None:
+    """Keys private to the owner; no Director directory group/world writable, whatever the umask."""
+    import os
+
+    os.chmod(config.keys_dir, 0o700)
+    for d in (config.directory, config.root_dir):
+        os.chmod(d, d.stat().st_mode & 0o7755)
 
 
 def rotate_key(config: DirectorConfig, role: str) -> tuple[int, KeyRef]:
@@ -321,6 +331,9 @@ def cli() -> None:
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
 @click.option("--root-keys", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--root-threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option(
+    "--show-token", is_flag=True, help="Print the operator token (it is in director.json)."
+)
 def init_cmd(
     directory: Path,
     image_repo_url: str | None,
@@ -329,12 +342,15 @@ def init_cmd(
     port: int,
     root_keys: int,
     root_threshold: int,
+    show_token: bool = False,
 ) -> None:
     """Create Director keys, root metadata and config in DIR (created if missing).
 
     --db is checked (URL and driver) before anything is written; without it
     the inventory is SQLite in DIR/director.db.
     """
+    from director.config import CONFIG_FILE
+
     config = init_director(
         directory,
         image_repo_url=image_repo_url,
@@ -345,7 +361,12 @@ def init_cmd(
         root_threshold=root_threshold,
     )
     click.echo(f"Director initialised in {directory} (root v1, database {config.db_url})")
-    click.echo(f"operator token: {config.token}")
+    if show_token:
+        click.echo(f"operator token: {config.token}")
+    else:
+        click.echo(
+            f"operator token: in {directory / CONFIG_FILE} (mode 0600; --show-token prints it)"
+        )
     click.echo("keep keys/root-*.pem offline; the server only needs the online keys")
 
 
@@ -388,9 +409,18 @@ def serve_cmd(
     import uvicorn
 
     from director.app import create_app
-    from director.server import NoDelayH11Protocol
+    from director.server import DirectorProtocol
 
     config = _load(directory, db_url)
+    DirectorProtocol.configure(config.connection_limits())
+    # httptools on uvloop: the least server CPU per request measured (docs/director-scale.md)
+    server_options: dict[str, Any] = {
+        "http": DirectorProtocol,
+        "loop": "uvloop",
+        "timeout_keep_alive": config.keep_alive_timeout,
+        "log_level": "info",
+        "access_log": False,
+    }
     bind_host = host or config.host
     bind_port = config.port if port is None else port
     check_listen(bind_host, bind_port)
@@ -404,23 +434,20 @@ def serve_cmd(
             "director.app:app_from_env",
             factory=True,
             workers=workers,
-            http=NoDelayH11Protocol,
-            log_level="info",
-            access_log=False,
             host=bind_host,
             port=bind_port,
+            **server_options,
         )
         return
-    app = create_app(director, config.token, max_body=config.max_body)
+    app = create_app(
+        director,
+        config.token,
+        max_body=config.max_body,
+        body_timeout=config.body_timeout,
+        body_budget=config.body_budget,
+    )
     try:
-        uvicorn.run(
-            app,
-            host=bind_host,
-            port=bind_port,
-            http=NoDelayH11Protocol,
-            log_level="info",
-            access_log=False,
-        )
+        uvicorn.run(app, host=bind_host, port=bind_port, **server_options)
     finally:
         director.close()
 
@@ -564,6 +591,50 @@ def list_cmd(directory: Path, db_url: str | None, as_json: bool) -> None:
                 ", ".join(sorted(attacks.get(e.serial, ()))) or "-",
             )
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 240).print(table)
+
+
+@cli.command("reset-counter")
+@_dir_option
+@_db_option
+@click.option("--vin", required=True, help="The vehicle.")
+@click.argument("serial")
+@click.option("--reason", required=True, help="Why (recorded in the audit log).")
+def reset_counter_cmd(
+    directory: Path, db_url: str | None, vin: str, serial: str, reason: str
+) -> None:
+    """Forget ECU SERIAL's report counter (reflashed or jammed ECU), with an audit entry."""
+    director = _open(directory, db_url)
+    try:
+        entry = director.reset_report_counter(vin, serial, reason=reason, actor="cli")
+    finally:
+        director.close()
+    previous = entry.detail.get("previous_counter")
+    click.echo(f"{vin} {serial}: report counter reset (was {previous}); audit entry {entry.id}")
+
+
+@cli.command("import")
+@_dir_option
+@_db_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True)
+def import_cmd(directory: Path, db_url: str | None, file: Path, batch: int) -> None:
+    """Register the vehicles of FILE (.csv or .json) in batches; safe to run again."""
+    from director.bulk import load_vehicles
+
+    records = load_vehicles(file)
+    director = _open(directory, db_url)
+    try:
+        result = director.import_vehicles(records, batch=batch)
+    finally:
+        director.close()
+    click.echo(
+        f"{result.added} vehicles registered, {result.unchanged} already there, "
+        f"{len(result.conflicts)} conflicts"
+    )
+    for conflict in result.conflicts[:20]:
+        click.echo(f"conflict: {conflict}")
+    if result.conflicts:
+        raise SystemExit(1)
 
 
 # fleet rollout control (issue 14): campaign, quarantine, attributes

@@ -19,18 +19,24 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from securesystemslib.signer import Signer
 
 from uptane.errors import ConfigError, KeyLoadError
 from uptane.keys import KeyRef
 
+if TYPE_CHECKING:
+    from director.server import ConnectionLimits
+
 CONFIG_FILE = "director.json"
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 DEFAULT_PORT = 8084
 DEFAULT_MAX_BODY = 1_000_000
 DEFAULT_REPORT_TIME_TOLERANCE = timedelta(days=1)
+# limits on hostile clients (director.server, director.app.GuardMiddleware)
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_BODY_BUDGET = 64_000_000
 TOKEN_ENV = "UPTANE_DIRECTOR_TOKEN"
 
 
@@ -60,6 +66,15 @@ class DirectorConfig:
     max_body: int = DEFAULT_MAX_BODY
     # how far an ECU report's time may be ahead of the Director's clock (5.4.2.1)
     report_time_tolerance: timedelta = DEFAULT_REPORT_TIME_TOLERANCE
+    # hostile clients, per server process: seconds for a request's headers, for its
+    # body, idle time between keep-alive requests; open connections; header bytes;
+    # body bytes held by all requests in flight together
+    header_timeout: float = 10.0
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
+    max_header_bytes: int = 65_536
+    body_budget: int = DEFAULT_BODY_BUDGET
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -73,6 +88,23 @@ class DirectorConfig:
             raise ConfigError("max_body must be at least 1024 bytes")
         if self.report_time_tolerance <= timedelta(0):
             raise ConfigError("report_time_tolerance must be positive")
+        if min(self.header_timeout, self.body_timeout, self.keep_alive_timeout) <= 0:
+            raise ConfigError("timeouts must be positive")
+        if self.max_connections < 1 or self.max_header_bytes < 1024:
+            raise ConfigError("max_connections >= 1 and max_header_bytes >= 1024 needed")
+        if self.body_budget < self.max_body:
+            raise ConfigError("body_budget must be at least max_body")
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The per-connection limits of ``director.server.DirectorProtocol``."""
+        from director.server import ConnectionLimits
+
+        return ConnectionLimits(
+            header_timeout=self.header_timeout,
+            max_header_bytes=self.max_header_bytes,
+            max_connections=self.max_connections,
+            keep_alive_timeout=self.keep_alive_timeout,
+        )
 
     @property
     def root_dir(self) -> Path:
@@ -128,6 +160,12 @@ class DirectorConfig:
             "root_expiry_seconds": int(self.root_expiry.total_seconds()),
             "max_body": self.max_body,
             "report_time_tolerance_seconds": int(self.report_time_tolerance.total_seconds()),
+            "header_timeout": self.header_timeout,
+            "body_timeout": self.body_timeout,
+            "keep_alive_timeout": self.keep_alive_timeout,
+            "max_connections": self.max_connections,
+            "max_header_bytes": self.max_header_bytes,
+            "body_budget": self.body_budget,
         }
 
     @classmethod
@@ -157,6 +195,12 @@ class DirectorConfig:
                 report_time_tolerance=timedelta(
                     seconds=int(data.get("report_time_tolerance_seconds", 86400))
                 ),
+                header_timeout=float(data.get("header_timeout", 10.0)),
+                body_timeout=float(data.get("body_timeout", DEFAULT_BODY_TIMEOUT)),
+                keep_alive_timeout=float(data.get("keep_alive_timeout", 5.0)),
+                max_connections=int(data.get("max_connections", 1000)),
+                max_header_bytes=int(data.get("max_header_bytes", 65_536)),
+                body_budget=int(data.get("body_budget", DEFAULT_BODY_BUDGET)),
             )
         except (KeyError, TypeError, ValueError, KeyLoadError) as e:
             raise ConfigError(f"invalid director config: {e}") from e

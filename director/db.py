@@ -15,6 +15,7 @@ are atomic across threads and processes.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -206,6 +207,20 @@ class RootMetadata(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class AuditEntry(Base):
+    """An operator action that weakened or changed a check (who, what, when, why)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    vin: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    ecu_serial: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 def default_sqlite_url(directory: str | Path) -> str:
     return f"sqlite:///{Path(directory).resolve() / 'director.db'}"
 
@@ -241,7 +256,28 @@ def make_engine(url: str) -> Engine:
         return engine
     if u.get_backend_name() == "postgresql" and u.drivername == "postgresql":
         u = u.set(drivername="postgresql+psycopg")
-    return create_engine(u, pool_pre_ping=True)
+    return create_engine(u)
+
+
+def _private_file(database: str | None) -> None:
+    """Create a SQLite database file 0600 whatever the umask; never group/world writable.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & 0o022:
+            os.chmod(path, mode & 0o7755)
+        return
+    except FileNotFoundError:  # no such directory: SQLite reports it on connect
+        return
+    os.close(fd)
+    os.chmod(path, 0o600)  # O_CREAT's mode is masked by the umask
 
 
 _SQLITE_LOCKS: dict[str, threading.Lock] = {}
@@ -256,6 +292,7 @@ class Database:
         self.engine = make_engine(url)
         self._sqlite_writer: threading.Lock | None = None
         if self.engine.dialect.name == "sqlite":
+            _private_file(self.engine.url.database)
             with _SQLITE_LOCKS_GUARD:
                 key = str(self.engine.url.database)
                 self._sqlite_writer = _SQLITE_LOCKS.setdefault(key, threading.Lock())

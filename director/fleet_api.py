@@ -107,7 +107,7 @@ class QuarantineOut(BaseModel):
     released_by: str | None
 
 
-class AuditOut(BaseModel):
+class FleetAuditOut(BaseModel):
     at: datetime
     actor: str
     action: str
@@ -191,10 +191,10 @@ def fleet_router(director: Any) -> APIRouter:
             director.release_quarantine(vin, actor=body.actor, note=body.note)
         )
 
-    @router.get("/audit", response_model=list[AuditOut])
-    def audit(limit: int = 100) -> list[AuditOut]:
+    @router.get("/audit/fleet", response_model=list[FleetAuditOut])
+    def audit(limit: int = 100) -> list[FleetAuditOut]:
         """The latest operator and campaign actions, newest first."""
-        return [AuditOut(**e) for e in director.audit_log(max(1, min(limit, 1000)))]
+        return [FleetAuditOut(**e) for e in director.fleet_audit_log(max(1, min(limit, 1000)))]
 
     return router
 

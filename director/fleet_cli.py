@@ -289,7 +289,7 @@ def health_cmd(directory: Path, db_url: str | None, vin: str, as_json: bool) -> 
 def audit_cmd(directory: Path, db_url: str | None, limit: int) -> None:
     """The latest campaign and quarantine actions, newest first."""
     with _director(directory, db_url) as director:
-        entries = director.audit_log(limit)
+        entries = director.fleet_audit_log(limit)
     for e in entries:
         click.echo(
             f"{e['at'].isoformat()} {e['actor']} {e['action']} {e['subject']}: {e['detail']}"

@@ -121,10 +121,10 @@ class EcuHealthRecord(Base):
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
-class AuditEntry(Base):
+class FleetAuditEntry(Base):
     """An operator action on fleet rollout state (campaign changes, quarantine releases)."""
 
-    __tablename__ = "audit_log"
+    __tablename__ = "fleet_audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())

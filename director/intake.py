@@ -10,8 +10,9 @@ Director's clock) and recorded in one transaction, or refused with a
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from director.db import (
     Vehicle,
     VehicleManifestRecord,
 )
+from director.envelope import ManifestEnvelope, verify_report
 from director.records import (
     INSTALLED,
     PENDING,
@@ -38,9 +40,9 @@ from director.records import (
     _assignment_info,
 )
 from director.signing import _IDENT_RE, _LATEST_ROOT, DirectorRepository
-from uptane.errors import ManifestError
+from uptane.errors import ATTACK_REPLAYED_REPORT, ManifestError
 from uptane.keys import public_key_from_dict
-from uptane.manifest import EcuVersionReport, SignedVehicleManifest
+from uptane.manifest import EcuVersionReport
 
 # the Director's log name from before it was split into modules
 logger = logging.getLogger("director.service")
@@ -87,7 +89,11 @@ class _Verified:
 
     data: bytes
     keyids: dict[str, str]
+    primary: str
     reports: dict[str, EcuVersionReport] = field(default_factory=dict)
+    # secondaries' reports left out (not fresh), with why: recorded as attacks
+    dropped: dict[str, ManifestError] = field(default_factory=dict)
+    dropped_reports: dict[str, EcuVersionReport] = field(default_factory=dict)
 
 
 def _hashes_match(installed: Mapping[str, Any], assigned: Mapping[str, str]) -> bool:
@@ -120,23 +126,34 @@ def _installed_dict(report: EcuVersionReport) -> dict[str, Any] | None:
     }
 
 
-_KEY_CACHE: dict[str, Key] = {}
+_KEY_CACHE: OrderedDict[tuple[str, ...], Key] = OrderedDict()
 _KEY_CACHE_MAX = 100_000
+_KEY_CACHE_LOCK = threading.Lock()
 
 
 def _parsed_key(key_dict: Mapping[str, Any]) -> Key:
-    """``public_key_from_dict`` of a stored ECU key, cached per process.
+    """``public_key_from_dict`` of a stored ECU key, cached per process (LRU).
 
     ECU keys never change, so a parsed key can be reused; the cache is keyed by
-    the whole stored key dict (canonical JSON), not only by its keyid.
+    everything that defines the key (keyid, type, scheme, public value), and
+    the least recently used entry is evicted when it is full.
     """
-    cache_key = json.dumps(key_dict, sort_keys=True, separators=(",", ":"))
-    key = _KEY_CACHE.get(cache_key)
-    if key is None:
-        key = public_key_from_dict(dict(key_dict))
-        if len(_KEY_CACHE) >= _KEY_CACHE_MAX:
-            _KEY_CACHE.clear()
+    keyval = key_dict.get("keyval")
+    public = keyval.get("public") if isinstance(keyval, Mapping) else None
+    cache_key = tuple(
+        str(v)
+        for v in (key_dict.get("keyid"), key_dict.get("keytype"), key_dict.get("scheme"), public)
+    )
+    with _KEY_CACHE_LOCK:
+        key = _KEY_CACHE.get(cache_key)
+        if key is not None:
+            _KEY_CACHE.move_to_end(cache_key)
+            return key
+    key = public_key_from_dict(dict(key_dict))
+    with _KEY_CACHE_LOCK:
         _KEY_CACHE[cache_key] = key
+        while len(_KEY_CACHE) > _KEY_CACHE_MAX:
+            _KEY_CACHE.popitem(last=False)
     return key
 
 
@@ -158,16 +175,27 @@ class ManifestIntake(DirectorRepository):
     def receive_manifest(self, vin: str, data: bytes) -> ManifestReceipt:
         """Check and record a vehicle version manifest, or raise ``ManifestError``.
 
-        Nothing is written unless every check passes (one transaction).
+        Cheapest refusal first: size and shape, the VIN, the number of
+        reports, then the primary signature, and only then is each ECU report
+        decoded (once). Nothing is written unless the manifest is accepted
+        (one transaction). A secondary's report that is not fresh (counter not
+        above its last, time going backwards or too far ahead) does not refuse
+        a manifest whose primary signature and primary report are good: it is
+        left out and recorded as an attack on that ECU, so one ECU cannot
+        silence the vehicle.
         """
-        signed = SignedVehicleManifest.from_bytes(data, self.max_manifest)
-        manifest = signed.manifest
-        if manifest.vin != vin:
+        envelope = ManifestEnvelope.from_bytes(data, self.max_manifest)
+        if envelope.vin != vin:
             raise ManifestError(
-                f"manifest is for vehicle {manifest.vin!r}, sent for {vin!r}", "vin_mismatch"
+                f"manifest is for vehicle {envelope.vin!r}, sent for {vin!r}", "vin_mismatch"
             )
         keys = self._ecu_keys(vin)
-        verified = self._verify(signed, keys, data)
+        if len(envelope.reports) > len(keys):
+            raise ManifestError(
+                f"{len(envelope.reports)} reports for a vehicle of {len(keys)} ECUs",
+                "unknown_ecu",
+            )
+        verified = self._verify(envelope, keys)
         now = self.clock()
         with self.db.transaction(write=True) as session:
             found = session.execute(_LOCK_VEHICLE, {"vin": vin}).first()
@@ -183,35 +211,46 @@ class ManifestIntake(DirectorRepository):
             if {s: str(e.public_key.get("keyid")) for s, e in ecus.items()} != verified.keyids:
                 raise ManifestError("the vehicle's ECUs changed while checking", "unknown_ecu")
             for serial, report in sorted(verified.reports.items()):
-                last = ecus[serial].last_report_counter
-                if last is not None and report.report_counter <= last:
-                    raise ManifestError(
-                        f"ECU {serial} report counter {report.report_counter} is not above "
-                        f"{last}: replayed report",
-                        "replayed_report",
-                    )
-                self._check_report_time(serial, report, ecus[serial].last_report_time, now)
+                problem = self._stale(serial, report, ecus[serial], now)
+                if problem is None:
+                    continue
+                if serial == verified.primary:  # the manifest itself is not fresh
+                    raise problem
+                verified.dropped[serial] = problem
+            for serial in verified.dropped:
+                verified.dropped_reports[serial] = verified.reports.pop(serial)
             return self._record(session, vehicle, ecus, pending, verified, now, latest_root_version)
 
-    def _check_report_time(
-        self, serial: str, report: EcuVersionReport, last: datetime | None, now: datetime
-    ) -> None:
-        """The ECU's clock never goes backwards and is not far ahead of ours (5.4.2.1).
+    def _stale(
+        self, serial: str, report: EcuVersionReport, ecu: Any, now: datetime
+    ) -> ManifestError | None:
+        """Why ``report`` is not fresh for this ECU, or None (5.4.2.1).
 
-        Equal times are fine: ECUs report whole seconds and may share a clock.
+        The counter must be above the last accepted one; the ECU's clock never
+        goes backwards (equal times are fine: ECUs report whole seconds and
+        may share a clock) and is not far ahead of ours.
         """
-        if last is not None and report.latest_time < last:
-            raise ManifestError(
+        last = ecu.last_report_counter
+        if last is not None and report.report_counter <= last:
+            return ManifestError(
+                f"ECU {serial} report counter {report.report_counter} is not above "
+                f"{last}: replayed report",
+                "replayed_report",
+            )
+        last_time = ecu.last_report_time
+        if last_time is not None and report.latest_time < last_time:
+            return ManifestError(
                 f"ECU {serial} report time {report.latest_time.isoformat()} is before its "
-                f"last report's {last.isoformat()}: replayed or tampered clock",
+                f"last report's {last_time.isoformat()}: replayed or tampered clock",
                 "report_time_in_past",
             )
         if report.latest_time > now + self.report_time_tolerance:
-            raise ManifestError(
+            return ManifestError(
                 f"ECU {serial} report time {report.latest_time.isoformat()} is more than "
                 f"{self.report_time_tolerance} ahead of the Director's clock",
                 "report_time_in_future",
             )
+        return None
 
     def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
         if _IDENT_RE.match(vin) is None:
@@ -224,29 +263,35 @@ class ManifestIntake(DirectorRepository):
             for r in rows
         }
 
-    def _verify(
-        self, signed: SignedVehicleManifest, keys: dict[str, _EcuKey], data: bytes
-    ) -> _Verified:
-        """Every check that needs no lock: signatures, ECU set, report contents."""
-        manifest = signed.manifest
+    def _verify(self, envelope: ManifestEnvelope, keys: dict[str, _EcuKey]) -> _Verified:
+        """Every check that needs no lock: signatures, ECU set, report contents.
+
+        The primary signature and the set of ECU serials are checked before
+        any report is decoded; each report is decoded once.
+        """
         primary = next(k for k in keys.values() if k.primary)
-        signed.verify(primary.key)  # bad_primary_signature
-        if manifest.primary_ecu_serial != primary.serial:
+        signature = envelope.verify(primary.key)  # bad_primary_signature
+        if envelope.primary_ecu_serial != primary.serial:
             raise ManifestError(
-                f"manifest names primary {manifest.primary_ecu_serial!r}, the registered "
+                f"manifest names primary {envelope.primary_ecu_serial!r}, the registered "
                 f"primary is {primary.serial!r}",
                 "unknown_ecu",
             )
-        missing = set(keys) - set(manifest.reports)
+        missing = set(keys) - set(envelope.reports)
         if missing:
             raise ManifestError(f"no report from ECUs {sorted(missing)}", "missing_ecu")
-        unknown = set(manifest.reports) - set(keys)
+        unknown = set(envelope.reports) - set(keys)
         if unknown:
-            raise ManifestError(f"ECUs {sorted(unknown)} are not in this vehicle", "unknown_ecu")
-        verified = _Verified(data=data, keyids={s: k.key.keyid for s, k in keys.items()})
-        for serial, signed_report in sorted(manifest.reports.items()):
+            names = sorted(str(s)[:130] for s in unknown)
+            raise ManifestError(f"ECUs {names} are not in this vehicle", "unknown_ecu")
+        verified = _Verified(
+            data=envelope.verified_bytes(signature),
+            keyids={s: k.key.keyid for s, k in keys.items()},
+            primary=primary.serial,
+        )
+        for serial, text in sorted(envelope.reports.items()):
             ecu = keys[serial]
-            report = signed_report.verify(ecu.key)  # bad_ecu_signature
+            report = verify_report(serial, text, ecu.key)  # bad_ecu_signature
             if report.ecu_serial != serial:
                 raise ManifestError(
                     f"report filed under {serial!r} is for ECU {report.ecu_serial!r}",
@@ -343,6 +388,23 @@ class ManifestIntake(DirectorRepository):
                         received_at=now,
                     )
                 )
+        for serial, problem in sorted(verified.dropped.items()):
+            dropped = verified.dropped_reports[serial]
+            name = ATTACK_REPLAYED_REPORT if problem.reason == "replayed_report" else problem.reason
+            session.add(
+                DetectedAttack(
+                    vehicle_id=vehicle.id,
+                    ecu_id=ecus[serial].id,
+                    manifest_id=record.id,
+                    attack=name,
+                    report_counter=dropped.report_counter,
+                    detected_at=now,
+                )
+            )
+            attacks.append(AttackInfo(serial, name, dropped.report_counter, now))
+            logger.warning(
+                "vehicle %s: report of ECU %s left out: %s", vehicle.vin, serial, problem
+            )
         ecu_table = Ecu.__table__
         assert isinstance(ecu_table, Table)
         session.execute(
@@ -377,4 +439,5 @@ class ManifestIntake(DirectorRepository):
             metadata_version=vehicle.targets_version,
             completed=tuple(completed),
             attacks=tuple(attacks),
+            refused_reports={s: p.reason for s, p in verified.dropped.items()},
         )

@@ -15,19 +15,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from director.db import Assignment, DetectedAttack, Ecu, InstallResult, Vehicle
-from director.errors import AlreadyRegisteredError, InvalidRequestError
+from director.db import Assignment, AuditEntry, DetectedAttack, Ecu, InstallResult, Vehicle
+from director.errors import AlreadyRegisteredError, InvalidRequestError, UnknownEcuSerialError
 from director.records import (
     PENDING,
     AssignmentInfo,
     AttackInfo,
+    AuditInfo,
     EcuSpec,
     EcuStatus,
     InstallResultInfo,
     VehicleStatus,
     _assignment_info,
 )
-from director.signing import DirectorRepository
+from director.signing import _IDENT_RE, DirectorRepository
 from uptane.errors import KeyLoadError, UptaneError
 from uptane.keys import public_key_dict, public_key_from_dict
 from uptane.metadata import check_identifier
@@ -79,6 +80,9 @@ class Inventory(DirectorRepository):
                 check_identifier(ecu.hardware_id, "hardware id")
         except UptaneError as e:
             raise InvalidRequestError(str(e)) from e
+        names = [vin, *(e.serial for e in ecus), *(e.hardware_id for e in ecus)]
+        if any(_IDENT_RE.match(name) is None for name in names):  # e.g. a trailing newline
+            raise InvalidRequestError("identifiers are letters, digits and ._:- only")
         if not 1 <= len(ecus) <= MAX_ECUS:
             raise InvalidRequestError(f"a vehicle needs 1-{MAX_ECUS} ECUs")
         if sum(1 for e in ecus if e.primary) != 1:
@@ -110,12 +114,62 @@ class Inventory(DirectorRepository):
                     )
                 session.add(vehicle)
                 session.flush()
-                self._sign_vehicle(session, vehicle, now)
+                self._sign_vehicle(session, vehicle, now, new=True)
                 status = self._statuses(session, [vehicle])[0]
         except IntegrityError as e:  # a concurrent registration won the race
             raise AlreadyRegisteredError(f"vehicle {vin!r} or one of its ECUs exists") from e
         logger.info("registered vehicle %s with %d ECUs", vin, len(ecus))
         return status
+
+    def reset_report_counter(
+        self, vin: str, serial: str, *, reason: str, actor: str = "operator"
+    ) -> AuditInfo:
+        """Forget an ECU's last report counter, with an audit entry (5.4.2.1).
+
+        For an ECU that was reflashed (its counter starts again) or whose
+        counter a compromised ECU jammed (say 2^63-1): until then the Director
+        leaves its reports out of every manifest and records them as attacks.
+        The ECU's next report sets the counter again; its report time floor
+        stays.
+        """
+        reason = reason.strip()
+        if not 1 <= len(reason) <= 500:
+            raise InvalidRequestError("give a reason of 1-500 characters")
+        now = self.clock()
+        with self.db.transaction(write=True) as session:
+            vehicle = self._vehicle(session, vin, lock=True)
+            ecu = session.scalars(
+                select(Ecu).where(Ecu.vehicle_id == vehicle.id, Ecu.serial == serial)
+            ).first()
+            if ecu is None:
+                raise UnknownEcuSerialError(f"vehicle {vin} has no ECU {serial[:130]!r}")
+            entry = AuditEntry(
+                at=now,
+                actor=actor[:64],
+                action="reset_report_counter",
+                vin=vin,
+                ecu_serial=serial,
+                detail={"previous_counter": ecu.last_report_counter, "reason": reason},
+            )
+            ecu.last_report_counter = None
+            session.add(entry)
+            session.flush()
+            info = _audit_info(entry)
+        logger.warning(
+            "%s reset the report counter of ECU %s of %s (was %s): %s",
+            info.actor,
+            serial,
+            vin,
+            info.detail["previous_counter"],
+            reason,
+        )
+        return info
+
+    def audit_log(self, limit: int = 1000) -> list[AuditInfo]:
+        """The latest ``limit`` audit entries, newest first."""
+        with self.db.transaction() as session:
+            rows = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+            return [_audit_info(e) for e in rows]
 
     def list_vehicles(self) -> list[VehicleStatus]:
         """Every vehicle's status (a few bulk queries per 500 vehicles)."""
@@ -214,3 +268,7 @@ class Inventory(DirectorRepository):
             )
             for v in vehicles
         ]
+
+
+def _audit_info(e: AuditEntry) -> AuditInfo:
+    return AuditInfo(e.id, e.at, e.actor, e.action, e.vin, e.ecu_serial, dict(e.detail))

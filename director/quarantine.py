@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from director.db import Assignment, DetectedAttack, Vehicle
 from director.errors import DirectorError, InvalidRequestError
-from director.fleet_db import AuditEntry, QuarantineEntry, SeenImage
+from director.fleet_db import FleetAuditEntry, QuarantineEntry, SeenImage
 from director.signing import DirectorRepository
 from uptane.errors import ATTACK_REPLAYED_REPORT, ATTACK_SPOOFED_MESSAGE
 from uptane.manifest import EcuVersionReport, InstalledImage
@@ -216,7 +216,7 @@ class QuarantineControl(DirectorRepository):
             entry.released_by = actor
             # what it runs now is accepted from here on
             session.add(
-                AuditEntry(
+                FleetAuditEntry(
                     at=now,
                     actor=actor,
                     action="quarantine_release",
@@ -234,10 +234,12 @@ class QuarantineControl(DirectorRepository):
                 if session.get(SeenImage, (ecu.id, digest)) is None:
                     session.add(SeenImage(ecu_id=ecu.id, digest=digest))
 
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+    def fleet_audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest ``limit`` audit entries, newest first."""
         with self.db.transaction() as session:
-            rows = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+            rows = session.scalars(
+                select(FleetAuditEntry).order_by(FleetAuditEntry.id.desc()).limit(limit)
+            )
             return [
                 {
                     "at": r.at,

@@ -7,7 +7,7 @@ never see database rows; also the states an assignment row goes through.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -101,6 +101,21 @@ class ManifestReceipt:
     metadata_version: int
     completed: tuple[AssignmentInfo, ...] = ()
     attacks: tuple[AttackInfo, ...] = ()
+    # secondaries' reports left out of the record (not fresh), with the reason
+    refused_reports: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditInfo:
+    """One audit log entry: an operator action on a check (``director.db.AuditEntry``)."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    vin: str | None
+    ecu_serial: str | None
+    detail: Mapping[str, Any]
 
 
 def _assignment_info(a: Assignment, vin: str, serial: str) -> AssignmentInfo:

@@ -1,26 +1,170 @@
-"""Running the Director under uvicorn (DESIGN 6).
+"""Running the Director under uvicorn: the HTTP protocol and the limits on hostile clients.
 
-``NoDelayH11Protocol`` turns Nagle's algorithm off on every connection.
-asyncio only does that for sockets it creates itself; uvicorn binds the
-listening socket itself when it runs several worker processes, and then each
-keep-alive request stalls for the peer's delayed ACK (about 40 ms on Linux).
+The Director serves a fleet, so every connection is a possible attacker
+(DESIGN 6; issue 12). ``DirectorProtocol`` is uvicorn's httptools protocol
+(on uvloop: the lowest server CPU per request of the stacks measured, see
+``docs/director-scale.md``) with:
+
+- TCP_NODELAY on every connection (asyncio only sets it on sockets it
+  creates itself; with ``--workers`` uvicorn binds the socket, and every
+  keep-alive request would stall for the peer's delayed ACK);
+- a header timeout: a request's headers must be complete within
+  ``header_timeout`` of its first byte, and a new connection must send them
+  within that time too (slowloris, idle connections);
+- a cap on header bytes (``max_header_bytes``: 431);
+- at most ``max_connections`` open connections per process: the next ones
+  are closed at once;
+- uvicorn's keep-alive timeout between requests;
+- errors of the HTTP layer as JSON like every other Director answer.
+
+Body read timeouts and the in-flight body memory budget are in
+``director.app.GuardMiddleware`` (they need the ASGI view of the body).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+from dataclasses import dataclass
+from typing import ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-process limits on connections (seconds and bytes)."""
+
+    header_timeout: float = 10.0
+    max_header_bytes: int = 65_536
+    max_connections: int = 1000
+    keep_alive_timeout: float = 5.0
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # e.g. the peer is already gone
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _json_answer(status: int, reason: str, error: str, detail: str) -> bytes:
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class DirectorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the Director's connection limits."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+
+    _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes = 0  # bytes received since the request began, while in its headers
+    _header_size = 0  # bytes of the request line and headers parsed
+    _headers_too_large = False
+    _in_headers = True
+
+    @classmethod
+    def configure(cls, limits: ConnectionLimits) -> None:
+        """Set the limits of every connection this process accepts from now on."""
+        cls.limits = limits
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        _nodelay(transport)
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            transport.close()  # over the limit: no request is read from it
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)  # the body may follow the headers in the same read
+        if (
+            self._in_headers
+            and self._header_bytes > self.limits.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._answer_and_close(
+                431, "Request Header Fields Too Large", "too_large", "request headers too large"
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
+        self._header_size = 0
+        self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._header_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._cancel_header_timer()
+        if self._header_size > self.limits.max_header_bytes:
+            # raising stops the parser: httptools turns it into HttpParserCallbackError,
+            # which uvicorn answers with send_400_response
+            self._headers_too_large = True
+            raise ValueError("request headers too large")
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._headers_too_large:
+            self._answer_and_close(
+                431, "Request Header Fields Too Large", "too_large", "request headers too large"
+            )
+        else:
+            self._answer_and_close(400, "Bad Request", "malformed", msg)
+
+    # --- internals -------------------------------------------------------------
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self._answer_and_close(
+                408, "Request Timeout", "timeout", "request headers not received in time"
+            )
+        else:
+            self.transport.close()
+
+    def _answer_and_close(self, status: int, reason: str, error: str, detail: str) -> None:
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_json_answer(status, reason, error, detail))
+            self.transport.close()
 
 
 class NoDelayH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with TCP_NODELAY set on the connection."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):  # e.g. the peer is already gone
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _nodelay(transport)
         super().connection_made(transport)

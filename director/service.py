@@ -24,17 +24,19 @@ from datetime import timedelta
 from securesystemslib.signer import Signer
 
 from director.assignments import Assignments, ImageLookup
+from director.bulk import BulkImport, ImportResult, VehicleRecord
 from director.config import DEFAULT_REPORT_TIME_TOLERANCE, DirectorConfig
 from director.db import Database
 from director.fleet import FleetControl
 from director.intake import ManifestIntake
-from director.inventory import MAX_ECUS, Inventory, check_ecu_key
+from director.inventory import MAX_ECUS, check_ecu_key
 from director.records import (
     INSTALLED,
     PENDING,
     SUPERSEDED,
     AssignmentInfo,
     AttackInfo,
+    AuditInfo,
     EcuSpec,
     EcuStatus,
     InstallResultInfo,
@@ -54,18 +56,21 @@ __all__ = [
     "SUPERSEDED",
     "AssignmentInfo",
     "AttackInfo",
+    "AuditInfo",
     "Director",
     "EcuSpec",
     "EcuStatus",
     "ImageLookup",
+    "ImportResult",
     "InstallResultInfo",
     "ManifestReceipt",
+    "VehicleRecord",
     "VehicleStatus",
     "check_ecu_key",
 ]
 
 
-class Director(FleetControl, Inventory, Assignments, ManifestIntake):
+class Director(FleetControl, BulkImport, Assignments, ManifestIntake):
     """The Director repository and inventory (DESIGN 6), without HTTP.
 
     ``signers`` are the online keys (targets, snapshot, timestamp); root keys

@@ -28,7 +28,7 @@ from tuf.api.serialization import DeserializationError
 from director.db import Assignment, Database, Ecu, MetadataFile, RootMetadata, Vehicle
 from director.errors import NotFoundError, NotInitialisedError, UnknownVehicleError
 from director.records import PENDING
-from director.store import FILENAME_RE, DBMetadataStore, latest_root, read_root_file
+from director.store import FILENAME_RE, DBMetadataStore, latest_root
 from uptane import der_metadata
 from uptane.errors import ConfigError
 from uptane.metadata import ECU_SERIAL, set_vehicle_id
@@ -40,8 +40,11 @@ logger = logging.getLogger("director.service")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 # Key of the PostgreSQL advisory lock that serializes root imports.
 _ROOT_LOCK = 0x5550_526F_6F74
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json\Z")
+# ``N.root.json`` / ``N.root.der`` / ``root.json``; versions are 32-bit columns
+_ROOT_NAME_RE = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z")
+_MAX_INT32 = 2**31 - 1
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
 # Statements of the check-in path, built once: a statement object memoises its
@@ -204,10 +207,24 @@ class DirectorRepository:
             now,
         )
 
-    def _sign_vehicle(self, session: Session, vehicle: Vehicle, now: datetime) -> None:
-        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2)."""
-        root_version, root = self._current_root(session)
-        store = DBMetadataStore(session, vehicle.id, now)
+    def _sign_vehicle(
+        self,
+        session: Session,
+        vehicle: Vehicle,
+        now: datetime,
+        *,
+        new: bool = False,
+        current_root: tuple[int, Root] | None = None,
+        root_files: dict[str, bytes | None] | None = None,
+    ) -> None:
+        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2).
+
+        ``new``: the vehicle was just added (no files, no assignments yet);
+        ``current_root``: ``_current_root(session)`` if the caller has it;
+        ``root_files``: root files already read in this transaction (filled in).
+        """
+        root_version, root = current_root or self._current_root(session)
+        store = DBMetadataStore(session, vehicle.id, now, new=new, buffered=True, roots=root_files)
         e = self.metadata_expiry
         repo = SigningRepository(
             store=store,
@@ -215,12 +232,16 @@ class DirectorRepository:
             expiry=ExpiryPolicy(targets=e, snapshot=e, timestamp=e),
             clock=lambda: now,
         )
-        pending = session.execute(
-            select(Assignment, Ecu.serial)
-            .join(Ecu, Assignment.ecu_id == Ecu.id)
-            .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
-            .order_by(Assignment.id)
-        ).all()
+        pending = (
+            []
+            if new
+            else session.execute(
+                select(Assignment, Ecu.serial)
+                .join(Ecu, Assignment.ecu_id == Ecu.id)
+                .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
+                .order_by(Assignment.id)
+            ).all()
+        )
         with repo.edit_targets() as targets:
             targets.targets = {}
             for a, serial in pending:
@@ -251,6 +272,7 @@ class DirectorRepository:
         # keep the previous version for clients that fetched the old timestamp
         store.prune(Targets.type, version - 1)
         store.prune(Snapshot.type, snapshot_version - 1)
+        store.flush()
 
         vehicle.targets_version = version
         vehicle.root_version = root_version
@@ -270,6 +292,8 @@ class DirectorRepository:
         if _IDENT_RE.match(vin) is None:
             raise UnknownVehicleError(f"no vehicle {vin[:130]!r} is registered")
         version, role, ext = m.groups()
+        if version is not None and int(version) > _MAX_INT32:  # versions are 32-bit columns
+            raise NotFoundError(f"no metadata file {filename!r}")
         if role == Root.type:
             latest = select(func.max(RootMetadata.version)).scalar_subquery()
             col = RootMetadata.data if ext == "json" else RootMetadata.der
@@ -309,8 +333,19 @@ class DirectorRepository:
 
     def root_file(self, filename: str) -> bytes:
         """``N.root.json`` / ``N.root.der`` of the shared Director root chain."""
-        with self.db.transaction() as session:
-            data = read_root_file(session, filename)
+        m = _ROOT_NAME_RE.match(filename)
+        data = None
+        if m is not None:
+            version, ext = m.groups()
+            col = RootMetadata.data if ext == "json" else RootMetadata.der
+            wanted = (
+                select(func.max(RootMetadata.version)).scalar_subquery()
+                if version is None
+                else int(version)
+            )
+            if version is None or int(version) <= _MAX_INT32:
+                row = self.db.read_one(select(col).where(RootMetadata.version == wanted))
+                data = None if row is None or row[0] is None else bytes(row[0])
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data

@@ -137,7 +137,7 @@ def test_campaign_halts_when_a_rule_is_broken(env: Env, rule: str, result: str) 
     assert [pending(env, car) for car in cars] == [[], [], []]
     assert tick(env, c.name, t0 + timedelta(days=2)).status == HALTED
     assert env.director.campaign(c.name).totals()["assigned"] == 0  # cancelled, not counted
-    actions = [e["action"] for e in env.director.audit_log() if e["subject"] == c.name]
+    actions = [e["action"] for e in env.director.fleet_audit_log() if e["subject"] == c.name]
     assert actions[0] == "campaign_halt"
 
 
@@ -186,7 +186,9 @@ def test_pause_resume_abort(env: Env) -> None:
     assert [pending(env, car) for car in cars] == [[], []]  # withdrawn
     with pytest.raises(CampaignStateError):
         env.director.resume_campaign(c.name)
-    log = [(e["actor"], e["action"]) for e in env.director.audit_log() if e["subject"] == c.name]
+    log = [
+        (e["actor"], e["action"]) for e in env.director.fleet_audit_log() if e["subject"] == c.name
+    ]
     assert ("alice", "campaign_pause") in log and ("bob", "campaign_abort") in log
 
 
@@ -232,9 +234,15 @@ def test_migrations_create_the_fleet_tables(env: Env) -> None:
 
     with env.db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0004"
         tables = set(conn.dialect.get_table_names(conn))
-    assert {"campaigns", "campaign_vehicles", "quarantines", "ecu_health", "audit_log"} <= tables
+    assert {
+        "campaigns",
+        "campaign_vehicles",
+        "quarantines",
+        "ecu_health",
+        "fleet_audit_log",
+    } <= tables
 
 
 def test_halt_rolls_back_installed_vehicles_when_the_campaign_says_so(env: Env) -> None:
@@ -259,7 +267,7 @@ def test_halt_rolls_back_installed_vehicles_when_the_campaign_says_so(env: Env) 
     assert c.status == HALTED
     # the canaries that installed get the previous release back; the rest is untouched
     assert [pending(env, car) for car in cars] == [[previous], [previous], []]
-    log = [e for e in env.director.audit_log() if e["subject"] == c.name]
+    log = [e for e in env.director.fleet_audit_log() if e["subject"] == c.name]
     assert log[0]["action"] == "campaign_rollback"
 
 

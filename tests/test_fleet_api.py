@@ -51,7 +51,7 @@ def test_campaign_api(env: Env) -> None:
     r = env.op.post(f"/api/campaigns/{doc['name']}/pause")
     assert (r.status_code, r.json()["error"]) == (409, "campaign_state")
     assert env.op.post(f"/api/campaigns/{doc['name']}/abort").json()["status"] == "aborted"
-    audit = env.op.get("/api/audit").json()
+    audit = env.op.get("/api/audit/fleet").json()
     assert any(e["actor"] == "carol" and e["action"] == "campaign_pause" for e in audit)
     r = env.op.put(f"/api/vehicles/{cars[0].vin}/attributes", json={"trim": "sport"})
     assert r.json() == {"trim": "sport"}
@@ -127,7 +127,7 @@ def test_unassigned_image_quarantines_the_vehicle_until_released(env: Env) -> No
     )
     assert r.status_code == 200 and r.json()["released_by"] == "erin"
     assert car.vin not in {q.vin for q in env.director.list_quarantined()}
-    audit = env.director.audit_log()
+    audit = env.director.fleet_audit_log()
     assert any(
         e["action"] == "quarantine_release"
         and e["subject"] == car.vin

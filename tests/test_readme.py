@@ -237,6 +237,8 @@ def test_config_doc_names_every_field() -> None:
     names |= {f.name for f in fields(CanBusConfig)}
     names |= {"serial", "public_key", "request_id", "response_id", "ids", "bus", "can"}
     names |= {"slot_dir", "max_time_ahead_seconds", "vin", "key", "uri", "public"}
+    names |= {"primary_key", "ceilings", "delta_memory_bytes"}
+    names |= {"fuel_per_call", "self_test_fuel", "memory_pages", "call_seconds"}
     names |= {"repositories", "mapping", "paths", "threshold", "terminating"}
     names |= set(DirectorConfig(directory=Path("d"), token="t").to_dict())
     missing = sorted(n for n in names if f"`{n}`" not in doc and f".{n}`" not in doc)

@@ -5,10 +5,10 @@ Issue 14: phased campaigns with halt rules (``campaigns``,
 (``vehicle_attributes``), quarantined vehicles (``quarantines``) and the
 images each ECU legitimately ran (``ecu_seen_images``), the health part of
 each ECU's last report (``ecu_health``), and operator actions
-(``audit_log``). Only new tables: existing rows are untouched.
+(``fleet_audit_log``). Only new tables: existing rows are untouched.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-27
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -98,7 +98,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("ecu_id"),
     )
     op.create_table(
-        "audit_log",
+        "fleet_audit_log",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("at", sa.DateTime(), nullable=False),
         sa.Column("actor", sa.String(128), nullable=False),
@@ -110,7 +110,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
-        "audit_log",
+        "fleet_audit_log",
         "ecu_health",
         "ecu_seen_images",
         "quarantines",
