@@ -410,3 +410,43 @@ def test_paced_node_sleeps_its_wire_time(classic: Rig) -> None:
     # the primary sent FF + 14 CFs: 111 + 13 * 111 + 79 bits at 500 kbit/s
     assert primary.bus.paced_time == pytest.approx(1633 / 500_000)
     assert CanTiming(500_000).bitrate == classic.bus_config.timing.bitrate
+
+
+# --- one scheduler for every stack ---------------------------------------------------------
+
+
+def test_thread_count_does_not_grow_with_ecus(rig: Rig) -> None:
+    """50 secondaries on 10 buses, all served and asked at once: the CAN side of the
+    process runs one scheduler and a bounded handler pool, not threads per stack or bus."""
+    import threading
+
+    from ecus.transport.scheduler import HANDLER_THREADS
+
+    rig.pair()[0].request(b"warm-up")  # the shared scheduler and its pool exist now
+    before = threading.active_count()
+    links = []
+    for bus in range(10):
+        channel = f"{rig.channel}-{bus}"
+        sub = Rig(fd=rig.fd, channel=channel, stack=rig.stack)
+        primary = sub.node()
+        for k in range(5):
+            config = sub.config(0x600 + 2 * k, 0x601 + 2 * k)
+            links.append((sub.pair(tagged(bytes([k])), config=config, primary=primary)[0], k))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda lk: (lk[0].request(payload(200)), lk[1]), links))
+    assert all(r == bytes([k]) + digest(payload(200)) for r, k in results)
+    # 4 askers, and at most the handler pool's threads started by now
+    assert threading.active_count() - before <= 4 + HANDLER_THREADS
+
+
+def test_timeout_names_the_bus_and_says_virtual_is_in_process_only(rig: Rig) -> None:
+    config = rig.bus_config
+    node = rig.stack.enter_context(CanNode.open(config))
+    link = node.link(rig.config(fc_timeout=0.1))
+    with pytest.raises(TransportTimeout) as err:
+        link.request(payload(300), timeout=2.0)  # nobody sends flow control
+    assert f"virtual:{config.channel}" in str(err.value)
+    assert "in-process only" in str(err.value)
+    with pytest.raises(TransportTimeout) as err:
+        link.request(b"short", timeout=0.2)  # a single frame nobody answers
+    assert f"virtual:{config.channel}" in str(err.value)
