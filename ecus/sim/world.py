@@ -188,7 +188,8 @@ class SimVehicle:
         clock: Callable[[], datetime] | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        self.world = world
+        # a WorldView in a worker process of a sharded run, where no scenario runs
+        self.world: World = world  # type: ignore[assignment]
         self.vin = vin
         self.fd = fd
         self.clock = clock or world.clock
@@ -465,6 +466,8 @@ class WorldView:
 
 class World(WorldView):
     """An Image repository and a Director on loopback, plus the vehicles built on them."""
+
+    director: Director
 
     def __init__(
         self,

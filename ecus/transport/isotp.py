@@ -65,7 +65,12 @@ class CanBusConfig:
     """How to open a node's python-can bus: any interface python-can knows.
 
     ``bitrate``/``data_bitrate`` are passed to the interface (ignored by the
-    virtual one) and used for bus accounting and pacing.
+    virtual one) and used for bus accounting and pacing. ``virtual`` connects
+    the nodes of one process only; ECUs in separate processes share
+    ``udp_multicast`` (channel: a multicast group such as ``239.74.163.2``,
+    ``options``: ``{"port": ...}``; opened with TTL 0 so that frames stay on
+    this host unless ``options`` say otherwise) or, on Linux, ``socketcan``
+    (``vcan0`` or a real controller).
     """
 
     interface: str = "virtual"
@@ -84,6 +89,8 @@ class CanBusConfig:
         kwargs: dict[str, Any] = {"receive_own_messages": False, "bitrate": self.bitrate}
         if self.fd:
             kwargs.update(fd=True, data_bitrate=self.data_bitrate)
+        if self.interface == "udp_multicast":
+            kwargs["hop_limit"] = 0  # TTL 0: the frames never leave this host
         kwargs.update(self.options)
         try:
             return can.Bus(interface=self.interface, channel=self.channel, **kwargs)
