@@ -54,6 +54,7 @@ from .base import (
     SecondaryEndpoint,
     SecondaryLink,
 )
+from .buswrap import BusWrapper
 from .faults import BusOffCanError
 from .scheduler import TX_BUDGET, CanScheduler, drive, timer_deadline
 
@@ -253,8 +254,10 @@ class _Port:
             if self._closing:
                 self.inbox.clear()
                 return None
-            received, more = drive(self.stack, TX_BUDGET)
+            received, more, resume = drive(self.stack, TX_BUDGET, self.node.pacer)
             deadline = timer_deadline(self.stack)
+            if resume is not None and (deadline is None or resume < deadline):
+                deadline = resume
         if more:
             self.node.scheduler.port_ready(self)  # behind the other ready stacks
         if received and self.on_message is not None:
@@ -354,6 +357,13 @@ class CanNode:
         self.pending = False  # queued in the scheduler's ready list
         self.fileno: int | None = None
         self.inbox: collections.deque[can.Message] = collections.deque()  # reader thread only
+        self.pacer: PacedBus | None = None
+        wrapped = bus
+        while isinstance(wrapped, BusWrapper):
+            if isinstance(wrapped, PacedBus):
+                wrapped.blocking = False  # the scheduler holds the sender back instead
+                self.pacer = wrapped
+            wrapped = wrapped.inner
         self._ports: dict[int, _Port] = {}
         self._members: list[IsoTpLink | IsoTpEndpoint] = []
         self._lock = threading.Lock()

@@ -40,6 +40,7 @@ import can
 from can.interfaces import virtual
 from can.interfaces.virtual import VirtualBus
 
+from .accounting import PacedBus
 from .buswrap import BusWrapper
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 HANDLER_THREADS = 8
 #: Frames one stack sends per pass before the other ready stacks get a turn.
 TX_BUDGET = 64
+#: How far a paced bus may run ahead of the clock before its sender is held back.
+PACE_SLACK = 0.02
 #: is_timed_out() in can-isotp is strict (elapsed > timeout): wake a little after.
 _TIMER_SLACK = 0.0005
 
@@ -293,15 +296,19 @@ def timer_deadline(stack: Any) -> float | None:
     return time.monotonic() + float(min(remaining)) + _TIMER_SLACK
 
 
-def drive(stack: Any, budget: int) -> tuple[bool, bool]:
+def drive(
+    stack: Any, budget: int, pacer: PacedBus | None = None
+) -> tuple[bool, bool, float | None]:
     """One pass of a can-isotp ``TransportLayerLogic``: ``process()`` with a send budget.
 
     The same steps as can-isotp 2.x's ``process(rx_timeout=0)`` (frames in, timers,
     frames out, until neither side asks the other for an immediate pass), except
     that it stops after ``budget`` frames sent: a stack sends a whole block of
     consecutive frames in one ``process()``, and a 256 KiB message would hold
-    the thread (and every other stack's timers) for seconds. Returns (a whole
-    message was received, frames are still to send).
+    the thread (and every other stack's timers) for seconds. With a ``pacer``
+    it also stops while the paced bus is more than ``PACE_SLACK`` ahead of the
+    clock. Returns (a whole message was received, frames are still to send,
+    the time to resume sending at if paced).
     """
     received = False
     sent = 0
@@ -324,6 +331,10 @@ def drive(stack: Any, budget: int) -> tuple[bool, bool]:
             again = True  # start with the new message; receive right after
         stack.rate_limiter.update()
         while True:
+            if pacer is not None:
+                ready = pacer.ready_at()
+                if ready - time.monotonic() > PACE_SLACK:
+                    return received, False, ready
             report = stack._process_tx()
             if report.msg is not None:
                 stack.txfn(report.msg)
@@ -334,8 +345,8 @@ def drive(stack: Any, budget: int) -> tuple[bool, bool]:
             if report.msg is None:
                 break
             if sent >= budget:
-                return received, True
-    return received, False
+                return received, True, None
+    return received, False, None
 
 
 os.register_at_fork(after_in_child=CanScheduler._forget_after_fork)
