@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ecus.sim.runner import FAULTS, FleetConfig, FleetReport, percentile, run_fleet
+from ecus.sim.fleet_faults import FAULTS
+from ecus.sim.runner import FleetConfig, FleetReport, percentile, run_fleet
 from ecus.sim.world import APPS_DIR
 
 

@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from ecus.secondary.slots import PowerCut
+from ecus.sim.fleet_faults import (
+    DELAY_FRAME_SECONDS,
+    FAULTS,
+    FAULTY_INSTALL_TIMEOUT,
+    FAULTY_TIMEOUT,
+    POWER_CUT_POINTS,
+    InjectedFault,
+    PlannedFault,
+)
 from ecus.sim.http import trickle, truncated
 from ecus.sim.world import (
     SimVehicle,
@@ -41,25 +50,6 @@ from ecus.sim.world import (
     image_name,
 )
 from ecus.transport.faults import FrameFault
-
-FAULTS = (
-    "drop-frame",
-    "corrupt-frame",
-    "delay-frame",
-    "bus-off",
-    "power-cut",
-    "slow-http",
-    "truncated-http",
-    "server-restart",
-)
-# A delayed frame is held longer than ISO-TP's own timeouts (N_Bs, N_Cr: 1 s) but
-# shorter than the primary's timeout for a whole answer (FAULTY_TIMEOUT).
-DELAY_FRAME_SECONDS = 1.5
-# Write points where a power cut may strike during an install (ecus.secondary.slots.WRITE_POINTS).
-POWER_CUT_POINTS = ("begin", "chunk", "chunk_state", "finish", "start_trial", "commit")
-# On a vehicle with an injected fault the primary gives up on a silent ECU sooner.
-FAULTY_TIMEOUT = 2.0
-FAULTY_INSTALL_TIMEOUT = 5.0
 
 Log = Callable[[str], None]
 
@@ -91,14 +81,6 @@ class FleetConfig:
             raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
         if not 0.0 < self.fault_fraction <= 1.0:
             raise ValueError("fault_fraction must be in (0, 1]")
-
-
-@dataclass(frozen=True)
-class InjectedFault:
-    vin: str
-    ecu_serial: str
-    fault: str
-    detail: str
 
 
 @dataclass
@@ -289,43 +271,6 @@ class _Watchdog:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-@dataclass(frozen=True)
-class PlannedFault:
-    """Where ``FleetConfig.fault`` strikes one vehicle (drawn once, for the whole fleet)."""
-
-    vin: str
-    fault: str
-    nth: int = 0
-    byte: int = 0
-    bit: int = 0
-    point: str = ""
-
-    @property
-    def on_server(self) -> bool:
-        return self.fault in ("slow-http", "truncated-http")
-
-    def injected(self, first_secondary: str) -> InjectedFault:
-        f = self.fault
-        if f == "drop-frame":
-            detail = f"drop frame {self.nth} sent by the secondary"
-        elif f == "corrupt-frame":
-            detail = (
-                f"flip bit {self.bit} of byte {self.byte} of frame {self.nth} sent by the secondary"
-            )
-        elif f == "delay-frame":
-            detail = f"delay frame {self.nth} sent by the secondary by {DELAY_FRAME_SECONDS} s"
-        elif f == "bus-off":
-            detail = "secondary controller bus-off for the first round"
-        elif f == "power-cut":
-            detail = f"power cut at slot write point {self.point!r}"
-        elif f == "slow-http":
-            detail = "Director timestamp.json trickled once (slow retrieval)"
-        else:
-            detail = "Director timestamp.json broken off halfway once (truncated HTTP)"
-        serial = f"{self.vin}-primary" if self.on_server else first_secondary
-        return InjectedFault(self.vin, serial, f, detail)
 
 
 class FleetRun:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ecus.sim.fleet_faults import PlannedFault
 from ecus.sim.runner import (
     EcuState,
     FleetConfig,
@@ -34,7 +35,6 @@ from ecus.sim.runner import (
     FleetRun,
     Log,
     PhaseReport,
-    PlannedFault,
     _Watchdog,
     quiet_logs,
     quiet_power_cuts,
