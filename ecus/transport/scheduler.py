@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 HANDLER_THREADS = 8
 #: Frames one stack sends per pass before the other ready stacks get a turn.
 TX_BUDGET = 64
-#: How far a paced bus may run ahead of the clock before its sender is held back.
-PACE_SLACK = 0.02
+#: How far a paced bus may run ahead of the clock before its sender is held back: the
+#: last frames of a message reach the receiver up to this much before their wire time.
+PACE_SLACK = 0.002
 #: is_timed_out() in can-isotp is strict (elapsed > timeout): wake a little after.
 _TIMER_SLACK = 0.0005
 
