@@ -60,6 +60,10 @@ class ShardFailed(RuntimeError):
     """A worker process failed or exited before answering."""
 
 
+# what the command pipe raises once the coordinator has gone
+_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
 def _serve(conn: multiprocessing.connection.Connection, spec: ShardSpec) -> None:
     """Worker process: build the shard's vehicles, then answer the coordinator's commands."""
     orphaned = False
@@ -78,7 +82,7 @@ def _serve(conn: multiprocessing.connection.Connection, spec: ShardSpec) -> None
             while True:
                 try:
                     command, arg = conn.recv()
-                except (EOFError, OSError):
+                except _GONE:
                     orphaned = True
                     break
                 if command == "rollout":
@@ -90,9 +94,13 @@ def _serve(conn: multiprocessing.connection.Connection, spec: ShardSpec) -> None
                     conn.send(("finish", ([asdict(e) for e in report.ecus], dict(run._attacks))))
                 else:  # "close"
                     break
+        except _GONE:  # the pipe broke under a send: the coordinator is gone
+            orphaned = True
         except Exception:
-            with contextlib.suppress(OSError, EOFError, BrokenPipeError):
+            try:
                 conn.send(("error", traceback.format_exc()))
+            except _GONE:
+                orphaned = True
     if orphaned and spec.cleanup is not None:
         shutil.rmtree(spec.cleanup, ignore_errors=True)
 
