@@ -14,7 +14,10 @@ each stack only when there is something to do:
   timeout, or its STmin before the next consecutive frame).
 
 Nothing polls: the thread sleeps in ``select`` until a wake-up or the earliest
-deadline. Complete requests of a served endpoint are handed to a small,
+deadline. A stack sends at most ``TX_BUDGET`` frames per pass before the other
+ready stacks get theirs (a receiver's N_Cr timer must not run out while its
+sender holds the thread), and a stack on a ``PacedBus`` is held back, not
+slept, while the bus is ahead of the clock. Complete requests of a served endpoint are handed to a small,
 bounded pool of handler threads, so a process runs ``1 + HANDLER_THREADS``
 threads for the CAN side however many ECUs it simulates.
 """
