@@ -71,11 +71,23 @@ def keygen(directory: Path, name: str) -> None:
 
 def _bus_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--interface", default=None, help="python-can interface (socketcan, virtual)"),
+        click.option(
+            "--interface",
+            default=None,
+            help="python-can interface: socketcan, udp_multicast (across processes), "
+            "virtual (in this process only)",
+        ),
         click.option("--channel", default=None, help="CAN channel (can0, vcan0, a virtual name)"),
         click.option("--fd/--classic", default=None, help="CAN FD (64-byte frames) or classic"),
         click.option("--bitrate", type=int, default=None, help="nominal bit rate"),
         click.option("--data-bitrate", type=int, default=None, help="CAN FD data bit rate"),
+        click.option(
+            "--bus-option",
+            "options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="python-can interface option, e.g. port=43113 for udp_multicast (repeatable)",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -83,7 +95,14 @@ def _bus_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _override(bus: CanBusConfig, **given: Any) -> CanBusConfig:
-    return replace(bus, **{k: v for k, v in given.items() if v is not None})
+    options = dict(bus.options)
+    for item in given.pop("options", ()) or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--bus-option")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    changed = {k: v for k, v in given.items() if v is not None}
+    return replace(bus, options=options, **changed)
 
 
 @dataclass(frozen=True)

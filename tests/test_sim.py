@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +173,47 @@ def test_fixture_world_is_shared_and_vehicles_closed(
     vehicle = sim_vehicle(1, vin="FIXTUREVIN000001")
     assert vehicle.vin == "FIXTUREVIN000001"
     assert sim_world.director.vehicle_status(vehicle.vin).vin == vehicle.vin
+
+
+# --- sharded runs ------------------------------------------------------------------------
+
+
+def test_sharded_run_merges_every_worker() -> None:
+    code, report, output = sim(
+        "--vehicles", "3", "--secondaries", "2", "--workers", "2", "--update-to", "2",
+        "--fault", "bus-off", "--fault-fraction", "0.3",
+    )  # fmt: skip
+    assert code == 0, output
+    assert report["config"]["workers"] == 2
+    # vehicles 1 and 3 ran in one worker, vehicle 2 in the other: all are in the summary
+    assert [e["vin"] for e in report["ecus"]] == [f"SIMVIN{i:011d}" for i in (1, 1, 2, 2, 3, 3)]
+    assert report["ecus_updated"] == report["ecus_total"] == 6
+    v1, v2 = report["phases"]
+    assert v1["total"] == v2["total"] == 6 and v1["updated"] == v2["updated"] == 6
+    # the bus-off fault, planned by the coordinator, struck in its vehicle's worker
+    (fault,) = report["faults"]
+    assert v1["failed_cycles"] == 1 and v1["rounds"] == 2
+    assert any(fault["ecu_serial"] in line for line in report["failures"])
+    assert report["timings"]["cycles"] == 3 + 1 + 3
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killed_run_leaves_no_temporary_directory(tmp_path: Path, sig: str) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("uptane")), "sim", "--vehicles", "2", "--secondaries", "1",
+         "--workers", "2", "--update-to", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # until the workers are up and the run is under way
+        if "worker processes" in line:
+            break
+    assert list(tmp_path.glob("uptane-sim-*")), "the run made its directory"
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    for _ in range(300):  # the orphaned workers clean up after a SIGKILL
+        if not list(tmp_path.glob("uptane-sim-*")):
+            break
+        time.sleep(0.1)
+    assert not list(tmp_path.glob("uptane-sim-*"))

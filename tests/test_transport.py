@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import can
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ecus.transport.accounting import (
     BusAccounting,
@@ -17,6 +19,7 @@ from ecus.transport.accounting import (
     FrameBits,
     IsoTpFrames,
     PacedBus,
+    _crc15,
     classic_frame_bits,
     fd_frame_bits,
     fd_length,
@@ -203,6 +206,46 @@ def test_fd_length_rounding() -> None:
         fd_length(65)
 
 
+def test_crc15_matches_the_can_check_value() -> None:
+    bits = [(byte >> (7 - i)) & 1 for byte in b"123456789" for i in range(8)]
+    assert _crc15(bits) == 0x059E  # CRC-15/CAN check value
+
+
+def test_exact_stuffing_of_known_frames() -> None:
+    # id 0, no data: SOF + 11 + RTR + IDE + r0 + DLC = 19 zero bits, CRC-15 of zeros = 0:
+    # 34 zeros, one stuff bit after every five (a stuff bit starts the next run) = 6
+    zeros = can.Message(arbitration_id=0, data=b"", is_extended_id=False)
+    assert frame_bits(zeros, stuffing="exact") == FrameBits(nominal=34 + 6 + 13)
+    assert frame_bits(zeros, stuffing="none").total == 47
+    # alternating bits need no stuffing until the CRC
+    alternating = can.Message(arbitration_id=0x2AA, data=b"\x55" * 8, is_extended_id=False)
+    assert 111 <= frame_bits(alternating, stuffing="exact").total < 135
+    # CAN FD: 64 zero bytes; stuff bits before the BRS sample point stay nominal
+    fd = can.Message(
+        arbitration_id=0, data=bytes(64), is_extended_id=False, is_fd=True, bitrate_switch=True
+    )
+    bits = frame_bits(fd, stuffing="exact")
+    # SOF, id, RRS, IDE = 14 zeros, then FDF=1 res=0 BRS=1: 2 stuff bits, at the nominal rate
+    assert bits.nominal == 30 + 2
+    # ESI + DLC 1111 + 512 zero bits: the run continues from res/BRS (0, 1)
+    assert bits.data > 549 and bits.data < 678
+
+
+@given(
+    ident=st.integers(0, 0x7FF),
+    data=st.binary(min_size=0, max_size=64),
+    brs=st.booleans(),
+)
+def test_exact_stuffing_lies_between_none_and_worst(ident: int, data: bytes, brs: bool) -> None:
+    fd = len(data) > 8
+    msg = can.Message(
+        arbitration_id=ident, data=data, is_extended_id=False, is_fd=fd, bitrate_switch=brs
+    )
+    none, exact, worst = (frame_bits(msg, stuffing=k) for k in ("none", "exact", "worst"))
+    assert none.nominal <= exact.nominal <= worst.nominal
+    assert none.data <= exact.data <= worst.data
+
+
 def test_fd_frame_bits() -> None:
     # 17 + 13 = 30 bits at the nominal rate; data phase 32 + 8n (CRC-17) / 37 + 8n (CRC-21)
     assert fd_frame_bits(64) == FrameBits(nominal=30, data=549)
@@ -246,7 +289,7 @@ def test_isotp_frame_counts() -> None:
 
 
 def test_accounting_counts_kinds_ids_and_bits() -> None:
-    acct = BusAccounting(CanTiming(500_000))
+    acct = BusAccounting(CanTiming(500_000), stuffing="none")
     frames = [
         can.Message(arbitration_id=0x701, data=b"\x10\x64" + bytes(6), is_extended_id=False),
         can.Message(arbitration_id=0x709, data=b"\x30\x00\x00", is_extended_id=False),
@@ -363,7 +406,14 @@ def test_fault_plan_is_validated() -> None:
 def test_paced_bus_accounts_wire_time(buses: tuple[can.BusABC, can.BusABC]) -> None:
     sender, receiver = buses
     with PacedBus(sender, CanTiming(1_000_000)) as paced:
-        for i in range(3):
-            paced.send(can.Message(arbitration_id=0x1, data=bytes([i] * 8), is_extended_id=False))
-        assert paced.paced_time == pytest.approx(3 * 111 / 1_000_000)
+        frames = [
+            can.Message(arbitration_id=0x1, data=bytes([i] * 8), is_extended_id=False)
+            for i in range(3)
+        ]
+        for frame in frames:
+            paced.send(frame)
+        # 111 bits each before stuffing; these frames carry stuff bits too (exact by default)
+        bits = sum(frame_bits(f, stuffing="exact").total for f in frames)
+        assert bits > 3 * 111
+        assert paced.paced_time == pytest.approx(bits / 1_000_000)
     assert len(received(receiver)) == 3

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ecus.transport.accounting import BusAccounting, BusStats, CanTiming, PacedBus
+from ecus.transport.accounting import BusAccounting, BusStats, CanTiming, PacedBus, Stuffing
 from ecus.transport.base import Handler
 from ecus.transport.faults import FaultyBus, FrameFault
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint, IsoTpLink
@@ -69,8 +69,8 @@ class Rig:
             bus = PacedBus(bus, self.bus_config.timing)
         return self.stack.enter_context(CanNode(bus))
 
-    def observer(self, worst_case_stuffing: bool = False) -> BusAccounting:
-        acct = BusAccounting(self.bus_config.timing, worst_case_stuffing=worst_case_stuffing)
+    def observer(self, stuffing: Stuffing = "none") -> BusAccounting:
+        acct = BusAccounting(self.bus_config.timing, stuffing=stuffing)
         acct.observe(self.bus_config.open())
         self.stack.callback(acct.close)
         return acct
@@ -345,9 +345,10 @@ def test_closed_link_and_node(classic: Rig) -> None:
 
 def test_accounting_classic_matches_hand_computed_frames(classic: Rig) -> None:
     acct = classic.observer()
-    worst = classic.observer(worst_case_stuffing=True)
+    worst = classic.observer("worst")
+    exact = classic.observer("exact")
     link, _ = classic.pair(lambda _: b"\x01")
-    with acct.transfer() as t, worst.transfer() as tw:
+    with acct.transfer() as t, worst.transfer() as tw, exact.transfer() as te:
         assert link.request(payload(100)) == b"\x01"
     # request: FF (8 bytes, 6 data) + ceil(94 / 7) = 14 CFs (13 full, last 1 + 3 bytes)
     # + 1 FC (3 bytes); response: 1 SF (2 bytes). Bits: 47 + 8 * DLC.
@@ -364,6 +365,9 @@ def test_accounting_classic_matches_hand_computed_frames(classic: Rig) -> None:
     assert t.stats.wire_time == pytest.approx(1767 / 500_000)
     # worst case stuffing: + floor((34 + 8 * DLC - 1) / 4) per frame
     assert tw.stats.bits == 135 + 13 * 135 + 95 + 85 + 75
+    # the actual stuff bits lie in between (and are the accounting's default)
+    assert t.stats.bits < te.stats.bits < tw.stats.bits
+    assert BusAccounting().stuffing == "exact"
 
 
 def test_accounting_counts_flow_control_per_block(classic: Rig) -> None:
@@ -404,9 +408,54 @@ def test_accounting_fd_matches_hand_computed_bits() -> None:
 
 def test_paced_node_sleeps_its_wire_time(classic: Rig) -> None:
     primary = classic.node(paced=True)
+    exact = classic.observer("exact")
     link, _ = classic.pair(lambda _: b"\x01", primary=primary)
     assert link.request(payload(100)) == b"\x01"
     assert isinstance(primary.bus, PacedBus)
-    # the primary sent FF + 14 CFs: 111 + 13 * 111 + 79 bits at 500 kbit/s
-    assert primary.bus.paced_time == pytest.approx(1633 / 500_000)
+    # the primary sent FF + 14 CFs: 111 + 13 * 111 + 79 bits at 500 kbit/s, plus the
+    # stuff bits they actually need
+    exact.drain()
+    sent = exact.stats([REQ])
+    assert sent.bits > 1633
+    assert primary.bus.paced_time == pytest.approx(sent.bits / 500_000)
     assert CanTiming(500_000).bitrate == classic.bus_config.timing.bitrate
+
+
+# --- one scheduler for every stack ---------------------------------------------------------
+
+
+def test_thread_count_does_not_grow_with_ecus(rig: Rig) -> None:
+    """50 secondaries on 10 buses, all served and asked at once: the CAN side of the
+    process runs one scheduler and a bounded handler pool, not threads per stack or bus."""
+    import threading
+
+    from ecus.transport.scheduler import HANDLER_THREADS
+
+    rig.pair()[0].request(b"warm-up")  # the shared scheduler and its pool exist now
+    before = threading.active_count()
+    links = []
+    for bus in range(10):
+        channel = f"{rig.channel}-{bus}"
+        sub = Rig(fd=rig.fd, channel=channel, stack=rig.stack)
+        primary = sub.node()
+        for k in range(5):
+            config = sub.config(0x600 + 2 * k, 0x601 + 2 * k)
+            links.append((sub.pair(tagged(bytes([k])), config=config, primary=primary)[0], k))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda lk: (lk[0].request(payload(200)), lk[1]), links))
+    assert all(r == bytes([k]) + digest(payload(200)) for r, k in results)
+    # 4 askers, and at most the handler pool's threads started by now
+    assert threading.active_count() - before <= 4 + HANDLER_THREADS
+
+
+def test_timeout_names_the_bus_and_says_virtual_is_in_process_only(rig: Rig) -> None:
+    config = rig.bus_config
+    node = rig.stack.enter_context(CanNode.open(config))
+    link = node.link(rig.config(fc_timeout=0.1))
+    with pytest.raises(TransportTimeout) as err:
+        link.request(payload(300), timeout=2.0)  # nobody sends flow control
+    assert f"virtual:{config.channel}" in str(err.value)
+    assert "in-process only" in str(err.value)
+    with pytest.raises(TransportTimeout) as err:
+        link.request(b"short", timeout=0.2)  # a single frame nobody answers
+    assert f"virtual:{config.channel}" in str(err.value)

@@ -28,7 +28,7 @@ import wasmtime
 
 from director.campaigns import ACTIVE, HALTED, CampaignInfo
 from ecus.sim.runner import FleetConfig, FleetReport, FleetRun, Log, quiet_logs, quiet_power_cuts
-from ecus.sim.world import APPS_DIR, SimVehicle, image_name
+from ecus.sim.world import APPS_DIR, SimVehicle, World, image_name
 from uptane.errors import UptaneError
 from uptane.metadata import Limits
 
@@ -124,8 +124,8 @@ class CampaignRun(FleetRun):
                     break
 
     def campaign(self, doc: dict[str, Any], bad: bool) -> CampaignRunReport:
-        assert self.world is not None
         world = self.world
+        assert isinstance(world, World)  # campaign runs are one process (not sharded)
         director = world.director
         start = time.monotonic()
         hws = sorted(set(self.hardware_ids))
@@ -142,7 +142,7 @@ class CampaignRun(FleetRun):
         )
         report = CampaignRunReport(fleet=self.report, bad_payload=bad)
         by_vin = {v.vin: v for v in self.vehicles}
-        with ThreadPoolExecutor(self.config.workers) as pool:
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
             for rnd in range(1, MAX_ROUNDS + 1):
                 report.rounds = rnd
                 reached = [by_vin[v] for v in director.campaign_vehicles(info.name)]

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from ecus.sim.runner import FAULTS, FleetConfig, FleetReport, percentile, run_fleet
+from ecus.sim.fleet_faults import FAULTS
+from ecus.sim.runner import FleetConfig, FleetReport, percentile, run_fleet
 from ecus.sim.world import APPS_DIR
 
 
@@ -19,6 +25,27 @@ class SimFailed(click.ClickException):
     """Some ECU did not reach the target version (exit status 1)."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the temporary directory is removed.
+
+    (SIGKILL cannot be caught: then the worker processes remove it.)
+    """
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise click.Abort(f"killed by signal {signum}")
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner)
+            saved[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _app_versions() -> list[int]:
@@ -37,7 +64,7 @@ def print_summary(console: Console, report: FleetReport) -> None:
     timings.add_column("value", justify="right")
     timings.add_row("vehicles x secondaries", f"{cfg.vehicles} x {cfg.secondaries}")
     timings.add_row("bus", "CAN FD" if cfg.fd else "classic CAN")
-    timings.add_row("workers", str(cfg.workers))
+    timings.add_row("worker processes", str(cfg.workers))
     timings.add_row("world setup", f"{report.setup_seconds:.2f} s")
     timings.add_row("vehicles setup", f"{report.vehicles_seconds:.2f} s")
     for phase in report.phases:
@@ -106,9 +133,16 @@ def print_summary(console: Console, report: FleetReport) -> None:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=2,
+    default=None,
+    help="Worker processes the vehicles are sharded across, all against one Director and "
+    "Image repository [default: one per CPU core].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
     show_default=True,
-    help="Vehicles cycled at once (thread pool).",
+    help="Vehicles each worker process cycles at once.",
 )
 @click.option(
     "--fault",
@@ -157,7 +191,8 @@ def cli(
     paced: bool,
     max_cycles: int,
     update_to: int | None,
-    workers: int,
+    workers: int | None,
+    concurrency: int,
     fault: str | None,
     fault_fraction: float,
     seed: int,
@@ -186,7 +221,8 @@ def cli(
         paced=paced,
         max_cycles=max_cycles,
         update_to=update_to,
-        workers=workers,
+        workers=workers or os.cpu_count() or 1,
+        concurrency=concurrency,
         fault=fault,
         fault_fraction=fault_fraction,
         seed=seed,
@@ -210,7 +246,8 @@ def cli(
 
             run_from_cli(config, campaign_file, bad_payload, base, console, log, as_json)
             return
-        report = run_fleet(config, base, log)
+        with _exit_on_signals():
+            report = run_fleet(config, base, log, cleanup=None if keep else base)
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -31,34 +31,25 @@ from pathlib import Path
 from typing import Any
 
 from ecus.secondary.slots import PowerCut
+from ecus.sim.fleet_faults import (
+    DELAY_FRAME_SECONDS,
+    FAULTS,
+    FAULTY_INSTALL_TIMEOUT,
+    FAULTY_TIMEOUT,
+    POWER_CUT_POINTS,
+    InjectedFault,
+    PlannedFault,
+)
 from ecus.sim.http import trickle, truncated
 from ecus.sim.world import (
     SimVehicle,
     VehicleOutcome,
     World,
+    WorldView,
     hardware_ids_for,
     image_name,
 )
 from ecus.transport.faults import FrameFault
-
-FAULTS = (
-    "drop-frame",
-    "corrupt-frame",
-    "delay-frame",
-    "bus-off",
-    "power-cut",
-    "slow-http",
-    "truncated-http",
-    "server-restart",
-)
-# A delayed frame is held longer than ISO-TP's own timeouts (N_Bs, N_Cr: 1 s) but
-# shorter than the primary's timeout for a whole answer (FAULTY_TIMEOUT).
-DELAY_FRAME_SECONDS = 1.5
-# Write points where a power cut may strike during an install (ecus.secondary.slots.WRITE_POINTS).
-POWER_CUT_POINTS = ("begin", "chunk", "chunk_state", "finish", "start_trial", "commit")
-# On a vehicle with an injected fault the primary gives up on a silent ECU sooner.
-FAULTY_TIMEOUT = 2.0
-FAULTY_INSTALL_TIMEOUT = 5.0
 
 Log = Callable[[str], None]
 
@@ -73,7 +64,8 @@ class FleetConfig:
     paced: bool = False
     max_cycles: int = 5
     update_to: int | None = None
-    workers: int = 2
+    workers: int = 1
+    concurrency: int = 8
     fault: str | None = None
     fault_fraction: float = 0.25
     seed: int = 1
@@ -81,22 +73,14 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.vehicles < 1 or self.secondaries < 1:
             raise ValueError("a fleet needs at least one vehicle with one secondary")
-        if self.max_cycles < 1 or self.workers < 1:
-            raise ValueError("max_cycles and workers must be positive")
+        if self.max_cycles < 1 or self.workers < 1 or self.concurrency < 1:
+            raise ValueError("max_cycles, workers and concurrency must be positive")
         if self.update_to is not None and self.update_to < 2:
             raise ValueError("update_to must be a version above 1")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
         if not 0.0 < self.fault_fraction <= 1.0:
             raise ValueError("fault_fraction must be in (0, 1]")
-
-
-@dataclass(frozen=True)
-class InjectedFault:
-    vin: str
-    ecu_serial: str
-    fault: str
-    detail: str
 
 
 @dataclass
@@ -290,14 +274,27 @@ class _Watchdog:
 
 
 class FleetRun:
-    """A fleet run in steps (``run_fleet`` runs them all)."""
+    """A fleet run in steps (``run_fleet`` runs them all).
 
-    def __init__(self, config: FleetConfig, directory: Path, log: Log | None = None) -> None:
+    ``indices`` (default: all) are the vehicles this run builds and cycles; a
+    shard of a multi-process run (``ecus.sim.shards``) owns some of them and
+    works against a ``WorldView`` of the coordinator's Director and Image repository.
+    """
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        directory: Path,
+        log: Log | None = None,
+        *,
+        indices: Sequence[int] | None = None,
+    ) -> None:
         self.config = config
         self.directory = directory
         self.log = log or (lambda _msg: None)
         self.report = FleetReport(config=config, directory=str(directory))
-        self.world: World | None = None
+        self.world: WorldView | None = None
+        self.indices = list(range(config.vehicles)) if indices is None else list(indices)
         self.vehicles: list[SimVehicle] = []
         self.hardware_ids = hardware_ids_for(config.secondaries)
         self._attacks: Counter[str] = Counter()
@@ -316,8 +313,18 @@ class FleetRun:
         self.log(
             f"world up in {self.report.setup_seconds:.2f}s: image {world.image_url}, director {world.director_url}"
         )
+        self.add_vehicles(world)
+        self.log(
+            f"{len(self.vehicles)} vehicles x {self.config.secondaries} secondaries "
+            f"in {self.report.vehicles_seconds:.2f}s"
+        )
+        return world
+
+    def add_vehicles(self, world: WorldView) -> None:
+        """Build (and register with the Director) this run's vehicles."""
+        self.world = world
         start = time.monotonic()
-        with ThreadPoolExecutor(self.config.workers) as pool:
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
             self.vehicles = list(
                 pool.map(
                     lambda i: world.add_vehicle(
@@ -326,76 +333,96 @@ class FleetRun:
                         fd=self.config.fd,
                         paced=self.config.paced,
                     ),
-                    range(self.config.vehicles),
+                    self.indices,
                 )
             )
         self.report.vehicles_seconds = time.monotonic() - start
-        self.log(
-            f"{len(self.vehicles)} vehicles x {self.config.secondaries} secondaries "
-            f"in {self.report.vehicles_seconds:.2f}s"
-        )
-        return world
 
     # --- faults --------------------------------------------------------------
 
-    def inject_faults(self) -> list[InjectedFault]:
-        """Arm ``config.fault`` on the first secondary of a fraction of the vehicles."""
+    def plan_faults(self) -> list[PlannedFault]:
+        """Choose the vehicles ``config.fault`` strikes, and how (seeded, whole fleet)."""
         fault = self.config.fault
-        if fault is None or fault == "server-restart":  # see rollout()
+        if fault is None or fault == "server-restart":  # see announce()
             return []
-        assert self.world is not None
         rng = random.Random(self.config.seed)
-        count = max(1, math.ceil(self.config.fault_fraction * len(self.vehicles)))
-        chosen = rng.sample(self.vehicles, count)
-        injected = []
-        for vehicle in chosen:
-            serial, sec = next(iter(vehicle.secondaries.items()))
-            for s in vehicle.secondaries.values():
-                if s.client is not None:
-                    s.client.timeout = FAULTY_TIMEOUT
-                    s.client.install_timeout = FAULTY_INSTALL_TIMEOUT
-            if fault == "drop-frame":
-                nth = rng.randint(1, 12)
-                sec.faults.add(FrameFault("drop", nth=nth, direction="tx"))
-                detail = f"drop frame {nth} sent by the secondary"
+        vins = [vin_for(i + 1) for i in range(self.config.vehicles)]
+        count = max(1, math.ceil(self.config.fault_fraction * len(vins)))
+        plan = []
+        for vin in rng.sample(vins, count):
+            if fault in ("drop-frame", "delay-frame"):
+                plan.append(PlannedFault(vin, fault, nth=rng.randint(1, 12)))
             elif fault == "corrupt-frame":
                 nth, byte, bit = rng.randint(1, 12), rng.randint(1, 7), rng.randint(0, 7)
-                sec.faults.add(FrameFault("corrupt", nth=nth, direction="tx", byte=byte, bit=bit))
-                detail = f"flip bit {bit} of byte {byte} of frame {nth} sent by the secondary"
-            elif fault == "delay-frame":
-                nth = rng.randint(1, 12)
-                sec.faults.add(
-                    FrameFault("delay", nth=nth, direction="tx", delay=DELAY_FRAME_SECONDS)
-                )
-                detail = f"delay frame {nth} sent by the secondary by {DELAY_FRAME_SECONDS} s"
-            elif fault == "bus-off":
-                sec.faults.go_bus_off()
-                self._bus_off.append(vehicle)
-                detail = "secondary controller bus-off for the first round"
+                plan.append(PlannedFault(vin, fault, nth=nth, byte=byte, bit=bit))
             elif fault == "power-cut":
-                point = rng.choice(POWER_CUT_POINTS)
-                sec.power_cut_at = point
-                detail = f"power cut at slot write point {point!r}"
-            elif fault == "slow-http":
-                path = f"/vehicles/{vehicle.vin}/metadata/timestamp.json"
-                self.world.director_board.overrides[path] = _once(
-                    self.world.director_board.overrides, path, trickle(b" " * 4096)
+                plan.append(PlannedFault(vin, fault, point=rng.choice(POWER_CUT_POINTS)))
+            else:
+                plan.append(PlannedFault(vin, fault))
+        return plan
+
+    def first_secondary(self, vin: str) -> str:
+        return f"{vin}-{self.hardware_ids[0]}-1"
+
+    def apply_faults(self, plan: Sequence[PlannedFault], *, server: bool = True) -> None:
+        """Arm the planned faults on this run's vehicles (and on the servers, if ``server``)."""
+        mine = {v.vin: v for v in self.vehicles}
+        for planned in plan:
+            vehicle = mine.get(planned.vin)
+            if vehicle is not None:
+                self._arm_vehicle(vehicle, planned)
+            if server and planned.on_server:
+                self._arm_server(planned)
+
+    def _arm_vehicle(self, vehicle: SimVehicle, planned: PlannedFault) -> None:
+        for s in vehicle.secondaries.values():
+            if s.client is not None:
+                s.client.timeout = FAULTY_TIMEOUT
+                s.client.install_timeout = FAULTY_INSTALL_TIMEOUT
+        sec = vehicle.secondaries[self.first_secondary(vehicle.vin)]
+        fault = planned.fault
+        if fault == "drop-frame":
+            sec.faults.add(FrameFault("drop", nth=planned.nth, direction="tx"))
+        elif fault == "corrupt-frame":
+            sec.faults.add(
+                FrameFault(
+                    "corrupt", nth=planned.nth, direction="tx", byte=planned.byte, bit=planned.bit
                 )
-                detail = "Director timestamp.json trickled once (slow retrieval)"
-                serial = vehicle.primary_serial
-            else:  # truncated-http
-                path = f"/vehicles/{vehicle.vin}/metadata/timestamp.json"
-                self.world.director_board.overrides[path] = _once(
-                    self.world.director_board.overrides,
-                    path,
-                    functools.partial(_truncated_metadata, self.world, vehicle.vin),
-                )
-                detail = "Director timestamp.json broken off halfway once (truncated HTTP)"
-                serial = vehicle.primary_serial
-            injected.append(InjectedFault(vehicle.vin, serial, fault, detail))
+            )
+        elif fault == "delay-frame":
+            sec.faults.add(
+                FrameFault("delay", nth=planned.nth, direction="tx", delay=DELAY_FRAME_SECONDS)
+            )
+        elif fault == "bus-off":
+            sec.faults.go_bus_off()
+            self._bus_off.append(vehicle)
+        elif fault == "power-cut":
+            sec.power_cut_at = planned.point
+
+    def _arm_server(self, planned: PlannedFault) -> None:
+        world = self.world
+        assert isinstance(world, World)
+        path = f"/vehicles/{planned.vin}/metadata/timestamp.json"
+        board = world.director_board
+        if planned.fault == "slow-http":
+            board.overrides[path] = _once(board.overrides, path, trickle(b" " * 4096))
+        else:
+            board.overrides[path] = _once(
+                board.overrides, path, functools.partial(_truncated_metadata, world, planned.vin)
+            )
+
+    def record_faults(self, plan: Sequence[PlannedFault]) -> list[InjectedFault]:
+        injected = [p.injected(self.first_secondary(p.vin)) for p in plan]
         self.report.faults.extend(injected)
-        self.log(f"fault {fault} injected on {len(injected)} vehicle(s)")
+        if injected:
+            self.log(f"fault {self.config.fault} injected on {len(injected)} vehicle(s)")
         return injected
+
+    def inject_faults(self) -> list[InjectedFault]:
+        """Arm ``config.fault`` on the first secondary of a fraction of the vehicles."""
+        plan = self.plan_faults()
+        self.apply_faults(plan)
+        return self.record_faults(plan)
 
     # --- cycles --------------------------------------------------------------
 
@@ -406,20 +433,32 @@ class FleetRun:
             self._last[vehicle.vin] = outcome
         return outcome
 
-    def rollout(self, version: int) -> PhaseReport:
-        """Publish and assign ``version`` by hardware id; cycle until every ECU has it."""
-        assert self.world is not None
+    def announce(self, version: int) -> None:
+        """Publish and assign ``version`` by hardware id (the coordinator's part)."""
         world = self.world
-        phase = PhaseReport(version, total=len(self.vehicles) * self.config.secondaries)
-        start = time.monotonic()
+        assert isinstance(world, World)
         hws = sorted(set(self.hardware_ids))
         world.publish(version, hws)
         assigned = world.assign_version(version, hws)
         self.log(f"v{version}: published for {len(hws)} hardware ids, assigned to {assigned} ECUs")
         if self.config.fault == "server-restart":
             self.restart_servers(version)
+
+    def rollout(self, version: int) -> PhaseReport:
+        """Publish and assign ``version`` by hardware id; cycle until every ECU has it."""
+        start = time.monotonic()
+        self.announce(version)
+        phase = self.cycle_phase(version)
+        phase.seconds = time.monotonic() - start
+        self.report.phases.append(phase)
+        return phase
+
+    def cycle_phase(self, version: int) -> PhaseReport:
+        """Cycle this run's vehicles in rounds until every ECU runs ``version``."""
+        phase = PhaseReport(version, total=len(self.vehicles) * self.config.secondaries)
+        start = time.monotonic()
         remaining = list(self.vehicles)
-        with ThreadPoolExecutor(self.config.workers) as pool:
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
             while remaining and phase.rounds < self.config.max_cycles:
                 phase.rounds += 1
                 outcomes = list(pool.map(self._cycle, remaining))
@@ -451,12 +490,11 @@ class FleetRun:
             for v in self.vehicles
             for e in self._last[v.vin].ecus.values()
         )
-        self.report.phases.append(phase)
         return phase
 
     def restart_servers(self, version: int) -> InjectedFault:
         """Restart the Director and Image repository (same storage) before a rollout."""
-        assert self.world is not None
+        assert isinstance(self.world, World)
         self.world.restart_servers()
         fault = InjectedFault(
             vin="*",
@@ -514,8 +552,19 @@ def _failure(version: int, rnd: int, outcome: VehicleOutcome) -> str:
     return f"v{version} round {rnd} {outcome.vin}: " + "; ".join(issues or ["cycle failed"])
 
 
-def run_fleet(config: FleetConfig, directory: Path, log: Log | None = None) -> FleetReport:
-    """Build the fleet in ``directory``, roll out v1 (and ``update_to``), report."""
+def run_fleet(
+    config: FleetConfig, directory: Path, log: Log | None = None, *, cleanup: Path | None = None
+) -> FleetReport:
+    """Build the fleet in ``directory``, roll out v1 (and ``update_to``), report.
+
+    With ``config.workers`` above 1 the vehicles are sharded across that many
+    worker processes (``ecus.sim.shards``; they remove ``cleanup`` should this
+    process be killed); otherwise they run in this one.
+    """
+    if config.workers > 1 and config.vehicles > 1:
+        from ecus.sim.shards import run_sharded
+
+        return run_sharded(config, directory, log, cleanup=cleanup)
     start = time.monotonic()
     run = FleetRun(config, directory, log)
     with contextlib.ExitStack() as stack:

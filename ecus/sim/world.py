@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import wasmtime
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import TargetFile
@@ -178,7 +179,7 @@ class SimVehicle:
 
     def __init__(
         self,
-        world: World,
+        world: WorldView,
         vin: str,
         hardware_ids: Sequence[str],
         *,
@@ -187,7 +188,8 @@ class SimVehicle:
         clock: Callable[[], datetime] | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        self.world = world
+        # a WorldView in a worker process of a sharded run, where no scenario runs
+        self.world: World = world  # type: ignore[assignment]
         self.vin = vin
         self.fd = fd
         self.clock = clock or world.clock
@@ -283,7 +285,7 @@ class SimVehicle:
             key=self.primary_key,
             repository_map=self.world.repository_map(),
             director_root=self.world.director_root_json,
-            image_root=self.world.image_repo.root_bytes(1),
+            image_root=self.world.image_root,
             state_dir=self.dir / "primary-state",
             download_dir=self.dir / "primary-images",
             secondaries=tuple(
@@ -365,8 +367,114 @@ class SimVehicle:
         return None if ecu is None else ecu.tick(t)
 
 
-class World:
+class _DirectorApi:
+    """Registers vehicles through the Director's operator API (``POST /api/vehicles``)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.token = token
+
+    def register_vehicle(self, vin: str, specs: Sequence[EcuSpec]) -> None:
+        body = {
+            "vin": vin,
+            "ecus": [
+                {
+                    "serial": e.serial,
+                    "hardware_id": e.hardware_id,
+                    "public_key": e.public_key.to_dict(),
+                    "primary": e.primary,
+                }
+                for e in specs
+            ],
+        }
+        response = httpx.post(
+            f"{self.url}/api/vehicles",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=60.0,
+        )
+        if response.status_code != 201:
+            raise RuntimeError(f"registering {vin} failed: {response.status_code} {response.text}")
+
+
+@dataclass(frozen=True)
+class WorldAddress:
+    """What a process needs to build vehicles against a ``World`` running elsewhere."""
+
+    directory: str
+    director_url: str
+    image_url: str
+    token: str
+    director_root_json: bytes
+    director_root_der: bytes
+    image_root: bytes
+
+
+class WorldView:
+    """The Director and Image repository as vehicles see them: URLs, trust roots, the
+    operator API to register vehicles. ``World`` is one (and runs the servers);
+    ``WorldView.connect`` gives one to another process (``uptane sim --workers``)."""
+
+    directory: Path
+    clock: SimClock
+    director: Any
+    director_url: str
+    image_url: str
+    director_root_json: bytes
+    director_root_der: bytes
+    vehicles: dict[str, SimVehicle]
+
+    _image_root: bytes = b""
+
+    @property
+    def image_root(self) -> bytes:
+        """The Image repository's version 1 root (the primary's trust anchor)."""
+        return self._image_root
+
+    @classmethod
+    def connect(cls, address: WorldAddress) -> WorldView:
+        view = cls()
+        view.directory = Path(address.directory)
+        view.clock = SimClock()
+        view.director = _DirectorApi(address.director_url, address.token)
+        view.director_url = address.director_url
+        view.image_url = address.image_url
+        view.director_root_json = address.director_root_json
+        view.director_root_der = address.director_root_der
+        view._image_root = address.image_root
+        view.vehicles = {}
+        return view
+
+    def repository_map(self) -> RepositoryMap:
+        return RepositoryMap.from_dict(
+            {
+                "repositories": {"director": [self.director_url], "image": [self.image_url]},
+                "mapping": [
+                    {
+                        "paths": ["*"],
+                        "repositories": ["director", "image"],
+                        "terminating": True,
+                        "threshold": 2,
+                    }
+                ],
+            }
+        )
+
+    def add_vehicle(self, vin: str, hardware_ids: Sequence[str], **kwargs: Any) -> SimVehicle:
+        vehicle = SimVehicle(self, vin, hardware_ids, **kwargs)
+        self.vehicles[vin] = vehicle
+        return vehicle
+
+    def close(self) -> None:
+        for vehicle in self.vehicles.values():
+            vehicle.close()
+        self.vehicles.clear()
+
+
+class World(WorldView):
     """An Image repository and a Director on loopback, plus the vehicles built on them."""
+
+    director: Director
 
     def __init__(
         self,
@@ -441,19 +549,20 @@ class World:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def repository_map(self) -> RepositoryMap:
-        return RepositoryMap.from_dict(
-            {
-                "repositories": {"director": [self.director_url], "image": [self.image_url]},
-                "mapping": [
-                    {
-                        "paths": ["*"],
-                        "repositories": ["director", "image"],
-                        "terminating": True,
-                        "threshold": 2,
-                    }
-                ],
-            }
+    @property
+    def image_root(self) -> bytes:
+        return self.image_repo.root_bytes(1)
+
+    def address(self) -> WorldAddress:
+        """How another process reaches this world (``WorldView.connect``)."""
+        return WorldAddress(
+            directory=str(self.directory),
+            director_url=self.director_url,
+            image_url=self.image_url,
+            token=TOKEN,
+            director_root_json=self.director_root_json,
+            director_root_der=self.director_root_der,
+            image_root=self.image_root,
         )
 
     # --- repositories -------------------------------------------------------------
@@ -492,13 +601,6 @@ class World:
         for hw in hardware_ids:
             count += len(self.director.assign(image_name(hw, version), hardware_id=hw, vins=vins))
         return count
-
-    # --- vehicles -------------------------------------------------------------------
-
-    def add_vehicle(self, vin: str, hardware_ids: Sequence[str], **kwargs: Any) -> SimVehicle:
-        vehicle = SimVehicle(self, vin, hardware_ids, **kwargs)
-        self.vehicles[vin] = vehicle
-        return vehicle
 
 
 def hardware_ids_for(count: int) -> list[str]:

@@ -33,6 +33,16 @@ stuffing covers SOF up to the end of the data field; the worst case adds
 ``floor((A + 5 + 8n - 1) / 4)`` bits, ``floor((A - 1) / 4)`` of them in the
 arbitration phase (A = 17 or 36) and the rest in the data phase.
 
+Exact stuffing (the default of ``BusAccounting`` and ``PacedBus``) builds each
+frame's bit sequence (identifier, control field, data and, on classic CAN, its
+CRC-15) and counts the stuff bits a transmitter inserts after every five equal
+bits (a stuff bit counts towards the next run). On CAN FD the dynamic stuff
+bits before the BRS sample point are at the nominal rate, the rest at the data
+rate; the stuff count and CRC field use the fixed stuff bits above, so the CRC
+value does not change the length. FD data shorter than its DLC length is
+padded with zero bytes here. ``stuffing="none"`` counts the unstuffed frame,
+``"worst"`` the bound above.
+
 Wire time is ``nominal_bits / bitrate + data_bits / data_bitrate``.
 Error frames are counted but carry no bits here (their length depends on the
 error); overload frames and bus idle are not modelled.
@@ -51,13 +61,14 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import can
 
 from .buswrap import BusWrapper
 
 FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
+Stuffing = Literal["none", "exact", "worst"]
 
 
 def fd_length(n: int) -> int:
@@ -115,10 +126,91 @@ def fd_frame_bits(
     return FrameBits(nominal=nominal + data_phase)
 
 
-def frame_bits(msg: can.Message, *, worst_case_stuffing: bool = False) -> FrameBits:
-    """Bits a python-can message occupies on the wire."""
+def _bits(value: int, width: int) -> list[int]:
+    return [(value >> (width - 1 - i)) & 1 for i in range(width)]
+
+
+def _crc15(bits: list[int]) -> int:
+    """Classic CAN's CRC-15 (polynomial 0x4599) over SOF .. data."""
+    crc = 0
+    for bit in bits:
+        feedback = bit ^ ((crc >> 14) & 1)
+        crc = (crc << 1) & 0x7FFF
+        if feedback:
+            crc ^= 0x4599
+    return crc
+
+
+def _stuff_bits(bits: list[int], switch_at: int | None = None) -> tuple[int, int]:
+    """Stuff bits a transmitter inserts into ``bits`` (after five equal bits).
+
+    Returns (stuff bits before, stuff bits after) the bit at index
+    ``switch_at`` has been sent (all "before" when ``switch_at`` is None).
+    """
+    before = after = 0
+    last, run = -1, 0
+    for i, bit in enumerate(bits):
+        if bit == last:
+            run += 1
+        else:
+            last, run = bit, 1
+        if run == 5:
+            if switch_at is not None and i >= switch_at:
+                after += 1
+            else:
+                before += 1
+            last, run = 1 - bit, 1  # the stuff bit starts the next run
+    return before, after
+
+
+def _id_field(msg: can.Message, *, fd: bool) -> list[int]:
+    """SOF .. the last arbitration/control bit before DLC (FD: up to and including BRS)."""
+    ident = msg.arbitration_id
+    rtr = 0 if fd else int(bool(msg.is_remote_frame))
+    if msg.is_extended_id:
+        bits = [0, *_bits(ident >> 18, 11), 1, 1, *_bits(ident & 0x3FFFF, 18), rtr]
+        bits += [0, 1, 0, int(bool(msg.bitrate_switch))] if fd else [0, 0]  # r1 r0 / FDF res BRS
+    else:
+        bits = [0, *_bits(ident, 11), rtr, 0]  # SOF, ID, RTR/RRS, IDE
+        bits += [1, 0, int(bool(msg.bitrate_switch))] if fd else [0]  # FDF res BRS / r0
+    return bits
+
+
+def exact_frame_bits(msg: can.Message) -> FrameBits:
+    """Bits of one frame with its actual stuff bits (see module doc)."""
+    if msg.is_fd:
+        n = fd_length(len(msg.data))
+        data = bytes(msg.data) + bytes(n - len(msg.data))
+        head = _id_field(msg, fd=True)
+        body = [0, *_bits(FD_LENGTHS.index(n), 4)]  # ESI, DLC
+        for byte in data:
+            body += _bits(byte, 8)
+        before, after = _stuff_bits(head + body, switch_at=len(head) - 1)
+        plain = fd_frame_bits(n, extended=msg.is_extended_id, brs=msg.bitrate_switch)
+        if msg.bitrate_switch:
+            return FrameBits(nominal=plain.nominal + before, data=plain.data + after)
+        return FrameBits(nominal=plain.nominal + before + after)
+    n = 0 if msg.is_remote_frame else len(msg.data)
+    bits = _id_field(msg, fd=False) + _bits(len(msg.data), 4)
+    for byte in bytes(msg.data)[:n]:
+        bits += _bits(byte, 8)
+    bits += _bits(_crc15(bits), 15)
+    stuffed, _ = _stuff_bits(bits)
+    return FrameBits(nominal=len(bits) + stuffed + 13)
+
+
+def frame_bits(
+    msg: can.Message, *, worst_case_stuffing: bool = False, stuffing: Stuffing | None = None
+) -> FrameBits:
+    """Bits a python-can message occupies on the wire (``stuffing``: see module doc;
+    ``worst_case_stuffing=True`` is ``stuffing="worst"``, the default ``"none"``)."""
     if msg.is_error_frame:
         return FrameBits(nominal=0)
+    if stuffing is None:
+        stuffing = "worst" if worst_case_stuffing else "none"
+    if stuffing == "exact":
+        return exact_frame_bits(msg)
+    worst_case_stuffing = stuffing == "worst"
     if msg.is_fd:
         return fd_frame_bits(
             len(msg.data),
@@ -254,9 +346,15 @@ class BusAccounting(can.Listener):
     to count what has been sent so far (deterministic on the virtual bus).
     """
 
-    def __init__(self, timing: CanTiming | None = None, *, worst_case_stuffing: bool = False):
+    def __init__(
+        self,
+        timing: CanTiming | None = None,
+        *,
+        worst_case_stuffing: bool = False,
+        stuffing: Stuffing = "exact",
+    ):
         self.timing = timing or CanTiming()
-        self.worst_case_stuffing = worst_case_stuffing
+        self.stuffing: Stuffing = "worst" if worst_case_stuffing else stuffing
         self._lock = threading.Lock()
         self._by_id: dict[int, _Counter] = {}
         self._bus: can.BusABC | None = None
@@ -268,7 +366,7 @@ class BusAccounting(can.Listener):
 
     def record(self, msg: can.Message) -> FrameBits:
         """Count one frame and return its bits."""
-        bits = frame_bits(msg, worst_case_stuffing=self.worst_case_stuffing)
+        bits = frame_bits(msg, stuffing=self.stuffing)
         with self._lock:
             counter = self._by_id.setdefault(msg.arbitration_id, _Counter())
             if msg.is_error_frame:
@@ -359,22 +457,35 @@ class PacedBus(BusWrapper):
     """
 
     def __init__(
-        self, inner: can.BusABC, timing: CanTiming, *, worst_case_stuffing: bool = False
+        self,
+        inner: can.BusABC,
+        timing: CanTiming,
+        *,
+        worst_case_stuffing: bool = False,
+        stuffing: Stuffing = "exact",
     ) -> None:
         super().__init__(inner)
         self.timing = timing
-        self.worst_case_stuffing = worst_case_stuffing
+        self.stuffing: Stuffing = "worst" if worst_case_stuffing else stuffing
         self.paced_time = 0.0
+        #: sleep in ``send``; a ``CanNode`` clears it and lets its scheduler hold the
+        #: sending stack back until ``ready_at()`` instead (the thread stays free)
+        self.blocking = True
         self._next = 0.0
         self._pace_lock = threading.Lock()
 
+    def ready_at(self) -> float:
+        """The monotonic time the frames sent so far are off the (simulated) wire."""
+        with self._pace_lock:
+            return self._next
+
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
-        seconds = self.timing.seconds(frame_bits(msg, worst_case_stuffing=self.worst_case_stuffing))
+        seconds = self.timing.seconds(frame_bits(msg, stuffing=self.stuffing))
         with self._pace_lock:
             now = time.monotonic()
             self._next = max(self._next, now) + seconds
             self.paced_time += seconds
             ahead = self._next - now
-        if ahead > 0.001:  # sleep in chunks the OS can honour
+        if self.blocking and ahead > 0.001:  # sleep in chunks the OS can honour
             time.sleep(ahead)
         self.inner.send(msg, timeout)

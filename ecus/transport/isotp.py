@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -46,116 +44,18 @@ from uptane.errors import (
     TransportTimeout,
 )
 
-from .accounting import CanTiming, PacedBus
+from .accounting import PacedBus
 from .base import (
-    DEFAULT_MAX_REQUEST,
-    DEFAULT_MAX_RESPONSE,
-    DEFAULT_TIMEOUT,
     Handler,
     SecondaryEndpoint,
     SecondaryLink,
 )
+from .buswrap import BusWrapper
 from .faults import BusOffCanError
+from .isotp_config import CanBusConfig, IsoTpConfig
+from .scheduler import TX_BUDGET, CanScheduler, drive, timer_deadline
 
 logger = logging.getLogger(__name__)
-
-_STACK_READ_TIMEOUT = 0.25
-_POLL = 0.02  # seconds between checks for errors while awaiting a response
-_READER_TIMEOUT = 0.05  # bus reader wake-up period; bounds how long close() waits for it
-
-
-@dataclass(frozen=True)
-class CanBusConfig:
-    """How to open a node's python-can bus: any interface python-can knows.
-
-    ``bitrate``/``data_bitrate`` are passed to the interface (ignored by the
-    virtual one) and used for bus accounting and pacing.
-    """
-
-    interface: str = "virtual"
-    channel: str = "uptane"
-    fd: bool = False
-    bitrate: int = 500_000
-    data_bitrate: int = 2_000_000
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def timing(self) -> CanTiming:
-        return CanTiming(self.bitrate, self.data_bitrate if self.fd else None)
-
-    def open(self) -> can.BusABC:
-        """Open one bus object (one per node; frames it sends are not echoed to it)."""
-        kwargs: dict[str, Any] = {"receive_own_messages": False, "bitrate": self.bitrate}
-        if self.fd:
-            kwargs.update(fd=True, data_bitrate=self.data_bitrate)
-        kwargs.update(self.options)
-        try:
-            return can.Bus(interface=self.interface, channel=self.channel, **kwargs)
-        except (can.CanError, ImportError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot open CAN bus {self.interface}:{self.channel}: {exc}"
-            ) from exc
-
-
-@dataclass(frozen=True)
-class IsoTpConfig:
-    """One primary <-> secondary ISO-TP channel, seen from either side.
-
-    The primary sends requests on ``request_id`` and listens on
-    ``response_id``; the secondary does the opposite. ``blocksize``/``stmin``
-    are what the receiving side asks for in its flow control frames.
-    ``timeout`` bounds one exchange (link) or one response send (endpoint);
-    ``fc_timeout`` (N_Bs) and ``cf_timeout`` (N_Cr) are ISO-TP's own.
-    """
-
-    request_id: int
-    response_id: int
-    fd: bool = False
-    bitrate_switch: bool = True
-    blocksize: int = 0
-    stmin: int = 0
-    max_request: int = DEFAULT_MAX_REQUEST
-    max_response: int = DEFAULT_MAX_RESPONSE
-    timeout: float = DEFAULT_TIMEOUT
-    fc_timeout: float = 1.0
-    cf_timeout: float = 1.0
-    tx_padding: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("request_id", "response_id"):
-            value = getattr(self, name)
-            if not 0 <= value <= 0x7FF:
-                raise ConfigError(f"{name} {value:#x} is not an 11-bit CAN identifier")
-        if self.request_id == self.response_id:
-            raise ConfigError("request_id and response_id must differ")
-        if not 0 <= self.blocksize <= 0xFF or not 0 <= self.stmin <= 0xFF:
-            raise ConfigError("blocksize and stmin must be 0..255")
-        if self.max_request < 1 or self.max_response < 1:
-            raise ConfigError("message size limits must be at least 1 byte")
-        if not (self.timeout > 0 and self.fc_timeout > 0 and self.cf_timeout > 0):
-            raise ConfigError("timeouts must be positive")
-        if self.tx_padding is not None and not 0 <= self.tx_padding <= 0xFF:
-            raise ConfigError("tx_padding must be a byte value")
-
-    @property
-    def tx_data_length(self) -> int:
-        return 64 if self.fd else 8
-
-    def stack_params(self, max_receive: int) -> dict[str, Any]:
-        """can-isotp ``TransportLayer`` parameters for a side receiving at most ``max_receive``."""
-        return {
-            "stmin": self.stmin,
-            "blocksize": self.blocksize,
-            "tx_data_length": self.tx_data_length,
-            "can_fd": self.fd,
-            "bitrate_switch": self.fd and self.bitrate_switch,
-            "max_frame_size": max_receive,
-            "rx_flowcontrol_timeout": max(1, round(self.fc_timeout * 1000)),
-            "rx_consecutive_frame_timeout": max(1, round(self.cf_timeout * 1000)),
-            "tx_padding": self.tx_padding,
-            "wftmax": 0,
-            "blocking_send": True,
-        }
 
 
 # ISO-TP errors that say nothing about the exchange at hand (stray frames).
@@ -176,35 +76,39 @@ _TX_ERRORS = (
 
 
 class _Port:
-    """One can-isotp stack bound to one (rx id, tx id) pair on a node."""
+    """One can-isotp stack bound to one (rx id, tx id) pair on a node.
+
+    The stack is can-isotp's thread-free ``TransportLayerLogic``; only the
+    node's ``CanScheduler`` calls its ``process()`` (under ``lock``), fed
+    with the frames the node routed to ``inbox``.
+    """
 
     def __init__(self, node: CanNode, rxid: int, txid: int, params: dict[str, Any]) -> None:
         self.node = node
         self.rxid = rxid
-        self._frames: queue.SimpleQueue[isotp.CanMessage | None] = queue.SimpleQueue()
+        self.inbox: collections.deque[isotp.CanMessage] = collections.deque()
+        self.lock = threading.Lock()
+        self.pending = False  # queued in the scheduler's ready list
+        self.deadline: float | None = None  # earliest armed scheduler timer
         self._errors: collections.deque[Exception] = collections.deque(maxlen=64)
         self._errors_lock = threading.Lock()
         self.on_error: Callable[[Exception], None] | None = None
+        self.on_message: Callable[[], None] | None = None
         self._closing = False
-        self._stopped = False
-        self.stack = isotp.TransportLayer(
+        self.stack = isotp.TransportLayerLogic(
             rxfn=self._rx,
             txfn=self._tx,
             address=isotp.Address(isotp.AddressingMode.Normal_11bits, txid=txid, rxid=rxid),
             error_handler=self._on_error,
             params=params,
-            # idle wake-up period of the stack's threads: data and sends wake
-            # them at once, so this only bounds timer checks and idle CPU
-            read_timeout=_STACK_READ_TIMEOUT,
+            post_send_callback=lambda _request: node.scheduler.port_ready(self),
         )
 
-    # can-isotp callbacks (stack threads)
-    def _rx(self, timeout: float) -> isotp.CanMessage | None:
-        if self._closing:
-            return None
+    # can-isotp callbacks (scheduler thread, inside process())
+    def _rx(self, _timeout: float) -> isotp.CanMessage | None:
         try:
-            return self._frames.get(timeout=timeout)
-        except queue.Empty:
+            return self.inbox.popleft()
+        except IndexError:
             return None
 
     def _tx(self, msg: isotp.CanMessage) -> None:
@@ -217,18 +121,19 @@ class _Port:
         )
         try:
             self.node.bus.send(frame)
-        except can.CanError as exc:  # must not kill the stack's thread
+        except can.CanError as exc:  # must not stop the scheduler
             self._on_error(exc)
 
     def _on_error(self, exc: Exception) -> None:
         if not isinstance(exc, _NOISE):  # stray frames must not crowd out real errors
             with self._errors_lock:
                 self._errors.append(exc)
+            self.stack.rx_queue.put(bytearray())  # wakes a link awaiting its response
         if self.on_error is not None:
             self.on_error(exc)
 
     def feed(self, msg: can.Message) -> None:
-        self._frames.put(
+        self.inbox.append(
             isotp.CanMessage(
                 arbitration_id=msg.arbitration_id,
                 data=bytes(msg.data),
@@ -237,6 +142,22 @@ class _Port:
                 bitrate_switch=msg.bitrate_switch,
             )
         )
+
+    def run(self) -> float | None:
+        """One ``process()`` pass (scheduler thread); returns the stack's next deadline."""
+        with self.lock:
+            if self._closing:
+                self.inbox.clear()
+                return None
+            received, more, resume = drive(self.stack, TX_BUDGET, self.node.pacer)
+            deadline = timer_deadline(self.stack)
+            if resume is not None and (deadline is None or resume < deadline):
+                deadline = resume
+        if more:
+            self.node.scheduler.port_ready(self)  # behind the other ready stacks
+        if received and self.on_message is not None:
+            self.on_message()
+        return deadline
 
     # user side
     def take_errors(self, *, keep: bool = False) -> list[Exception]:
@@ -263,14 +184,15 @@ class _Port:
                 exc,
                 isotp.errors.FlowControlTimeoutError | isotp.errors.ConsecutiveFrameTimeoutError,
             ):
-                return TransportTimeout(f"ISO-TP timeout: {exc}")
+                return TransportTimeout(f"ISO-TP timeout: {exc}{self.node.bus_hint()}")
             return FramingError(f"ISO-TP error: {exc}")
         return None
 
     def reset(self) -> None:
         """Abandon any transfer in progress in either direction."""
-        self.stack.stop_receiving()
-        self.stack.stop_sending()
+        with self.lock:
+            self.stack.stop_receiving()
+            self.stack.stop_sending()
 
     def check_open(self) -> None:
         if self._closing:
@@ -286,7 +208,9 @@ class _Port:
         except isotp.errors.BlockingSendTimeout as exc:
             self.reset()
             failure = self.failure(self.take_errors(), sending=True)
-            raise failure or TransportTimeout(f"sending took longer than {timeout:.3f} s") from exc
+            raise failure or TransportTimeout(
+                f"sending took longer than {timeout:.3f} s{self.node.bus_hint()}"
+            ) from exc
         except isotp.errors.BlockingSendFailure as exc:
             failure = self.failure(self.take_errors(), sending=True)
             raise failure or TransportError("ISO-TP send failed") from exc
@@ -297,32 +221,49 @@ class _Port:
             self.reset()
             raise failure
 
-    def wake_for_close(self) -> None:
-        self._closing = True
-        self._frames.put(None)  # unblocks _rx
-
     def close(self) -> None:
-        if self._stopped:
+        if self._closing:
             return
-        self._stopped = True
-        self.wake_for_close()
-        self.stack.stop()
+        self._closing = True
+        with self.lock:
+            self.stack.stop_sending()  # a blocked send() returns now
+            self.stack.stop_receiving()
+        self.stack.rx_queue.put(bytearray())  # and so does a blocked recv()
 
 
 class CanNode:
-    """One ECU's attachment to a CAN bus: one bus object, one reader, many ISO-TP stacks.
+    """One ECU's attachment to a CAN bus: one bus object, many ISO-TP stacks.
 
     ``bus`` may be any python-can bus, including ``FaultyBus``/``PacedBus``
-    wrappers; the node shuts it down in ``close()``.
+    wrappers; the node shuts it down in ``close()``. The process-wide
+    ``CanScheduler`` reads the bus and drives the stacks (no thread per node).
     """
 
-    def __init__(self, bus: can.BusABC) -> None:
+    def __init__(
+        self,
+        bus: can.BusABC,
+        *,
+        config: CanBusConfig | None = None,
+        scheduler: CanScheduler | None = None,
+    ) -> None:
         self.bus = bus
+        self.config = config
+        self.scheduler = scheduler or CanScheduler.shared()
+        self.pending = False  # queued in the scheduler's ready list
+        self.fileno: int | None = None
+        self.inbox: collections.deque[can.Message] = collections.deque()  # reader thread only
+        self.pacer: PacedBus | None = None
+        wrapped = bus
+        while isinstance(wrapped, BusWrapper):
+            if isinstance(wrapped, PacedBus):
+                wrapped.blocking = False  # the scheduler holds the sender back instead
+                self.pacer = wrapped
+            wrapped = wrapped.inner
         self._ports: dict[int, _Port] = {}
         self._members: list[IsoTpLink | IsoTpEndpoint] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._notifier = can.Notifier(bus, [self._route], timeout=_READER_TIMEOUT)
+        self.scheduler.attach(self)
 
     @classmethod
     def open(cls, config: CanBusConfig, *, paced: bool = False) -> CanNode:
@@ -330,7 +271,7 @@ class CanNode:
         bus = config.open()
         if paced:
             bus = PacedBus(bus, config.timing)
-        return cls(bus)
+        return cls(bus, config=config)
 
     @property
     def closed(self) -> bool:
@@ -343,12 +284,42 @@ class CanNode:
         except NotImplementedError:
             return False
 
-    def _route(self, msg: can.Message) -> None:
+    def bus_hint(self) -> str:
+        """What to check when nothing answers: the bus this node is on."""
+        config = self.config
+        if config is None:
+            return ""
+        hint = f" (bus {config.interface}:{config.channel}"
+        if config.interface == "virtual":
+            hint += (
+                "; 'virtual' is in-process only: ECUs in other processes need a "
+                "cross-process bus such as 'udp_multicast' or 'socketcan'"
+            )
+        return hint + ")"
+
+    def drain(self) -> None:
+        """Route every frame waiting on the bus to its port (scheduler thread)."""
+        if self._closed:
+            return
+        ready = self.scheduler.port_ready
+        while self.inbox:
+            self._route(self.inbox.popleft(), ready)
+        while True:
+            try:
+                msg = self.bus.recv(0.0)
+            except can.CanError:
+                return
+            if msg is None:
+                return
+            self._route(msg, ready)
+
+    def _route(self, msg: can.Message, ready: Callable[[_Port], None]) -> None:
         if msg.is_error_frame or msg.is_remote_frame or msg.is_extended_id:
             return
         port = self._ports.get(msg.arbitration_id)
         if port is not None:
             port.feed(msg)
+            ready(port)
 
     def _open_port(
         self, member: IsoTpLink | IsoTpEndpoint, rxid: int, txid: int, params: dict[str, Any]
@@ -359,7 +330,6 @@ class CanNode:
             if rxid in self._ports:
                 raise ConfigError(f"this node already listens on CAN id {rxid:#x}")
             port = _Port(self, rxid, txid, params)
-            port.stack.start()
             self._ports[rxid] = port
             self._members.append(member)
         return port
@@ -381,22 +351,20 @@ class CanNode:
         return IsoTpEndpoint(self, config, handler)
 
     def close(self) -> None:
-        """Close every link and endpoint, stop the reader and shut the bus down."""
+        """Close every link and endpoint, detach from the scheduler and shut the bus down."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
             members = list(self._members)
-            ports = list(self._ports.values())
-        reader_stop = threading.Thread(target=self._notifier.stop, daemon=True)
-        reader_stop.start()  # overlaps with closing the stacks
-        for port in ports:
-            port.wake_for_close()
         for member in members:
             member.close()
+        with self._lock:
+            self._closed = True
+            ports = list(self._ports.values())
+            self._ports.clear()
         for port in ports:
             port.close()
-        reader_stop.join()
+        self.scheduler.detach(self)
         self.bus.shutdown()
 
     def __enter__(self) -> Self:
@@ -440,14 +408,19 @@ class IsoTpLink(SecondaryLink):
         port.send(data, timeout)
         while True:
             remaining = deadline - time.monotonic()
-            response = port.stack.recv(block=True, timeout=max(0.0, min(_POLL, remaining)))
-            if response is not None:
+            # woken by the response, by an error of the stack, or at the deadline
+            response = port.stack.recv(block=True, timeout=max(0.0, remaining))
+            if response:
                 return bytes(response)
             failure = port.failure(port.take_errors(), sending=False)
             if failure is None and self.node.bus_off:
                 failure = BusOffError("CAN controller went bus-off")
             if failure is None and deadline - time.monotonic() <= 0:
-                failure = TransportTimeout(f"no complete response within {timeout:.3f} s")
+                failure = TransportTimeout(
+                    f"no complete response within {timeout:.3f} s{self.node.bus_hint()}"
+                )
+            if failure is None:
+                port.check_open()
             if failure is not None:
                 port.reset()
                 raise failure
@@ -459,7 +432,11 @@ class IsoTpLink(SecondaryLink):
 
 
 class IsoTpEndpoint(SecondaryEndpoint):
-    """Secondary side: requests on ``config.request_id``, responses on ``config.response_id``."""
+    """Secondary side: requests on ``config.request_id``, responses on ``config.response_id``.
+
+    ``start()`` serves without a thread of its own: each complete request is
+    answered in the scheduler's bounded handler pool, one at a time per endpoint.
+    """
 
     def __init__(self, node: CanNode, config: IsoTpConfig, handler: Handler) -> None:
         super().__init__(
@@ -474,6 +451,10 @@ class IsoTpEndpoint(SecondaryEndpoint):
             self, config.request_id, config.response_id, config.stack_params(config.max_request)
         )
         self._port.on_error = self._count_error
+        self._serving = False
+        self._busy = False
+        self._serve_lock = threading.Lock()
+        self._idle = threading.Condition(self._serve_lock)
 
     def _count_error(self, exc: Exception) -> None:
         if isinstance(exc, isotp.errors.FrameTooLongError):
@@ -481,8 +462,11 @@ class IsoTpEndpoint(SecondaryEndpoint):
 
     def _receive(self, timeout: float | None) -> bytes | None:
         self._port.check_open()
-        request = self._port.stack.recv(block=True, timeout=timeout)
-        return bytes(request) if request else None  # b"" is stop()'s wake-up
+        if timeout == 0.0:
+            request = self._port.stack.recv(block=False)
+        else:
+            request = self._port.stack.recv(block=True, timeout=timeout)
+        return bytes(request) if request else None  # b"" is a wake-up
 
     def _wake(self) -> None:
         self._port.stack.rx_queue.put(bytearray())
@@ -491,7 +475,63 @@ class IsoTpEndpoint(SecondaryEndpoint):
         self._port.take_errors()
         self._port.send(data, self.send_timeout)
 
+    # --- serving from the scheduler's handler pool ---------------------------------
+
+    def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("endpoint is closed")
+        with self._serve_lock:
+            if self._serving:
+                raise RuntimeError("endpoint is already started")
+            self._serving = True
+        self._port.on_message = self._dispatch
+        if self._port.stack.available():
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        with self._serve_lock:
+            if not self._serving or self._busy:
+                return
+            self._busy = True
+        self.node.scheduler.handlers.submit(self._serve_pending)
+
+    def _serve_pending(self) -> None:
+        try:
+            while self._serving and not self._closed and self._port.stack.available():
+                try:
+                    self.poll_once(0.0)
+                except TransportError as exc:
+                    if self._closed:
+                        break
+                    logger.warning("secondary endpoint could not answer: %s", exc)
+                except Exception:
+                    logger.exception("secondary endpoint handler failed")
+        finally:
+            with self._serve_lock:
+                self._busy = False
+                self._idle.notify_all()
+                again = self._serving and not self._closed and self._port.stack.available()
+            if again:
+                self._dispatch()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop serving; waits for a request being answered (unless called from it)."""
+        with self._serve_lock:
+            self._serving = False
+            self._port.on_message = None
+            if threading.current_thread().name.startswith("can-handler"):
+                return
+            self._idle.wait_for(lambda: not self._busy, timeout)
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
     def close(self) -> None:
         if not self._closed:
-            super().close()
+            self.stop()
+            self._closed = True
             self.node._close_port(self, self._port)
+
+
+__all__ = ["CanBusConfig", "CanNode", "IsoTpConfig", "IsoTpEndpoint", "IsoTpLink"]
