@@ -52,8 +52,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tuf.api.metadata import TargetFile
 
-from director.cli import init_director
 from director.service import Director, EcuSpec, VehicleRecord
+from director.setup import init_director
 from uptane.manifest import EcuVersionReport, SignedEcuVersionReport, VehicleVersionManifest
 from uptane.metadata import build_custom
 from uptane.repository import DirectoryStore, SigningRepository

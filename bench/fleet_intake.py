@@ -26,12 +26,12 @@ from typing import Any
 from securesystemslib.signer import CryptoSigner
 from sqlalchemy import insert, select
 
-from director.cli import init_director
 from director.config import DirectorConfig
 from director.db import Vehicle
 from director.fleet_db import Campaign, CampaignVehicle
 from director.intake import ManifestIntake
 from director.service import Director, EcuSpec
+from director.setup import init_director
 from uptane.manifest import (
     EcuHealth,
     EcuVersionReport,

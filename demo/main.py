@@ -42,7 +42,7 @@ from demo.apps import CALIBRATION_KIB, demo_app
 from ecus.primary import CycleResult
 from ecus.primary.fetch import PolicyFetcher
 from ecus.sim.runner import NOISY_LOGGERS, quiet_logs, quiet_power_cuts
-from ecus.sim.scenarios import SCENARIOS, Scenario, ScenarioOutcome, scenario
+from ecus.sim.scenarios import SCENARIOS, Scenario, ScenarioOutcome, run_scenario, scenario
 from ecus.sim.world import (
     PRIMARY_HW,
     TOKEN,
@@ -418,7 +418,7 @@ class Demo:
             start = time.monotonic()
             with self.console.status(f"[{index}/{len(chosen)}] {sc.name}: {sc.title}"):
                 try:
-                    outcome: ScenarioOutcome | None = sc.run(world, vehicle)
+                    outcome: ScenarioOutcome | None = run_scenario(world, vehicle, sc.name)
                     crash = ""
                 except Exception as e:  # a broken scenario is a failed expectation
                     outcome, crash = None, f"{type(e).__name__}: {e}"

@@ -139,7 +139,7 @@ def test_primary_and_two_secondaries_in_three_processes(
         assert run.returncode == 0, run.stdout + run.stderr
         assert run.stdout.startswith("cycle 1: ok"), run.stdout
         for hw in hws:  # each secondary's signed install report, verified by the primary
-            assert f"{vin}-{hw}->{image_name(hw, 1)} installed" in run.stdout
+            assert f"{vin}-{hw} installed {image_name(hw, 1)}" in run.stdout
     finally:
         for proc in procs:
             proc.terminate()

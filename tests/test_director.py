@@ -35,10 +35,10 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import Updater
 
 from director.app import create_app
-from director.cli import init_director
 from director.config import DirectorConfig
 from director.db import Base, Database
 from director.service import Director
+from director.setup import init_director
 from uptane import der_metadata
 from uptane.keys import public_key_dict
 from uptane.manifest import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from director.cli import init_director
 from director.db import Database
+from director.setup import init_director
 from uptane.cli import cli as uptane_cli
 
 

@@ -236,8 +236,8 @@ def test_manifest_error_reasons_are_typed(env: Env) -> None:
 def test_reset_counter_cli(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from director.cli import init_director
     from director.service import Director, EcuSpec
+    from director.setup import init_director
     from uptane.cli import cli as uptane_cli
 
     config = init_director(tmp_path / "d")

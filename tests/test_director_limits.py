@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 
 from director.app import create_app
-from director.cli import init_director
 from director.server import ConnectionLimits, DirectorProtocol
 from director.service import Director
+from director.setup import init_director
 
 LIMITS = ConnectionLimits(
     header_timeout=1.0, max_header_bytes=8192, max_connections=12, keep_alive_timeout=1.0

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from test_director import db_url, new_car  # noqa: F401  (fixtures)
 
-from director.cli import init_director
+from director.setup import init_director
 
 
 @pytest.fixture

@@ -258,8 +258,18 @@ class Primary(RepositorySync):
             answer = {}
         if response.status_code == 200 and answer.get("accepted") is True:
             version = answer.get("metadata_version")
+            refused = answer.get("refused_reports")
             return ManifestOutcome(
-                True, 200, None, "", version if isinstance(version, int) else None
+                True,
+                200,
+                None,
+                "",
+                version if isinstance(version, int) else None,
+                {
+                    str(s)[:128]: str(why)[:100]
+                    for s, why in (refused.items() if isinstance(refused, dict) else ())
+                    if s in reports
+                },
             )
         return ManifestOutcome(
             False,
@@ -282,8 +292,24 @@ class Primary(RepositorySync):
         if manifest.accepted:
             # the Director has our attacks and last result: start afresh
             state.attacks, state.last_result, state.last_result_text = [], "ok", ""
-            # and the secondaries': the next requests carry signed receipts (DESIGN 7)
-            self._accepted.update({s: r.report_counter for s, r in reports.items()})
+            # and the secondaries': the next requests carry signed receipts (DESIGN 7), but
+            # not for a report the Director left out (its attacks must reach it later)
+            self._accepted.update(
+                {
+                    s: r.report_counter
+                    for s, r in reports.items()
+                    if s not in manifest.refused_reports
+                }
+            )
+            for serial, why in manifest.refused_reports.items():
+                issues.append(
+                    CycleIssue(
+                        STAGE_MANIFEST,
+                        ManifestError(f"the Director left this ECU's report out: {why}", why),
+                        None,
+                        serial,
+                    )
+                )
         else:
             issues.append(
                 CycleIssue(

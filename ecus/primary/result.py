@@ -57,6 +57,8 @@ class ManifestOutcome:
     reason: str | None = None
     detail: str = ""
     metadata_version: int | None = None
+    #: ECU reports the Director left out of an accepted manifest, with why (stale counter...)
+    refused_reports: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets
-from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 
+from ecus.primary.cache import VerificationCache
 from ecus.primary.config import PrimaryConfig
 from ecus.primary.deltas import select_delta
 from ecus.primary.fetch import PolicyFetcher
@@ -39,6 +38,7 @@ from ecus.primary.result import (
     STAGE_MATCH,
     Stages,
 )
+from ecus.primary.stale import check_floor, check_stored, put_back, set_aside, snapshot_floor
 from ecus.primary.state import PrimaryState
 from uptane.errors import (
     EndlessDataError,
@@ -51,9 +51,8 @@ from uptane.manifest import (
     InstalledImage,
 )
 from uptane.metadata import UptaneTarget, target_relpath
-from uptane.verification.der import DerCache, DirectorDer, verify_director_der
+from uptane.verification.der import DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
-    DirectorTargets,
     check_director_targets,
     check_release_counter,
 )
@@ -85,8 +84,6 @@ KEEP_ON_FAILURE_UNCHECKED: Final[Mapping[str, tuple[str, ...]]] = {
     "director": ("root_history", "root.json"),
     "image": KEEP_ON_FAILURE["image"],
 }
-#: Files of a repository's metadata directory never set aside (``_set_aside``).
-_NOT_SET_ASIDE: Final = frozenset({"root_history", "root.json", "timestamp.json"})
 
 
 def safe_target_path(base: Path, name: str) -> Path:
@@ -110,30 +107,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass
-class VerificationCache:
-    """What a primary keeps in memory between cycles so that nothing is verified twice.
-
-    ``known`` holds, per repository, what the last committed cycle verified
-    and, for the Image repository, the target names it looked up: a cycle
-    whose timestamp and root equal it stops after the timestamp (5.4.4.2).
-    ``root_chains`` maps root chain bytes to the verified chain; ``der`` the
-    verified DER envelopes; ``counters`` the Director release counters of the
-    last trusted Director targets file, by its bytes; ``checked`` what the
-    Director-only checks and the Director/Image matching found for the very
-    objects a warm cycle reuses (they depend on nothing else).
-    """
-
-    known: dict[str, tuple[VerifiedRepository, frozenset[str]]] = field(default_factory=dict)
-    root_chains: dict[tuple[bytes, ...], tuple[Root, ...]] = field(default_factory=dict)
-    der: DerCache = field(default_factory=DerCache)
-    counters: tuple[bytes, dict[str, int]] | None = None
-    # the Director checks and Director/Image agreement of the very objects of ``known``
-    checked: tuple[Targets, VerifiedRepository, DirectorTargets, dict[str, TargetFile]] | None = (
-        None
-    )
 
 
 class RepositorySync:
@@ -451,11 +424,11 @@ class RepositorySync:
 
         ngclient reuses a stored snapshot (targets, delegated role) when the
         new index names the version it holds, without checking its hashes
-        (``_check_stored``); if the repository changed that file's content
+        (``stale.check_stored``); if the repository changed that file's content
         without a version bump that stored copy would be refused every cycle.
         So once, on a length/hash mismatch, the stored snapshot and targets
         files are set aside, their versions kept as the rollback floor
-        (``_check_floor``), and the repository is fetched afresh; only a fresh
+        (``stale.check_floor``), and the repository is fetched afresh; only a fresh
         copy that fails too is an error (``mix_and_match``). A fresh attempt
         that fails puts the stored files back. ``unchanged`` lets a warm cycle
         stop after the timestamp (``_refresh``).
@@ -469,7 +442,7 @@ class RepositorySync:
             if Snapshot.type in trusted:
                 for path in sorted(lookups):  # ngclient's lookup loads the roles on the path
                     self._tuf(functools.partial(updater.get_targetinfo, path))
-                _check_stored(metadata_dir, trusted)
+                check_stored(metadata_dir, trusted)
             return (
                 updater,
                 url,
@@ -479,16 +452,16 @@ class RepositorySync:
         try:
             return attempt(unchanged)
         except tuf_exc.LengthOrHashMismatchError:
-            floor = _snapshot_floor(metadata_dir)
+            floor = snapshot_floor(metadata_dir)
             if floor is None:
                 raise
         aside = metadata_dir.with_name(f"{metadata_dir.name}.aside")
-        _set_aside(metadata_dir, aside)
+        set_aside(metadata_dir, aside)
         try:
             updater, url, verified = attempt(lambda _: False)
-            _check_floor(name, floor, verified)
+            check_floor(name, floor, verified)
         except BaseException:
-            _put_back(aside, metadata_dir)
+            put_back(aside, metadata_dir)
             raise
         shutil.rmtree(aside, ignore_errors=True)
         return updater, url, verified
@@ -597,82 +570,6 @@ class RepositorySync:
         finally:
             tmp.unlink(missing_ok=True)
         return dest
-
-
-def _check_stored(metadata_dir: Path, trusted: Any) -> None:
-    """Files ngclient took from its own store match the lengths and hashes listed for them.
-
-    ngclient loads a stored snapshot (targets, delegated role) whose version
-    the new index names as trusted, without checking the hashes that index
-    lists (TUF 5.5.2, 5.6.2). This checks them, for the files whose index
-    lists a length or hashes: ``LengthOrHashMismatchError`` when the stored
-    copy is not the file the index names (``_sync_repository`` refetches).
-    """
-    listed: list[tuple[str, Any]] = [("snapshot", trusted.timestamp.snapshot_meta)]
-    for filename, meta in trusted.snapshot.meta.items():
-        role = filename.removesuffix(".json")
-        if role != Root.type and role in trusted:
-            listed.append((role, meta))
-    for role, meta in listed:
-        if meta.length is None and not meta.hashes:
-            continue
-        try:
-            data = (metadata_dir / f"{quote(role, safe='')}.json").read_bytes()
-        except OSError as e:
-            raise tuf_exc.RepositoryError(f"stored {role} metadata is unreadable: {e}") from e
-        meta.verify_length_and_hashes(data)
-
-
-def _snapshot_floor(metadata_dir: Path) -> Snapshot | None:
-    """The stored snapshot before a refetch (parsed, not re-verified), or None."""
-    try:
-        return Metadata[Snapshot].from_bytes((metadata_dir / "snapshot.json").read_bytes()).signed
-    except (OSError, DeserializationError):
-        return None
-
-
-def _set_aside(metadata_dir: Path, aside: Path) -> None:
-    """Move every stored role but root and timestamp out of ngclient's sight."""
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    for entry in metadata_dir.iterdir():
-        if entry.name not in _NOT_SET_ASIDE:
-            os.replace(entry, aside / entry.name)
-
-
-def _put_back(aside: Path, metadata_dir: Path) -> None:
-    """Undo ``_set_aside``: drop what the fresh attempt stored, restore the old files."""
-    for entry in metadata_dir.iterdir():
-        if entry.name not in _NOT_SET_ASIDE:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    for entry in aside.iterdir():
-        os.replace(entry, metadata_dir / entry.name)
-    aside.rmdir()
-
-
-def _check_floor(name: str, floor: Snapshot, fresh: VerifiedRepository) -> None:
-    """The fresh copy must not go back from the set-aside snapshot (TUF 5.5.5).
-
-    ngclient checks this itself against a stored snapshot; with the stored
-    one set aside, it is checked here: the snapshot version, and the version
-    of every role the old snapshot listed, which the new one must still list.
-    """
-    new = fresh.snapshot
-    if new.version < floor.version:
-        raise tuf_exc.BadVersionNumberError(
-            f"{name} snapshot version {new.version} is below the stored {floor.version}"
-        )
-    for role, old in floor.meta.items():
-        meta = new.meta.get(role)
-        if meta is None:
-            raise tuf_exc.RepositoryError(f"{name} snapshot no longer lists {role}")
-        if meta.version < old.version:
-            raise tuf_exc.BadVersionNumberError(
-                f"{name} {role} version {meta.version} is below the stored {old.version}"
-            )
 
 
 def _runs(installed: InstalledImage | None, target: UptaneTarget) -> bool:

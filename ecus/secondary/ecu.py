@@ -65,11 +65,10 @@ already has. The last result stays until the next step replaces it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -78,6 +77,7 @@ from tuf.api import exceptions as tuf_exc
 
 from ecus.secondary import health
 from ecus.secondary.delta import DEFAULT_DELTA_MEMORY, DeltaRefusedError, abandon, start_delta
+from ecus.secondary.primary_statements import MAX_TIME_NONCES, PrimaryStatements, _utc
 from ecus.secondary.report_state import ReportState, _text
 from ecus.secondary.slots import BootedImage, ImageWriter, InstalledTarget, SlotStore
 from ecus.secondary.wasm_host import (
@@ -99,8 +99,6 @@ from uptane.errors import (
     EndlessDataError,
     ImageMismatchError,
     InstallError,
-    ReplayedMessageError,
-    SpoofedMessageError,
     UptaneError,
     WasmError,
     WasmHostError,
@@ -111,7 +109,6 @@ from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
     SignedEcuVersionReport,
-    verify_statement,
 )
 from uptane.metadata import UptaneTarget
 from uptane.verification import partial
@@ -126,17 +123,8 @@ TARGETS_KEY: Final = "director_targets"
 REPORT_KEY: Final = "report"
 MAX_LENGTH: Final = 4_294_967_295  # ASN.1 Length
 DEFAULT_MAX_TIME_AHEAD: Final = timedelta(days=1)
-#: Time nonces an ECU keeps outstanding (each good for one time message).
-MAX_TIME_NONCES: Final = 4
-TIME_NONCE_BYTES: Final = 16
 
 Clock = Callable[[], datetime]
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("the ECU clock must return timezone-aware datetimes")
-    return value.astimezone(UTC)
 
 
 def _same_image(offer: InstalledImage, target: UptaneTarget) -> bool:
@@ -158,7 +146,7 @@ def _is_installed(target: UptaneTarget, installed: InstalledTarget | None) -> bo
     )
 
 
-class Secondary:
+class Secondary(PrimaryStatements):
     """One secondary ECU with partial verification (Uptane 2.1, 5.4.4.1)."""
 
     def __init__(
@@ -388,65 +376,6 @@ class Secondary:
             self._on_receipt(value.get("lastAccepted"), value.get("receiptSignatures"))
         report = self.signed_report(bytes(value["nonce"]))
         return codec.encode_message("versionReportResponse", {"signedReport": report})
-
-    def _on_receipt(self, counter: int | None, signatures: Any) -> None:
-        """Clear the attacks the Director recorded, if the primary signed the receipt."""
-        if self.primary_key is None:
-            return  # not provisioned: no receipt can be checked, attacks stay reported
-        try:
-            if counter is None:
-                raise SpoofedMessageError("report receipt names no counter")
-            receipt = {"ecuSerial": self.identity.ecu_serial, "reportCounter": counter}
-            verify_statement("reportReceipt", receipt, signatures, self.primary_key)
-        except SpoofedMessageError as e:
-            self._note_attack(e.attack, f"report receipt refused: {e}")
-            return
-        if counter > self.store.report_counter:
-            self._note_attack(
-                SpoofedMessageError.attack,
-                f"report receipt names counter {counter}, never issued "
-                f"(last is {self.store.report_counter})",
-            )
-            return
-        self._save_report_state(self.report_state.cleared(counter))
-
-    def _on_time_nonce(self, value: Mapping[str, Any]) -> bytes:
-        nonce = os.urandom(TIME_NONCE_BYTES)
-        self._time_nonces.append(nonce)
-        return codec.encode_message("timeNonceResponse", {"nonce": nonce})
-
-    def _check_time_message(self, value: Mapping[str, Any]) -> datetime:
-        """The time of an authentic, fresh time message; else a typed error (DESIGN 7)."""
-        if "nonce" not in value or "signatures" not in value:
-            raise SpoofedMessageError("time message is not signed")
-        nonce = bytes(value["nonce"])
-        statement = {"ecuSerial": self.identity.ecu_serial, "nonce": nonce, "time": value["time"]}
-        verify_statement("time", statement, value["signatures"], self.primary_key)
-        if nonce not in self._time_nonces:
-            raise ReplayedMessageError("time message carries a nonce this ECU did not issue")
-        self._time_nonces.remove(nonce)  # good once
-        return datetime.fromtimestamp(value["time"], UTC)
-
-    def _on_time(self, value: Mapping[str, Any]) -> bytes:
-        if self.primary_key is None:
-            return self._ack("badRequest", "no primary key is provisioned: time is not accepted")
-        try:
-            when = self._check_time_message(value)
-        except (SpoofedMessageError, ReplayedMessageError) as e:
-            self._note_attack(e.attack, f"time message refused: {e}")
-            return self._ack("badRequest", f"time message refused ({e.attack}): {e}")
-        floor = self.store.time_floor
-        # time messages carry whole seconds: compare at that resolution
-        if floor is not None and when < floor.replace(microsecond=0):
-            return self._ack("badRequest", f"time {when.isoformat()} is before the floor")
-        if self.max_time_ahead is not None:
-            limit = _utc(self.clock()) + self.max_time_ahead
-            if when > limit:
-                return self._ack(
-                    "badRequest", f"time {when.isoformat()} is too far ahead of the ECU clock"
-                )
-        self.store.advance_time_floor(when)
-        return self._ack("ok", f"time floor is {self.reference_time().isoformat()}")
 
     # metadata (5.4.4.1)
 

@@ -51,9 +51,16 @@ def test_counter_jam_of_the_director(car: Car) -> None:
         primary_before = {
             e.serial: e.report_counter for e in director.vehicle_status(car.vin).ecus
         }[car.vehicle.primary_serial]
+        receipts_before = dict(car.vehicle.primary._accepted)
         outcome = car.vehicle.cycle()
         manifest = outcome.cycle.manifest
         assert manifest is not None and manifest.accepted, manifest
+        # the primary learns which report was left out, and sends no receipt for it: the
+        # ECU keeps the attacks that report carried until a report of it is recorded
+        assert manifest.refused_reports.get(jammed) == ATTACK_REPLAYED_REPORT, manifest
+        receipts, other = car.vehicle.primary._accepted, car.serials[1]
+        assert receipts.get(jammed) == receipts_before.get(jammed), receipts
+        assert receipts[other] > receipts_before.get(other, 0), receipts
         status = director.vehicle_status(car.vin)
         counters = {e.serial: e.report_counter for e in status.ecus}
         assert counters[car.vehicle.primary_serial] is not None

@@ -30,10 +30,10 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
 from director.app import create_app as director_app
-from director.cli import init_director
 from director.config import DirectorConfig
 from director.db import default_sqlite_url
 from director.service import Director, EcuSpec
+from director.setup import init_director
 from ecus.primary import Primary
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary.links import InMemorySecondary

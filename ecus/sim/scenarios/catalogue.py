@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ecus.sim.http import endless, trickle, truncated
@@ -296,5 +297,30 @@ def scenario(name: str) -> Scenario:
 
 
 def run_scenario(world: World, vehicle: SimVehicle, name: str) -> ScenarioOutcome:
-    """Run scenario ``name`` on ``vehicle``; the world is usable again afterwards."""
-    return scenario(name).run(world, vehicle)
+    """Run scenario ``name`` on ``vehicle``; the world is usable again afterwards.
+
+    Attacks from inside the vehicle, reported again and again, quarantine it
+    (``director.quarantine``): that is the fleet's answer to the scenarios
+    before this one, so an operator's release (audited) comes first, and the
+    outcome says when this scenario left the vehicle quarantined.
+    """
+    release_quarantine(world, vehicle, f"before scenario {name}")
+    outcome = scenario(name).run(world, vehicle)
+    if is_quarantined(world, vehicle):
+        outcome = dataclasses.replace(
+            outcome, detail=f"{outcome.detail}; the Director quarantined the vehicle".lstrip("; ")
+        )
+    return outcome
+
+
+def is_quarantined(world: World, vehicle: SimVehicle) -> bool:
+    """Is ``vehicle`` in quarantine at the Director (no new assignments)?"""
+    return any(q.vin == vehicle.vin for q in world.director.list_quarantined())
+
+
+def release_quarantine(world: World, vehicle: SimVehicle, note: str) -> bool:
+    """Release ``vehicle`` from quarantine as the harness's operator; whether it was held."""
+    if not is_quarantined(world, vehicle):
+        return False
+    world.director.release_quarantine(vehicle.vin, actor="uptane-sim", note=note)
+    return True
