@@ -246,6 +246,7 @@ class World(WorldView):
         self.image_board.app = None
         self.director.close()
         director = Director.from_config(self.director_config, clock=self.clock)
+        director.attack_manifests = self.director.attack_manifests  # an operator setting
         self.stack.callback(director.close)
         self.director = director
         self.director_board.app = director_app(director, TOKEN)

@@ -313,6 +313,14 @@ def drive(
     it also stops while the paced bus is more than ``PACE_SLACK`` ahead of the
     clock. Returns (a whole message was received, frames are still to send,
     the time to resume sending at if paced).
+
+    ``process()`` stops receiving at a frame that needs an immediate send (a flow
+    control, whose state is a queue of one) and leaves the frames after it to its
+    next call: a threaded can-isotp stack calls it again at once, but a stack
+    here is run again only on a wake-up. So after such a send the pass receives
+    again, until every frame handed to the stack is consumed: a second node on
+    the same CAN ids (a duplicate flow control) must not strand the frames behind
+    it until the next frame or timer.
     """
     received = False
     sent = 0
@@ -330,6 +338,7 @@ def drive(
                     report = stack._process_rx(msg)
                     received = received or report.frame_received
                     if report.immediate_tx_required:
+                        again = True  # send first, then receive the frames behind it
                         break
         else:
             again = True  # start with the new message; receive right after
