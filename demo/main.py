@@ -418,7 +418,7 @@ class Demo:
             start = time.monotonic()
             with self.console.status(f"[{index}/{len(chosen)}] {sc.name}: {sc.title}"):
                 try:
-                    outcome: ScenarioOutcome | None = run_scenario(world, vehicle, sc.name)
+                    outcome: ScenarioOutcome | None = run_scenario(world, vehicle, sc)
                     crash = ""
                 except Exception as e:  # a broken scenario is a failed expectation
                     outcome, crash = None, f"{type(e).__name__}: {e}"

@@ -29,14 +29,11 @@ from uptane.cli import PartGroup, check_listen
 if TYPE_CHECKING:
     from director.config import DirectorConfig
 
-from director.config import DEFAULT_PORT, ONLINE_ROLES
-from director.setup import (
-    SUPPORTED_DATABASES,
-    check_db_url,
-    database_error_text,
-    init_director,
-    rotate_key,
-)
+from director.db_url import SUPPORTED_DATABASES, check_db_url, database_error_text
+
+# director.config's, repeated so that --help imports nothing heavy
+DEFAULT_PORT = 8084
+ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 
 F = TypeVar("F", bound=Callable[..., Any])
 DIR_ENV = "UPTANE_DIRECTOR_DIR"
@@ -170,6 +167,7 @@ def init_cmd(
     the inventory is SQLite in DIR/director.db.
     """
     from director.config import CONFIG_FILE
+    from director.setup import init_director
 
     config = init_director(
         directory,
@@ -197,6 +195,8 @@ def init_cmd(
 def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
     """Replace ROLE's key and sign the next root (needs the offline root keys)."""
     config = _load(directory, db_url)
+    from director.setup import rotate_key
+
     version, new = rotate_key(config, role)
     director = _open(directory, db_url)
     try:

@@ -301,21 +301,22 @@ def scenario(name: str) -> Scenario:
 HARNESS_ATTACK_MANIFESTS = 1_000_000
 
 
-def run_scenario(world: World, vehicle: SimVehicle, name: str) -> ScenarioOutcome:
-    """Run scenario ``name`` on ``vehicle``; the world is usable again afterwards.
+def run_scenario(world: World, vehicle: SimVehicle, name: str | Scenario) -> ScenarioOutcome:
+    """Run scenario ``name`` (or a ``Scenario``) on ``vehicle``; the world is usable again after.
 
     Attacks from inside the vehicle, reported again and again, quarantine it
     (``director.quarantine``): that is the fleet's answer to the scenarios
     before this one, so an operator's release (audited) comes first, and the
     outcome says when this scenario left the vehicle quarantined.
     """
-    release_quarantine(world, vehicle, f"before scenario {name}")
+    sc = scenario(name) if isinstance(name, str) else name
+    release_quarantine(world, vehicle, f"before scenario {sc.name}")
     # the harness plays attacks in a row on one vehicle: quarantine for repeated
     # attack reports is the fleet's answer (tests/test_campaigns.py), lifted while it plays
     limit = world.director.attack_manifests
     world.director.attack_manifests = HARNESS_ATTACK_MANIFESTS
     try:
-        outcome = scenario(name).run(world, vehicle)
+        outcome = sc.run(world, vehicle)
     finally:
         world.director.attack_manifests = limit
     if is_quarantined(world, vehicle):
