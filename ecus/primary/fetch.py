@@ -15,17 +15,24 @@ last complete body and its strong ``ETag``, sends ``If-None-Match`` and, on
 ngclient verifies as ever and finds unchanged (nothing new). A 304 for a file
 it holds no bytes of, or naming another tag, is a download error: a 304 is
 never trusted for bytes the primary does not hold.
+
+Mutual TLS (issue 12): with a client ``ssl.SSLContext`` and the Director's
+origins, requests to those origins go through a pool presenting the
+vehicle's client certificate and trusting only the Director CA; other
+origins (the Image repository) keep ngclient's default pool.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
+import tuf
 import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Urllib3Fetcher
@@ -41,9 +48,22 @@ class PolicyFetcher(Urllib3Fetcher):
     conditional timestamp polls."""
 
     def __init__(
-        self, policy: DownloadPolicy, *, timer: Callable[[], float] = time.monotonic
+        self,
+        policy: DownloadPolicy,
+        *,
+        timer: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
+        tls_urls: Iterable[str] = (),
     ) -> None:
         super().__init__(socket_timeout=policy.socket_timeout, chunk_size=policy.chunk_size)  # type: ignore[arg-type]
+        # the Director's origins (scheme, host:port) and the pool with the client certificate
+        self._tls_origins = frozenset(urlsplit(u)[:2] for u in tls_urls) if tls else frozenset()
+        self._user_agent = f"python-tuf/{tuf.__version__}"
+        self._tls_pool = (
+            urllib3.PoolManager(ssl_context=tls, headers={"User-Agent": self._user_agent})
+            if tls is not None
+            else None
+        )
         self.policy = policy
         self._timer = timer
         self.last_metadata: tuple[str, bytes] | None = None
@@ -56,28 +76,42 @@ class PolicyFetcher(Urllib3Fetcher):
         try:
             if unquote(urlsplit(url).path.rsplit("/", 1)[-1]) in CONDITIONAL_FILES:
                 return self._conditional(url)
-            return super()._fetch(url)
+            response = self._request(url, None)
+            if response.status >= 400:
+                response.close()
+                raise tuf_exc.DownloadHTTPError(
+                    f"HTTP error occurred with status {response.status}", response.status
+                )
+            return self._chunks(response)
         except tuf_exc.SlowRetrievalError as e:
             raise SlowRetrievalError(
                 f"{url}: no response within {self.policy.socket_timeout}s"
             ) from e
 
-    def _conditional(self, url: str) -> Iterator[bytes]:
-        """GET with ``If-None-Match`` when bytes of ``url`` are held; 304 -> those bytes."""
-        kept = self._validated.get(url)
-        headers = {"If-None-Match": kept[0]} if kept else None
+    def _request(
+        self, url: str, headers: dict[str, str] | None
+    ) -> urllib3.response.BaseHTTPResponse:
+        """ngclient's GET (body deferred), through the client-certificate pool for the
+        Director's origins."""
+        options: dict[str, Any] = {
+            "preload_content": False,
+            "timeout": urllib3.Timeout(self.socket_timeout),
+        }
+        if headers:
+            options["headers"] = {"User-Agent": self._user_agent, **headers}
         try:
-            response = self._proxy_env.request(
-                "GET",
-                url,
-                preload_content=False,
-                timeout=urllib3.Timeout(self.socket_timeout),
-                headers=headers,
-            )
+            if self._tls_pool is not None and urlsplit(url)[:2] in self._tls_origins:
+                return self._tls_pool.request("GET", url, **options)
+            return self._proxy_env.request("GET", url, **options)
         except urllib3.exceptions.MaxRetryError as e:
             if isinstance(e.reason, urllib3.exceptions.TimeoutError):
                 raise tuf_exc.SlowRetrievalError from e
             raise
+
+    def _conditional(self, url: str) -> Iterator[bytes]:
+        """GET with ``If-None-Match`` when bytes of ``url`` are held; 304 -> those bytes."""
+        kept = self._validated.get(url)
+        response = self._request(url, {"If-None-Match": kept[0]} if kept else None)
         if response.status == 304:
             etag = response.headers.get("ETag")
             response.close()
