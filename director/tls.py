@@ -22,12 +22,14 @@ any client can read any vehicle's metadata.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
+import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -431,3 +433,46 @@ def tls_paths(
     if cert is None or key is None:
         cert, key = server_certificate(directory)
     return ca_certificate(directory), cert, key
+
+
+@contextlib.contextmanager
+def running_vehicle_listener(
+    app: ASGIApp, directory: Path, host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
+    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
+    required; yields ``https://host:port``."""
+    import threading
+
+    import uvicorn
+
+    from director.server import DirectorProtocol
+
+    ca, cert, key = tls_paths(directory)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    (config,) = listener_configs(
+        app,
+        host=host,
+        port=sock.getsockname()[1],
+        operator_port=0,
+        cert=cert,
+        key=key,
+        ca=ca,
+        http=DirectorProtocol,
+        log_level="warning",
+    )[:1]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("TLS listener thread exited before it started")
+            threading.Event().wait(0.01)
+        yield f"https://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

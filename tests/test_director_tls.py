@@ -307,3 +307,31 @@ def test_init_creates_the_ca_private_and_register_issues_a_certificate(tmp_path:
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:uptane:vin:{car.vin}"]
     assert cert.issuer == ca.subject
     assert stat.S_IMODE(os.stat(out / f"{car.vin}-key.pem").st_mode) == 0o600
+
+
+def test_simulated_vehicle_updates_over_mutual_tls(tmp_path: Path) -> None:
+    """``World(tls=True)``: the Director behind its vehicle listener, each primary with its
+    client certificate; a whole update goes through, polls stay conditional."""
+    from ecus.sim.world import World, image_name
+
+    with World(tmp_path / "world", tls=True) as world:
+        assert world.director_url.startswith("https://")
+        vehicle = world.add_vehicle("TLSVIN0000000001", ["brake-ctl"])
+        first = vehicle.cycle()
+        assert first.ok, first.cycle.error
+        world.publish(2, ["brake-ctl"])
+        assert world.assign_version(2, ["brake-ctl"]) == 1
+        update = vehicle.cycle()
+        assert update.ok, (update.cycle.error, update.errors)
+        (ecu,) = (e for s, e in update.ecus.items() if s != vehicle.primary_serial)
+        assert ecu.installed == image_name("brake-ctl", 2)
+        url = f"{world.director_url}/vehicles/{vehicle.vin}/metadata/timestamp.json"
+        settled = vehicle.cycle()  # reports the install: the Director re-signs once
+        assert settled.ok, settled.cycle.error
+        before = vehicle.primary.fetcher.not_modified[url]
+        quiet = vehicle.cycle()
+        assert quiet.ok and vehicle.primary.fetcher.not_modified[url] == before + 1
+        # the same URL without the vehicle's certificate: no answer
+        ca = ssl.create_default_context(cafile=str(world.directory / "director/tls/ca.pem"))
+        with httpx.Client(verify=ca) as http, pytest.raises(httpx.TransportError):
+            http.get(url)
