@@ -14,6 +14,8 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -335,3 +337,56 @@ def test_simulated_vehicle_updates_over_mutual_tls(tmp_path: Path) -> None:
         ca = ssl.create_default_context(cafile=str(world.directory / "director/tls/ca.pem"))
         with httpx.Client(verify=ca) as http, pytest.raises(httpx.TransportError):
             http.get(url)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(directory: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """``uptane director serve DIR ARGS`` in a process; returns it and its first line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uptane.cli", "director", "serve", str(directory), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()
+
+
+def _wait_for(url: str, ctx: ssl.SSLContext | bool) -> httpx.Response:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, verify=ctx, timeout=5, trust_env=False)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_serve_labels_plain_http_and_serves_two_tls_listeners(tmp_path: Path) -> None:
+    directory = tmp_path / "d"
+    init_director(directory, token=TOKEN)
+    port = _free_port()
+    proc, line = _serve(directory, "--port", str(port))
+    try:
+        assert "PLAIN HTTP" in line and "NOT authenticated" in line, line
+        assert _wait_for(f"http://127.0.0.1:{port}/health", False).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    port, operator = _free_port(), _free_port()
+    proc, line = _serve(directory, "--tls", "--port", str(port), "--operator-port", str(operator))
+    try:
+        assert "mutual TLS" in line and f"https://127.0.0.1:{operator}" in line, line
+        ctx = ssl.create_default_context(cafile=str(tls_dir(directory) / CA_CERT))
+        assert _wait_for(f"https://127.0.0.1:{operator}/health", ctx).status_code == 200
+        with pytest.raises(httpx.TransportError):  # no client certificate
+            httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
