@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -301,8 +302,12 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     body_budget: int = DEFAULT_BODY_BUDGET,
+    ca_directory: Path | None = None,
 ) -> FastAPI:
-    """The Director ASGI app; OpenAPI schema at ``/openapi.json``."""
+    """The Director ASGI app; OpenAPI schema at ``/openapi.json``.
+
+    With ``ca_directory`` (the Director directory holding the CA, ``director.tls``)
+    the operator API also issues vehicle client certificates."""
     if len(token) < 16:
         raise ConfigError("the operator token must be at least 16 characters")
     app = FastAPI(
@@ -497,6 +502,10 @@ def create_app(
     from director.fleet_api import install_fleet  # campaigns, quarantine, /metrics (issue 14)
 
     install_fleet(app, director, Depends(operator))
+    if ca_directory is not None:
+        from director.tls import install_certificate_api
+
+        install_certificate_api(app, director, ca_directory, Depends(operator))
 
     @app.post(
         "/api/vehicles/{vin}/ecus/{serial}/reset-counter",
@@ -555,4 +564,5 @@ def app_from_env() -> FastAPI:
         max_body=config.max_body,
         body_timeout=config.body_timeout,
         body_budget=config.body_budget,
+        ca_directory=config.directory,
     )

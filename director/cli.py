@@ -220,10 +220,30 @@ def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
     show_default=True,
     help="App processes sharing the database (all state is in the database).",
 )
+@click.option("--tls", is_flag=True, help="Mutual TLS: vehicles need their client certificate.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--operator-port", type=int, default=None, help="Operator API listener with --tls (PORT+1)."
+)
 def serve_cmd(
-    directory: Path, db_url: str | None, host: str | None, port: int | None, workers: int
+    directory: Path,
+    db_url: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int,
+    tls: bool = False,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    operator_port: int | None = None,
 ) -> None:
-    """Run the Director HTTP server (migrates the database first)."""
+    """Run the Director HTTP server (migrates the database first).
+
+    With --tls (or --tls-cert/--tls-key): the vehicle listener on PORT requires a
+    client certificate from the Director CA and serves each vehicle only its own
+    resources; the operator API (bearer token) is on --operator-port. Without:
+    plain HTTP, any client reads any vehicle's metadata (demo and tests only).
+    See docs/director-scale.md."""
     import os
 
     import uvicorn
@@ -244,6 +264,15 @@ def serve_cmd(
     bind_host = host or config.host
     bind_port = config.port if port is None else port
     check_listen(bind_host, bind_port)
+    tls = tls or tls_cert is not None or tls_key is not None
+    if tls:
+        from director.tls import tls_paths
+
+        ca, cert, key = tls_paths(directory, tls_cert, tls_key)
+        operator_port = bind_port + 1 if operator_port is None else operator_port
+        check_listen(bind_host, operator_port)
+        if workers > 1:
+            raise click.UsageError("--workers with --tls is not supported yet")
     director = _open(directory, db_url)  # migrate + import roots once, up front
     if workers > 1:
         director.close()
@@ -265,9 +294,36 @@ def serve_cmd(
         max_body=config.max_body,
         body_timeout=config.body_timeout,
         body_budget=config.body_budget,
+        ca_directory=Path(directory),
     )
     try:
-        uvicorn.run(app, host=bind_host, port=bind_port, **server_options)
+        if tls:
+            from director.tls import listener_configs, run_listeners
+
+            click.echo(
+                f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
+                f"required), operator API on https://{bind_host}:{operator_port}"
+            )
+            server_options.pop("loop")
+            run_listeners(
+                listener_configs(
+                    app,
+                    host=bind_host,
+                    port=bind_port,
+                    operator_port=operator_port,  # type: ignore[arg-type]
+                    cert=cert,
+                    key=key,
+                    ca=ca,
+                    **server_options,
+                )
+            )
+        else:
+            click.echo(
+                f"PLAIN HTTP on http://{bind_host}:{bind_port}: vehicles are NOT authenticated, "
+                "any client reads any vehicle's metadata (demo and tests on loopback only; "
+                "--tls for mutual TLS)"
+            )
+            uvicorn.run(app, host=bind_host, port=bind_port, **server_options)
     finally:
         director.close()
 
@@ -285,8 +341,20 @@ def serve_cmd(
     help="One ECU (repeat for each).",
 )
 @click.option("--primary", required=True, help="Serial of the primary ECU.")
+@click.option(
+    "--issue-cert",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="OUT_DIR",
+    help="Also write the vehicle's TLS client certificate, key and the Director CA there.",
+)
 def register_cmd(
-    directory: Path, db_url: str | None, vin: str, ecus: tuple[str, ...], primary: str
+    directory: Path,
+    db_url: str | None,
+    vin: str,
+    ecus: tuple[str, ...],
+    primary: str,
+    issue_cert: Path | None = None,
 ) -> None:
     """Register a vehicle and its ECUs' public keys.
 
@@ -328,6 +396,13 @@ def register_cmd(
     finally:
         director.close()
     click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
+    if issue_cert is not None:
+        from director.tls import issue_vehicle_certificate
+
+        cert_file, key_file, ca_file = issue_vehicle_certificate(directory, status.vin).write(
+            issue_cert, status.vin
+        )
+        click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
 
 
 @cli.command("assign")

@@ -15,7 +15,9 @@ The Director serves a fleet, so every connection is a possible attacker
 - at most ``max_connections`` open connections per process: the next ones
   are closed at once;
 - uvicorn's keep-alive timeout between requests;
-- errors of the HTTP layer as JSON like every other Director answer.
+- errors of the HTTP layer as JSON like every other Director answer;
+- on a TLS listener, the VIN of the verified client certificate in each
+  request's scope (``extensions["tls"]["client_vin"]``, see ``director.tls``).
 
 Body read timeouts and the in-flight body memory budget are in
 ``director.app.GuardMiddleware`` (they need the ASGI view of the body).
@@ -69,6 +71,7 @@ class DirectorProtocol(HttpToolsProtocol):
     _header_size = 0  # bytes of the request line and headers parsed
     _headers_too_large = False
     _in_headers = True
+    _tls: dict[str, str | None] | None = None  # TLS connections: the client certificate's VIN
 
     @classmethod
     def configure(cls, limits: ConnectionLimits) -> None:
@@ -78,6 +81,11 @@ class DirectorProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         _nodelay(transport)
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # called once the handshake verified any client certificate
+            from director.tls import peer_vin
+
+            self._tls = {"client_vin": peer_vin(ssl_object)}
         if len(self.connections) > self.limits.max_connections:
             transport.close()  # over the limit: no request is read from it
             return
@@ -102,6 +110,8 @@ class DirectorProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": dict(self._tls)}  # type: ignore[dict-item]
         self._in_headers = True
         self._header_bytes = 0
         self._header_size = 0

@@ -103,6 +103,9 @@ def init_director(
                 root.add_key(ref.public, role)
     _write_root_der(config, repo, config.root_keys)
     config.save()
+    from director.tls import create_ca
+
+    create_ca(directory)  # vehicles' client certificates (mutual TLS, director.tls)
     _restrict_modes(config)
     return config
 

@@ -12,7 +12,8 @@ to that file:
   "state_dir": "state", "download_dir": "images",
   "secondaries": [{"serial": "ecu-1", "hardware_id": "hw-a", "public_key": "keys/ecu-1.pub.json"}],
   "download": {"min_bytes_per_second": 4096, "grace_seconds": 5, "socket_timeout": 10},
-  "metadata_limits": {"timestamp": 16384, "snapshot": 2000000, "targets": 5000000}
+  "metadata_limits": {"timestamp": 16384, "snapshot": 2000000, "targets": 5000000},
+  "tls": {"ca": "tls/ca.pem", "cert": "tls/VIN.pem", "key": "tls/VIN-key.pem"}
 }
 ```
 
@@ -26,6 +27,7 @@ Every field: docs/config.md.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -108,6 +110,42 @@ class MetadataLimits:
                 raise ConfigError(f"metadata_limits.{f.name} must be a positive integer")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS to the Director: the Director CA and this vehicle's client certificate."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any, base_dir: Path) -> TlsFiles:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("ca"), str):
+            raise ConfigError("'tls' must be an object with 'ca' (and 'cert', 'key')")
+        unknown = set(raw) - {"ca", "cert", "key"}
+        if unknown:
+            raise ConfigError(f"unknown 'tls' keys: {sorted(unknown)}")
+        if ("cert" in raw) != ("key" in raw):
+            raise ConfigError("'tls' needs both 'cert' and 'key', or neither")
+        paths = {}
+        for name in ("ca", "cert", "key"):
+            if name in raw:
+                if not isinstance(raw[name], str) or not raw[name]:
+                    raise ConfigError(f"'tls.{name}' must be a path")
+                paths[name] = (base_dir / raw[name]).resolve()
+        return cls(**paths)
+
+    def context(self) -> ssl.SSLContext:
+        """A client context trusting only ``ca`` and presenting the client certificate."""
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca))
+            if self.cert is not None:
+                ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"tls: cannot load {self.ca}, {self.cert}, {self.key}: {e}") from e
+        return ctx
+
+
 def _public_key(raw: Any, base_dir: Path | None) -> Key:
     """A public key from a ``NAME.pub.json`` path (relative to ``base_dir``) or a key dict."""
     if isinstance(raw, str):
@@ -156,6 +194,7 @@ class PrimaryConfig:
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
     metadata_limits: MetadataLimits = field(default_factory=MetadataLimits)
     http_timeout: float = 30.0
+    tls: TlsFiles | None = None  # mutual TLS to the Director (None: as the URLs say)
 
     def __post_init__(self) -> None:
         try:
@@ -245,6 +284,7 @@ class PrimaryConfig:
             download=_sub(DownloadPolicy, raw.get("download", {}), "download"),
             metadata_limits=_sub(MetadataLimits, raw.get("metadata_limits", {}), "metadata_limits"),
             http_timeout=float(raw.get("http_timeout", 30.0)),
+            tls=TlsFiles.from_dict(raw["tls"], base_dir) if raw.get("tls") is not None else None,
         )
 
 

@@ -108,9 +108,16 @@ class Primary(RepositorySync):
             self._clients[client.serial] = client
         self.state = PrimaryState(config.state_dir, self._signer)
         self._timer = timer
-        self.fetcher = PolicyFetcher(config.download, timer=timer)
+        tls = config.tls.context() if config.tls is not None else None  # mutual TLS (issue 12)
+        self.fetcher = PolicyFetcher(
+            config.download, timer=timer, tls=tls, tls_urls=config.repository_map.director_urls
+        )
         self._http = (
-            http if http is not None else httpx.Client(timeout=config.http_timeout, trust_env=False)
+            http
+            if http is not None
+            else httpx.Client(
+                timeout=config.http_timeout, trust_env=False, verify=tls if tls else True
+            )
         )
 
     # --- paths and URLs ------------------------------------------------------

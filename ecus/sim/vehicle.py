@@ -236,6 +236,7 @@ class SimVehicle:
                 for s in self.secondaries.values()
             ),
             download=DownloadPolicy(socket_timeout=5.0, grace_seconds=1.0),
+            tls=self.world.tls_files(self.vin, self.dir / "tls"),
         )
         clients = [s.client for s in self.secondaries.values() if s.client is not None]
         return Primary(config, clients, clock=self.clock)

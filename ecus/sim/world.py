@@ -32,6 +32,7 @@ from director.app import create_app as director_app
 from director.config import DirectorConfig
 from director.service import Director, EcuSpec
 from director.setup import init_director
+from ecus.primary.config import TlsFiles
 from ecus.sim.http import Switchboard
 from ecus.sim.vehicle import CHUNK_SIZE as CHUNK_SIZE  # re-exported: the world builds vehicles
 from ecus.sim.vehicle import PRIMARY_HW as PRIMARY_HW
@@ -175,6 +176,16 @@ class WorldView:
             }
         )
 
+    def tls_files(self, vin: str, directory: Path) -> TlsFiles | None:
+        """A vehicle's mutual TLS files (written to ``directory``), None over plain HTTP."""
+        if not getattr(self, "tls", False):
+            return None
+        from director.tls import issue_vehicle_certificate
+
+        issued = issue_vehicle_certificate(self.directory / "director", vin)
+        cert, key, ca = issued.write(directory, vin)
+        return TlsFiles(ca=ca, cert=cert, key=key)
+
     def add_vehicle(self, vin: str, hardware_ids: Sequence[str], **kwargs: Any) -> SimVehicle:
         vehicle = SimVehicle(self, vin, hardware_ids, **kwargs)
         self.vehicles[vin] = vehicle
@@ -198,7 +209,9 @@ class World(WorldView):
         clock: SimClock | None = None,
         image_threshold: int = 2,
         director_expiry: timedelta = timedelta(days=1),
+        tls: bool = False,
     ) -> None:
+        self.tls = tls  # the Director over mutual TLS, a client certificate per vehicle
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.clock = clock or SimClock()
@@ -233,7 +246,13 @@ class World(WorldView):
         self.director = Director.from_config(config, clock=self.clock)
         self.stack.callback(self.director.close)
         self.director_board = Switchboard(director_app(self.director, TOKEN))
-        self.director_url = self.stack.enter_context(running_app(self.director_board))
+        if self.tls:
+            from director.tls import running_vehicle_listener
+
+            listener = running_vehicle_listener(self.director_board, config.directory)
+            self.director_url = self.stack.enter_context(listener)
+        else:
+            self.director_url = self.stack.enter_context(running_app(self.director_board))
         root_dir = config.root_dir
         self.director_root_json = (root_dir / "1.root.json").read_bytes()
         self.director_root_der = (root_dir / "1.root.der").read_bytes()

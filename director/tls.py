@@ -1,0 +1,478 @@
+"""Vehicles authenticated by mutual TLS: the Director CA, device certificates, listener gates.
+
+Uptane 2.1 leaves transport security to the deployment; production back ends
+authenticate each vehicle with a device certificate, and so does the
+Director (issue 12):
+
+- ``uptane director init`` creates a Director CA (an ECDSA P-256 key and a
+  self-signed CA certificate, ``DIR/tls/``, key mode 0600);
+- each vehicle gets a client certificate from that CA at registration
+  (subject CN = VIN, SAN ``urn:uptane:vin:VIN``);
+- ``serve --tls`` runs two listeners: the *vehicle* listener requires a
+  client certificate from the Director CA at the TLS handshake and serves
+  only ``/vehicles/{vin}/...`` of the certificate's own VIN, ``/root/...``
+  and ``/health``; the *operator* listener (``--operator-port``) takes no
+  client certificate and serves only ``/api/...`` (bearer token),
+  ``/health``, ``/metrics`` and the OpenAPI pages. A request for another
+  vehicle's resources and one for an unknown VIN get the same answer.
+
+Plain HTTP (no ``--tls``) stays for the demo and tests on loopback: there
+any client can read any vehicle's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import socket
+import ssl
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from uptane.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from director.service import Director
+
+TLS_DIR = "tls"
+CA_CERT = "ca.pem"
+CA_KEY = "ca-key.pem"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server-key.pem"
+VIN_URI_PREFIX = "urn:uptane:vin:"
+CA_DAYS = 3650
+CERT_DAYS = 825  # device and server certificates
+SERVER_NAMES = ("127.0.0.1", "localhost")
+
+# The one answer to every vehicle-resource request the client may not make:
+# another vehicle's, an unknown VIN's, a path the listener does not serve.
+REFUSED_STATUS = 404
+REFUSED_BODY = json.dumps({"error": "not_found", "detail": "no such resource"}).encode()
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A PEM certificate, its private key (PKCS#8, unencrypted) and the CA certificate."""
+
+    certificate: bytes
+    key: bytes
+    ca: bytes
+
+    def write(self, directory: Path, name: str) -> tuple[Path, Path, Path]:
+        """Write ``name.pem``, ``name-key.pem`` (0600) and ``ca.pem`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key, ca = (
+            directory / f"{name}.pem",
+            directory / f"{name}-key.pem",
+            directory / CA_CERT,
+        )
+        _write_private(key, self.key)
+        cert.write_bytes(self.certificate)
+        ca.write_bytes(self.ca)
+        return cert, key, ca
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # also when it existed with wider modes
+
+
+def tls_dir(directory: Path) -> Path:
+    return Path(directory) / TLS_DIR
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_ca(directory: Path) -> Path:
+    """Create the Director CA in ``DIR/tls/`` unless it exists; returns the CA cert path."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = tls_dir(directory)
+    if (d / CA_CERT).exists() and (d / CA_KEY).exists():
+        return d / CA_CERT
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Uptane Director CA")])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        d / CA_KEY,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    (d / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return d / CA_CERT
+
+
+def _load_ca(directory: Path) -> tuple[Any, Any, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    d = tls_dir(directory)
+    try:
+        ca_pem = (d / CA_CERT).read_bytes()
+        key_pem = (d / CA_KEY).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"no Director CA in {d} ({e.strerror or e}): `uptane director init` creates it"
+        ) from None
+    return (
+        x509.load_pem_x509_certificate(ca_pem),
+        serialization.load_pem_private_key(key_pem, None),
+        ca_pem,
+    )
+
+
+def _issue(
+    directory: Path, common_name: str, sans: Iterable[Any], client: bool
+) -> IssuedCertificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key, ca_pem = _load_ca(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return IssuedCertificate(
+        certificate=cert.public_bytes(serialization.Encoding.PEM),
+        key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        ca=ca_pem,
+    )
+
+
+def issue_vehicle_certificate(directory: Path, vin: str) -> IssuedCertificate:
+    """A client certificate for ``vin`` (CN = VIN, SAN ``urn:uptane:vin:VIN``)."""
+    from cryptography import x509
+
+    return _issue(
+        directory, vin, [x509.UniformResourceIdentifier(VIN_URI_PREFIX + vin)], client=True
+    )
+
+
+def server_certificate(directory: Path) -> tuple[Path, Path]:
+    """``DIR/tls/server.pem`` and its key, issued by the Director CA for 127.0.0.1 and
+    localhost if missing (give ``serve --tls-cert/--tls-key`` for other names)."""
+    from cryptography import x509
+
+    d = tls_dir(directory)
+    cert, key = d / SERVER_CERT, d / SERVER_KEY
+    if not (cert.exists() and key.exists()):
+        issued = _issue(
+            directory,
+            "Uptane Director",
+            [
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.DNSName("localhost"),
+            ],
+            client=False,
+        )
+        _write_private(key, issued.key)
+        cert.write_bytes(issued.certificate)
+    return cert, key
+
+
+def ca_certificate(directory: Path) -> Path:
+    path = tls_dir(directory) / CA_CERT
+    if not path.exists():
+        raise ConfigError(f"no Director CA at {path}: `uptane director init` creates it")
+    return path
+
+
+def peer_vin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The VIN of a verified client certificate (its subject CN), None without one."""
+    if ssl_object is None:
+        return None
+    cert: Any = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName" and isinstance(value, str):
+                return value
+    return None
+
+
+# --- the two listeners ----------------------------------------------------------
+
+VEHICLE = "vehicle"
+OPERATOR = "operator"
+_OPERATOR_EXACT = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/api"})
+
+
+def client_vin(scope: Scope) -> str | None:
+    """The VIN the connection's client certificate names (``DirectorProtocol`` puts it)."""
+    tls = scope.get("extensions", {}).get("tls")
+    vin = tls.get("client_vin") if isinstance(tls, dict) else None
+    return vin if isinstance(vin, str) else None
+
+
+def allowed(listener: str, path: str, vin: str | None) -> bool:
+    """Whether ``path`` is served on ``listener`` to a client with certificate ``vin``."""
+    if listener == VEHICLE:
+        if path == "/health" or path.startswith("/root/"):
+            return vin is not None
+        parts = path.split("/", 3)
+        return len(parts) >= 3 and parts[1] == "vehicles" and vin is not None and parts[2] == vin
+    return path in _OPERATOR_EXACT or path.startswith("/api/")
+
+
+class ListenerGate:
+    """What one listener serves: see the module docstring. Every refusal is the same
+    404 body, so that neither another vehicle's VIN nor an unknown one shows."""
+
+    def __init__(self, app: ASGIApp, listener: str) -> None:
+        if listener not in (VEHICLE, OPERATOR):
+            raise ValueError(f"unknown listener {listener!r}")
+        self.app = app
+        self.listener = listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not allowed(
+            self.listener, scope.get("path", ""), client_vin(scope)
+        ):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": REFUSED_STATUS,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(REFUSED_BODY)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": REFUSED_BODY})
+            return
+        await self.app(scope, receive, send)
+
+
+def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """A TLS server context; with ``client_ca``, client certificates from it are required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if client_ca is not None:
+            ctx.load_verify_locations(cafile=client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"TLS certificate or key: {e}") from None
+    return ctx
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A TLS client context trusting ``ca``, presenting ``cert``/``key`` if given."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"TLS files {ca}, {cert}, {key}: {e}") from None
+    return ctx
+
+
+class CertificateOut(BaseModel):
+    """A vehicle's client certificate, its private key and the Director CA, as PEM."""
+
+    vin: str
+    certificate: str
+    key: str
+    ca: str
+
+
+def install_certificate_api(
+    app: FastAPI, director: Director, directory: Path, operator: Any
+) -> None:
+    """``POST /api/vehicles/{vin}/certificate``: a new client certificate for a registered
+    vehicle, as PEM (certificate, private key, CA certificate) in JSON. The key travels
+    in the answer: over the operator listener's TLS, to the operator provisioning the car."""
+    from starlette.concurrency import run_in_threadpool
+
+    @app.post(
+        "/api/vehicles/{vin}/certificate",
+        response_model=CertificateOut,
+        status_code=201,
+        dependencies=[operator],
+        tags=["operator"],
+    )
+    async def issue_certificate(vin: str) -> CertificateOut:
+        """Issue a client certificate (mutual TLS) for a registered vehicle."""
+        status = await run_in_threadpool(director.vehicle_status, vin)  # 404 if unknown
+        issued = await run_in_threadpool(issue_vehicle_certificate, directory, status.vin)
+        return CertificateOut(
+            vin=status.vin,
+            certificate=issued.certificate.decode(),
+            key=issued.key.decode(),
+            ca=issued.ca.decode(),
+        )
+
+
+def listener_configs(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    operator_port: int,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    **options: Any,
+) -> list[Any]:
+    """uvicorn configs of the vehicle listener (client certificate from ``ca`` required at
+    the handshake) and the operator listener (server certificate only), one app behind
+    both; the app's lifespan (the campaign ticker) runs once, on the vehicle listener."""
+    import uvicorn
+
+    common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), **options}
+    return [
+        uvicorn.Config(
+            ListenerGate(app, VEHICLE),
+            host=host,
+            port=port,
+            ssl_ca_certs=str(ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED,
+            **common,
+        ),
+        uvicorn.Config(
+            ListenerGate(app, OPERATOR), host=host, port=operator_port, lifespan="off", **common
+        ),
+    ]
+
+
+def run_listeners(configs: list[Any]) -> None:
+    """Serve every config in one process and event loop (uvloop) until interrupted."""
+    import asyncio
+
+    import uvicorn
+    import uvloop
+
+    servers = [uvicorn.Server(c) for c in configs]
+
+    async def main() -> None:
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    uvloop.run(main())
+
+
+def tls_paths(
+    directory: Path, cert: Path | None = None, key: Path | None = None
+) -> tuple[Path, Path, Path]:
+    """CA certificate, server certificate and key for ``serve --tls``: the given ones, or
+    the Director CA's server certificate (made for 127.0.0.1/localhost if missing)."""
+    directory = Path(directory)
+    if (cert is None) != (key is None):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither")
+    create_ca(directory)  # a directory from before the CA existed gets one
+    if cert is None or key is None:
+        cert, key = server_certificate(directory)
+    return ca_certificate(directory), cert, key
+
+
+@contextlib.contextmanager
+def running_vehicle_listener(
+    app: ASGIApp, directory: Path, host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
+    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
+    required; yields ``https://host:port``."""
+    import threading
+
+    import uvicorn
+
+    from director.server import DirectorProtocol
+
+    ca, cert, key = tls_paths(directory)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    (config,) = listener_configs(
+        app,
+        host=host,
+        port=sock.getsockname()[1],
+        operator_port=0,
+        cert=cert,
+        key=key,
+        ca=ca,
+        http=DirectorProtocol,
+        log_level="warning",
+    )[:1]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("TLS listener thread exited before it started")
+            threading.Event().wait(0.01)
+        yield f"https://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
