@@ -11,7 +11,8 @@ STATE/work/                             scratch copy a cycle verifies into
 ```
 
 Trusted state changes only by ``commit``: a cycle copies the current
-generation into ``work/``, lets ngclient update that copy, and, only once
+generation into ``work/`` (hard links: files are only ever replaced, never
+written in place), lets ngclient update that copy, and, only once
 everything verified, fsyncs it, moves it to ``trusted/gen-N+1`` and replaces
 the ``current`` symlink with one rename. A cycle that fails (or a power cut at
 any point) leaves ``trusted/`` as it was. ``reports.json`` is not trusted
@@ -230,7 +231,9 @@ class PrimaryState:
 
     def _seal(self, generation: Path, number: int) -> None:
         payload = {"generation": number, "files": _tree_index(generation)}
-        (generation / SEAL).write_bytes(json.dumps(_sign(self._signer, payload)).encode())
+        seal = generation / SEAL
+        seal.unlink(missing_ok=True)  # a hard link to the trusted seal (``begin``): never write it
+        seal.write_bytes(json.dumps(_sign(self._signer, payload)).encode())
 
     def _check_seal(self, generation: Path, number: int, *, files: bool = True) -> dict[str, str]:
         """The generation is the one the primary sealed, file for file (``files``).
@@ -278,7 +281,7 @@ class PrimaryState:
         scratch = self.work_dir / f"gen-{self._generation() + 1:06d}"
         shutil.rmtree(scratch, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(current, scratch, symlinks=True)
+        shutil.copytree(current, scratch, symlinks=True, copy_function=_link_or_copy)
         return scratch
 
     def discard(self, scratch: Path) -> None:
@@ -400,6 +403,22 @@ class PrimaryState:
     def save_reports(self, state: ReportState) -> None:
         envelope = _sign(self._signer, state.to_dict())
         atomic_write(self.state_dir / REPORTS, json.dumps(envelope, indent=2).encode())
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` at ``dst`` (a copy where the file system has no hard links).
+
+    A scratch generation shares its files' inodes with the trusted one: safe
+    because nothing writes a file of a generation in place. ngclient persists
+    metadata to a temporary file and renames it over the old name
+    (``Updater._persist_file``), ``atomic_write`` does the same, ``_copy_if_new``
+    and ``_seal`` unlink first. A write in place would change the trusted
+    generation too, which its seal reports (``StateError``) at the next read.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _copy_if_new(src: Path, dst: Path) -> bool:
