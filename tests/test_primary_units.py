@@ -14,10 +14,10 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
 from ecus.primary import CycleResult, Primary, safe_target_path
+from ecus.primary import state as state_module
 from ecus.primary.can_link import SecondaryRefusedError, TransferFailedError
 from ecus.primary.config import DownloadPolicy, MetadataLimits, PrimaryConfig
 from ecus.primary.links import EcuUpdate, InMemorySecondary, SecondaryClient
-from ecus.primary import state as state_module
 from ecus.primary.state import PrimaryState, ReportState
 from uptane.errors import (
     ATTACK_FREEZE,
@@ -30,8 +30,8 @@ from uptane.errors import (
 )
 from uptane.keys import generate_ed25519, public_key_dict
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
-from uptane.repository import atomic_write
 from uptane.metadata import UptaneTarget
+from uptane.repository import atomic_write
 
 SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
 

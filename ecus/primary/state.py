@@ -102,19 +102,26 @@ def _open_envelope(signer: Signer, data: bytes, what: str) -> Any:
 
 
 def _tree_index(root: Path) -> dict[str, str]:
-    """Every file (its SHA-256) and symlink (``-> target``) under ``root``, but the seal."""
+    """Every file (its SHA-256) and symlink (``-> target``) under ``root``, but the seal.
+
+    Plain ``os`` string paths: this runs on every cycle (``begin``, ``commit``).
+    """
     index: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(root):
+    top = os.fspath(root)
+    for dirpath, dirs, files in os.walk(top):
         dirs.sort()
-        for name in sorted(files + [d for d in dirs if Path(dirpath, d).is_symlink()]):
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
+        prefix = "" if dirpath == top else os.path.relpath(dirpath, top).replace(os.sep, "/") + "/"
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        for name in sorted(files + links):
+            rel = prefix + name
             if rel == SEAL:
                 continue
-            if p.is_symlink():
-                index[rel] = f"-> {os.readlink(p)}"
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                index[rel] = f"-> {os.readlink(path)}"
             else:
-                index[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+                with open(path, "rb") as f:
+                    index[rel] = hashlib.sha256(f.read()).hexdigest()
     return index
 
 
