@@ -256,6 +256,30 @@ def test_state_scratch_writes_never_reach_the_trusted_generation(
     assert state.installed() == {}
 
 
+def test_state_scratch_is_a_copy_where_hard_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    scratch = state.begin()
+    (scratch / "image" / "root_history").mkdir()
+    (scratch / "image" / "root_history" / "1.root.json").write_bytes(b"root1")
+    os.symlink("root_history/1.root.json", scratch / "image" / "root.json")
+    state.commit(scratch)
+
+    def no_links(*_args: object, **_kwargs: object) -> None:
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    scratch = state.begin()
+    trusted = state.current()
+    assert tree_digest(scratch) == tree_digest(trusted)
+    assert os.readlink(scratch / "image" / "root.json") == "root_history/1.root.json"
+    copied = scratch / "image" / "root_history" / "1.root.json"
+    assert copied.stat().st_ino != (trusted / "image/root_history/1.root.json").stat().st_ino
+    state.commit(scratch)
+    assert (state.current() / "image" / "root.json").read_bytes() == b"root1"
+
+
 def test_state_seal_catches_every_change_outside_the_primary(tmp_path: Path) -> None:
     """Issue 10 item 6: edited, added, removed, renamed: all StateError when read."""
     state = PrimaryState(tmp_path / "s", SIGNER)

@@ -288,7 +288,7 @@ class PrimaryState:
         scratch = self.work_dir / f"gen-{self._generation() + 1:06d}"
         shutil.rmtree(scratch, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(current, scratch, symlinks=True, copy_function=_link_or_copy)
+        _link_tree(current, scratch)
         return scratch
 
     def discard(self, scratch: Path) -> None:
@@ -412,20 +412,39 @@ class PrimaryState:
         atomic_write(self.state_dir / REPORTS, json.dumps(envelope, indent=2).encode())
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link ``src`` at ``dst`` (a copy where the file system has no hard links).
+def _link_tree(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of the tree ``src`` whose files and symlinks are hard links.
 
     A scratch generation shares its files' inodes with the trusted one: safe
     because nothing writes a file of a generation in place. ngclient persists
     metadata to a temporary file and renames it over the old name
     (``Updater._persist_file``), ``atomic_write`` does the same, ``_copy_if_new``
-    and ``_seal`` unlink first. A write in place would change the trusted
-    generation too, which its seal reports (``StateError``) at the next read.
+    and ``_seal`` unlink first; a symlink cannot be changed in place at all. A
+    write in place would change the trusted generation too, which its seal
+    reports (``StateError``) at the next read. Where the file system has no
+    hard links, files are copied and symlinks recreated.
     """
+    top, out = os.fspath(src), os.fspath(dst)
+    os.mkdir(out)
+    for dirpath, dirs, files in os.walk(top):
+        here = out if dirpath == top else os.path.join(out, os.path.relpath(dirpath, top))
+        for name in dirs:
+            if os.path.islink(os.path.join(dirpath, name)):
+                _link_or_copy(os.path.join(dirpath, name), os.path.join(here, name))
+            else:
+                os.mkdir(os.path.join(here, name))
+        for name in files:
+            _link_or_copy(os.path.join(dirpath, name), os.path.join(here, name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
 
 
 def _copy_if_new(src: Path, dst: Path) -> bool:
