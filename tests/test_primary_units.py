@@ -14,6 +14,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
 from ecus.primary import CycleResult, Primary, safe_target_path
+from ecus.primary import state as state_module
 from ecus.primary.can_link import SecondaryRefusedError, TransferFailedError
 from ecus.primary.config import DownloadPolicy, MetadataLimits, PrimaryConfig
 from ecus.primary.links import EcuUpdate, InMemorySecondary, SecondaryClient
@@ -30,6 +31,7 @@ from uptane.errors import (
 from uptane.keys import generate_ed25519, public_key_dict
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import UptaneTarget
+from uptane.repository import atomic_write
 
 SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
 
@@ -223,6 +225,59 @@ def test_state_discard_and_restart_leave_trusted_state_alone(tmp_path: Path) -> 
     again = PrimaryState(tmp_path / "s", SIGNER)
     assert tree_digest(again.trusted_dir) == before
     assert not scratch.exists()
+
+
+def test_state_scratch_writes_never_reach_the_trusted_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: ``begin`` hard-links the trusted files; every write replaces, none goes through."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    scratch = state.begin()
+    (scratch / "director" / "timestamp.json").write_bytes(b"v1")
+    state.commit(scratch)
+    trusted = state.current()
+    before = tree_digest(trusted)
+    scratch = state.begin()
+    ts = scratch / "director" / "timestamp.json"
+    assert ts.stat().st_ino == (trusted / "director" / "timestamp.json").stat().st_ino
+    atomic_write(ts, b"v2")  # how ngclient and the state write: a new file renamed over
+    state.write_installed(scratch, {"ecu-a": InstalledImage("a.wasm", 1, {"sha256": "00"}, 2)})
+
+    # power cut once the scratch is sealed, before it is moved into place
+    def cut(_root: Path) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(state_module, "_fsync_tree", cut)
+    with pytest.raises(OSError, match="power cut"):
+        state.commit(scratch)
+    assert tree_digest(trusted) == before
+    assert state.current() == trusted  # its seal still checks: not overwritten through a link
+    assert (trusted / "director" / "timestamp.json").read_bytes() == b"v1"
+    assert state.installed() == {}
+
+
+def test_state_scratch_is_a_copy_where_hard_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    scratch = state.begin()
+    (scratch / "image" / "root_history").mkdir()
+    (scratch / "image" / "root_history" / "1.root.json").write_bytes(b"root1")
+    os.symlink("root_history/1.root.json", scratch / "image" / "root.json")
+    state.commit(scratch)
+
+    def no_links(*_args: object, **_kwargs: object) -> None:
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    scratch = state.begin()
+    trusted = state.current()
+    assert tree_digest(scratch) == tree_digest(trusted)
+    assert os.readlink(scratch / "image" / "root.json") == "root_history/1.root.json"
+    copied = scratch / "image" / "root_history" / "1.root.json"
+    assert copied.stat().st_ino != (trusted / "image/root_history/1.root.json").stat().st_ino
+    state.commit(scratch)
+    assert (state.current() / "image" / "root.json").read_bytes() == b"root1"
 
 
 def test_state_seal_catches_every_change_outside_the_primary(tmp_path: Path) -> None:

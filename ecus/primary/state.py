@@ -11,7 +11,8 @@ STATE/work/                             scratch copy a cycle verifies into
 ```
 
 Trusted state changes only by ``commit``: a cycle copies the current
-generation into ``work/``, lets ngclient update that copy, and, only once
+generation into ``work/`` (hard links: files are only ever replaced, never
+written in place), lets ngclient update that copy, and, only once
 everything verified, fsyncs it, moves it to ``trusted/gen-N+1`` and replaces
 the ``current`` symlink with one rename. A cycle that fails (or a power cut at
 any point) leaves ``trusted/`` as it was. ``reports.json`` is not trusted
@@ -101,19 +102,26 @@ def _open_envelope(signer: Signer, data: bytes, what: str) -> Any:
 
 
 def _tree_index(root: Path) -> dict[str, str]:
-    """Every file (its SHA-256) and symlink (``-> target``) under ``root``, but the seal."""
+    """Every file (its SHA-256) and symlink (``-> target``) under ``root``, but the seal.
+
+    Plain ``os`` string paths: this runs on every cycle (``begin``, ``commit``).
+    """
     index: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(root):
+    top = os.fspath(root)
+    for dirpath, dirs, files in os.walk(top):
         dirs.sort()
-        for name in sorted(files + [d for d in dirs if Path(dirpath, d).is_symlink()]):
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
+        prefix = "" if dirpath == top else os.path.relpath(dirpath, top).replace(os.sep, "/") + "/"
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        for name in sorted(files + links):
+            rel = prefix + name
             if rel == SEAL:
                 continue
-            if p.is_symlink():
-                index[rel] = f"-> {os.readlink(p)}"
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                index[rel] = f"-> {os.readlink(path)}"
             else:
-                index[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+                with open(path, "rb") as f:
+                    index[rel] = hashlib.sha256(f.read()).hexdigest()
     return index
 
 
@@ -230,7 +238,9 @@ class PrimaryState:
 
     def _seal(self, generation: Path, number: int) -> None:
         payload = {"generation": number, "files": _tree_index(generation)}
-        (generation / SEAL).write_bytes(json.dumps(_sign(self._signer, payload)).encode())
+        seal = generation / SEAL
+        seal.unlink(missing_ok=True)  # a hard link to the trusted seal (``begin``): never write it
+        seal.write_bytes(json.dumps(_sign(self._signer, payload)).encode())
 
     def _check_seal(self, generation: Path, number: int, *, files: bool = True) -> dict[str, str]:
         """The generation is the one the primary sealed, file for file (``files``).
@@ -278,7 +288,7 @@ class PrimaryState:
         scratch = self.work_dir / f"gen-{self._generation() + 1:06d}"
         shutil.rmtree(scratch, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(current, scratch, symlinks=True)
+        _link_tree(current, scratch)
         return scratch
 
     def discard(self, scratch: Path) -> None:
@@ -400,6 +410,41 @@ class PrimaryState:
     def save_reports(self, state: ReportState) -> None:
         envelope = _sign(self._signer, state.to_dict())
         atomic_write(self.state_dir / REPORTS, json.dumps(envelope, indent=2).encode())
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of the tree ``src`` whose files and symlinks are hard links.
+
+    A scratch generation shares its files' inodes with the trusted one: safe
+    because nothing writes a file of a generation in place. ngclient persists
+    metadata to a temporary file and renames it over the old name
+    (``Updater._persist_file``), ``atomic_write`` does the same, ``_copy_if_new``
+    and ``_seal`` unlink first; a symlink cannot be changed in place at all. A
+    write in place would change the trusted generation too, which its seal
+    reports (``StateError``) at the next read. Where the file system has no
+    hard links, files are copied and symlinks recreated.
+    """
+    top, out = os.fspath(src), os.fspath(dst)
+    os.mkdir(out)
+    for dirpath, dirs, files in os.walk(top):
+        here = out if dirpath == top else os.path.join(out, os.path.relpath(dirpath, top))
+        for name in dirs:
+            if os.path.islink(os.path.join(dirpath, name)):
+                _link_or_copy(os.path.join(dirpath, name), os.path.join(here, name))
+            else:
+                os.mkdir(os.path.join(here, name))
+        for name in files:
+            _link_or_copy(os.path.join(dirpath, name), os.path.join(here, name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
 
 
 def _copy_if_new(src: Path, dst: Path) -> bool:
