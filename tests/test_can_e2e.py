@@ -269,6 +269,7 @@ def finish(ecu: Node, client: CanSecondaryClient, tf: TargetFile) -> None:
 
 def test_resume_after_dropped_frame(classic: Vehicle) -> None:
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
     faults = classic.primary_faults
     assert faults is not None
 
@@ -289,6 +290,7 @@ def test_resume_after_dropped_frame(classic: Vehicle) -> None:
 def test_resume_after_timeout(classic: Vehicle) -> None:
     """The chunk arrives but its ack is lost: the re-offer skips what the slot holds."""
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
 
     def lose_next_ack(offset: int, length: int) -> None:
         if offset == CHUNK and not ecu.faults.pending and ecu.faults.counters.dropped == 0:
@@ -303,12 +305,39 @@ def test_resume_after_timeout(classic: Vehicle) -> None:
     finish(ecu, client, tf)
 
 
+def test_pipelined_resume_after_dropped_frame(classic: Vehicle) -> None:
+    """Two chunks in flight: a broken chunk and the one behind it go again, from a durable offset."""
+    ecu, client, tf = prepare(classic)
+    assert client.window == 2
+    faults = classic.primary_faults
+    assert faults is not None
+    durable: list[int] = []
+
+    def drop_in_next_chunk(offset: int, length: int) -> None:
+        # the chunk at `offset` is already on the wire: the fault hits the one after it
+        if offset == CHUNK and faults.counters.dropped == 0 and not faults.pending:
+            faults.add(FrameFault("drop", nth=3, arbitration_id=ecu.config.request_id))
+        assert ecu.secondary is not None
+        writer = ecu.secondary._writer
+        assert writer is not None and writer.offset >= offset  # an ack never runs ahead
+        durable.append(offset)
+
+    result = client.send_image(blink(2, PADDED), info_of(tf), progress=drop_in_next_chunk)
+    assert faults.counters.dropped == 1
+    assert result.retries == 1
+    assert result.resumed_at == (2 * CHUNK,)  # chunk 2 never arrived whole: resume there
+    assert result.bytes_sent == PADDED + 2 * CHUNK  # chunks 2 and 3 went twice
+    assert durable == sorted(durable)
+    finish(ecu, client, tf)
+
+
 class Abort(Exception):
     pass
 
 
 def test_resume_after_secondary_restart(classic: Vehicle) -> None:
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
 
     def die(offset: int, length: int) -> None:
         if offset == 3 * CHUNK:
