@@ -12,6 +12,16 @@ client offers the image again and continues from the offset the secondary
 names, up to ``max_retries`` times per transfer, so bytes the secondary
 already holds are not sent again.
 
+Pipelined chunks: the client keeps ``window`` (2) chunks on the link
+(``SecondaryLink.post``/``collect``): chunk k+1 crosses the bus while the
+secondary writes chunk k, so the bus does not idle for each write and ack
+turnaround. The secondary still acks a chunk only once it is durable, and
+acks come back in order, so every offset the client resumes from is one the
+secondary holds; a failure costs at most the chunks in flight, sent again.
+Chunks out of step (a lost chunk, a restarted secondary) are answered with
+the offset the secondary expects; the client reads the acks still in flight
+and goes on from the last one.
+
 Time and receipts (DESIGN 7): with the primary's ``signer``, the client
 sends its time as a signed ``timeMessage`` bound to a nonce it first asks
 the secondary for, and a version report request may carry a signed receipt
