@@ -78,7 +78,14 @@ class SecondaryLink(abc.ABC):
         return self._closed
 
     def request(self, data: bytes, timeout: float | None = None) -> bytes:
-        """Send one request and return the one response to it."""
+        """Send one request and return the one response to it.
+
+        Answers to posted requests not collected yet are dropped first.
+        """
+        self._posted_responses.clear()
+        return self._request(data, timeout)
+
+    def _request(self, data: bytes, timeout: float | None) -> bytes:
         timeout = self._check_request(data, timeout)
         with self._lock:
             if self._closed:
@@ -122,7 +129,7 @@ class SecondaryLink(abc.ABC):
         exchange now and keeps the response for ``collect()``: the same
         answers, without the overlap. Raises what ``request()`` raises.
         """
-        self._posted_responses.append(self.request(data, timeout))
+        self._posted_responses.append(self._request(data, timeout))
 
     def collect(self, timeout: float | None = None) -> bytes:
         """The response to the oldest posted request not collected yet."""

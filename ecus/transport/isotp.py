@@ -404,7 +404,12 @@ class IsoTpLink(SecondaryLink):
     def _exchange(self, data: bytes, timeout: float) -> bytes:
         port = self._port
         deadline = time.monotonic() + timeout
-        self._in_flight = 0  # answers to posted requests not collected are given up
+        try:  # answers to posted requests not collected come first: read and drop them
+            while self._in_flight:
+                self._await_response(deadline, timeout)
+                self._in_flight -= 1
+        finally:
+            self._in_flight = 0
         port.stack.clear_rx_queue()  # stale answers to timed-out requests
         port.take_errors()
         port.send(data, timeout)
