@@ -1,8 +1,10 @@
 """Request/response links between the primary and its secondaries (DESIGN 4).
 
 Messages are opaque bytes here: the orchestrators put one DER-encoded
-``SecondaryMessage`` in each. This layer only moves them, one request and
-exactly one response at a time, and enforces what nothing above it can:
+``SecondaryMessage`` in each. This layer only moves them, exactly one
+response per request, in order (``request()``, or ``post()`` several and
+``collect()`` their answers: image chunks in flight), and enforces what
+nothing above it can:
 size limits (checked before sending and on receipt, so a peer cannot make
 us buffer endless data) and timeouts. Nothing from the bus is trusted;
 integrity and freshness are the job of the signed messages above.
