@@ -29,7 +29,7 @@ from ecus.secondary.wasm_host import SimPeripherals
 from ecus.transport.faults import FaultyBus, FrameFault
 from ecus.transport.isotp import CanBusConfig, CanNode, IsoTpConfig, IsoTpEndpoint
 from uptane import codec
-from uptane.errors import ATTACK_ARBITRARY_SOFTWARE, MessageTooLarge
+from uptane.errors import ATTACK_ARBITRARY_SOFTWARE, MessageTooLarge, TransportError
 from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import Limits
 
@@ -269,6 +269,7 @@ def finish(ecu: Node, client: CanSecondaryClient, tf: TargetFile) -> None:
 
 def test_resume_after_dropped_frame(classic: Vehicle) -> None:
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
     faults = classic.primary_faults
     assert faults is not None
 
@@ -289,6 +290,7 @@ def test_resume_after_dropped_frame(classic: Vehicle) -> None:
 def test_resume_after_timeout(classic: Vehicle) -> None:
     """The chunk arrives but its ack is lost: the re-offer skips what the slot holds."""
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
 
     def lose_next_ack(offset: int, length: int) -> None:
         if offset == CHUNK and not ecu.faults.pending and ecu.faults.counters.dropped == 0:
@@ -303,12 +305,80 @@ def test_resume_after_timeout(classic: Vehicle) -> None:
     finish(ecu, client, tf)
 
 
+def test_pipelined_resume_after_dropped_frame(classic: Vehicle) -> None:
+    """Two chunks in flight: a broken chunk and the one behind it go again, from a durable offset."""
+    ecu, client, tf = prepare(classic)
+    assert client.window == 2
+    faults = classic.primary_faults
+    assert faults is not None
+    durable: list[int] = []
+
+    def drop_in_next_chunk(offset: int, length: int) -> None:
+        # the chunk at `offset` is already on the wire: the fault hits the one after it
+        if offset == CHUNK and faults.counters.dropped == 0 and not faults.pending:
+            faults.add(FrameFault("drop", nth=3, arbitration_id=ecu.config.request_id))
+        assert ecu.secondary is not None
+        store = ecu.secondary.store
+        # an ack never runs ahead of the slot state naming the durable bytes
+        assert store.slot_info(store.inactive_slot()).written >= offset
+        durable.append(offset)
+
+    result = client.send_image(blink(2, PADDED), info_of(tf), progress=drop_in_next_chunk)
+    assert faults.counters.dropped == 1
+    assert result.retries == 1
+    assert result.resumed_at == (2 * CHUNK,)  # chunk 2 never arrived whole: resume there
+    assert result.bytes_sent == PADDED + 2 * CHUNK  # chunks 2 and 3 went twice
+    assert durable == sorted(durable)
+    finish(ecu, client, tf)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_chunks_in_flight_follow_the_window(classic: Vehicle, window: int) -> None:
+    """With a window of 2 the next chunk is on the bus before the last one's ack is read."""
+    ecu, client, tf = prepare(classic)
+    client.window = window
+    in_flight: list[int] = []
+
+    def watch(offset: int, length: int) -> None:
+        in_flight.append(client.link.in_flight)
+
+    result = client.send_image(blink(2, PADDED), info_of(tf), progress=watch)
+    assert result.bytes_sent == PADDED and result.retries == 0
+    # after each ack but the last ones, the chunks behind it are still unacknowledged
+    assert in_flight == [
+        min(window - 1, PADDED // CHUNK - n) for n in range(1, PADDED // CHUNK + 1)
+    ]
+    assert client.link.in_flight == 0
+    finish(ecu, client, tf)
+
+
+def test_posted_requests_are_answered_in_order(classic: Vehicle) -> None:
+    ecu, client, _ = prepare(classic)
+    link = client.link
+    with pytest.raises(TransportError):
+        link.collect(1.0)  # nothing posted
+    nonces = [os.urandom(16) for _ in range(2)]
+    for nonce in nonces:
+        link.post(codec.encode_message("versionReportRequest", {"nonce": nonce}))
+    assert link.in_flight == 2
+    for nonce in nonces:
+        _, answer = codec.decode_message(link.collect(5.0), link.max_response)
+        report = SignedEcuVersionReport.from_der(bytes(answer["signedReport"]))
+        assert report.report.nonce == nonce
+    assert link.in_flight == 0
+    # a plain request after a posted one drops that answer and gets its own
+    link.post(codec.encode_message("versionReportRequest", {"nonce": nonces[0]}))
+    assert ecu.client is not None and ecu.client.get_report(nonces[1]).report.nonce == nonces[1]
+    assert link.in_flight == 0
+
+
 class Abort(Exception):
     pass
 
 
 def test_resume_after_secondary_restart(classic: Vehicle) -> None:
     ecu, client, tf = prepare(classic)
+    client.window = 1  # stop-and-wait: the fault lands in the chunk after the callback
 
     def die(offset: int, length: int) -> None:
         if offset == 3 * CHUNK:
@@ -348,3 +418,24 @@ def test_oversized_request_refused_by_the_secondary_transport(classic: Vehicle) 
         link.request(message)
     link.close()
     assert ecu.endpoint is not None and ecu.endpoint.stats.requests == 0
+
+
+def test_posted_requests_on_a_link_without_overlap() -> None:
+    """The base class runs a posted exchange at once and keeps its answer, in order."""
+    from ecus.transport.memory import memory_pair
+
+    link, endpoint = memory_pair(lambda request: request[::-1])
+    with endpoint:
+        endpoint.start()
+        link.post(b"ab")
+        link.post(b"cd")
+        assert link.in_flight == 2
+        assert (link.collect(), link.collect()) == (b"ba", b"dc")
+        with pytest.raises(TransportError):
+            link.collect()
+        link.post(b"xy")
+        assert link.request(b"12") == b"21"  # the posted answer is dropped
+        assert link.in_flight == 0
+        link.post(b"xy")
+        link.abandon()
+        assert link.in_flight == 0

@@ -12,6 +12,16 @@ client offers the image again and continues from the offset the secondary
 names, up to ``max_retries`` times per transfer, so bytes the secondary
 already holds are not sent again.
 
+Pipelined chunks: the client keeps ``window`` (2) chunks on the link
+(``SecondaryLink.post``/``collect``): chunk k+1 crosses the bus while the
+secondary writes chunk k, so the bus does not idle for each write and ack
+turnaround. The secondary still acks a chunk only once it is durable, and
+acks come back in order, so every offset the client resumes from is one the
+secondary holds; a failure costs at most the chunks in flight, sent again.
+Chunks out of step (a lost chunk, a restarted secondary) are answered with
+the offset the secondary expects; the client reads the acks still in flight
+and goes on from the last one.
+
 Time and receipts (DESIGN 7): with the primary's ``signer``, the client
 sends its time as a signed ``timeMessage`` bound to a nonce it first asks
 the secondary for, and a version report request may carry a signed receipt
@@ -26,6 +36,7 @@ is a ``SecondaryRefusedError`` carrying the secondary's result code and text.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +62,8 @@ PROTOCOL_VERSION: Final = 1
 CHUNK_OVERHEAD: Final = 32
 DEFAULT_CHUNK_SIZE: Final = 32 * 1024
 DEFAULT_INSTALL_TIMEOUT: Final = 30.0
+#: Image chunks on the link before the first of them must be acknowledged.
+DEFAULT_WINDOW: Final = 2
 
 Progress = Callable[[int, int], None]
 
@@ -149,6 +162,7 @@ class CanSecondaryClient:
         install_timeout: float = DEFAULT_INSTALL_TIMEOUT,
         clock: Callable[[], datetime] | None = None,
         signer: Signer | None = None,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
         self.link = link
         self.signer = signer  # the primary's key: signs time messages and receipts
@@ -159,6 +173,9 @@ class CanSecondaryClient:
         if max_retries < 0:
             raise ValueError("max_retries must not be negative")
         self.max_retries = max_retries
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
         self.timeout = timeout
         self.install_timeout = install_timeout
         self.clock = clock
@@ -301,15 +318,35 @@ class CanSecondaryClient:
         )
 
     def send_chunk(self, offset: int, data: bytes, length: int) -> int:
-        """Send one chunk; return the secondary's next offset.
+        """Send one chunk and await its ack; return the secondary's next offset.
 
         A ``transferIncomplete`` answer (wrong offset) returns the offset the
         secondary expects; any other refusal raises ``ImageRefusedError``.
         """
-        v = self._call("imageChunk", {"offset": offset, "data": data}, "chunkAck")
+        self.link.post(self._chunk_request(offset, data), self.timeout)
+        return self._chunk_ack(self.link.collect(self.timeout), offset, length)
+
+    @staticmethod
+    def _chunk_request(offset: int, data: bytes) -> bytes:
+        return codec.encode_message("imageChunk", {"offset": offset, "data": data})
+
+    def _chunk_ack(self, response: bytes, offset: int, length: int) -> int:
+        got, v = codec.decode_message(response, self.link.max_response)
+        if got == "ack":
+            raise ImageRefusedError(str(v["code"]), str(v["text"]), "chunk")
+        if got != "chunkAck":
+            raise CodecError(f"expected chunkAck in answer to imageChunk, got {got}")
         if v["code"] not in ("ok", "transferIncomplete"):
             raise ImageRefusedError(v["code"], f"chunk at {offset} refused", "chunk")
         return self._checked_offset(v["nextOffset"], length)
+
+    def _drain(self) -> None:
+        """Collect (and drop) the acks of chunks still in flight before giving up."""
+        while self.link.in_flight:
+            try:
+                self.link.collect(self.timeout)
+            except TransportError:
+                self.link.abandon()
 
     @staticmethod
     def _checked_offset(offset: int, length: int) -> int:
@@ -326,8 +363,16 @@ class CanSecondaryClient:
         progress: Progress | None = None,
         delta: DeltaOffer | None = None,
     ) -> TransferResult:
-        """Send ``image`` in chunks, resuming after failures (module docstring).
+        """Send ``image`` in pipelined chunks, resuming after failures (module docstring).
 
+        Up to ``window`` chunks are in flight: chunk k+1 goes on the link as
+        soon as chunk k is, so it crosses the bus while the secondary writes
+        chunk k; the ack of chunk k is read after that. Acks are taken in
+        order and each names the secondary's durable offset, so the offset
+        this client resumes from is always one the secondary holds. When an
+        ack names another offset than the end of its chunk (the secondary
+        restarted, or wants an earlier offset), the acks still in flight are
+        read and sending goes on from the offset the last of them names.
         ``progress(offset, length)`` is called after every acknowledged chunk.
         Raises ``ImageRefusedError`` on a refusal and ``TransferFailedError``
         once ``max_retries`` transport failures happened.
@@ -339,26 +384,40 @@ class CanSecondaryClient:
         size = self.chunk_size if chunk_size is None else self._check_chunk_size(chunk_size)
         retries = chunks = sent = 0
         resumed: list[int] = []
-        offset: int | None = None
+        offset: int | None = None  # the secondary's durable offset, from its last ack
         start: int | None = None
         stalled = 0
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (offset, end)
+        following = 0  # the offset of the next chunk to send
         while True:
             try:
                 if offset is None:
-                    offset = self.offer(info, delta)
+                    offset = following = self.offer(info, delta)
                     if start is None:
                         start = offset
                     else:
                         resumed.append(offset)
-                if offset >= length:
+                while len(in_flight) < self.window and following < length:
+                    chunk = data[following : following + size]
+                    self.link.post(self._chunk_request(following, chunk), self.timeout)
+                    chunks += 1
+                    sent += len(chunk)
+                    in_flight.append((following, following + len(chunk)))
+                    following += len(chunk)
+                if not in_flight:
                     break
-                chunk = data[offset : offset + size]
-                chunks += 1
-                sent += len(chunk)
-                nxt = self.send_chunk(offset, chunk, length)
+                at, end = in_flight.popleft()
+                nxt = self._chunk_ack(self.link.collect(self.timeout), at, length)
+                if nxt != end:  # out of step: the acks in flight say where to go on
+                    while in_flight:
+                        at, end = in_flight.popleft()
+                        nxt = self._chunk_ack(self.link.collect(self.timeout), at, length)
+                    following = nxt
             except TransportError as e:
                 retries += 1
                 logger.warning("%s: transfer failed at %s: %s", self.serial, offset, e)
+                in_flight.clear()
+                self.link.abandon()
                 if retries > self.max_retries:
                     raise TransferFailedError(
                         f"{self.serial}: image transfer failed {retries} times, last: {e}",
@@ -366,9 +425,14 @@ class CanSecondaryClient:
                     ) from e
                 offset = None  # offer again: the secondary says where to go on
                 continue
+            except (ImageRefusedError, CodecError):
+                in_flight.clear()
+                self._drain()  # so no late ack is taken for the answer to the next request
+                raise
             if nxt <= offset:
                 stalled += 1
                 if stalled > self.max_retries:
+                    self._drain()
                     raise TransferFailedError(f"{self.serial}: transfer makes no progress", nxt)
             else:
                 stalled = 0

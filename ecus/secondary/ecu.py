@@ -477,6 +477,15 @@ class Secondary(PrimaryStatements):
         return self._chunk_ack("ok", self._writer.offset)
 
     def _on_chunk(self, value: Mapping[str, Any]) -> bytes:
+        """Write one chunk at the expected offset; ack it once it is durable.
+
+        The ack's ``nextOffset`` is the writer's offset after the bytes and the
+        slot state naming them are fsynced, never earlier: it is where the
+        primary resumes after any failure. The overlap that keeps the bus busy
+        comes from the primary (two chunks in flight, ``CanSecondaryClient``):
+        the ISO-TP stack receives the next chunk while this handler writes, so
+        nothing is acknowledged as "received" before it is written.
+        """
         writer = self._writer
         if writer is None:
             return self._chunk_ack("notReady", 0)

@@ -1,8 +1,10 @@
 """Request/response links between the primary and its secondaries (DESIGN 4).
 
 Messages are opaque bytes here: the orchestrators put one DER-encoded
-``SecondaryMessage`` in each. This layer only moves them, one request and
-exactly one response at a time, and enforces what nothing above it can:
+``SecondaryMessage`` in each. This layer only moves them, exactly one
+response per request, in order (``request()``, or ``post()`` several and
+``collect()`` their answers: image chunks in flight), and enforces what
+nothing above it can:
 size limits (checked before sending and on receipt, so a peer cannot make
 us buffer endless data) and timeouts. Nothing from the bus is trusted;
 integrity and freshness are the job of the signed messages above.
@@ -16,6 +18,7 @@ background thread (``start``/``stop``).
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 import threading
 import time
@@ -70,13 +73,30 @@ class SecondaryLink(abc.ABC):
         self.default_timeout = default_timeout
         self._lock = threading.Lock()
         self._closed = False
+        self._posted_responses: collections.deque[bytes] = collections.deque()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def request(self, data: bytes, timeout: float | None = None) -> bytes:
-        """Send one request and return the one response to it."""
+        """Send one request and return the one response to it.
+
+        Answers to posted requests not collected yet are dropped first.
+        """
+        self._posted_responses.clear()
+        return self._request(data, timeout)
+
+    def _request(self, data: bytes, timeout: float | None) -> bytes:
+        timeout = self._check_request(data, timeout)
+        with self._lock:
+            if self._closed:
+                raise TransportError("link is closed")
+            response = self._exchange(bytes(data), timeout)
+        return self._check_response(response)
+
+    def _check_request(self, data: bytes, timeout: float | None) -> float:
+        """The timeout to use; raises on an empty or too large request."""
         if not data:
             raise ValueError("a request must not be empty")
         if timeout is None:
@@ -87,10 +107,9 @@ class SecondaryLink(abc.ABC):
             raise MessageTooLarge(
                 f"request of {len(data)} bytes exceeds the limit of {self.max_request} bytes"
             )
-        with self._lock:
-            if self._closed:
-                raise TransportError("link is closed")
-            response = self._exchange(bytes(data), timeout)
+        return timeout
+
+    def _check_response(self, response: bytes) -> bytes:
         if len(response) > self.max_response:
             raise MessageTooLarge(
                 f"response of {len(response)} bytes exceeds the limit of {self.max_response} bytes"
@@ -100,6 +119,35 @@ class SecondaryLink(abc.ABC):
     @abc.abstractmethod
     def _exchange(self, data: bytes, timeout: float) -> bytes:
         """Send ``data`` and return the response within ``timeout`` seconds."""
+
+    # --- pipelined requests -----------------------------------------------------
+
+    def post(self, data: bytes, timeout: float | None = None) -> None:
+        """Send one request whose response ``collect()`` returns later (in order).
+
+        A link that can have several requests in flight (``IsoTpLink``)
+        returns as soon as ``data`` is on the wire, so the next request can
+        follow while the peer handles this one. This default runs the whole
+        exchange now and keeps the response for ``collect()``: the same
+        answers, without the overlap. Raises what ``request()`` raises.
+        """
+        self._posted_responses.append(self._request(data, timeout))
+
+    def collect(self, timeout: float | None = None) -> bytes:
+        """The response to the oldest posted request not collected yet."""
+        posted = self._posted_responses
+        if not posted:
+            raise TransportError("no posted request awaits a response")
+        return posted.popleft()
+
+    @property
+    def in_flight(self) -> int:
+        """Posted requests whose response was not collected yet."""
+        return len(self._posted_responses)
+
+    def abandon(self) -> None:
+        """Forget every posted request; their late responses are never returned."""
+        self._posted_responses.clear()
 
     def close(self) -> None:
         """Release the link; later requests raise ``TransportError``."""

@@ -396,6 +396,7 @@ class IsoTpLink(SecondaryLink):
         )
         self.config = config
         self.node = node
+        self._in_flight = 0  # posted requests not collected yet
         self._port = node._open_port(
             self, config.response_id, config.request_id, config.stack_params(config.max_response)
         )
@@ -403,9 +404,65 @@ class IsoTpLink(SecondaryLink):
     def _exchange(self, data: bytes, timeout: float) -> bytes:
         port = self._port
         deadline = time.monotonic() + timeout
+        try:  # answers to posted requests not collected come first: read and drop them
+            while self._in_flight:
+                self._await_response(deadline, timeout)
+                self._in_flight -= 1
+        finally:
+            self._in_flight = 0
         port.stack.clear_rx_queue()  # stale answers to timed-out requests
         port.take_errors()
         port.send(data, timeout)
+        return self._await_response(deadline, timeout)
+
+    # pipelined requests: the request id carries request k+1 while the peer
+    # handles request k and answers it on the response id (can-isotp's sending
+    # and receiving state machines are independent)
+
+    def post(self, data: bytes, timeout: float | None = None) -> None:
+        """Send a request and return once its last frame is sent (see the base class)."""
+        timeout = self._check_request(data, timeout)
+        with self._lock:
+            port = self._port
+            if self._closed:
+                raise TransportError("link is closed")
+            if not self._in_flight:
+                port.stack.clear_rx_queue()  # stale answers to timed-out requests
+                port.take_errors()
+            try:
+                port.send(bytes(data), timeout)
+            except TransportError:
+                self._in_flight = 0
+                port.reset()
+                raise
+            self._in_flight += 1
+
+    def collect(self, timeout: float | None = None) -> bytes:
+        """The response to the oldest posted request, within ``timeout`` from now."""
+        timeout = self.default_timeout if timeout is None else timeout
+        with self._lock:
+            if not self._in_flight:
+                raise TransportError("no posted request awaits a response")
+            try:
+                response = self._await_response(time.monotonic() + timeout, timeout)
+            except TransportError:
+                self._in_flight = 0
+                raise
+            self._in_flight -= 1
+        return self._check_response(response)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._in_flight = 0
+            self._port.reset()
+            self._port.stack.clear_rx_queue()
+
+    def _await_response(self, deadline: float, timeout: float) -> bytes:
+        port = self._port
         while True:
             remaining = deadline - time.monotonic()
             # woken by the response, by an error of the stack, or at the deadline

@@ -266,6 +266,10 @@ def _injected_frames(world: World, vehicle: SimVehicle) -> ScenarioOutcome:
         saved = client.chunk_size
         client.chunk_size = ROGUE_CHUNK_SIZE
         stack.callback(setattr, client, "chunk_size", saved)
+        # one chunk in flight, so the next first frame after an ack is the chunk at the
+        # offset that ack names (with two, it may be the one after: the rogue would race)
+        window, client.window = client.window, 1
+        stack.callback(setattr, client, "window", window)
         stack.enter_context(_after_message(sec, "imageChunk", functools.partial(inject, rogue)))
 
     def disarm() -> None:
