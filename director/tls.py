@@ -275,7 +275,14 @@ def client_vin(scope: Scope) -> str | None:
 
 
 def allowed(listener: str, path: str, vin: str | None) -> bool:
-    """Whether ``path`` is served on ``listener`` to a client with certificate ``vin``."""
+    """Whether ``path`` is served on ``listener`` to a client with certificate ``vin``.
+
+    A path with an empty, ``.`` or ``..`` segment is never served: nothing here
+    routes one, and a proxy that normalises paths must not turn ``/vehicles/A/../B``
+    into another vehicle's resource.
+    """
+    if any(seg in ("", ".", "..") for seg in path.split("/")[1:]):
+        return False
     if listener == VEHICLE:
         if path == "/health" or path.startswith("/root/"):
             return vin is not None

@@ -105,3 +105,22 @@ def test_delta_naming_other_bytes_is_not_used(world: World, part: str, hash_name
     assert outcome.cycle.updates[serial].delta is None
     assert {n for _, n in sent} == {len(release(2))}
     assert outcome.ecus[serial].installed == image_name(HW, 2)
+
+
+def test_a_warm_cycle_takes_the_delta_from_what_it_verified(world: World) -> None:
+    """Nothing changed since the last cycle (a retry): the delta comes from the verified
+    Image repository, not from a lookup that would make ngclient refresh again."""
+    car, serial = vehicle(world, [])
+    publish_delta(world)
+    world.assign_version(2, [HW], vins=[VIN])
+    first = car.primary.run_cycle()  # not distributed: the update stays pending
+    assert first.ok, first.issues
+    assert first.updates[serial].delta is not None
+    world.image_board.requests.clear()
+    second = car.primary.run_cycle()
+    assert second.ok, second.issues
+    update = second.updates[serial]
+    assert update.delta is not None
+    assert update.delta.target_name == first.updates[serial].delta.target_name
+    fetched = [p.rsplit("/", 1)[-1] for _, p in world.image_board.requests if "/metadata/" in p]
+    assert fetched == ["2.root.json", "timestamp.json"], fetched  # only the timestamp checks

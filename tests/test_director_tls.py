@@ -40,8 +40,11 @@ from director.setup import init_director
 from director.tls import (
     CA_CERT,
     CA_KEY,
+    OPERATOR,
     REFUSED_BODY,
+    VEHICLE,
     IssuedCertificate,
+    allowed,
     create_ca,
     issue_vehicle_certificate,
     listener_configs,
@@ -390,3 +393,17 @@ def test_serve_labels_plain_http_and_serves_two_tls_listeners(tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_dot_and_empty_segments_are_never_served() -> None:
+    """Defence in depth: a proxy that normalises paths cannot reach another vehicle."""
+    assert allowed(VEHICLE, "/vehicles/A/metadata/timestamp.json", "A")
+    for path in (
+        "/vehicles/A/../B/metadata/timestamp.json",
+        "/vehicles/A/./metadata/timestamp.json",
+        "/vehicles/A//metadata/timestamp.json",
+        "/root/../vehicles/B/metadata/timestamp.json",
+    ):
+        assert not allowed(VEHICLE, path, "A"), path
+    assert allowed(OPERATOR, "/api/vehicles", None)
+    assert not allowed(OPERATOR, "/api/../vehicles/B/metadata/timestamp.json", None)

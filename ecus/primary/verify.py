@@ -26,7 +26,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from ecus.primary.cache import VerificationCache
 from ecus.primary.config import PrimaryConfig
-from ecus.primary.deltas import select_delta
+from ecus.primary.deltas import delta_candidates, select_delta
 from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import EcuUpdate
 from ecus.primary.result import (
@@ -294,6 +294,9 @@ class RepositorySync:
             names = frozenset(t.name for t in director_targets.by_ecu.values())
             for target_name in sorted(names):
                 cfg.repository_map.check_covered(target_name)
+            # and the deltas that could replace them: looked up (and re-checked) here, with
+            # the images, so that a warm cycle finds them in what it verified before
+            names |= delta_candidates(cfg, director_targets.by_ecu, reports)
             image_updater, _, image = self._sync_repository(
                 "image",
                 scratch / "image",
@@ -359,7 +362,14 @@ class RepositorySync:
                     director_root_versions=der.root_versions,
                     director_targets=der.targets,
                     director_targets_version=der.targets_version,
-                    delta=select_delta(self, image_updater, target, reports.get(serial)),
+                    delta=select_delta(
+                        self,
+                        image_updater,
+                        image,
+                        target,
+                        reports.get(serial),
+                        cfg.ecu_hardware_ids[serial],
+                    ),
                 )
 
             stages.enter(STAGE_COMMIT)
