@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_cpu import tree_cpu  # bench/ is on sys.path when a bench runs
+
 APP = """
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -39,29 +41,6 @@ def sync() -> Response:
 async def asynchronous() -> Response:
     return Response(b"ok", media_type="text/plain")
 """
-
-
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants (``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-        todo.extend(children.get(p, []))
-    return total
 
 
 def drive(port: int, path: str, n: int) -> None:

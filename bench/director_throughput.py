@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from proc_cpu import tree_cpu  # bench/ is on sys.path when a bench runs
 from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -63,29 +64,6 @@ DEFAULT_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 # --- the server's CPU time, from the OS ------------------------------------------
-
-
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants (``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-        todo.extend(children.get(p, []))
-    return total
 
 
 # --- setup --------------------------------------------------------------------------

@@ -305,12 +305,13 @@ def serve_cmd(
                 f"required), operator API on https://{bind_host}:{operator_port}"
             )
             server_options.pop("loop")
+            assert operator_port is not None  # set above whenever tls is
             run_listeners(
                 listener_configs(
                     app,
                     host=bind_host,
                     port=bind_port,
-                    operator_port=operator_port,  # type: ignore[arg-type]
+                    operator_port=operator_port,
                     cert=cert,
                     key=key,
                     ca=ca,

@@ -26,8 +26,8 @@ def ecu(tmp_path: Path) -> Iterator[DeltaEcu]:
 
 
 def test_delta_offer_round_trips_in_der() -> None:
-    offer = DeltaOffer(DELTA_FORMAT, DeltaEcu.installed(None, 1), 1234)  # type: ignore[arg-type]
-    image = DeltaEcu.installed(None, 2).to_asn1()  # type: ignore[arg-type]
+    offer = DeltaOffer(DELTA_FORMAT, DeltaEcu.installed(1), 1234)
+    image = DeltaEcu.installed(2).to_asn1()
     kind, value = codec.decode_message(
         codec.encode_message("imageOffer", {"image": image, "delta": offer.to_asn1()})
     )

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wasmtime
@@ -52,7 +53,7 @@ def tree(path: Path) -> dict[str, str]:
     }
 
 
-def md(repo: Path, filename: str) -> Metadata:  # type: ignore[type-arg]
+def md(repo: Path, filename: str) -> Metadata[Any]:
     return Metadata.from_bytes((repo / "metadata" / filename).read_bytes())
 
 

@@ -281,7 +281,8 @@ def _fileno(bus: can.BusABC) -> int | None:
     try:
         fileno = bus.fileno()
     except (NotImplementedError, AttributeError, OSError):
-        return None
+        return None  # no pollable socket (e.g. 'virtual', many vendor interfaces): a reader thread
+
     return fileno if isinstance(fileno, int) and fileno >= 0 else None
 
 

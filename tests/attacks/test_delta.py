@@ -244,7 +244,7 @@ def test_resumed_bytes_that_no_longer_apply_are_refused(ecu: DeltaEcu) -> None:
 
 
 def test_delta_offer_survives_the_der_codec() -> None:
-    offer = DeltaOffer("detools-sequential-heatshrink", DeltaEcu.installed(None, 1), 10)  # type: ignore[arg-type]
+    offer = DeltaOffer("detools-sequential-heatshrink", DeltaEcu.installed(1), 10)
     assert DeltaOffer.from_asn1(offer.to_asn1()).base.hashes == offer.base.hashes
 
 

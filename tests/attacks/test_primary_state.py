@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -74,11 +75,11 @@ def image_signer(env: Env, role: str, *, retired: bool = False) -> Signer:
     return refs[0].signer()
 
 
-def image_md(env: Env, filename: str) -> Metadata:  # type: ignore[type-arg]
+def image_md(env: Env, filename: str) -> Metadata[Any]:
     return Metadata.from_bytes(env.image_file(filename))
 
 
-def resign(md: Metadata, signer: Signer) -> bytes:  # type: ignore[type-arg]
+def resign(md: Metadata[Any], signer: Signer) -> bytes:
     md.signatures.clear()
     md.sign(signer)
     return md.to_bytes()
@@ -101,7 +102,7 @@ def timestamp_naming(env: Env, snapshot: bytes, *, bump: int = 1) -> bytes:
     return resign(ts, image_signer(env, Timestamp.type))
 
 
-def trusted(primary: Primary, repo: str, name: str) -> Metadata:  # type: ignore[type-arg]
+def trusted(primary: Primary, repo: str, name: str) -> Metadata[Any]:
     return Metadata.from_bytes((primary.state.current() / repo / name).read_bytes())
 
 

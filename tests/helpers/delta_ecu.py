@@ -131,7 +131,8 @@ class DeltaEcu:
         offer = DeltaOffer(DELTA_FORMAT, base, len(patch))
         return dataclasses.replace(update, delta=DeltaUpdate("delta", path, offer))
 
-    def installed(self, version: int) -> InstalledImage:
+    @staticmethod
+    def installed(version: int) -> InstalledImage:
         data = release(version)
         return InstalledImage(
             filename=NAME,
