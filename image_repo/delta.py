@@ -30,8 +30,8 @@ from uptane.metadata import HARDWARE_IDS, RELEASE_COUNTER, build_custom, check_t
 #: ECU's decoder memory follows from them (``ecus.secondary.delta``).
 HEATSHRINK_WINDOW_SZ2: Final = 9
 HEATSHRINK_LOOKAHEAD_SZ2: Final = 8
-_SPEC_RE: Final = re.compile(r"^(?P<name>.+)@(?P<counter>[0-9]{1,19})$")
-_VERSIONED_TARGETS_RE: Final = re.compile(r"^[0-9]+\.(?P<role>[A-Za-z][A-Za-z0-9_-]*)\.json$")
+_SPEC_RE: Final = re.compile(r"^(?P<name>.+)@(?P<counter>[0-9]{1,19})\Z")
+_VERSIONED_TARGETS_RE: Final = re.compile(r"^[0-9]+\.(?P<role>[A-Za-z][A-Za-z0-9_-]*)\.json\Z")
 
 
 def make_delta(base: bytes, result: bytes) -> bytes:

@@ -76,8 +76,8 @@ from uptane.repository import (
 )
 
 TARGET_HASH_ALGORITHMS: Final = ["sha256", "sha512"]
-_ROLE_NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-_PATTERN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._+*?-]{0,127}$")
+_ROLE_NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
+_PATTERN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._+*?-]{0,127}\Z")
 _VERSIONED_RE: Final = re.compile(r"^[0-9]+\.")
 
 

@@ -18,8 +18,8 @@ from uptane.errors import CodecError
 # Nesting limit for arbitrary JSON (custom and unrecognized fields).
 MAX_JSON_DEPTH: Final = 32
 _EXPIRES_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-_KEYID_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-_HEX_RE: Final = re.compile(r"^(?:[0-9a-f]{2})+$")
+_KEYID_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
+_HEX_RE: Final = re.compile(r"^(?:[0-9a-f]{2})+\Z")
 
 
 def _fail(what: str, problem: str) -> NoReturn:

@@ -42,10 +42,10 @@ SHALL_MATCH_FIELDS: Final = (HARDWARE_IDS, RELEASE_COUNTER, CAPABILITIES, LIMITS
 MAX_MEMORY_PAGES: Final = 65536
 MAX_FUEL: Final = 2**62
 
-_IDENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_IDENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_TARGET_PATH: Final = 255  # ECU reports carry names as Filename (UTF8String 1..255)
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
-_PLAIN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_PLAIN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 
 
 def check_identifier(value: object, what: str) -> str:

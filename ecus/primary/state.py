@@ -54,7 +54,7 @@ REPORTS: Final = "reports.json"
 SEAL: Final = "seal.json"
 MAX_PENDING_ATTACKS: Final = 16
 MAX_RESULT_TEXT: Final = 500
-_GEN_RE: Final = re.compile(r"^gen-([0-9]{6,})$")
+_GEN_RE: Final = re.compile(r"^gen-([0-9]{6,})\Z")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -32,7 +32,7 @@ from tuf.api.serialization import DeserializationError
 from uptane.errors import MixAndMatchError, RootRotationError
 
 _TOP_LEVEL: Final = frozenset((Root.type, Timestamp.type, Snapshot.type, Targets.type))
-_CONSISTENT_NAME: Final = re.compile(r"^(?P<version>[1-9][0-9]{0,18})\.(?P<role>.+)\.json$")
+_CONSISTENT_NAME: Final = re.compile(r"^(?P<version>[1-9][0-9]{0,18})\.(?P<role>.+)\.json\Z")
 
 
 @dataclass(frozen=True)
