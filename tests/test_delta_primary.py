@@ -124,3 +124,30 @@ def test_a_warm_cycle_takes_the_delta_from_what_it_verified(world: World) -> Non
     assert update.delta.target_name == first.updates[serial].delta.target_name
     fetched = [p.rsplit("/", 1)[-1] for _, p in world.image_board.requests if "/metadata/" in p]
     assert fetched == ["2.root.json", "timestamp.json"], fetched  # only the timestamp checks
+
+
+def test_delta_signed_through_a_delegation_for_other_hardware_is_not_used(world: World) -> None:
+    """A delta reached through a delegation that does not allow the ECU's hardware id
+    (5.4.4.2 step 7, Uptane 2.1 delegation resolution) is not sent: the image goes."""
+    sent: list[tuple[int, int]] = []
+    car, serial = vehicle(world, sent)
+    repo = world.image_repo
+    base = repo.targets()[image_name(HW, 1)][1]
+    delta = add_delta(repo, image_name(HW, 2), base)
+    assert delta is not None
+    repo.delegate("other-supplier", paths=[delta.path], hardware_ids=["other-hw"])
+    # the delta moves from top-level targets to the delegated role (its blob stays)
+    with repo._edit() as edit:
+        signing = edit.repo
+        with signing.edit_targets() as top:
+            del top.targets[delta.path]
+        with signing.edit_targets("other-supplier") as supplier:
+            supplier.targets[delta.path] = delta
+        signing.publish()
+    world.assign_version(2, [HW], vins=[VIN])
+    sent.clear()
+    outcome = car.cycle()
+    assert outcome.ok, outcome.errors
+    assert outcome.cycle.updates[serial].delta is None
+    assert {n for _, n in sent} == {len(release(2))}
+    assert outcome.ecus[serial].installed == image_name(HW, 2)
