@@ -622,23 +622,6 @@ def test_add_help_lists_capabilities_abi_and_a_minimal_app(
     )
 
 
-def test_abi_tables_match_the_secondarys_wasm_host() -> None:
-    """image_repo.abi repeats the ABI of ecus.secondary.wasm_host: they must agree."""
-    from ecus.secondary import wasm_host
-    from image_repo import abi
-
-    host = {
-        name: (cap, sig.params, sig.results) for name, (cap, sig) in wasm_host._HOST_FUNCS.items()
-    }
-    assert host == {f.name: (f.capability, f.params, f.results) for f in abi.HOST_FUNCTIONS}
-    exports = {
-        name: (sig.params, sig.results, required)
-        for name, (sig, required) in wasm_host._EXPORT_FUNCS.items()
-    }
-    assert exports == {f.name: (f.params, f.results, f.required) for f in abi.EXPORTS}
-    assert wasm_host.ABI_MODULE == abi.ABI_MODULE
-
-
 @pytest.mark.parametrize("wat", sorted(WAT_DIR.glob("*.wat")), ids=lambda p: p.stem)
 def test_abi_check_agrees_with_the_secondary_on_every_test_module(wat: Path) -> None:
     """What add refuses statically, a secondary refuses at compile (and vice versa)."""

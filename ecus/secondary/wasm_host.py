@@ -5,8 +5,8 @@ fuel (a deterministic budget per call) and a memory cap taken from the
 image's signed ``limits``; the only way out of the sandbox is the host
 functions that its signed ``capabilities`` grant.
 
-ABI (version 1)
----------------
+ABI (version 1; its tables and static check: ``ecus.secondary.abi``)
+-------------------------------------------------------------------
 Imports, all from module ``"uptane"``; each is granted only if its
 capability (in brackets) is among the image's signed capabilities:
 
@@ -70,12 +70,19 @@ from typing import Final, TypeVar
 
 import wasmtime
 
+from ecus.secondary.abi import (
+    ABI_MODULE,
+    EXPORTS,
+    HOST_FUNCTIONS,
+    WASM_MAGIC,
+    check_exports,
+    check_imports,
+)
 from ecus.secondary.ceilings import WATCHDOG, WasmCeilings
 from ecus.secondary.peripherals import Peripherals, SimPeripherals
 from uptane.errors import (
     UptaneError,
     WasmError,
-    WasmForbiddenImportError,
     WasmFuelExhaustedError,
     WasmHealthFailedError,
     WasmHostError,
@@ -87,10 +94,6 @@ from uptane.errors import (
     WasmTrapError,
 )
 from uptane.metadata import (
-    CAP_ACTUATOR_WRITE,
-    CAP_HEALTH,
-    CAP_LOG,
-    CAP_SENSOR_READ,
     Limits,
     check_capabilities,
 )
@@ -99,8 +102,6 @@ __all__ = ["Peripherals", "SimPeripherals", "TrialResult", "WasmApp", "WasmCeili
 
 _T = TypeVar("_T")
 
-ABI_MODULE: Final = "uptane"
-WASM_MAGIC: Final = b"\0asm"
 PAGE_SIZE: Final = 65536
 MAX_LOG_BYTES: Final = 1024
 MAX_LOGS_PER_CALL: Final = 64
@@ -115,48 +116,6 @@ _I64_MAX: Final = 2**63 - 1
 _OOM_TRAPS: Final = frozenset(
     {wasmtime.TrapCode.UNREACHABLE, wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS}
 )
-
-
-_VALTYPES: Final = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64}
-
-
-@dataclass(frozen=True)
-class _Sig:
-    """A function signature over i32/i64, comparable with wasmtime's ``FuncType``."""
-
-    params: tuple[str, ...]
-    results: tuple[str, ...]
-
-    def functype(self) -> wasmtime.FuncType:
-        return wasmtime.FuncType(
-            [_VALTYPES[p]() for p in self.params], [_VALTYPES[r]() for r in self.results]
-        )
-
-    def matches(self, ty: wasmtime.FuncType) -> bool:
-        return _Sig.of(ty) == self
-
-    @staticmethod
-    def of(ty: wasmtime.FuncType) -> _Sig:
-        return _Sig(tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
-
-    def __str__(self) -> str:
-        return f"({', '.join(self.params)}) -> ({', '.join(self.results)})"
-
-
-# Host functions: name -> (capability, signature).
-_HOST_FUNCS: Final[dict[str, tuple[str, _Sig]]] = {
-    "log": (CAP_LOG, _Sig(("i32", "i32"), ())),
-    "health": (CAP_HEALTH, _Sig(("i32",), ())),
-    "sensor_read": (CAP_SENSOR_READ, _Sig(("i32",), ("i64",))),
-    "actuator_write": (CAP_ACTUATOR_WRITE, _Sig(("i32", "i64"), ("i32",))),
-}
-
-# Exported functions: name -> (signature, required).
-_EXPORT_FUNCS: Final[dict[str, tuple[_Sig, bool]]] = {
-    "self_test": (_Sig((), ("i32",)), True),
-    "tick": (_Sig(("i64",), ("i64",)), True),
-    "version": (_Sig((), ("i32",)), False),
-}
 
 
 def _trap_text(trap: wasmtime.Trap) -> str:
@@ -217,53 +176,9 @@ class WasmHost:
             module = wasmtime.Module(self.engine, module_bytes)
         except wasmtime.WasmtimeError as e:
             raise WasmInvalidModuleError(f"invalid WebAssembly module: {_first_line(e)}") from None
-        self._check_imports(module, granted)
-        self._check_exports(module, limits)
+        check_imports(module, granted)
+        check_exports(module, limits)
         return module
-
-    @staticmethod
-    def _check_imports(module: wasmtime.Module, granted: set[str]) -> None:
-        for imp in module.imports:
-            where = f"{imp.module}.{imp.name}"
-            spec = _HOST_FUNCS.get(imp.name or "") if imp.module == ABI_MODULE else None
-            if spec is None:
-                raise WasmForbiddenImportError(f"import {where} is not a host function")
-            capability, sig = spec
-            if capability not in granted:
-                raise WasmForbiddenImportError(
-                    f"import {where} needs capability {capability!r}, which the image "
-                    "is not granted"
-                )
-            ty = imp.type
-            if not isinstance(ty, wasmtime.FuncType):
-                raise WasmForbiddenImportError(f"import {where} is not a function")
-            if not sig.matches(ty):
-                raise WasmInvalidModuleError(
-                    f"import {where} has signature {_Sig.of(ty)}, expected {sig}"
-                )
-
-    @staticmethod
-    def _check_exports(module: wasmtime.Module, limits: Limits) -> None:
-        exports = {exp.name: exp.type for exp in module.exports}
-        memory = exports.get("memory")
-        if not isinstance(memory, wasmtime.MemoryType):
-            raise WasmMissingExportError("module does not export its memory as 'memory'")
-        if memory.is_64 or memory.is_shared:
-            raise WasmInvalidModuleError("memory must be a plain 32-bit memory")
-        if memory.limits.min > limits.memory_pages:
-            raise WasmMemoryLimitError(
-                f"module needs {memory.limits.min} memory pages, limit is {limits.memory_pages}"
-            )
-        for name, (sig, required) in _EXPORT_FUNCS.items():
-            ty = exports.get(name)
-            if ty is None and not required:
-                continue
-            if not isinstance(ty, wasmtime.FuncType):
-                raise WasmMissingExportError(f"module does not export function {name}{sig}")
-            if not sig.matches(ty):
-                raise WasmMissingExportError(
-                    f"export {name} has signature {_Sig.of(ty)}, expected {sig}"
-                )
 
     def load(
         self,
@@ -413,7 +328,7 @@ class WasmApp:
         self._memory = memory
         self._initial_pages = memory.size(self._store)
         self._funcs: dict[str, wasmtime.Func] = {}
-        for name in _EXPORT_FUNCS:
+        for name in (f.name for f in EXPORTS):
             func = exports.get(name)
             if isinstance(func, wasmtime.Func):
                 self._funcs[name] = func
@@ -427,16 +342,12 @@ class WasmApp:
             "sensor_read": (self._host_sensor_read, False),
             "actuator_write": (self._host_actuator_write, False),
         }
-        for name, (capability, sig) in _HOST_FUNCS.items():
-            if capability not in self.capabilities:
+        for spec in HOST_FUNCTIONS:
+            if spec.capability not in self.capabilities:
                 continue
-            func, access_caller = impls[name]
+            func, access_caller = impls[spec.name]
             linker.define_func(
-                ABI_MODULE,
-                name,
-                sig.functype(),
-                func,
-                access_caller=access_caller,
+                ABI_MODULE, spec.name, spec.functype(), func, access_caller=access_caller
             )
 
     def _host_log(self, caller: wasmtime.Caller, ptr: int, length: int) -> None:
