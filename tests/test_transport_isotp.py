@@ -283,6 +283,35 @@ def test_dropped_consecutive_frame_in_response(rig: Rig) -> None:
     assert link.request(b"abc") == payload(600)
 
 
+@pytest.mark.parametrize("direction", ["tx", "rx"])
+def test_a_delayed_frame_is_held_without_stalling_other_exchanges(
+    classic: Rig, direction: str
+) -> None:
+    """One scheduler thread drives every node of a process: a frame a fault delays is
+    held (its own exchange waits for it), never slept in that thread (all would wait)."""
+    fault = FrameFault(
+        "delay",
+        nth=1,
+        direction="tx" if direction == "tx" else "rx",
+        arbitration_id=REQ if direction == "tx" else RESP,
+        delay=3.0,
+    )
+    slow_node = classic.node([fault])
+    faulty = slow_node.bus
+    assert isinstance(faulty, FaultyBus)
+    slow_link, _ = classic.pair(lambda _: b"ok", primary=slow_node)  # single frames
+    fast_link, _ = classic.pair(config=classic.config(0x711, 0x719))
+    slow = ask(slow_link, b"small", timeout=30.0)
+    deadline = time.monotonic() + 10.0
+    while faulty.counters.delayed == 0:
+        assert time.monotonic() < deadline, "the delayed frame was never sent"
+        time.sleep(0.01)
+    data = payload(600)
+    assert fast_link.request(data, timeout=10.0) == digest(data)  # multi-frame, both ways
+    assert not slow.done()  # its frame is still held
+    assert slow.result(timeout=30.0) == b"ok"  # and goes once due
+
+
 def test_corrupted_frame_fails_the_request(rig: Rig) -> None:
     # bit 0 of byte 0 of consecutive frame 1 is in its sequence number
     corrupt = FrameFault("corrupt", nth=2, direction="rx", arbitration_id=RESP, byte=0, bit=0)

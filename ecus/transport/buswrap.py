@@ -3,6 +3,7 @@ between a node and the real (or virtual) bus without the node noticing."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import can
@@ -37,3 +38,10 @@ class BusWrapper(can.BusABC):
     def shutdown(self) -> None:
         super().shutdown()
         self.inner.shutdown()
+
+
+def wrappers(bus: can.BusABC) -> Iterator[BusWrapper]:
+    """The ``BusWrapper``s around a bus, outermost first."""
+    while isinstance(bus, BusWrapper):
+        yield bus
+        bus = bus.inner

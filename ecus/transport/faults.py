@@ -7,10 +7,20 @@ the frames that match its direction (``"tx"``: sent by this node, ``"rx"``:
 received by it) and, optionally, its arbitration id; each fault fires once.
 While bus-off the node cannot send (``BusOffCanError``, and the bus state is
 ``can.BusState.ERROR``) and receives nothing, until ``clear_bus_off()``.
+
+A delayed frame holds up the frames behind it in the same direction (a CAN
+controller's queues are FIFO). With ``blocking`` (plain python-can use) the
+delay is slept in ``send``/``recv``. A ``CanNode`` clears ``blocking``: frames
+are then held, never slept, so the one scheduler thread that drives every
+ECU of a process goes on with the others. Held sends leave when the
+scheduler asks ``ready_at()`` (it holds the sending stack back until then);
+held receptions are returned once due, and ``rx_due_at()`` tells the
+scheduler when to read again.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import time
@@ -88,6 +98,11 @@ class FaultyBus(BusWrapper):
         self._faults_lock = threading.Lock()
         self._pending: list[tuple[FrameFault, list[int]]] = []
         self._bus_off = False
+        #: sleep delays in send/recv; a ``CanNode`` clears it (frames are held instead)
+        self.blocking = True
+        self._held_lock = threading.Lock()
+        self._tx_held: collections.deque[tuple[float, can.Message]] = collections.deque()
+        self._rx_held: collections.deque[tuple[float, can.Message]] = collections.deque()
         for fault in plan:
             self.add(fault)
 
@@ -147,8 +162,8 @@ class FaultyBus(BusWrapper):
         self._pending = keep
         return due
 
-    def _apply(self, msg: can.Message, direction: Direction) -> can.Message | None:
-        """The frame as it goes on (possibly altered), or None if it is lost."""
+    def _apply(self, msg: can.Message, direction: Direction) -> tuple[can.Message | None, float]:
+        """The frame as it goes on (possibly altered) or None if it is lost, and its delay."""
         delay = 0.0
         with self._faults_lock:
             if direction == "tx":
@@ -160,7 +175,7 @@ class FaultyBus(BusWrapper):
                     self.counters.refused_while_bus_off += 1
                     raise BusOffCanError("controller is bus-off")
                 self.counters.discarded_while_bus_off += 1
-                return None
+                return None, 0.0
             for fault in self._due(msg, direction):
                 if fault.action == "bus_off":
                     self._enter_bus_off()
@@ -168,10 +183,10 @@ class FaultyBus(BusWrapper):
                         self.counters.refused_while_bus_off += 1
                         raise BusOffCanError("controller went bus-off")
                     self.counters.discarded_while_bus_off += 1
-                    return None
+                    return None, 0.0
                 if fault.action == "drop":
                     self.counters.dropped += 1
-                    return None
+                    return None, 0.0
                 if fault.action == "corrupt":
                     if fault.byte < len(msg.data):
                         msg = copy.copy(msg)
@@ -182,25 +197,79 @@ class FaultyBus(BusWrapper):
                 elif fault.action == "delay":
                     self.counters.delayed += 1
                     delay += fault.delay
-        if delay:
-            time.sleep(delay)
-        return msg
+        return msg, delay
+
+    # --- held frames (non-blocking delays) ----------------------------------
+
+    @staticmethod
+    def _hold(
+        queue: collections.deque[tuple[float, can.Message]], msg: can.Message, delay: float
+    ) -> None:
+        release = time.monotonic() + delay
+        if queue:
+            release = max(release, queue[-1][0])  # FIFO: never overtakes a held frame
+        queue.append((release, msg))
+
+    def ready_at(self) -> float:
+        """Send the held frames that are due; the time the next one is (0.0: none held).
+
+        The scheduler holds the sending stack back until then (``drive``), so
+        frames behind a delayed one wait for it, as on a real controller.
+        """
+        now = time.monotonic()
+        with self._held_lock:
+            while self._tx_held and self._tx_held[0][0] <= now:
+                self.inner.send(self._tx_held.popleft()[1])
+            return self._tx_held[0][0] if self._tx_held else 0.0
+
+    def rx_due_at(self) -> float | None:
+        """When the first held received frame is due (None: none held)."""
+        with self._held_lock:
+            return self._rx_held[0][0] if self._rx_held else None
 
     # --- bus --------------------------------------------------------------
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
-        out = self._apply(msg, "tx")
-        if out is not None:
+        out, delay = self._apply(msg, "tx")
+        if out is None:
+            return
+        if self.blocking:
+            if delay:
+                time.sleep(delay)
             self.inner.send(out, timeout)
+            return
+        if delay or self.ready_at():
+            with self._held_lock:
+                self._hold(self._tx_held, out, delay)
+            return
+        self.inner.send(out, timeout)
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            msg = self.inner.recv(timeout)
+            with self._held_lock:
+                now = time.monotonic()
+                if self._rx_held and self._rx_held[0][0] <= now:
+                    return self._rx_held.popleft()[1], False
+                due = self._rx_held[0][0] if self._rx_held else None
+            wait = None if deadline is None else max(0.0, deadline - now)
+            if due is not None:
+                wait = due - now if wait is None else min(wait, due - now)
+            msg = self.inner.recv(wait)
             if msg is None:
-                return None, False
-            out = self._apply(msg, "rx")
-            if out is not None:
-                return out, False
-            if deadline is not None:  # a lost frame does not extend the wait
-                timeout = max(0.0, deadline - time.monotonic())
+                if due is None or (deadline is not None and time.monotonic() >= deadline):
+                    with self._held_lock:
+                        if self._rx_held and self._rx_held[0][0] <= time.monotonic():
+                            return self._rx_held.popleft()[1], False
+                    return None, False
+            else:
+                out, delay = self._apply(msg, "rx")
+                if out is not None:
+                    with self._held_lock:
+                        passes = not self._rx_held and (not delay or self.blocking)
+                        if not passes:
+                            self._hold(self._rx_held, out, delay)
+                    if passes:
+                        if delay:
+                            time.sleep(delay)
+                        return out, False

@@ -50,10 +50,10 @@ from .base import (
     SecondaryEndpoint,
     SecondaryLink,
 )
-from .buswrap import BusWrapper
-from .faults import BusOffCanError
+from .buswrap import wrappers
+from .faults import BusOffCanError, FaultyBus
 from .isotp_config import CanBusConfig, IsoTpConfig
-from .scheduler import TX_BUDGET, CanScheduler, drive, timer_deadline
+from .scheduler import TX_BUDGET, CanScheduler, drive, pacers_of, timer_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +252,8 @@ class CanNode:
         self.pending = False  # queued in the scheduler's ready list
         self.fileno: int | None = None
         self.inbox: collections.deque[can.Message] = collections.deque()  # reader thread only
-        self.pacer: PacedBus | None = None
-        wrapped = bus
-        while isinstance(wrapped, BusWrapper):
-            if isinstance(wrapped, PacedBus):
-                wrapped.blocking = False  # the scheduler holds the sender back instead
-                self.pacer = wrapped
-            wrapped = wrapped.inner
+        self.pacer = pacers_of(bus)  # not slept in send: the scheduler holds the sender
+        self._rx_holds = [w for w in wrappers(bus) if isinstance(w, FaultyBus)]
         self._ports: dict[int, _Port] = {}
         self._members: list[IsoTpLink | IsoTpEndpoint] = []
         self._lock = threading.Lock()
@@ -310,8 +305,12 @@ class CanNode:
             except can.CanError:
                 return
             if msg is None:
-                return
+                break
             self._route(msg, ready)
+        for faulty in self._rx_holds:  # a delayed frame is held there: come back for it
+            due = faulty.rx_due_at()
+            if due is not None:
+                self.scheduler.drain_at(self, due)
 
     def _route(self, msg: can.Message, ready: Callable[[_Port], None]) -> None:
         if msg.is_error_frame or msg.is_remote_frame or msg.is_extended_id:

@@ -37,14 +37,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import can
 from can.interfaces import virtual
 from can.interfaces.virtual import VirtualBus
 
 from .accounting import PacedBus
-from .buswrap import BusWrapper
+from .buswrap import BusWrapper, wrappers
+from .faults import FaultyBus
 
 if TYPE_CHECKING:
     from .isotp import CanNode, _Port
@@ -74,6 +75,34 @@ class _WakingQueue(queue.Queue[can.Message]):
         self._on_put()
 
 
+class Pacer(Protocol):
+    """A bus wrapper that may hold its node's sender back (``PacedBus``, ``FaultyBus``)."""
+
+    blocking: bool
+
+    def ready_at(self) -> float: ...
+
+
+class Pacers:
+    """Every ``Pacer`` in a node's chain of bus wrappers: the sender waits for the last."""
+
+    def __init__(self, members: list[Pacer]) -> None:
+        self.members = tuple(members)
+
+    def ready_at(self) -> float:
+        return max(p.ready_at() for p in self.members)
+
+
+def pacers_of(bus: can.BusABC) -> Pacers | None:
+    """The pacers wrapping ``bus``, now non-blocking: the scheduler holds senders instead."""
+    found: list[Pacer] = []
+    for wrapper in wrappers(bus):
+        if isinstance(wrapper, PacedBus | FaultyBus):
+            wrapper.blocking = False
+            found.append(wrapper)
+    return Pacers(found) if found else None
+
+
 def innermost(bus: can.BusABC) -> can.BusABC:
     """The bus a chain of ``BusWrapper``s (faults, pacing) ends in."""
     while isinstance(bus, BusWrapper):
@@ -98,6 +127,7 @@ class CanScheduler:
         self._ready_nodes: collections.deque[CanNode] = collections.deque()
         self._ready_ports: collections.deque[_Port] = collections.deque()
         self._timers: list[tuple[float, int, _Port]] = []
+        self._alarms: list[tuple[float, int, CanNode]] = []  # drain a node again then
         self._seq = itertools.count()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._readers: dict[CanNode, threading.Thread] = {}
@@ -145,6 +175,12 @@ class CanScheduler:
             port.pending = True
             self._ready_ports.append(port)
             self._signal()
+
+    def drain_at(self, node: CanNode, when: float) -> None:
+        """Drain ``node`` again at ``when`` (scheduler thread): a held frame is due then."""
+        if any(alarm[0] == when and alarm[2] is node for alarm in self._alarms):
+            return
+        heapq.heappush(self._alarms, (when, next(self._seq), node))
 
     def call(self, fn: Callable[[], Any], timeout: float = 5.0) -> None:
         """Run ``fn`` in the scheduler thread and wait for it (or run it now if we are it)."""
@@ -233,8 +269,9 @@ class CanScheduler:
         timeout: float | None = None
         if self._ready_nodes or self._ready_ports or self._calls:
             timeout = 0.0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        elif self._timers or self._alarms:
+            first = min(heap[0][0] for heap in (self._timers, self._alarms) if heap)
+            timeout = max(0.0, first - time.monotonic())
         events = self._selector.select(timeout)
         for key, _ in events:
             if key.data is None:
@@ -247,6 +284,8 @@ class CanScheduler:
                 self.node_ready(key.data)
         while self._calls:
             self._calls.popleft()()
+        while self._alarms and self._alarms[0][0] <= time.monotonic():
+            self.node_ready(heapq.heappop(self._alarms)[2])
         while self._ready_nodes:
             node = self._ready_nodes.popleft()
             node.pending = False
@@ -302,7 +341,7 @@ def timer_deadline(stack: Any) -> float | None:
 
 
 def drive(
-    stack: Any, budget: int, pacer: PacedBus | None = None
+    stack: Any, budget: int, pacer: Pacer | Pacers | None = None
 ) -> tuple[bool, bool, float | None]:
     """One pass of a can-isotp ``TransportLayerLogic``: ``process()`` with a send budget.
 
