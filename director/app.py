@@ -545,6 +545,7 @@ def create_app(
         body_budget=body_budget,
     )
     cache = ReadCache.for_database(director.db, read_cache_bytes)
+    app.state.read_cache = cache
     app.add_middleware(MetadataFastPath, director=director, cache=cache)
     return app
 

@@ -386,6 +386,11 @@ class ReadCache:
             self.live = live
 
     @property
+    def listener(self) -> PostgresListener | None:
+        """The PostgreSQL listener (None on SQLite)."""
+        return self._listener
+
+    @property
     def size(self) -> int:
         """Bytes counted against ``max_bytes``."""
         return self._bytes
