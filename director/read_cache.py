@@ -57,7 +57,7 @@ logger = logging.getLogger("director.read_cache")
 
 PING_SECONDS: Final = 5.0  # how often the listener checks its connection
 _WAIT_SECONDS: Final = 1.0  # longest wait for a notification (stop() waits at most this)
-_ENTRY_OVERHEAD: Final = 300  # bytes counted per cached answer besides its body
+_ENTRY_OVERHEAD: Final = 1000  # bytes of Python objects per answer (measured) + headers + body
 _MAX_FILES_PER_VEHICLE: Final = 32
 _MAX_ROOT_ANSWERS: Final = 64
 _MAX_RECENT: Final = 10_000  # evictions remembered for in-flight reads
