@@ -223,10 +223,10 @@ class MetadataFastPath:
         except DirectorError as exc:
             loaded = None
             answer = Answer.of("", None, exc)
-        if cache is not None and loaded is not None and loaded.vehicle_id is not None:
+        if cache is not None and loaded is not None and loaded.cacheable:
             if vehicle is None:
                 cache.fill_root(seq, filename, answer)
-            elif loaded.fresh_until is not None:
+            elif loaded.vehicle_id is not None and loaded.fresh_until is not None:
                 cache.fill_vehicle(
                     seq, vin, loaded.vehicle_id, loaded.fresh_until, filename, answer, answer.size
                 )

@@ -69,13 +69,18 @@ _ROOT_NAME_RE: Final = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z"
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
-    """A file read for the cache: its bytes, or the 404 to answer; and until when it
-    may be served (``None``: not cacheable, e.g. just re-signed)."""
+    """A file read for the cache: its bytes, or the 404 to answer; whose it is
+    (``vehicle_id``, ``ROOT_CHANGED`` for ``/root/...``; None: not cacheable, e.g.
+    just signed) and until when it may be served (vehicle files)."""
 
     data: bytes | None
     error: DirectorError | None = None
     vehicle_id: int | None = None
     fresh_until: datetime | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.vehicle_id is not None
 
 
 _LATEST_ROOT = select(func.max(RootMetadata.version)).scalar_subquery()
@@ -362,8 +367,10 @@ class ReadCache:
                 if vin is not None:
                     self._drop(vin)
                     self.stats.evictions += 1
-            if len(self._recent) > _MAX_RECENT:
-                self._clear()
+            if len(self._recent) > _MAX_RECENT:  # forget them: refuse every read in flight
+                self._seq += 1
+                self._floor = self._seq
+                self._recent.clear()
 
     def _clear(self) -> None:
         self._seq += 1

@@ -276,6 +276,14 @@ def test_a_read_that_raced_an_eviction_is_not_kept() -> None:
     assert len(cache) == 0
     cache.fill_root(seq, "2.root.json", "x")
     assert cache.root("2.root.json") is None
+    # too many evictions to remember one by one: every read in flight is refused
+    cache.fill_vehicle(cache.begin(), "V4", 4, until, "timestamp.json", "kept", 10)
+    seq = cache.begin()
+    for vid in range(100, 100 + 10_001):
+        cache.invalidate(frozenset({vid}))
+    cache.fill_vehicle(seq, "V5", 5, until, "timestamp.json", "x", 10)
+    assert cache.vehicle("V5", "timestamp.json", now) is None
+    assert cache.vehicle("V4", "timestamp.json", now) == "kept"  # not evicted by that
 
 
 def test_the_cache_stays_within_its_bytes() -> None:
