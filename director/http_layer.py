@@ -3,8 +3,9 @@
 ``GuardMiddleware`` caps and times request bodies, keeps a per-process
 budget of body bytes in flight and refuses operator paths without the
 token; ``MetadataFastPath`` serves metadata files straight from their stored
-bytes with an ``ETag`` (304 on ``If-None-Match``). Both are pure ASGI, so
-they run before any body is parsed (DESIGN 6; issue 12).
+bytes, or from this process's ``director.read_cache``, with an ``ETag`` (304
+on ``If-None-Match``). Both are pure ASGI, so they run before any body is
+parsed (DESIGN 6; issue 12).
 """
 
 from __future__ import annotations

@@ -536,3 +536,17 @@ def test_read_cache_bytes_config(tmp_path: Path) -> None:
     (tmp_path / "d" / "director.json").write_text(json.dumps(data))
     with pytest.raises(Exception, match="read_cache_bytes"):
         DirectorConfig.load(tmp_path / "d")
+
+
+def test_every_writer_of_served_metadata_reports_its_changes() -> None:
+    """A tripwire: a module that writes ``metadata_files`` or ``root_metadata`` must
+    call ``metadata_changed``, or the read caches of every process would keep
+    serving what it replaced."""
+    writes = ("insert(", "update(", "delete(", "session.add(", ".data =", ".der =")
+    offenders = []
+    for path in sorted((Path(__file__).parent.parent / "director").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        touches = "MetadataFile" in source or "RootMetadata" in source
+        if touches and any(w in source for w in writes) and "metadata_changed" not in source:
+            offenders.append(path.name)
+    assert offenders == []
