@@ -33,7 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from director.config import DEFAULT_BODY_BUDGET, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY
+from director.config import (
+    DEFAULT_BODY_BUDGET,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_READ_CACHE_BYTES,
+)
 from director.errors import DirectorError
 from director.http_layer import (
     GuardMiddleware,
@@ -41,6 +46,7 @@ from director.http_layer import (
     error_response,
     file_response,
 )
+from director.read_cache import ReadCache
 from director.service import (
     AssignmentInfo,
     AuditInfo,
@@ -303,11 +309,13 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     body_budget: int = DEFAULT_BODY_BUDGET,
     ca_directory: Path | None = None,
+    read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES,
 ) -> FastAPI:
     """The Director ASGI app; OpenAPI schema at ``/openapi.json``.
 
     With ``ca_directory`` (the Director directory holding the CA, ``director.tls``)
-    the operator API also issues vehicle client certificates."""
+    the operator API also issues vehicle client certificates. ``read_cache_bytes``:
+    the metadata answers this process keeps in memory (``director.read_cache``; 0: none)."""
     if len(token) < 16:
         raise ConfigError("the operator token must be at least 16 characters")
     app = FastAPI(
@@ -536,7 +544,9 @@ def create_app(
         body_timeout=body_timeout,
         body_budget=body_budget,
     )
-    app.add_middleware(MetadataFastPath, director=director)
+    cache = ReadCache.for_database(director.db, read_cache_bytes)
+    app.state.read_cache = cache
+    app.add_middleware(MetadataFastPath, director=director, cache=cache)
     return app
 
 
@@ -565,4 +575,5 @@ def app_from_env() -> FastAPI:
         body_timeout=config.body_timeout,
         body_budget=config.body_budget,
         ca_directory=config.directory,
+        read_cache_bytes=config.read_cache_bytes,
     )

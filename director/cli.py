@@ -295,6 +295,7 @@ def serve_cmd(
         body_timeout=config.body_timeout,
         body_budget=config.body_budget,
         ca_directory=Path(directory),
+        read_cache_bytes=config.read_cache_bytes,
     )
     try:
         if tls:

@@ -37,6 +37,8 @@ DEFAULT_REPORT_TIME_TOLERANCE = timedelta(days=1)
 # limits on hostile clients (director.server, director.app.GuardMiddleware)
 DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_BODY_BUDGET = 64_000_000
+# per server process: answers of metadata GETs kept in memory (director.read_cache)
+DEFAULT_READ_CACHE_BYTES = 64_000_000
 TOKEN_ENV = "UPTANE_DIRECTOR_TOKEN"
 
 
@@ -75,6 +77,8 @@ class DirectorConfig:
     max_connections: int = 1000
     max_header_bytes: int = 65_536
     body_budget: int = DEFAULT_BODY_BUDGET
+    # bytes of served metadata each server process keeps in memory (0: no cache)
+    read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -94,6 +98,8 @@ class DirectorConfig:
             raise ConfigError("max_connections >= 1 and max_header_bytes >= 1024 needed")
         if self.body_budget < self.max_body:
             raise ConfigError("body_budget must be at least max_body")
+        if self.read_cache_bytes < 0:
+            raise ConfigError("read_cache_bytes must be 0 (no cache) or more")
 
     def connection_limits(self) -> ConnectionLimits:
         """The per-connection limits of ``director.server.DirectorProtocol``."""
@@ -166,6 +172,7 @@ class DirectorConfig:
             "max_connections": self.max_connections,
             "max_header_bytes": self.max_header_bytes,
             "body_budget": self.body_budget,
+            "read_cache_bytes": self.read_cache_bytes,
         }
 
     @classmethod
@@ -201,6 +208,7 @@ class DirectorConfig:
                 max_connections=int(data.get("max_connections", 1000)),
                 max_header_bytes=int(data.get("max_header_bytes", 65_536)),
                 body_budget=int(data.get("body_budget", DEFAULT_BODY_BUDGET)),
+                read_cache_bytes=int(data.get("read_cache_bytes", DEFAULT_READ_CACHE_BYTES)),
             )
         except (KeyError, TypeError, ValueError, KeyLoadError) as e:
             raise ConfigError(f"invalid director config: {e}") from e

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,6 +284,52 @@ _SQLITE_LOCKS: dict[str, threading.Lock] = {}
 _SQLITE_LOCKS_GUARD = threading.Lock()
 
 
+# --- changes of served metadata (issue 12: per-process read caches) -------------
+
+_CHANGED = "director_changed"  # Session.info key: vehicle ids whose served files changed
+ROOT_CHANGED = -1  # in a change set: the Director root chain changed
+# One NOTIFY channel per database schema (channels are database-wide; the schema
+# name is hashed to stay within PostgreSQL's 63-byte identifiers).
+CHANNEL_SQL = "'uptane_director_' || md5(current_schema())"
+_NOTIFY_PAYLOAD = 7000  # bytes per notification (PostgreSQL's limit is 8000)
+
+
+def metadata_changed(
+    session: Session, vehicle_ids: Iterable[int] = (), *, root: bool = False
+) -> None:
+    """Record that this transaction changes what the Director serves (issue 12).
+
+    The one call every writer of ``metadata_files`` (``DBMetadataStore.flush``)
+    and ``root_metadata`` (root import) makes. At commit ``Database.transaction``
+    publishes the change: on PostgreSQL a ``NOTIFY`` sent in the transaction
+    (delivered to every listening process when it commits, never if it rolls
+    back), then this process's ``commit_hooks`` (``director.read_cache``).
+    """
+    changed: set[int] = session.info.setdefault(_CHANGED, set())
+    changed.update(vehicle_ids)
+    if root:
+        changed.add(ROOT_CHANGED)
+
+
+def _notify_payloads(changed: set[int]) -> list[str]:
+    """``r`` for a root change, else comma-separated vehicle ids, in chunks."""
+    if ROOT_CHANGED in changed:
+        return ["r"]
+    out: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for vid in sorted(changed):
+        item = str(vid)
+        if size + len(item) + 1 > _NOTIFY_PAYLOAD:
+            out.append(",".join(chunk))
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item) + 1
+    if chunk:
+        out.append(",".join(chunk))
+    return out
+
+
 class Database:
     """An engine plus short transactions; all Director state goes through here."""
 
@@ -291,11 +337,17 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sqlite_writer: threading.Lock | None = None
+        # called after a commit that changed served metadata (``metadata_changed``)
+        # with the changed vehicle ids (``ROOT_CHANGED`` for the root chain)
+        self.commit_hooks: list[Callable[[frozenset[int]], None]] = []
+        self.dispose_hooks: list[Callable[[], None]] = []  # called by ``dispose``
         if self.engine.dialect.name == "sqlite":
             _private_file(self.engine.url.database)
             with _SQLITE_LOCKS_GUARD:
                 key = str(self.engine.url.database)
                 self._sqlite_writer = _SQLITE_LOCKS.setdefault(key, threading.Lock())
+
+    metadata_changed = staticmethod(metadata_changed)
 
     @property
     def is_postgresql(self) -> bool:
@@ -310,6 +362,7 @@ class Database:
         that finds the database locked.
         """
         lock = self._sqlite_writer if write and self._sqlite_writer is not None else nullcontext()
+        changed: set[int] = set()
         with lock, self.engine.connect() as conn:
             conn = conn.execution_options(director_write=write)
             with conn.begin():
@@ -317,8 +370,19 @@ class Database:
                 try:
                     yield session
                     session.flush()
+                    changed = session.info.get(_CHANGED, changed)
+                    if changed and self.is_postgresql:
+                        session.execute(
+                            text(
+                                f"SELECT pg_notify({CHANNEL_SQL}, p) FROM unnest(CAST(:ps AS text[])) AS p"
+                            ),
+                            {"ps": _notify_payloads(changed)},
+                        )
                 finally:
                     session.close()
+        if changed:
+            for hook in list(self.commit_hooks):
+                hook(frozenset(changed))
 
     @contextmanager
     def _single(self) -> Iterator[Connection]:
@@ -363,4 +427,6 @@ class Database:
                 command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
+        for hook in list(self.dispose_hooks):
+            hook()
         self.engine.dispose()

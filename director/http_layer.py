@@ -3,8 +3,9 @@
 ``GuardMiddleware`` caps and times request bodies, keeps a per-process
 budget of body bytes in flight and refuses operator paths without the
 token; ``MetadataFastPath`` serves metadata files straight from their stored
-bytes with an ``ETag`` (304 on ``If-None-Match``). Both are pure ASGI, so
-they run before any body is parsed (DESIGN 6; issue 12).
+bytes, or from this process's ``director.read_cache``, with an ``ETag`` (304
+on ``If-None-Match``). Both are pure ASGI, so they run before any body is
+parsed (DESIGN 6; issue 12).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from director.config import DEFAULT_BODY_BUDGET, DEFAULT_BODY_TIMEOUT
 from director.errors import DirectorError
+from director.read_cache import ReadCache, load_root_file, load_vehicle_file
 
 if TYPE_CHECKING:
     from director.service import Director
@@ -155,15 +157,20 @@ class MetadataFastPath:
     """``GET`` of a metadata file served straight from its stored bytes (issue 12).
 
     Most requests of a fleet are polls that find nothing new, so this path
-    skips routing, parameter validation and the body guard: one read of the
-    stored file (in the thread pool), its ETag, 200 or 304. Requests with a
+    skips routing, parameter validation and the body guard. With a
+    ``director.read_cache.ReadCache`` an answer this process served before
+    (and nothing changed since) is sent from memory on the event loop: no
+    database, no thread pool. Otherwise one read of the stored file (in the
+    thread pool), its ETag, 200 or 304, kept in the cache. Requests with a
     body, and everything else, go on to the app. The FastAPI routes of the
     same paths stay for the OpenAPI description and give the same answers.
+    Behind ``director.tls.ListenerGate``: a vehicle only reaches its own paths.
     """
 
-    def __init__(self, app: ASGIApp, director: Director) -> None:
+    def __init__(self, app: ASGIApp, director: Director, cache: ReadCache | None = None) -> None:
         self.app = app
         self.director = director
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -181,7 +188,7 @@ class MetadataFastPath:
                     ):
                         bodyless = False
                 if bodyless:
-                    await self._serve(vehicle, root, if_none_match, scope, receive, send)
+                    await self._serve(vehicle, root, if_none_match, send)
                     return
         await self.app(scope, receive, send)
 
@@ -190,23 +197,89 @@ class MetadataFastPath:
         vehicle: re.Match[str] | None,
         root: re.Match[str] | None,
         if_none_match: str | None,
-        scope: Scope,
-        receive: Receive,
         send: Send,
     ) -> None:
-        response: Response
+        cache = self.cache
+        answer: Answer | None = None
+        if cache is not None:
+            cache.start()
+            if vehicle is not None:
+                answer = cache.vehicle(vehicle[1], vehicle[2], self.director.clock())
+            else:
+                assert root is not None
+                answer = cache.root(root[1])
+            if answer is not None:
+                await answer.send(send, if_none_match)
+                return
+        seq = 0 if cache is None else cache.begin()
         try:
             if vehicle is not None:
                 vin, filename = vehicle.groups()
-                data = await run_in_threadpool(self.director.metadata, vin, filename)
+                loaded = await run_in_threadpool(load_vehicle_file, self.director, vin, filename)
             else:
                 assert root is not None
                 filename = root.group(1)
-                data = await run_in_threadpool(self.director.root_file, filename)
-            response = file_response(filename, data, if_none_match)
+                loaded = await run_in_threadpool(load_root_file, self.director, filename)
+            answer = Answer.of(filename, loaded.data, loaded.error)
         except DirectorError as exc:
-            response = error_response(exc.status, exc.reason, str(exc))
-        await response(scope, receive, send)
+            loaded = None
+            answer = Answer.of("", None, exc)
+        if cache is not None and loaded is not None and loaded.cacheable:
+            if vehicle is None:
+                cache.fill_root(seq, filename, answer)
+            elif loaded.vehicle_id is not None and loaded.fresh_until is not None:
+                cache.fill_vehicle(
+                    seq, vin, loaded.vehicle_id, loaded.fresh_until, filename, answer, answer.size
+                )
+        await answer.send(send, if_none_match)
+
+
+class Answer:
+    """A prepared answer of ``MetadataFastPath``: the file (and its 304) or a JSON error.
+
+    Built with ``file_response``/``error_response`` once, then sent as raw ASGI
+    messages as often as asked.
+    """
+
+    __slots__ = ("body", "etag", "not_modified", "size", "start")
+
+    def __init__(
+        self, start: Message, body: Message, etag: str | None, not_modified: Message | None
+    ) -> None:
+        self.start = start
+        self.body = body
+        self.etag = etag
+        self.not_modified = not_modified
+        self.size = len(body["body"]) + sum(len(k) + len(v) for k, v in start["headers"])
+
+    @classmethod
+    def of(cls, filename: str, data: bytes | None, error: DirectorError | None) -> Answer:
+        if data is None:
+            assert error is not None
+            resp: Response = error_response(error.status, error.reason, str(error))
+            return cls(_start(resp), _body(resp), None, None)
+        resp = file_response(filename, data)
+        etag = etag_of(data)
+        return cls(_start(resp), _body(resp), etag, _start(file_response(filename, data, etag)))
+
+    async def send(self, send: Send, if_none_match: str | None) -> None:
+        if self.not_modified is not None and _none_match(if_none_match, self.etag or ""):
+            await send(self.not_modified)
+            await send(_EMPTY_BODY)
+            return
+        await send(self.start)
+        await send(self.body)
+
+
+_EMPTY_BODY: Message = {"type": "http.response.body", "body": b""}
+
+
+def _start(resp: Response) -> Message:
+    return {"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers}
+
+
+def _body(resp: Response) -> Message:
+    return {"type": "http.response.body", "body": bytes(resp.body)}
 
 
 # Refusals before the whole body is read end the connection (the rest of the

@@ -121,6 +121,7 @@ class DirectorRepository:
                     raise ConfigError(f"a different root version {new.version} is installed")
                 if der is not None and existing.der is None:
                     existing.der = der
+                    self.db.metadata_changed(session, root=True)  # read caches (issue 12)
                 return False
             current = latest_root(session)
             expected = 1 if current is None else current.version + 1
@@ -141,6 +142,7 @@ class DirectorRepository:
             except UnsignedMetadataError as e:
                 raise ConfigError(f"root version {new.version} is not properly signed: {e}") from e
             session.add(RootMetadata(version=new.version, data=data, der=der, created_at=now))
+            self.db.metadata_changed(session, root=True)  # read caches (issue 12)
         logger.info("imported Director root version %d", new.version)
         return True
 

@@ -16,7 +16,7 @@ from typing import Final
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.orm import Session
 
-from director.db import MetadataFile, RootMetadata
+from director.db import MetadataFile, RootMetadata, metadata_changed
 
 # What a vehicle's metadata URL may name (consistent snapshots; JSON and DER).
 FILENAME_RE: Final = re.compile(
@@ -111,6 +111,7 @@ class DBMetadataStore:
         assert isinstance(table, Table)
         gone = self._removed | self._changed
         if gone:
+            metadata_changed(self.session, (self.vehicle_id,))  # read caches (issue 12)
             self.session.execute(
                 delete(table).where(
                     table.c.vehicle_id == self.vehicle_id, table.c.filename.in_(sorted(gone))
