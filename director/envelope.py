@@ -13,11 +13,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import Key, Signature
+from securesystemslib.signer import Key, Signature, SSlibKey
 
 from uptane import codec
 from uptane.errors import CodecError, ManifestError, MetadataError
@@ -35,7 +40,58 @@ def _canonical(obj: Any) -> bytes:
     return text.encode("utf-8")
 
 
-@dataclass(frozen=True)
+_ED25519_CACHE: OrderedDict[tuple[str, str], Ed25519PublicKey] = OrderedDict()
+_ED25519_CACHE_MAX = 100_000
+_ED25519_LOCK = threading.Lock()
+
+
+def _ed25519(key: Key) -> Ed25519PublicKey | None:
+    """The parsed public key of an ed25519 ``SSlibKey``, cached per process (LRU); else None.
+
+    securesystemslib parses the public key again on every verification; an
+    ECU key is checked on every check-in (issue 12).
+    """
+    if not isinstance(key, SSlibKey) or key.keytype != "ed25519" or key.scheme != "ed25519":
+        return None
+    public = key.keyval.get("public")
+    if not isinstance(public, str):
+        return None
+    cache_key = (key.keyid, public)
+    with _ED25519_LOCK:
+        found = _ED25519_CACHE.get(cache_key)
+        if found is not None:
+            _ED25519_CACHE.move_to_end(cache_key)
+            return found
+    try:
+        found = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+    except ValueError:
+        return None  # securesystemslib reports the bad key
+    with _ED25519_LOCK:
+        _ED25519_CACHE[cache_key] = found
+        while len(_ED25519_CACHE) > _ED25519_CACHE_MAX:
+            _ED25519_CACHE.popitem(last=False)
+    return found
+
+
+def verify_signature(key: Key, signature: Signature, data: bytes) -> None:
+    """``key.verify_signature`` with ed25519 keys parsed once; raises on a bad signature.
+
+    The same checks as securesystemslib's ``SSlibKey`` for ed25519 (key id,
+    hex signature, pyca/cryptography verification); other keys go to it.
+    """
+    crypto_key = _ed25519(key)
+    if crypto_key is None:
+        key.verify_signature(signature, data)
+        return
+    if signature.keyid != key.keyid:
+        raise ValueError(f"keyid mismatch: {key.keyid} != {signature.keyid}")
+    try:
+        crypto_key.verify(bytes.fromhex(signature.signature), data)
+    except InvalidSignature as e:
+        raise ValueError(f"signature by {key.keyid} does not verify") from e
+
+
+@dataclass(frozen=True, eq=False)
 class ManifestEnvelope:
     """A manifest's JSON envelope with its ECU reports still undecoded (base64 text)."""
 
@@ -74,12 +130,17 @@ class ManifestEnvelope:
             raise ManifestError(f"malformed manifest: {e}", "malformed") from e
         return cls(vin, primary, reports, signed, sigs)
 
+    @cached_property
+    def signed_bytes(self) -> bytes:
+        """The canonical JSON of the signed part: what the primary signed (made once)."""
+        return _canonical(self.signed)
+
     def verify(self, primary_key: Key) -> Signature:
         """The signature by ``primary_key`` over the canonical signed part (5.4.2.2)."""
         for sig in self.signatures:
             if sig.keyid == primary_key.keyid:
                 try:
-                    primary_key.verify_signature(sig, _canonical(self.signed))
+                    verify_signature(primary_key, sig, self.signed_bytes)
                 except Exception as e:  # securesystemslib's UnverifiedSignatureError
                     raise ManifestError(
                         f"vehicle manifest signature is invalid: {e}", "bad_primary_signature"
@@ -96,7 +157,16 @@ class ManifestEnvelope:
         Canonical JSON, so nothing the primary did not sign (extra top-level
         fields, other signatures, the first copy of a duplicated key) is kept.
         """
-        return _canonical({"signed": self.signed, "signatures": [signature.to_dict()]})
+        # canonical JSON sorts keys: "signatures" before "signed"
+        return b"".join(
+            (
+                b'{"signatures":[',
+                _canonical(signature.to_dict()),
+                b'],"signed":',
+                self.signed_bytes,
+                b"}",
+            )
+        )
 
 
 def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
@@ -124,7 +194,7 @@ def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
             "bad_ecu_signature",
         )
     try:
-        key.verify_signature(sig, report_der)
+        verify_signature(key, sig, report_der)
     except Exception as e:  # securesystemslib's UnverifiedSignatureError
         raise ManifestError(
             f"ECU version report signature of {serial} by {key.keyid[:8]} is invalid: {e}",

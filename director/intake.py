@@ -10,69 +10,37 @@ Director's clock) and recorded in one transaction, or refused with a
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from securesystemslib.signer import Key
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
+from director import intake_sql as sql
 from director.db import (
-    Assignment,
-    DetectedAttack,
-    Ecu,
-    InstallResult,
     Vehicle,
-    VehicleManifestRecord,
 )
 from director.envelope import ManifestEnvelope, verify_report
 from director.records import (
     INSTALLED,
-    PENDING,
     AssignmentInfo,
     AttackInfo,
     ManifestReceipt,
-    _assignment_info,
 )
-from director.signing import _IDENT_RE, _LATEST_ROOT, DirectorRepository
+from director.signing import _IDENT_RE, DirectorRepository
 from uptane.errors import ATTACK_REPLAYED_REPORT, ManifestError
 from uptane.keys import public_key_from_dict
 from uptane.manifest import EcuVersionReport
 
 # the Director's log name from before it was split into modules
 logger = logging.getLogger("director.service")
-
-# Statements of the check-in path, built once (see ``director.signing``).
-# a vehicle's ECUs and keys (manifest checks before the lock)
-_ECU_KEYS = (
-    select(Ecu.serial, Ecu.hardware_id, Ecu.is_primary, Ecu.public_key)
-    .join(Vehicle, Ecu.vehicle_id == Vehicle.id)
-    .where(Vehicle.vin == bindparam("vin"))
-)
-# the vehicle, locked, and the latest root version (manifest recording)
-_LOCK_VEHICLE = (
-    select(Vehicle, _LATEST_ROOT).where(Vehicle.vin == bindparam("vin")).with_for_update(of=Vehicle)
-)
-# each ECU's report state and pending assignment (at most one), under the lock
-_ECU_STATE = (
-    select(
-        Ecu.id,
-        Ecu.serial,
-        Ecu.public_key,
-        Ecu.last_report_counter,
-        Ecu.last_report_time,
-        Ecu.last_result,
-        Ecu.last_result_text,
-        Assignment,
-    )
-    .outerjoin(Assignment, (Assignment.ecu_id == Ecu.id) & (Assignment.status == PENDING))
-    .where(Ecu.vehicle_id == bindparam("vehicle_id"))
-)
 
 
 @dataclass(frozen=True)
@@ -107,6 +75,35 @@ def _hashes_match(installed: Mapping[str, Any], assigned: Mapping[str, str]) -> 
         return False
     common = set(reported) & set(assigned)
     return bool(common) and all(reported[name] == assigned[name] for name in common)
+
+
+def _naive_utc(value: datetime) -> str:
+    """``value`` as the database stores it (``director.db.UTCDateTime``): naive UTC, ISO."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
+def _changes_record(
+    report: EcuVersionReport, ecu: Any, installed: Mapping[str, Any] | None, text: str
+) -> bool:
+    """Whether ``report`` says more than a new counter and time for this ECU.
+
+    Its first report, another installed image or install result, or another
+    health than stored: such a manifest is kept in ``manifests`` (5.4.2.2).
+    """
+    if ecu.last_report_counter is None:
+        return True
+    if installed != ecu.installed or (report.last_result, text) != (
+        ecu.last_result,
+        ecu.last_result_text,
+    ):
+        return True
+    h = report.health
+    return h is not None and (
+        h.status,
+        h.traps,
+        dict(h.capability_denials),
+        dict(h.rollbacks),
+    ) != (ecu.health_status, ecu.health_traps, ecu.health_denials, ecu.health_rollbacks)
 
 
 def _db_text(value: str) -> str:
@@ -169,8 +166,13 @@ class ManifestIntake(DirectorRepository):
         vehicle: Vehicle,
         reports: Mapping[str, EcuVersionReport],
         now: datetime,
+        previous: Mapping[str, Any] | None = None,
     ) -> None:
-        """Campaigns, quarantine and health see each accepted manifest (``director.fleet``)."""
+        """Campaigns, quarantine and health see each accepted manifest (``director.fleet``).
+
+        ``previous``: each ECU's stored state before this manifest, by serial
+        (``sql.ECU_STATE`` rows), when the caller read it already.
+        """
 
     def receive_manifest(self, vin: str, data: bytes) -> ManifestReceipt:
         """Check and record a vehicle version manifest, or raise ``ManifestError``.
@@ -178,11 +180,16 @@ class ManifestIntake(DirectorRepository):
         Cheapest refusal first: size and shape, the VIN, the number of
         reports, then the primary signature, and only then is each ECU report
         decoded (once). Nothing is written unless the manifest is accepted
-        (one transaction). A secondary's report that is not fresh (counter not
-        above its last, time going backwards or too far ahead) does not refuse
-        a manifest whose primary signature and primary report are good: it is
-        left out and recorded as an attack on that ECU, so one ECU cannot
-        silence the vehicle.
+        (one transaction, committed before the answer). A secondary's report
+        that is not fresh (counter not above its last, time going backwards
+        or too far ahead) does not refuse a manifest whose primary signature
+        and primary report are good: it is left out and recorded as an attack
+        on that ECU, so one ECU cannot silence the vehicle.
+
+        Issue 12: Core statements only; the transaction is the vehicle's
+        update (its lock, last check-in and latest manifest), one read of the
+        ECUs' state, one write of their new state and, only when the manifest
+        changed what is recorded, a ``manifests`` row (``_record``).
         """
         envelope = ManifestEnvelope.from_bytes(data, self.max_manifest)
         if envelope.vin != vin:
@@ -198,16 +205,15 @@ class ManifestIntake(DirectorRepository):
         verified = self._verify(envelope, keys)
         now = self.clock()
         with self.db.transaction(write=True) as session:
-            found = session.execute(_LOCK_VEHICLE, {"vin": vin}).first()
+            conn = session.connection()
+            found = conn.execute(
+                sql.TOUCH_VEHICLE, {"b_vin": vin, "b_now": now, "b_body": verified.data}
+            ).first()
             if found is None:
                 raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
-            vehicle, latest_root_version = found
-            ecus: dict[str, Any] = {}
-            pending: dict[int, Assignment] = {}
-            for row in session.execute(_ECU_STATE, {"vehicle_id": vehicle.id}):
-                ecus[row.serial] = row
-                if row.Assignment is not None:
-                    pending[row.id] = row.Assignment
+            ecus = {
+                row.serial: row for row in conn.execute(sql.ECU_STATE, {"vehicle_id": found.id})
+            }
             if {s: str(e.public_key.get("keyid")) for s, e in ecus.items()} != verified.keyids:
                 raise ManifestError("the vehicle's ECUs changed while checking", "unknown_ecu")
             for serial, report in sorted(verified.reports.items()):
@@ -219,7 +225,7 @@ class ManifestIntake(DirectorRepository):
                 verified.dropped[serial] = problem
             for serial in verified.dropped:
                 verified.dropped_reports[serial] = verified.reports.pop(serial)
-            return self._record(session, vehicle, ecus, pending, verified, now, latest_root_version)
+            return self._record(session, conn, vin, found, ecus, verified, now)
 
     def _stale(
         self, serial: str, report: EcuVersionReport, ecu: Any, now: datetime
@@ -255,7 +261,7 @@ class ManifestIntake(DirectorRepository):
     def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
         if _IDENT_RE.match(vin) is None:
             raise ManifestError(f"no vehicle {vin[:130]!r} is registered", "unknown_vehicle")
-        rows = self.db.read_all(_ECU_KEYS, {"vin": vin})
+        rows = self.db.read_all(sql.ECU_KEYS, {"vin": vin})
         if not rows:
             raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
         return {
@@ -310,26 +316,28 @@ class ManifestIntake(DirectorRepository):
     def _record(
         self,
         session: Session,
-        vehicle: Vehicle,
+        conn: Connection,
+        vin: str,
+        vehicle: Row[Any],
         ecus: Mapping[str, Any],
-        pending: Mapping[int, Assignment],
         verified: _Verified,
         now: datetime,
-        latest_root_version: int | None,
     ) -> ManifestReceipt:
         """Write an accepted manifest: counters, installed images, attacks, results.
 
-        ``pending`` is each ECU's pending assignment by ECU id; ``latest_root_version``
-        the newest Director root, both read under the vehicle's lock.
+        ``vehicle`` is the locked vehicle's row (``sql.TOUCH_VEHICLE``), ``ecus`` each
+        ECU's state and pending assignment read under that lock (``sql.ECU_STATE``).
+        The manifest gets a ``manifests`` row only when it changes what is
+        recorded (``_changes_record``), reports an attack or a result, or has a
+        report left out: a check-in that only moves counters and times is kept
+        as the vehicle's ``last_manifest`` alone (issue 12, docs/director-scale.md).
         """
-        vehicle.last_seen = now  # flushed with the record: one unit-of-work flush
-        record = VehicleManifestRecord(vehicle_id=vehicle.id, received_at=now, body=verified.data)
-        session.add(record)
-        session.flush()
-        self.observe_fleet(session, vehicle, verified.reports, now)  # director.fleet
         completed: list[AssignmentInfo] = []
         attacks: list[AttackInfo] = []
+        attack_rows: list[dict[str, Any]] = []
+        result_rows: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
+        changed = bool(verified.dropped)
         # An ECU time ahead of ours (within the tolerance) is stored as our time, so an
         # ECU whose fast clock is corrected is not refused until it catches up again.
         cap = now.replace(microsecond=0)
@@ -342,7 +350,7 @@ class ManifestIntake(DirectorRepository):
                 report_time = max(report_time, ecu.last_report_time)
             updates.append(
                 {
-                    "ecu_id": ecu.id,
+                    "b_ecu_id": ecu.id,
                     "counter": report.report_counter,
                     "at": now,
                     "time": report_time,
@@ -351,93 +359,122 @@ class ManifestIntake(DirectorRepository):
                     "text": text,
                 }
             )
+            changed = changed or _changes_record(report, ecu, installed, text)
             for attack in report.attacks_detected:
-                session.add(
-                    DetectedAttack(
-                        vehicle_id=vehicle.id,
-                        ecu_id=ecu.id,
-                        manifest_id=record.id,
-                        attack=attack,
-                        report_counter=report.report_counter,
-                        detected_at=now,
-                    )
+                attack_rows.append(
+                    {"ecu_id": ecu.id, "attack": attack, "report_counter": report.report_counter}
                 )
                 attacks.append(AttackInfo(serial, attack, report.report_counter, now))
-            assignment = pending.get(ecu.id)
             done = (
-                assignment is not None
+                ecu.a_id is not None
                 and installed is not None
-                and installed["filename"] == assignment.image
-                and installed["length"] == assignment.length
-                and _hashes_match(installed, assignment.hashes)
+                and installed["filename"] == ecu.a_image
+                and installed["length"] == ecu.a_length
+                and _hashes_match(installed, ecu.a_hashes)
             )
-            if done and assignment is not None:
-                assignment.status = INSTALLED
-                assignment.updated_at = now
-                completed.append(_assignment_info(assignment, vehicle.vin, serial))
+            if done:
+                completed.append(
+                    AssignmentInfo(
+                        id=ecu.a_id,
+                        vin=vin,
+                        ecu_serial=serial,
+                        image=ecu.a_image,
+                        length=ecu.a_length,
+                        hashes=dict(ecu.a_hashes),
+                        custom=dict(ecu.a_custom),
+                        status=INSTALLED,
+                        created_at=ecu.a_created_at,
+                    )
+                )
             result_changed = (report.last_result, text) != (ecu.last_result, ecu.last_result_text)
             if done or (result_changed and report.last_result != "ok"):
-                session.add(
-                    InstallResult(
-                        ecu_id=ecu.id,
-                        manifest_id=record.id,
-                        assignment_id=assignment.id if done and assignment is not None else None,
-                        result=report.last_result,
-                        text=text,
-                        image=installed["filename"] if installed else None,
-                        received_at=now,
-                    )
+                result_rows.append(
+                    {
+                        "ecu_id": ecu.id,
+                        "assignment_id": ecu.a_id if done else None,
+                        "result": report.last_result,
+                        "text": text,
+                        "image": installed["filename"] if installed else None,
+                        "received_at": now,
+                    }
                 )
         for serial, problem in sorted(verified.dropped.items()):
             dropped = verified.dropped_reports[serial]
             name = ATTACK_REPLAYED_REPORT if problem.reason == "replayed_report" else problem.reason
-            session.add(
-                DetectedAttack(
-                    vehicle_id=vehicle.id,
-                    ecu_id=ecus[serial].id,
-                    manifest_id=record.id,
-                    attack=name,
-                    report_counter=dropped.report_counter,
-                    detected_at=now,
-                )
+            attack_rows.append(
+                {
+                    "ecu_id": ecus[serial].id,
+                    "attack": name,
+                    "report_counter": dropped.report_counter,
+                }
             )
             attacks.append(AttackInfo(serial, name, dropped.report_counter, now))
-            logger.warning(
-                "vehicle %s: report of ECU %s left out: %s", vehicle.vin, serial, problem
+            logger.warning("vehicle %s: report of ECU %s left out: %s", vin, serial, problem)
+        manifest_id: int | None = None
+        if changed or attack_rows or result_rows:
+            manifest_id = conn.execute(
+                sql.INSERT_MANIFEST,
+                {"vehicle_id": vehicle.id, "received_at": now, "body": verified.data},
+            ).scalar_one()
+        # campaigns, quarantine, health (``director.fleet``) see the state before this manifest
+        self.observe_fleet(session, Vehicle(id=vehicle.id, vin=vin), verified.reports, now, ecus)
+        if attack_rows:
+            conn.execute(
+                sql.INSERT_ATTACK,
+                [
+                    {**r, "vehicle_id": vehicle.id, "manifest_id": manifest_id, "detected_at": now}
+                    for r in attack_rows
+                ],
             )
-        ecu_table = Ecu.__table__
-        assert isinstance(ecu_table, Table)
-        session.execute(
-            update(ecu_table)
-            .where(ecu_table.c.id == bindparam("ecu_id"))
-            .values(
-                last_report_counter=bindparam("counter"),
-                last_report_at=bindparam("at"),
-                last_report_time=bindparam("time"),
-                installed=bindparam("b_installed"),
-                last_result=bindparam("result"),
-                last_result_text=bindparam("text"),
-            ),
-            updates,
-        )
+        if completed:
+            conn.execute(sql.COMPLETE, [{"b_id": a.id, "b_now": now} for a in completed])
+        if result_rows:
+            conn.execute(
+                sql.INSERT_RESULT, [{**r, "manifest_id": manifest_id} for r in result_rows]
+            )
+        self._write_ecus(conn, updates)
+        metadata_version: int = vehicle.targets_version
         if completed or self._due(
             vehicle.metadata_expires,
             vehicle.targets_version,
             vehicle.root_version,
-            latest_root_version,
+            vehicle.latest_root,
             now,
         ):
-            self._sign_vehicle(session, vehicle, now)
+            signed = session.get_one(Vehicle, vehicle.id)
+            self._sign_vehicle(session, signed, now)
+            metadata_version = signed.targets_version
         if attacks:
             logger.warning(
                 "vehicle %s reports attacks: %s",
-                vehicle.vin,
+                vin,
                 ", ".join(f"{a.ecu_serial}:{a.attack}" for a in attacks),
             )
         return ManifestReceipt(
-            vin=vehicle.vin,
-            metadata_version=vehicle.targets_version,
+            vin=vin,
+            metadata_version=metadata_version,
             completed=tuple(completed),
             attacks=tuple(attacks),
             refused_reports={s: p.reason for s, p in verified.dropped.items()},
         )
+
+    def _write_ecus(self, conn: Connection, updates: list[dict[str, Any]]) -> None:
+        """Every ECU's new report state: one statement on PostgreSQL, one per ECU on SQLite."""
+        if not self.db.is_postgresql:
+            conn.execute(sql.UPDATE_ECU, updates)
+            return
+        rows = [
+            {
+                "id": u["b_ecu_id"],
+                "counter": u["counter"],
+                "at": _naive_utc(u["at"]),
+                "time": _naive_utc(u["time"]),
+                "installed": u["b_installed"],
+                "result": u["result"],
+                "text": u["text"],
+            }
+            for u in updates
+        ]
+        written = conn.execute(sql.UPDATE_ECUS_PG, {"rows": json.dumps(rows)}).rowcount
+        if written != len(rows):  # the rows were read under the vehicle's lock
+            raise RuntimeError(f"{written} of {len(rows)} ECU rows updated")
