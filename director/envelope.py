@@ -13,16 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import Key, Signature, SSlibKey
+from securesystemslib.signer import Key, Signature
 
 from uptane import codec
 from uptane.errors import CodecError, ManifestError, MetadataError
@@ -38,57 +34,6 @@ def _canonical(obj: Any) -> bytes:
     text = encode_canonical(obj)
     assert text is not None  # only None when an output function is passed
     return text.encode("utf-8")
-
-
-_ED25519_CACHE: OrderedDict[tuple[str, str], Ed25519PublicKey] = OrderedDict()
-_ED25519_CACHE_MAX = 100_000
-_ED25519_LOCK = threading.Lock()
-
-
-def _ed25519(key: Key) -> Ed25519PublicKey | None:
-    """The parsed public key of an ed25519 ``SSlibKey``, cached per process (LRU); else None.
-
-    securesystemslib parses the public key again on every verification; an
-    ECU key is checked on every check-in (issue 12).
-    """
-    if not isinstance(key, SSlibKey) or key.keytype != "ed25519" or key.scheme != "ed25519":
-        return None
-    public = key.keyval.get("public")
-    if not isinstance(public, str):
-        return None
-    cache_key = (key.keyid, public)
-    with _ED25519_LOCK:
-        found = _ED25519_CACHE.get(cache_key)
-        if found is not None:
-            _ED25519_CACHE.move_to_end(cache_key)
-            return found
-    try:
-        found = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
-    except ValueError:
-        return None  # securesystemslib reports the bad key
-    with _ED25519_LOCK:
-        _ED25519_CACHE[cache_key] = found
-        while len(_ED25519_CACHE) > _ED25519_CACHE_MAX:
-            _ED25519_CACHE.popitem(last=False)
-    return found
-
-
-def verify_signature(key: Key, signature: Signature, data: bytes) -> None:
-    """``key.verify_signature`` with ed25519 keys parsed once; raises on a bad signature.
-
-    The same checks as securesystemslib's ``SSlibKey`` for ed25519 (key id,
-    hex signature, pyca/cryptography verification); other keys go to it.
-    """
-    crypto_key = _ed25519(key)
-    if crypto_key is None:
-        key.verify_signature(signature, data)
-        return
-    if signature.keyid != key.keyid:
-        raise ValueError(f"keyid mismatch: {key.keyid} != {signature.keyid}")
-    try:
-        crypto_key.verify(bytes.fromhex(signature.signature), data)
-    except InvalidSignature as e:
-        raise ValueError(f"signature by {key.keyid} does not verify") from e
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +85,7 @@ class ManifestEnvelope:
         for sig in self.signatures:
             if sig.keyid == primary_key.keyid:
                 try:
-                    verify_signature(primary_key, sig, self.signed_bytes)
+                    primary_key.verify_signature(sig, self.signed_bytes)
                 except Exception as e:  # securesystemslib's UnverifiedSignatureError
                     raise ManifestError(
                         f"vehicle manifest signature is invalid: {e}", "bad_primary_signature"
@@ -194,7 +139,7 @@ def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
             "bad_ecu_signature",
         )
     try:
-        verify_signature(key, sig, report_der)
+        key.verify_signature(sig, report_der)
     except Exception as e:  # securesystemslib's UnverifiedSignatureError
         raise ManifestError(
             f"ECU version report signature of {serial} by {key.keyid[:8]} is invalid: {e}",

@@ -39,19 +39,26 @@ ECU_KEYS = (
     .join(VEHICLES, ECUS.c.vehicle_id == VEHICLES.c.id)
     .where(VEHICLES.c.vin == bindparam("vin"))
 )
-# lock the vehicle by writing its last check-in and latest manifest; its metadata
-# state and the latest root version (the manifest is refused: rolled back)
-TOUCH_VEHICLE = (
-    update(VEHICLES)
-    .where(VEHICLES.c.vin == bindparam("b_vin"))
-    .values(last_seen=bindparam("b_now"), last_manifest=bindparam("b_body"))
-    .returning(
+# the vehicles of a batch, locked in id order (no deadlock between batches), with
+# their metadata state and the latest root version
+LOCK_VEHICLES = (
+    select(
         VEHICLES.c.id,
+        VEHICLES.c.vin,
         VEHICLES.c.metadata_expires,
         VEHICLES.c.targets_version,
         VEHICLES.c.root_version,
         _LATEST_ROOT.label("latest_root"),
     )
+    .where(VEHICLES.c.vin.in_(bindparam("vins", expanding=True)))
+    .order_by(VEHICLES.c.id)
+    .with_for_update(of=VEHICLES)
+)
+# a vehicle's last check-in and latest manifest (SQLite: one per vehicle)
+TOUCH_VEHICLE = (
+    update(VEHICLES)
+    .where(VEHICLES.c.id == bindparam("b_id"))
+    .values(last_seen=bindparam("b_now"), last_manifest=bindparam("b_body"))
 )
 # each ECU's report state, pending assignment (at most one), last health and
 # whether the vehicle is in a campaign, under the lock: a statement of its own,
@@ -60,6 +67,7 @@ TOUCH_VEHICLE = (
 ECU_STATE = (
     select(
         ECUS.c.id,
+        ECUS.c.vehicle_id,
         ECUS.c.serial,
         ECUS.c.hardware_id,
         ECUS.c.public_key,
@@ -92,7 +100,7 @@ ECU_STATE = (
         (ASSIGNMENTS.c.ecu_id == ECUS.c.id) & (ASSIGNMENTS.c.status == PENDING),
     )
     .outerjoin(EcuHealthRecord, EcuHealthRecord.ecu_id == ECUS.c.id)
-    .where(ECUS.c.vehicle_id == bindparam("vehicle_id"))
+    .where(ECUS.c.vehicle_id.in_(bindparam("vehicle_ids", expanding=True)))
 )
 INSERT_MANIFEST = insert(MANIFESTS).returning(MANIFESTS.c.id)
 INSERT_ATTACK = insert(ATTACKS)
@@ -102,14 +110,19 @@ COMPLETE = (
     .where(ASSIGNMENTS.c.id == bindparam("b_id"), ASSIGNMENTS.c.status == PENDING)
     .values(status=INSTALLED, updated_at=bindparam("b_now"))
 )
-# every ECU's new report state in one statement (PostgreSQL) ...
-UPDATE_ECUS_PG = sql_text(
-    "UPDATE ecus SET last_report_counter = v.counter, last_report_at = v.at, "
-    "last_report_time = v.time, installed = v.installed, last_result = v.result, "
-    "last_result_text = v.text "
-    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id integer, counter bigint, "
+# the vehicles' last check-in and latest manifest (hex) and every ECU's new report
+# state, in one statement (PostgreSQL); its row count is the ECUs'
+WRITE_STATE_PG = sql_text(
+    "WITH touched AS (UPDATE vehicles SET last_seen = v.at, "
+    "last_manifest = decode(v.body, 'hex') "
+    "FROM jsonb_to_recordset(CAST(:vehicles AS jsonb)) AS v(id integer, at timestamp, body text) "
+    "WHERE vehicles.id = v.id RETURNING vehicles.id) "
+    "UPDATE ecus SET last_report_counter = e.counter, last_report_at = e.at, "
+    "last_report_time = e.time, installed = e.installed, last_result = e.result, "
+    "last_result_text = e.text "
+    "FROM jsonb_to_recordset(CAST(:ecus AS jsonb)) AS e(id integer, counter bigint, "
     "at timestamp, time timestamp, installed json, result text, text text) "
-    "WHERE ecus.id = v.id"
+    "WHERE ecus.id = e.id"
 )
 # ... or one per ECU (SQLite)
 UPDATE_ECU = (
