@@ -301,6 +301,8 @@ class ManifestIntake(DirectorRepository):
         with self.db.transaction(write=True) as session:
             conn = session.connection()
             vins = [v.vin for v in batch]
+            if len(set(vins)) != len(vins):  # they would all pass the same freshness check
+                raise ValueError("one manifest per vehicle in a batch")
             vehicles = {r.vin: r for r in conn.execute(sql.LOCK_VEHICLES, {"vins": vins})}
             ecus: dict[int, dict[str, Any]] = {r.id: {} for r in vehicles.values()}
             if ecus:
