@@ -291,7 +291,7 @@ class ManifestIntake(DirectorRepository):
     def _write_batch(self, batch: Sequence[Verified]) -> list[ManifestReceipt | ManifestError]:
         """Record checked manifests of distinct vehicles in one transaction (group commit).
 
-        Under the vehicles' locks (taken in id order): each vehicle's ECUs must
+        Under the vehicles' locks (taken in VIN order): each vehicle's ECUs must
         be those the manifest was checked with, and each report fresh (a stale
         primary report refuses that manifest, a stale secondary's is left
         out); a refused manifest writes nothing and does not stop the others.

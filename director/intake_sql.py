@@ -39,7 +39,8 @@ ECU_KEYS = (
     .join(VEHICLES, ECUS.c.vehicle_id == VEHICLES.c.id)
     .where(VEHICLES.c.vin == bindparam("vin"))
 )
-# the vehicles of a batch, locked in id order (no deadlock between batches), with
+# the vehicles of a batch, locked in VIN order as every writer of several vehicles
+# locks them (``director.assignments``): no deadlock between them; with
 # their metadata state and the latest root version
 LOCK_VEHICLES = (
     select(
@@ -51,7 +52,7 @@ LOCK_VEHICLES = (
         _LATEST_ROOT.label("latest_root"),
     )
     .where(VEHICLES.c.vin.in_(bindparam("vins", expanding=True)))
-    .order_by(VEHICLES.c.id)
+    .order_by(VEHICLES.c.vin)
     .with_for_update(of=VEHICLES)
 )
 # a vehicle's last check-in and latest manifest (SQLite: one per vehicle)
