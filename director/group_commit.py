@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -32,13 +34,23 @@ class _Entry(Generic[T, R]):
     outcome: object = None
 
 
+@dataclass(eq=False)
+class Arrival:
+    """A request being checked that will submit (``GroupCommit.arriving``)."""
+
+    submitted: bool = False
+
+
 class GroupCommit(Generic[T, R]):
     """Batches of up to ``max_batch`` items, with distinct keys, given to ``write`` together.
 
     ``write(items)`` runs one transaction and returns one outcome per item
     (a result, or an exception for an item it refused without failing the
     others); if it raises, each item of the batch is written alone, so one
-    bad item cannot fail the others.
+    bad item cannot fail the others. A leader waits up to ``max_wait``
+    seconds for the requests announced with ``arriving`` (being checked
+    now) to submit, like PostgreSQL's ``commit_delay``: only when there are
+    some, so a lone request is never delayed.
     """
 
     def __init__(
@@ -46,21 +58,42 @@ class GroupCommit(Generic[T, R]):
         write: Callable[[Sequence[T]], Sequence[R | BaseException]],
         key: Callable[[T], Hashable],
         max_batch: int = 32,
+        max_wait: float = 0.005,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._write = write
         self._key = key
         self.max_batch = max_batch
-        self._lock = threading.Lock()
+        self.max_wait = max_wait
+        self._lock = threading.Condition()
         self._queue: list[_Entry[T, R]] = []
         self._leading = False
+        self._arriving = 0
 
-    def submit(self, item: T) -> R:
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Announce a request that is being checked and will probably ``submit``."""
+        arrival = Arrival()
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            if not arrival.submitted:
+                with self._lock:
+                    self._arriving -= 1
+                    self._lock.notify_all()
+
+    def submit(self, item: T, arrival: Arrival | None = None) -> R:
         """Write ``item`` with whatever else is waiting; return its result once committed."""
         entry: _Entry[T, R] = _Entry(item, self._key(item))
         with self._lock:
             self._queue.append(entry)
+            if arrival is not None and not arrival.submitted:
+                arrival.submitted = True
+                self._arriving -= 1
+                self._lock.notify_all()
             lead = not self._leading
             self._leading = True
         while True:
@@ -77,6 +110,12 @@ class GroupCommit(Generic[T, R]):
     def _take(self) -> list[_Entry[T, R]]:
         """The next batch: oldest first, one item per key (the others wait their turn)."""
         with self._lock:
+            deadline = time.monotonic() + self.max_wait
+            while self._arriving > 0 and len(self._queue) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
             batch: list[_Entry[T, R]] = []
             keys: set[Hashable] = set()
             rest: list[_Entry[T, R]] = []

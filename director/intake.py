@@ -157,9 +157,11 @@ class ManifestIntake(DirectorRepository):
                 f"manifest is for vehicle {envelope.vin!r}, sent for {vin!r}", "vin_mismatch"
             )
         state = self._intake()
-        keys, from_cache = self._ecu_keys(vin, state, cached=True)
+        from_cache = False
         try:
-            return state.group.submit(self._verify(envelope, keys, from_cache))
+            with state.group.arriving() as arrival:  # a leader may wait for it (group commit)
+                keys, from_cache = self._ecu_keys(vin, state, cached=True)
+                return state.group.submit(self._verify(envelope, keys, from_cache), arrival)
         except ManifestError as refused:
             if not from_cache:
                 raise

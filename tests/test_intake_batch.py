@@ -120,6 +120,41 @@ def test_a_failing_batch_is_written_item_by_item() -> None:
     assert batches == [["a"], ["b", "bad", "no"], ["b"], ["bad"], ["no"]]
 
 
+def test_a_leader_waits_for_requests_being_checked_and_only_for_them() -> None:
+    batches: list[list[str]] = []
+
+    def write(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        return list(items)
+
+    gc: GroupCommit[str, str] = GroupCommit(write, key=lambda i: i, max_wait=30.0)
+    checked = threading.Event()
+
+    def announced(item: str, refuse: bool) -> str:
+        with gc.arriving() as arrival:
+            assert checked.wait(10)
+            if refuse:
+                raise ValueError("refused while checking")
+            return gc.submit(item, arrival)
+
+    with ThreadPoolExecutor(3) as pool:
+        a = pool.submit(announced, "a", False)
+        refused = pool.submit(announced, "x", True)
+        _wait_for(lambda: gc._arriving == 2)
+        b = pool.submit(gc.submit, "b")  # leads, and waits for "a" (and "x")
+        _wait_for(lambda: gc._leading and len(gc._queue) == 1)
+        assert batches == []
+        checked.set()
+        assert (a.result(10), b.result(10)) == ("a", "b")
+        with pytest.raises(ValueError, match="refused"):
+            refused.result(10)
+    assert batches == [["b", "a"]]  # one transaction, not 30 s late: "x" left
+    assert gc._arriving == 0
+    start = time.monotonic()
+    assert gc.submit("c") == "c"  # nobody being checked: no wait
+    assert time.monotonic() - start < 5
+
+
 # --- the Director -------------------------------------------------------------------------
 
 
