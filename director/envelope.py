@@ -20,9 +20,8 @@ from typing import Any
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature
 
-from uptane import codec
 from uptane.errors import CodecError, ManifestError, MetadataError
-from uptane.manifest import MANIFEST_TYPE, MAX_REPORT_SIZE, EcuVersionReport
+from uptane.manifest import MANIFEST_TYPE, EcuVersionReport, split_signed_report
 from uptane.metadata import check_identifier
 
 # the ASN.1 module's SEQUENCE OF bound on a report's signatures
@@ -115,7 +114,10 @@ class ManifestEnvelope:
 
 
 def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
-    """Decode one ECU report, check ``key`` signed it, and decode its content once.
+    """Check ``key`` signed one ECU report's exact bytes, then decode its content once.
+
+    The signed envelope is read by slicing (``split_signed_report``), so a
+    report is decoded once, after its signature verified (issue 12).
 
     A malformed report is ``malformed``; a report not signed by ``key`` is
     ``bad_ecu_signature`` (5.4.2.1).
@@ -123,11 +125,7 @@ def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
     try:
         if not isinstance(text, str):
             raise ManifestError(f"report of {serial} must be base64", "malformed")
-        value = codec.decode(
-            "SignedEcuVersionReport", base64.b64decode(text, validate=True), MAX_REPORT_SIZE
-        )
-        report_der = bytes(value["report"])
-        sigs = [Signature(s["keyid"], bytes(s["value"]).hex()) for s in value["signatures"]]
+        report_der, sigs = split_signed_report(base64.b64decode(text, validate=True))
     except CodecError as e:
         raise ManifestError(f"malformed ECU version report: {e}", "malformed") from e
     except (ValueError, binascii.Error) as e:
