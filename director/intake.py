@@ -305,10 +305,13 @@ class ManifestIntake(DirectorRepository):
             vins = [v.vin for v in batch]
             if len(set(vins)) != len(vins):  # they would all pass the same freshness check
                 raise ValueError("one manifest per vehicle in a batch")
-            vehicles = {r.vin: r for r in conn.execute(sql.LOCK_VEHICLES, {"vins": vins})}
+            pg = self.db.is_postgresql
+            lock = sql.LOCK_VEHICLES_PG if pg else sql.LOCK_VEHICLES
+            vehicles = {r.vin: r for r in conn.execute(lock, {"vins": vins})}
             ecus: dict[int, dict[str, Any]] = {r.id: {} for r in vehicles.values()}
             if ecus:
-                for row in conn.execute(sql.ECU_STATE, {"vehicle_ids": list(ecus)}):
+                state = sql.ECU_STATE_PG if pg else sql.ECU_STATE
+                for row in conn.execute(state, {"vehicle_ids": list(ecus)}):
                     ecus[row.vehicle_id][row.serial] = row
             plans: list[tuple[int, Plan]] = []
             for n, verified in enumerate(batch):
@@ -328,7 +331,7 @@ class ManifestIntake(DirectorRepository):
         if vehicle is None:
             raise ManifestError(f"no vehicle {verified.vin!r} is registered", "unknown_vehicle")
         state = ecus[vehicle.id]
-        if {s: str(e.public_key.get("keyid")) for s, e in state.items()} != verified.keyids:
+        if {s: e.keyid for s, e in state.items()} != verified.keyids:
             raise _EcusChanged()
         dropped: dict[str, tuple[ManifestError, EcuVersionReport]] = {}
         for serial, report in sorted(verified.reports.items()):
