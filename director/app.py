@@ -46,6 +46,7 @@ from director.http_layer import (
     error_response,
     file_response,
 )
+from director.manifest_route import ManifestRoute, refusal
 from director.read_cache import ReadCache
 from director.service import (
     AssignmentInfo,
@@ -59,21 +60,6 @@ from uptane.errors import ConfigError, ManifestError, UptaneError
 from uptane.manifest import MANIFEST_TYPE
 
 logger = logging.getLogger(__name__)
-
-# HTTP status of each manifest refusal reason.
-MANIFEST_STATUS: dict[str, int] = {
-    "unknown_vehicle": 404,
-    "malformed": 400,
-    "too_large": 413,
-    "vin_mismatch": 400,
-    "bad_primary_signature": 403,
-    "bad_ecu_signature": 403,
-    "missing_ecu": 422,
-    "unknown_ecu": 422,
-    "replayed_report": 409,
-    "report_time_in_past": 409,
-    "report_time_in_future": 422,
-}
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
@@ -337,20 +323,9 @@ def create_app(
 
     @app.exception_handler(ManifestError)
     async def _manifesterror_response(request: Request, exc: ManifestError) -> JSONResponse:
-        status = MANIFEST_STATUS.get(exc.reason, 400)
-        # one line, only what the request itself carried (no tokens, no keys)
-        vin = str(request.path_params.get("vin", ""))[:130]
+        vin = str(request.path_params.get("vin", ""))
         peer = request.client.host if request.client is not None else "-"
-        detail = " ".join(str(exc).split())[:500]
-        logger.warning(
-            "manifest refused: vin=%r peer=%s status=%d reason=%s detail=%s",
-            vin,
-            peer,
-            status,
-            exc.reason,
-            detail,
-        )
-        return error_response(status, exc.reason, str(exc))
+        return error_response(*refusal(exc, vin, peer))
 
     @app.exception_handler(DirectorError)
     async def _directorerror_response(request: Request, exc: DirectorError) -> JSONResponse:
@@ -436,7 +411,11 @@ def create_app(
         },
     )
     async def put_manifest(vin: str, request: Request) -> ManifestAccepted:
-        """Upload a signed vehicle version manifest (Uptane 2.1, 5.4.2)."""
+        """Upload a signed vehicle version manifest (Uptane 2.1, 5.4.2).
+
+        Served by ``director.manifest_route.ManifestRoute`` (same answers); this
+        route describes it in the OpenAPI schema.
+        """
         data = await request.body()
         receipt = await run_in_threadpool(director.receive_manifest, vin, data)
         if receipt.refused_reports:
@@ -507,6 +486,8 @@ def create_app(
         """One vehicle's reported state, pending assignments and detected attacks."""
         return VehicleOut.of(director.vehicle_status(vin))
 
+    # the manifest PUT is served by ManifestRoute, inside the guard and the request counter
+    app.add_middleware(ManifestRoute, director=director)
     from director.fleet_api import install_fleet  # campaigns, quarantine, /metrics (issue 14)
 
     install_fleet(app, director, Depends(operator))

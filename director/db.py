@@ -87,6 +87,9 @@ class Vehicle(Base):
     metadata_expires: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     root_version: Mapped[int] = mapped_column(Integer, default=0)
     targets_version: Mapped[int] = mapped_column(Integer, default=0)
+    # the last accepted vehicle version manifest as verified (canonical JSON),
+    # received at ``last_seen``; not loaded with the vehicle unless asked for
+    last_manifest: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     ecus: Mapped[list[Ecu]] = relationship(
         back_populates="vehicle", order_by="Ecu.serial", cascade="all, delete-orphan"
@@ -118,7 +121,13 @@ class Ecu(Base):
 
 
 class VehicleManifestRecord(Base):
-    """A vehicle version manifest exactly as received (5.4.2.2)."""
+    """A vehicle version manifest that changed what the Director records (5.4.2.2).
+
+    The verified signed part and signature, canonical JSON: a vehicle's first
+    manifest and each one that reports another image, install result or
+    health, an attack, or a report left out (``director.intake``). The latest
+    manifest of every vehicle is ``Vehicle.last_manifest``.
+    """
 
     __tablename__ = "manifests"
 

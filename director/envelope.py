@@ -14,14 +14,14 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature
 
-from uptane import codec
 from uptane.errors import CodecError, ManifestError, MetadataError
-from uptane.manifest import MANIFEST_TYPE, MAX_REPORT_SIZE, EcuVersionReport
+from uptane.manifest import MANIFEST_TYPE, EcuVersionReport, split_signed_report
 from uptane.metadata import check_identifier
 
 # the ASN.1 module's SEQUENCE OF bound on a report's signatures
@@ -35,7 +35,7 @@ def _canonical(obj: Any) -> bytes:
     return text.encode("utf-8")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ManifestEnvelope:
     """A manifest's JSON envelope with its ECU reports still undecoded (base64 text)."""
 
@@ -74,12 +74,17 @@ class ManifestEnvelope:
             raise ManifestError(f"malformed manifest: {e}", "malformed") from e
         return cls(vin, primary, reports, signed, sigs)
 
+    @cached_property
+    def signed_bytes(self) -> bytes:
+        """The canonical JSON of the signed part: what the primary signed (made once)."""
+        return _canonical(self.signed)
+
     def verify(self, primary_key: Key) -> Signature:
         """The signature by ``primary_key`` over the canonical signed part (5.4.2.2)."""
         for sig in self.signatures:
             if sig.keyid == primary_key.keyid:
                 try:
-                    primary_key.verify_signature(sig, _canonical(self.signed))
+                    primary_key.verify_signature(sig, self.signed_bytes)
                 except Exception as e:  # securesystemslib's UnverifiedSignatureError
                     raise ManifestError(
                         f"vehicle manifest signature is invalid: {e}", "bad_primary_signature"
@@ -96,11 +101,23 @@ class ManifestEnvelope:
         Canonical JSON, so nothing the primary did not sign (extra top-level
         fields, other signatures, the first copy of a duplicated key) is kept.
         """
-        return _canonical({"signed": self.signed, "signatures": [signature.to_dict()]})
+        # canonical JSON sorts keys: "signatures" before "signed"
+        return b"".join(
+            (
+                b'{"signatures":[',
+                _canonical(signature.to_dict()),
+                b'],"signed":',
+                self.signed_bytes,
+                b"}",
+            )
+        )
 
 
 def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
-    """Decode one ECU report, check ``key`` signed it, and decode its content once.
+    """Check ``key`` signed one ECU report's exact bytes, then decode its content once.
+
+    The signed envelope is read by slicing (``split_signed_report``), so a
+    report is decoded once, after its signature verified (issue 12).
 
     A malformed report is ``malformed``; a report not signed by ``key`` is
     ``bad_ecu_signature`` (5.4.2.1).
@@ -108,11 +125,7 @@ def verify_report(serial: str, text: object, key: Key) -> EcuVersionReport:
     try:
         if not isinstance(text, str):
             raise ManifestError(f"report of {serial} must be base64", "malformed")
-        value = codec.decode(
-            "SignedEcuVersionReport", base64.b64decode(text, validate=True), MAX_REPORT_SIZE
-        )
-        report_der = bytes(value["report"])
-        sigs = [Signature(s["keyid"], bytes(s["value"]).hex()) for s in value["signatures"]]
+        report_der, sigs = split_signed_report(base64.b64decode(text, validate=True))
     except CodecError as e:
         raise ManifestError(f"malformed ECU version report: {e}", "malformed") from e
     except (ValueError, binascii.Error) as e:

@@ -65,8 +65,10 @@ class FleetControl(Campaigns, QuarantineControl):
         vehicle: Vehicle,
         reports: Mapping[str, EcuVersionReport],
         now: datetime,
+        previous: Mapping[str, Any] | None = None,
     ) -> None:
-        previous = {r.serial: r for r in session.execute(_PREVIOUS, {"vehicle_id": vehicle.id})}
+        if previous is None:  # else the caller read these columns (``director.intake_sql``)
+            previous = {r.serial: r for r in session.execute(_PREVIOUS, {"vehicle_id": vehicle.id})}
         unhealthy = self.record_health(session, previous, reports, now)
         self.observe_quarantine(session, vehicle, previous, reports, now)
         if any(r.in_campaign for r in previous.values()):

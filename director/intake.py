@@ -10,69 +10,38 @@ Director's clock) and recorded in one transaction, or refused with a
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from securesystemslib.signer import Key
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from director.db import (
-    Assignment,
-    DetectedAttack,
-    Ecu,
-    InstallResult,
-    Vehicle,
-    VehicleManifestRecord,
-)
+from director import intake_sql as sql
+from director.db import Vehicle
 from director.envelope import ManifestEnvelope, verify_report
-from director.records import (
-    INSTALLED,
-    PENDING,
-    AssignmentInfo,
-    AttackInfo,
-    ManifestReceipt,
-    _assignment_info,
-)
-from director.signing import _IDENT_RE, _LATEST_ROOT, DirectorRepository
-from uptane.errors import ATTACK_REPLAYED_REPORT, ManifestError
+from director.group_commit import GroupCommit
+from director.intake_plan import Plan, Verified, db_text, naive_utc, plan_record
+from director.records import ManifestReceipt
+from director.signing import _IDENT_RE, DirectorRepository
+from uptane.errors import ManifestError
 from uptane.keys import public_key_from_dict
 from uptane.manifest import EcuVersionReport
 
 # the Director's log name from before it was split into modules
 logger = logging.getLogger("director.service")
-
-# Statements of the check-in path, built once (see ``director.signing``).
-# a vehicle's ECUs and keys (manifest checks before the lock)
-_ECU_KEYS = (
-    select(Ecu.serial, Ecu.hardware_id, Ecu.is_primary, Ecu.public_key)
-    .join(Vehicle, Ecu.vehicle_id == Vehicle.id)
-    .where(Vehicle.vin == bindparam("vin"))
-)
-# the vehicle, locked, and the latest root version (manifest recording)
-_LOCK_VEHICLE = (
-    select(Vehicle, _LATEST_ROOT).where(Vehicle.vin == bindparam("vin")).with_for_update(of=Vehicle)
-)
-# each ECU's report state and pending assignment (at most one), under the lock
-_ECU_STATE = (
-    select(
-        Ecu.id,
-        Ecu.serial,
-        Ecu.public_key,
-        Ecu.last_report_counter,
-        Ecu.last_report_time,
-        Ecu.last_result,
-        Ecu.last_result_text,
-        Assignment,
-    )
-    .outerjoin(Assignment, (Assignment.ecu_id == Ecu.id) & (Assignment.status == PENDING))
-    .where(Ecu.vehicle_id == bindparam("vehicle_id"))
-)
+# ``director.fleet`` stores ECU text the same way
+_db_text = db_text
+# most manifests written in one transaction (``director.group_commit``)
+MAX_BATCH = 32
+# vehicles whose ECU keys a process keeps (``ManifestIntake._ecu_keys``)
+_VIN_KEYS_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -83,47 +52,11 @@ class _EcuKey:
     key: Key
 
 
-@dataclass
-class _Verified:
-    """A manifest that passed every check that needs no lock."""
+class _EcusChanged(ManifestError):
+    """The vehicle's ECUs or keys are not those the manifest was checked with."""
 
-    data: bytes
-    keyids: dict[str, str]
-    primary: str
-    reports: dict[str, EcuVersionReport] = field(default_factory=dict)
-    # secondaries' reports left out (not fresh), with why: recorded as attacks
-    dropped: dict[str, ManifestError] = field(default_factory=dict)
-    dropped_reports: dict[str, EcuVersionReport] = field(default_factory=dict)
-
-
-def _hashes_match(installed: Mapping[str, Any], assigned: Mapping[str, str]) -> bool:
-    """The reported hashes equal the assigned target's, for every function both name.
-
-    At least one function must be in common; an ECU may report fewer hash
-    functions than the target lists (the ASN.1 report carries at most four).
-    """
-    reported = installed.get("hashes")
-    if not isinstance(reported, Mapping):
-        return False
-    common = set(reported) & set(assigned)
-    return bool(common) and all(reported[name] == assigned[name] for name in common)
-
-
-def _db_text(value: str) -> str:
-    """Text an ECU chose, made storable everywhere (PostgreSQL refuses NUL)."""
-    return value.replace("\x00", "\ufffd")
-
-
-def _installed_dict(report: EcuVersionReport) -> dict[str, Any] | None:
-    if report.installed is None:
-        return None
-    img = report.installed
-    return {
-        "filename": _db_text(img.filename),
-        "length": img.length,
-        "hashes": dict(img.hashes),
-        "release_counter": img.release_counter,
-    }
+    def __init__(self) -> None:
+        super().__init__("the vehicle's ECUs changed while checking", "unknown_ecu")
 
 
 _KEY_CACHE: OrderedDict[tuple[str, ...], Key] = OrderedDict()
@@ -157,6 +90,20 @@ def _parsed_key(key_dict: Mapping[str, Any]) -> Key:
     return key
 
 
+class _IntakeState:
+    """Per ``Director``: the group commit of manifests and the ECU keys of recent VINs."""
+
+    def __init__(self, write: Any) -> None:
+        self.group: GroupCommit[Verified, ManifestReceipt] = GroupCommit(
+            write, key=lambda v: v.vin, max_batch=MAX_BATCH
+        )
+        self.keys: OrderedDict[str, dict[str, _EcuKey]] = OrderedDict()
+        self.lock = threading.Lock()
+
+
+_STATE_LOCK = threading.Lock()
+
+
 class ManifestIntake(DirectorRepository):
     """Checks and records vehicle version manifests (5.4.2, 5.3.2.1)."""
 
@@ -169,57 +116,60 @@ class ManifestIntake(DirectorRepository):
         vehicle: Vehicle,
         reports: Mapping[str, EcuVersionReport],
         now: datetime,
+        previous: Mapping[str, Any] | None = None,
     ) -> None:
-        """Campaigns, quarantine and health see each accepted manifest (``director.fleet``)."""
+        """Campaigns, quarantine and health see each accepted manifest (``director.fleet``).
+
+        ``previous``: each ECU's stored state before this manifest, by serial
+        (``sql.ECU_STATE`` rows), when the caller read it already.
+        """
+
+    def _intake(self) -> _IntakeState:
+        state = self.__dict__.get("_intake_state")
+        if state is None:
+            with _STATE_LOCK:
+                state = self.__dict__.get("_intake_state")
+                if state is None:
+                    state = self.__dict__["_intake_state"] = _IntakeState(self._write_batch)
+        assert isinstance(state, _IntakeState)
+        return state
 
     def receive_manifest(self, vin: str, data: bytes) -> ManifestReceipt:
         """Check and record a vehicle version manifest, or raise ``ManifestError``.
 
-        Cheapest refusal first: size and shape, the VIN, the number of
-        reports, then the primary signature, and only then is each ECU report
-        decoded (once). Nothing is written unless the manifest is accepted
-        (one transaction). A secondary's report that is not fresh (counter not
-        above its last, time going backwards or too far ahead) does not refuse
-        a manifest whose primary signature and primary report are good: it is
-        left out and recorded as an attack on that ECU, so one ECU cannot
-        silence the vehicle.
+        Cheapest refusal first: size and shape, the VIN, the vehicle (its ECU
+        keys), the number of reports, then the primary signature, and only
+        then is each ECU report decoded (once). Nothing is written unless the
+        manifest is accepted, and it returns only once the transaction that
+        wrote it committed. A secondary's report that is not fresh (counter
+        not above its last, time going backwards or too far ahead) does not
+        refuse a manifest whose primary signature and primary report are
+        good: it is left out and recorded as an attack on that ECU, so one ECU
+        cannot silence the vehicle.
+
+        Issue 12: the checks that need no lock run in the request's thread;
+        the manifests checked meanwhile are then written together, in one
+        transaction of Core statements (``_write_batch``).
         """
         envelope = ManifestEnvelope.from_bytes(data, self.max_manifest)
         if envelope.vin != vin:
             raise ManifestError(
                 f"manifest is for vehicle {envelope.vin!r}, sent for {vin!r}", "vin_mismatch"
             )
-        keys = self._ecu_keys(vin)
-        if len(envelope.reports) > len(keys):
-            raise ManifestError(
-                f"{len(envelope.reports)} reports for a vehicle of {len(keys)} ECUs",
-                "unknown_ecu",
-            )
-        verified = self._verify(envelope, keys)
-        now = self.clock()
-        with self.db.transaction(write=True) as session:
-            found = session.execute(_LOCK_VEHICLE, {"vin": vin}).first()
-            if found is None:
-                raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
-            vehicle, latest_root_version = found
-            ecus: dict[str, Any] = {}
-            pending: dict[int, Assignment] = {}
-            for row in session.execute(_ECU_STATE, {"vehicle_id": vehicle.id}):
-                ecus[row.serial] = row
-                if row.Assignment is not None:
-                    pending[row.id] = row.Assignment
-            if {s: str(e.public_key.get("keyid")) for s, e in ecus.items()} != verified.keyids:
-                raise ManifestError("the vehicle's ECUs changed while checking", "unknown_ecu")
-            for serial, report in sorted(verified.reports.items()):
-                problem = self._stale(serial, report, ecus[serial], now)
-                if problem is None:
-                    continue
-                if serial == verified.primary:  # the manifest itself is not fresh
-                    raise problem
-                verified.dropped[serial] = problem
-            for serial in verified.dropped:
-                verified.dropped_reports[serial] = verified.reports.pop(serial)
-            return self._record(session, vehicle, ecus, pending, verified, now, latest_root_version)
+        state = self._intake()
+        from_cache = False
+        try:
+            with state.group.arriving() as arrival:  # a leader may wait for it (group commit)
+                keys, from_cache = self._ecu_keys(vin, state, cached=True)
+                return state.group.submit(self._verify(envelope, keys, from_cache), arrival)
+        except ManifestError as refused:
+            if not from_cache:
+                raise
+            # checked with cached keys: refused for good only if they are still registered
+            fresh, _ = self._ecu_keys(vin, state, cached=False)
+            if fresh == keys and not isinstance(refused, _EcusChanged):
+                raise
+        return state.group.submit(self._verify(envelope, fresh, False))
 
     def _stale(
         self, serial: str, report: EcuVersionReport, ecu: Any, now: datetime
@@ -252,23 +202,51 @@ class ManifestIntake(DirectorRepository):
             )
         return None
 
-    def _ecu_keys(self, vin: str) -> dict[str, _EcuKey]:
+    def _ecu_keys(
+        self, vin: str, state: _IntakeState, cached: bool
+    ) -> tuple[dict[str, _EcuKey], bool]:
+        """The vehicle's ECUs and keys, and whether they came from the cache.
+
+        Kept per process for the last ``_VIN_KEYS_MAX`` vehicles (never for an
+        unknown VIN): the recording transaction compares them with the ECU
+        rows it locks (``_EcusChanged``), so a changed vehicle is checked again
+        with what is registered, never accepted with an old key.
+        """
         if _IDENT_RE.match(vin) is None:
             raise ManifestError(f"no vehicle {vin[:130]!r} is registered", "unknown_vehicle")
-        rows = self.db.read_all(_ECU_KEYS, {"vin": vin})
+        if cached:
+            with state.lock:
+                keys = state.keys.get(vin)
+                if keys is not None:
+                    state.keys.move_to_end(vin)
+                    return keys, True
+        rows = self.db.read_all(sql.ECU_KEYS, {"vin": vin})
         if not rows:
             raise ManifestError(f"no vehicle {vin!r} is registered", "unknown_vehicle")
-        return {
+        keys = {
             r.serial: _EcuKey(r.serial, r.hardware_id, r.is_primary, _parsed_key(r.public_key))
             for r in rows
         }
+        with state.lock:
+            state.keys[vin] = keys
+            while len(state.keys) > _VIN_KEYS_MAX:
+                state.keys.popitem(last=False)
+        return keys, False
 
-    def _verify(self, envelope: ManifestEnvelope, keys: dict[str, _EcuKey]) -> _Verified:
-        """Every check that needs no lock: signatures, ECU set, report contents.
+    def _verify(
+        self, envelope: ManifestEnvelope, keys: dict[str, _EcuKey], cached_keys: bool
+    ) -> Verified:
+        """Every check that needs no lock: report count, signatures, ECU set, report contents.
 
-        The primary signature and the set of ECU serials are checked before
-        any report is decoded; each report is decoded once.
+        The number of reports, the primary signature and the set of ECU
+        serials are checked before any report is decoded; each report is
+        decoded once.
         """
+        if len(envelope.reports) > len(keys):
+            raise ManifestError(
+                f"{len(envelope.reports)} reports for a vehicle of {len(keys)} ECUs",
+                "unknown_ecu",
+            )
         primary = next(k for k in keys.values() if k.primary)
         signature = envelope.verify(primary.key)  # bad_primary_signature
         if envelope.primary_ecu_serial != primary.serial:
@@ -284,11 +262,7 @@ class ManifestIntake(DirectorRepository):
         if unknown:
             names = sorted(str(s)[:130] for s in unknown)
             raise ManifestError(f"ECUs {names} are not in this vehicle", "unknown_ecu")
-        verified = _Verified(
-            data=envelope.verified_bytes(signature),
-            keyids={s: k.key.keyid for s, k in keys.items()},
-            primary=primary.serial,
-        )
+        reports: dict[str, EcuVersionReport] = {}
         for serial, text in sorted(envelope.reports.items()):
             ecu = keys[serial]
             report = verify_report(serial, text, ecu.key)  # bad_ecu_signature
@@ -304,140 +278,156 @@ class ManifestIntake(DirectorRepository):
                     "unknown_ecu",
                 )
             # the ASN.1 module bounds the counter to 0..2**63-1: it fits a BIGINT
-            verified.reports[serial] = report
-        return verified
-
-    def _record(
-        self,
-        session: Session,
-        vehicle: Vehicle,
-        ecus: Mapping[str, Any],
-        pending: Mapping[int, Assignment],
-        verified: _Verified,
-        now: datetime,
-        latest_root_version: int | None,
-    ) -> ManifestReceipt:
-        """Write an accepted manifest: counters, installed images, attacks, results.
-
-        ``pending`` is each ECU's pending assignment by ECU id; ``latest_root_version``
-        the newest Director root, both read under the vehicle's lock.
-        """
-        vehicle.last_seen = now  # flushed with the record: one unit-of-work flush
-        record = VehicleManifestRecord(vehicle_id=vehicle.id, received_at=now, body=verified.data)
-        session.add(record)
-        session.flush()
-        self.observe_fleet(session, vehicle, verified.reports, now)  # director.fleet
-        completed: list[AssignmentInfo] = []
-        attacks: list[AttackInfo] = []
-        updates: list[dict[str, Any]] = []
-        # An ECU time ahead of ours (within the tolerance) is stored as our time, so an
-        # ECU whose fast clock is corrected is not refused until it catches up again.
-        cap = now.replace(microsecond=0)
-        for serial, report in sorted(verified.reports.items()):
-            ecu = ecus[serial]
-            installed = _installed_dict(report)
-            text = _db_text(report.last_result_text)
-            report_time = min(report.latest_time, cap)
-            if ecu.last_report_time is not None:
-                report_time = max(report_time, ecu.last_report_time)
-            updates.append(
-                {
-                    "ecu_id": ecu.id,
-                    "counter": report.report_counter,
-                    "at": now,
-                    "time": report_time,
-                    "b_installed": installed,
-                    "result": report.last_result,
-                    "text": text,
-                }
-            )
-            for attack in report.attacks_detected:
-                session.add(
-                    DetectedAttack(
-                        vehicle_id=vehicle.id,
-                        ecu_id=ecu.id,
-                        manifest_id=record.id,
-                        attack=attack,
-                        report_counter=report.report_counter,
-                        detected_at=now,
-                    )
-                )
-                attacks.append(AttackInfo(serial, attack, report.report_counter, now))
-            assignment = pending.get(ecu.id)
-            done = (
-                assignment is not None
-                and installed is not None
-                and installed["filename"] == assignment.image
-                and installed["length"] == assignment.length
-                and _hashes_match(installed, assignment.hashes)
-            )
-            if done and assignment is not None:
-                assignment.status = INSTALLED
-                assignment.updated_at = now
-                completed.append(_assignment_info(assignment, vehicle.vin, serial))
-            result_changed = (report.last_result, text) != (ecu.last_result, ecu.last_result_text)
-            if done or (result_changed and report.last_result != "ok"):
-                session.add(
-                    InstallResult(
-                        ecu_id=ecu.id,
-                        manifest_id=record.id,
-                        assignment_id=assignment.id if done and assignment is not None else None,
-                        result=report.last_result,
-                        text=text,
-                        image=installed["filename"] if installed else None,
-                        received_at=now,
-                    )
-                )
-        for serial, problem in sorted(verified.dropped.items()):
-            dropped = verified.dropped_reports[serial]
-            name = ATTACK_REPLAYED_REPORT if problem.reason == "replayed_report" else problem.reason
-            session.add(
-                DetectedAttack(
-                    vehicle_id=vehicle.id,
-                    ecu_id=ecus[serial].id,
-                    manifest_id=record.id,
-                    attack=name,
-                    report_counter=dropped.report_counter,
-                    detected_at=now,
-                )
-            )
-            attacks.append(AttackInfo(serial, name, dropped.report_counter, now))
-            logger.warning(
-                "vehicle %s: report of ECU %s left out: %s", vehicle.vin, serial, problem
-            )
-        ecu_table = Ecu.__table__
-        assert isinstance(ecu_table, Table)
-        session.execute(
-            update(ecu_table)
-            .where(ecu_table.c.id == bindparam("ecu_id"))
-            .values(
-                last_report_counter=bindparam("counter"),
-                last_report_at=bindparam("at"),
-                last_report_time=bindparam("time"),
-                installed=bindparam("b_installed"),
-                last_result=bindparam("result"),
-                last_result_text=bindparam("text"),
-            ),
-            updates,
+            reports[serial] = report
+        return Verified(
+            vin=envelope.vin,
+            data=envelope.verified_bytes(signature),
+            keyids={s: k.key.keyid for s, k in keys.items()},
+            primary=primary.serial,
+            reports=reports,
+            cached_keys=cached_keys,
         )
-        if completed or self._due(
-            vehicle.metadata_expires,
-            vehicle.targets_version,
-            vehicle.root_version,
-            latest_root_version,
-            now,
-        ):
-            self._sign_vehicle(session, vehicle, now)
+
+    # --- the recording transaction ---------------------------------------------
+
+    def _write_batch(self, batch: Sequence[Verified]) -> list[ManifestReceipt | ManifestError]:
+        """Record checked manifests of distinct vehicles in one transaction (group commit).
+
+        Under the vehicles' locks (taken in VIN order): each vehicle's ECUs must
+        be those the manifest was checked with, and each report fresh (a stale
+        primary report refuses that manifest, a stale secondary's is left
+        out); a refused manifest writes nothing and does not stop the others.
+        """
+        now = self.clock()
+        outcomes: dict[int, ManifestReceipt | ManifestError] = {}
+        with self.db.transaction(write=True) as session:
+            conn = session.connection()
+            vins = [v.vin for v in batch]
+            if len(set(vins)) != len(vins):  # they would all pass the same freshness check
+                raise ValueError("one manifest per vehicle in a batch")
+            pg = self.db.is_postgresql
+            lock = sql.LOCK_VEHICLES_PG if pg else sql.LOCK_VEHICLES
+            vehicles = {r.vin: r for r in conn.execute(lock, {"vins": vins})}
+            ecus: dict[int, dict[str, Any]] = {r.id: {} for r in vehicles.values()}
+            if ecus:
+                state = sql.ECU_STATE_PG if pg else sql.ECU_STATE
+                for row in conn.execute(state, {"vehicle_ids": list(ecus)}):
+                    ecus[row.vehicle_id][row.serial] = row
+            plans: list[tuple[int, Plan]] = []
+            for n, verified in enumerate(batch):
+                try:
+                    plans.append((n, self._plan(verified, vehicles.get(verified.vin), ecus, now)))
+                except ManifestError as e:
+                    outcomes[n] = e
+            if plans:
+                self._write_plans(session, conn, [p for _, p in plans], now)
+        for n, plan in plans:
+            outcomes[n] = plan.receipt()
+        return [outcomes[n] for n in range(len(batch))]
+
+    def _plan(
+        self, verified: Verified, vehicle: Any, ecus: Mapping[int, Mapping[str, Any]], now: datetime
+    ) -> Plan:
+        if vehicle is None:
+            raise ManifestError(f"no vehicle {verified.vin!r} is registered", "unknown_vehicle")
+        state = ecus[vehicle.id]
+        if {s: e.keyid for s, e in state.items()} != verified.keyids:
+            raise _EcusChanged()
+        dropped: dict[str, tuple[ManifestError, EcuVersionReport]] = {}
+        for serial, report in sorted(verified.reports.items()):
+            problem = self._stale(serial, report, state[serial], now)
+            if problem is None:
+                continue
+            if serial == verified.primary:  # the manifest itself is not fresh
+                raise problem
+            dropped[serial] = (problem, report)
+        return plan_record(verified, vehicle, state, dropped, now)
+
+    def _write_plans(
+        self, session: Session, conn: Connection, plans: Sequence[Plan], now: datetime
+    ) -> None:
+        """The writes of accepted manifests, in the order a single one made them."""
+        manifest_ids: dict[int, int] = {}
+        for plan in plans:
+            if plan.changed:
+                manifest_ids[plan.vehicle_id] = conn.execute(
+                    sql.INSERT_MANIFEST,
+                    {"vehicle_id": plan.vehicle_id, "received_at": now, "body": plan.data},
+                ).scalar_one()
+        for plan in plans:  # director.fleet sees each ECU's state before this manifest
+            vehicle = Vehicle(id=plan.vehicle_id, vin=plan.vin)
+            self.observe_fleet(session, vehicle, plan.reports, now, plan.previous)
+        attack_rows = [
+            {
+                **r,
+                "vehicle_id": p.vehicle_id,
+                "manifest_id": manifest_ids[p.vehicle_id],
+                "detected_at": now,
+            }
+            for p in plans
+            for r in p.attack_rows
+        ]
+        if attack_rows:
+            conn.execute(sql.INSERT_ATTACK, attack_rows)
+        done = [{"b_id": a.id, "b_now": now} for p in plans for a in p.completed]
+        if done:
+            conn.execute(sql.COMPLETE, done)
+        result_rows = [
+            {**r, "manifest_id": manifest_ids[p.vehicle_id]} for p in plans for r in p.result_rows
+        ]
+        if result_rows:
+            conn.execute(sql.INSERT_RESULT, result_rows)
+        self._write_state(conn, plans, now)
+        for plan in plans:
+            plan.metadata_version = self._sign_if_due(session, plan, now)
+        attacks = [a for p in plans for a in p.attacks]
         if attacks:
             logger.warning(
-                "vehicle %s reports attacks: %s",
-                vehicle.vin,
+                "vehicles report attacks: %s",
                 ", ".join(f"{a.ecu_serial}:{a.attack}" for a in attacks),
             )
-        return ManifestReceipt(
-            vin=vehicle.vin,
-            metadata_version=vehicle.targets_version,
-            completed=tuple(completed),
-            attacks=tuple(attacks),
-            refused_reports={s: p.reason for s, p in verified.dropped.items()},
-        )
+
+    def _write_state(self, conn: Connection, plans: Sequence[Plan], now: datetime) -> None:
+        """Each vehicle's last check-in and manifest, each ECU's new report state.
+
+        PostgreSQL: one statement for all of them; SQLite: one per row.
+        """
+        updates = [u for p in plans for u in p.updates]
+        if not self.db.is_postgresql:
+            conn.execute(
+                sql.TOUCH_VEHICLE,
+                [{"b_id": p.vehicle_id, "b_now": now, "b_body": p.data} for p in plans],
+            )
+            conn.execute(sql.UPDATE_ECU, updates)
+            return
+        at = naive_utc(now)
+        vehicle_rows = [{"id": p.vehicle_id, "at": at, "body": p.data.hex()} for p in plans]
+        ecu_rows = [
+            {
+                "id": u["b_ecu_id"],
+                "counter": u["counter"],
+                "at": at,
+                "time": naive_utc(u["time"]),
+                "installed": u["b_installed"],
+                "result": u["result"],
+                "text": u["text"],
+            }
+            for u in updates
+        ]
+        written = conn.execute(
+            sql.WRITE_STATE_PG,
+            {"vehicles": json.dumps(vehicle_rows), "ecus": json.dumps(ecu_rows)},
+        ).rowcount
+        if written != len(ecu_rows):  # the rows were read under the vehicles' locks
+            raise RuntimeError(f"{written} of {len(ecu_rows)} ECU rows updated")
+
+    def _sign_if_due(self, session: Session, plan: Plan, now: datetime) -> int:
+        """Sign the vehicle's metadata if an install completed or it is due; its targets version."""
+        v = plan.vehicle
+        if not plan.completed and not self._due(
+            v.metadata_expires, v.targets_version, v.root_version, v.latest_root, now
+        ):
+            return int(v.targets_version)
+        vehicle = session.get_one(Vehicle, plan.vehicle_id)
+        self._sign_vehicle(session, vehicle, now)
+        return vehicle.targets_version

@@ -199,6 +199,83 @@ class EcuVersionReport:
         )
 
 
+# SignedEcuVersionReport bounds of the ASN.1 module (uptane/asn1/uptane.asn)
+_MAX_REPORT_DER = 4096
+_MAX_SIGNATURES = 8
+_KEYID_LENGTH = 64
+_MAX_SIGNATURE = 512
+
+
+def _der_item(data: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    """The content (start, end) of the DER item with ``tag`` at ``pos``; ``CodecError`` if not.
+
+    Definite lengths in their shortest form only (DER, X.690 10.1), inside ``end``.
+    """
+    if pos + 2 > end or data[pos] != tag:
+        raise CodecError(f"SignedEcuVersionReport: expected tag {tag:#04x} at byte {pos}")
+    first = data[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    elif first == 0x81:
+        if pos + 1 > end or data[pos] < 0x80:
+            raise CodecError("SignedEcuVersionReport: length not in its shortest form")
+        length = data[pos]
+        pos += 1
+    elif first == 0x82:
+        if pos + 2 > end or data[pos] == 0 or (data[pos] << 8 | data[pos + 1]) < 0x100:
+            raise CodecError("SignedEcuVersionReport: length not in its shortest form")
+        length = data[pos] << 8 | data[pos + 1]
+        pos += 2
+    else:  # indefinite, or longer than anything this type allows
+        raise CodecError("SignedEcuVersionReport: unsupported length")
+    if pos + length > end:
+        raise CodecError("SignedEcuVersionReport: value runs past its container")
+    return pos, pos + length
+
+
+def split_signed_report(data: bytes) -> tuple[bytes, tuple[Signature, ...]]:
+    """The report's exact DER bytes and the signatures of a DER ``SignedEcuVersionReport``.
+
+    A strict reader of this one fixed type (issue 12: the Director decodes each
+    report once, its content, after the signature over these bytes is checked):
+    DER tags and shortest-form lengths, every size bound of the ASN.1 module,
+    key ids of 64 visible characters, nothing after the value. It accepts no
+    encoding that ``uptane.codec.decode`` refuses (``tests/test_manifest.py``).
+    """
+    if len(data) > MAX_REPORT_SIZE:
+        raise CodecError(f"SignedEcuVersionReport: {len(data)} bytes exceeds {MAX_REPORT_SIZE}")
+    start, end = _der_item(data, 0, len(data), 0x30)
+    if end != len(data):
+        raise CodecError("SignedEcuVersionReport: trailing bytes after the value")
+    # AUTOMATIC TAGS: report [0] IMPLICIT OCTET STRING, signatures [1] SEQUENCE OF
+    report_start, report_end = _der_item(data, start, end, 0x80)
+    if not 1 <= report_end - report_start <= _MAX_REPORT_DER:
+        raise CodecError("SignedEcuVersionReport: report size out of range")
+    sigs_start, sigs_end = _der_item(data, report_end, end, 0xA1)
+    if sigs_end != end:
+        raise CodecError("SignedEcuVersionReport: unexpected data after the signatures")
+    signatures: list[Signature] = []
+    pos = sigs_start
+    while pos < sigs_end:
+        if len(signatures) == _MAX_SIGNATURES:
+            raise CodecError("SignedEcuVersionReport: more than 8 signatures")
+        sig_start, sig_end = _der_item(data, pos, sigs_end, 0x30)
+        # Signature: keyid [0] VisibleString, value [1] OCTET STRING
+        key_start, key_end = _der_item(data, sig_start, sig_end, 0x80)
+        keyid = data[key_start:key_end]
+        if len(keyid) != _KEYID_LENGTH or not all(0x20 <= b <= 0x7E for b in keyid):
+            raise CodecError("SignedEcuVersionReport: key id is not 64 visible characters")
+        value_start, value_end = _der_item(data, key_end, sig_end, 0x81)
+        if value_end != sig_end or not 1 <= value_end - value_start <= _MAX_SIGNATURE:
+            raise CodecError("SignedEcuVersionReport: malformed signature")
+        signatures.append(Signature(keyid.decode("ascii"), data[value_start:value_end].hex()))
+        pos = sig_end
+    if not signatures:
+        raise CodecError("SignedEcuVersionReport: no signature")
+    return data[report_start:report_end], tuple(signatures)
+
+
 @dataclass(frozen=True)
 class SignedEcuVersionReport:
     """A report's exact DER bytes plus signatures over them."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from director.db import Vehicle, VehicleManifestRecord
+from director.db import Vehicle
 from director.service import AssignmentInfo
 from ecus.sim.world import SimSecondary, SimVehicle, VehicleOutcome, World
 
@@ -59,13 +59,7 @@ def pending_assignments(world: World, vin: str) -> dict[str, AssignmentInfo]:
 def last_manifest(world: World, vin: str) -> bytes | None:
     """The last vehicle version manifest the Director accepted from ``vin`` (as sent)."""
     with world.director.db.transaction() as session:
-        body = session.scalars(
-            select(VehicleManifestRecord.body)
-            .join(Vehicle, Vehicle.id == VehicleManifestRecord.vehicle_id)
-            .where(Vehicle.vin == vin)
-            .order_by(VehicleManifestRecord.id.desc())
-            .limit(1)
-        ).first()
+        body = session.scalars(select(Vehicle.last_manifest).where(Vehicle.vin == vin)).first()
     return None if body is None else bytes(body)
 
 
