@@ -123,7 +123,17 @@ def _object_to_asn1(obj: Mapping[str, Any], what: str, depth: int = 0) -> list[d
         if type(key) is not str:
             _str(key, f"{what} key")
     inner = depth + 1
-    return [{"key": key, "value": _json_to_asn1(obj[key], what, inner)} for key in sorted(obj)]
+    members = []
+    for key in sorted(obj):
+        value = obj[key]
+        kind = type(value)  # strings and integers inline: most members are (issue 16)
+        if kind is str and inner <= MAX_JSON_DEPTH:
+            members.append({"key": key, "value": ("string", value)})
+        elif kind is int and inner <= MAX_JSON_DEPTH:
+            members.append({"key": key, "value": ("integer", value)})
+        else:
+            members.append({"key": key, "value": _json_to_asn1(value, what, inner)})
+    return members
 
 
 def _json_from_asn1(value: tuple[str, Any], what: str, depth: int = 0) -> Any:

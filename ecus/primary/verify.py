@@ -439,8 +439,11 @@ class RepositorySync:
             updater, url = self._refresh(urls, make, unchanged)
             trusted = updater._trusted_set
             if Snapshot.type in trusted:
-                for path in sorted(lookups):  # ngclient's lookup loads the roles on the path
-                    self._tuf(functools.partial(updater.get_targetinfo, path))
+                # ngclient's lookup loads the delegated roles on each path: none to load
+                # when top-level targets delegates nothing (the walk stops there)
+                if trusted.targets.delegations is not None:
+                    for path in sorted(lookups):
+                        self._tuf(functools.partial(updater.get_targetinfo, path))
                 check_stored(metadata_dir, trusted)
             return (
                 updater,
