@@ -314,6 +314,15 @@ def test_state_seal_catches_every_change_outside_the_primary(tmp_path: Path) -> 
         lambda: seal.write_bytes((other.current() / "seal.json").read_bytes()),
         lambda: seal.write_bytes(sealed),
     )
+    # the very payload this state sealed under a broken signature: other bytes than the
+    # state wrote or authenticated, so authenticated again (issue 16), and refused
+    envelope = json.loads(sealed)
+    sig = envelope["signature"]["sig"]
+    envelope["signature"]["sig"] = ("1" if sig[0] == "0" else "0") + sig[1:]
+    tampered(
+        lambda: seal.write_bytes(json.dumps(envelope).encode()),
+        lambda: seal.write_bytes(sealed),
+    )
     # a generation renamed (the current link pointed at an older number) is refused
     os.replace(gen, state.trusted_dir / "gen-000000")
     os.replace(state.trusted_dir / "current", state.trusted_dir / "old")

@@ -70,6 +70,7 @@ from uptane.verification.matching import (
     RepositoryMap,
     check_delegated_hardware,
     find_image_target,
+    match_director_targets,
     match_target,
 )
 
@@ -558,6 +559,50 @@ def test_check_delegated_hardware_refuses_malformed_delegation_fields(hw: Any) -
     assert found is not None
     with pytest.raises(MetadataError):
         check_delegated_hardware(found, "hw-a")
+
+
+def _director_for(*images: TargetFile, serial: str = "ecu-a") -> Targets:
+    targets = Targets(expires=NOW, targets={i.path: director_target(i, serial) for i in images})
+    set_vehicle_id(targets, VIN)
+    return targets
+
+
+def test_match_director_targets_matches_each_target_and_its_delegations() -> None:
+    """Issue 16: one Uptane parse per target; the Director's validated copy is what counts."""
+    r = make_repo()
+    delegate(r, Targets.type, "acme", ["apps/*"], ["hw-a"])
+    img = publish_image(r, "acme", "apps/a.wasm")
+    image = verified(r)
+    director = _director_for(img)
+    by_ecu = check_director_targets(director, vin=VIN, ecu_hardware_ids=ECUS).by_ecu
+    assert match_director_targets(director, by_ecu, image, ECUS) == {"apps/a.wasm": img}
+    # the delegation allows hw-a only: an ECU of other hardware is refused
+    with pytest.raises(DelegationViolationError, match="hw-b"):
+        match_director_targets(director, by_ecu, image, {**ECUS, "ecu-a": "hw-b"})
+    # and the Director's target must be the Image repository's
+    other = _director_for(image_target("apps/a.wasm", b"other"))
+    other_by_ecu = check_director_targets(other, vin=VIN, ecu_hardware_ids=ECUS).by_ecu
+    with pytest.raises(TargetMismatchError):
+        match_director_targets(other, other_by_ecu, image, ECUS)
+
+
+def test_match_director_targets_checks_the_images_own_ecu_serial() -> None:
+    """The one Uptane field of the image's copy that matching does not compare."""
+    r = make_repo()
+    img = image_target("app.wasm")
+    img.unrecognized_fields["custom"]["ecu_serial"] = "no spaces allowed"
+    with r.repo.edit_targets() as t:
+        t.targets[img.path] = img
+    r.repo.publish(force=True)
+    image = verified(r)
+    good = image_target("app.wasm")
+    director = _director_for(good)
+    by_ecu = check_director_targets(director, vin=VIN, ecu_hardware_ids=ECUS).by_ecu
+    with pytest.raises(MetadataError, match="ecu_serial"):
+        match_director_targets(director, by_ecu, image, ECUS)
+    img.unrecognized_fields["custom"]["ecu_serial"] = "ecu-z"  # well formed: not compared
+    resign(r, Targets.type, lambda t: t.targets.__setitem__(img.path, img))
+    assert match_director_targets(director, by_ecu, verified(r), ECUS) == {"app.wasm": img}
 
 
 # --- repository map (TAP 4) ------------------------------------------------------------

@@ -157,9 +157,10 @@ def _timestamp_from_asn1(value: Mapping[str, Any]) -> dict[str, Any]:
 def _target_to_asn1(path: str, value: object) -> dict[str, Any]:
     what = f"target {path!r}"
     target = _dict(value, what)
+    length = target["length"]
     out: dict[str, Any] = {
         "path": path,
-        "length": _int(target["length"], f"{what} length"),
+        "length": length if type(length) is int else _int(length, f"{what} length"),
         "hashes": _hashes_to_asn1(target["hashes"], f"{what} hashes"),
     }
     if "custom" in target:

@@ -11,7 +11,7 @@ import itertools
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 from uptane.errors import CodecError
 
@@ -19,7 +19,7 @@ from uptane.errors import CodecError
 MAX_JSON_DEPTH: Final = 32
 _EXPIRES_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 _KEYID_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
-_HEX_RE: Final = re.compile(r"^(?:[0-9a-f]{2})+\Z")
+_HEX_RE: Final = re.compile(r"[0-9a-f]+")
 
 
 def _fail(what: str, problem: str) -> NoReturn:
@@ -45,7 +45,7 @@ def _bool(value: object, what: str) -> bool:
 
 
 def _dict(value: object, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         _fail(what, f"expected an object, got {type(value).__name__}")
     return value
 
@@ -65,7 +65,7 @@ def _keyid(value: object, what: str) -> str:
 
 def _hex(value: object, what: str) -> bytes:
     text = _str(value, what)
-    if not _HEX_RE.match(text):
+    if len(text) % 2 or not _HEX_RE.fullmatch(text):
         _fail(what, "expected lowercase hex of whole bytes")
     return bytes.fromhex(text)
 
@@ -80,7 +80,8 @@ def _check_sorted(keys: list[str], what: str) -> None:
 def _split(d: Mapping[str, Any], known: tuple[str, ...], what: str) -> dict[str, Any]:
     """Return the members of ``d`` not in ``known`` (its unrecognized fields)."""
     for key in d:
-        _str(key, f"{what} key")
+        if type(key) is not str:
+            _str(key, f"{what} key")
     return {k: v for k, v in d.items() if k not in known}
 
 
@@ -88,8 +89,18 @@ def _split(d: Mapping[str, Any], known: tuple[str, ...], what: str) -> dict[str,
 
 
 def _json_to_asn1(value: object, what: str, depth: int = 0) -> tuple[str, Any]:
+    # exact-type fast paths first (values from JSON); subclasses take the checks below
     if depth > MAX_JSON_DEPTH:
         _fail(what, f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    kind = type(value)
+    if kind is str:
+        return ("string", value)
+    if kind is int:
+        return ("integer", value)
+    if kind is dict:
+        return ("object", _object_to_asn1(cast(dict[str, Any], value), what, depth + 1))
+    if kind is list:
+        return ("array", [_json_to_asn1(v, what, depth + 1) for v in cast(list[Any], value)])
     if value is None:
         return ("null", None)
     if isinstance(value, bool):
@@ -108,9 +119,20 @@ def _json_to_asn1(value: object, what: str, depth: int = 0) -> tuple[str, Any]:
 def _object_to_asn1(obj: Mapping[str, Any], what: str, depth: int = 0) -> list[dict[str, Any]]:
     if depth > MAX_JSON_DEPTH:
         _fail(what, f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    for key in _dict(obj, what):
+        if type(key) is not str:
+            _str(key, f"{what} key")
+    inner = depth + 1
     members = []
-    for key in sorted(_dict(obj, what), key=lambda k: _str(k, f"{what} key")):
-        members.append({"key": key, "value": _json_to_asn1(obj[key], what, depth + 1)})
+    for key in sorted(obj):
+        value = obj[key]
+        kind = type(value)  # strings and integers inline: most members are (issue 16)
+        if kind is str and inner <= MAX_JSON_DEPTH:
+            members.append({"key": key, "value": ("string", value)})
+        elif kind is int and inner <= MAX_JSON_DEPTH:
+            members.append({"key": key, "value": ("integer", value)})
+        else:
+            members.append({"key": key, "value": _json_to_asn1(value, what, inner)})
     return members
 
 
@@ -164,10 +186,10 @@ def _expires_from_asn1(value: int) -> str:
 
 def _hashes_to_asn1(value: object, what: str) -> list[dict[str, Any]]:
     hashes = _dict(value, what)
-    return [
-        {"function": _str(alg, f"{what} algorithm"), "digest": _hex(hashes[alg], what)}
-        for alg in sorted(hashes)
-    ]
+    for alg in hashes:
+        if type(alg) is not str:
+            _str(alg, f"{what} algorithm")
+    return [{"function": alg, "digest": _hex(hashes[alg], what)} for alg in sorted(hashes)]
 
 
 def _hashes_from_asn1(value: list[dict[str, Any]], what: str) -> dict[str, str]:

@@ -168,13 +168,16 @@ class Limits:
     def from_dict(cls, data: object) -> Limits:
         if not isinstance(data, Mapping):
             raise MetadataError("limits must be an object")
-        unknown = set(data) - set(cls().to_dict())
+        unknown = set(data) - _LIMIT_NAMES
         if unknown:
             raise MetadataError(f"unknown limits: {sorted(unknown)}")
         try:
             return cls(**dict(data))
         except TypeError as e:  # pragma: no cover - guarded by the key check
             raise MetadataError(f"invalid limits: {e}") from e
+
+
+_LIMIT_NAMES: Final = frozenset(Limits().to_dict())
 
 
 def check_capabilities(values: Iterable[object]) -> tuple[str, ...]:

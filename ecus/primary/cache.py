@@ -23,8 +23,9 @@ class VerificationCache:
     and, for the Image repository, the target names it looked up: a cycle
     whose timestamp and root equal it stops after the timestamp (5.4.4.2).
     ``root_chains`` maps root chain bytes to the verified chain; ``der`` the
-    verified DER envelopes; ``counters`` the Director release counters of the
-    last trusted Director targets file, by its bytes; ``checked`` what the
+    verified DER envelopes and each Director target's DER; ``counters`` the
+    Director release counters of the last trusted Director targets file, by
+    its bytes; ``checked`` what the
     Director-only checks and the Director/Image matching found for the very
     objects a warm cycle reuses (they depend on nothing else).
     """

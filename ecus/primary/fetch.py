@@ -205,8 +205,32 @@ class PolicyFetcher(Urllib3Fetcher):
                     close()
 
     def download_bytes(self, url: str, max_length: int) -> bytes:
-        """Download metadata (ngclient calls this for every metadata file)."""
+        """Download metadata (ngclient calls this for every metadata file).
+
+        ngclient's ``download_bytes`` with the same length cap
+        (``DownloadLengthMismatchError`` past ``max_length``) and the same
+        closing of an abandoned download as ``download_file``, but the chunks
+        are joined in memory instead of going through a temporary file
+        (issue 16: a file per metadata download costs more than the rest).
+        """
         self.last_metadata = None
-        data = super().download_bytes(url, max_length)
+        opened = len(self._open)
+        received = 0
+        chunks: list[bytes] = []
+        try:
+            for chunk in self.fetch(url):
+                received += len(chunk)
+                if received > max_length:
+                    raise tuf_exc.DownloadLengthMismatchError(
+                        f"Downloaded {received} bytes exceeding the maximum allowed length "
+                        f"of {max_length}"
+                    )
+                chunks.append(chunk)
+        finally:
+            while len(self._open) > opened:
+                close = getattr(self._open.pop(), "close", None)
+                if close is not None:
+                    close()
+        data = b"".join(chunks)
         self.last_metadata = (unquote(urlsplit(url).path.rsplit("/", 1)[-1]), data)
         return data

@@ -206,6 +206,9 @@ class PrimaryState:
         self.trusted_dir = state_dir / "trusted"
         self.work_dir = state_dir / "work"
         self._signer = signer
+        # the last seal bytes this state wrote or authenticated, and their payload: the
+        # same bytes need no second signature check (the file index is checked always)
+        self._authentic_seal: tuple[bytes, Any] | None = None
         self.trusted_dir.mkdir(parents=True, exist_ok=True)
         link = self.trusted_dir / CURRENT
         if not link.is_symlink() and not link.exists():
@@ -240,7 +243,9 @@ class PrimaryState:
         payload = {"generation": number, "files": _tree_index(generation)}
         seal = generation / SEAL
         seal.unlink(missing_ok=True)  # a hard link to the trusted seal (``begin``): never write it
-        seal.write_bytes(json.dumps(_sign(self._signer, payload)).encode())
+        data = json.dumps(_sign(self._signer, payload)).encode()
+        seal.write_bytes(data)
+        self._authentic_seal = (data, json.loads(data)["signed"])
 
     def _check_seal(self, generation: Path, number: int, *, files: bool = True) -> dict[str, str]:
         """The generation is the one the primary sealed, file for file (``files``).
@@ -251,7 +256,12 @@ class PrimaryState:
             data = (generation / SEAL).read_bytes()
         except OSError as e:
             raise StateError(f"trusted state {generation.name} has no readable seal: {e}") from e
-        payload = _open_envelope(self._signer, data, f"trusted state {generation.name}")
+        known = self._authentic_seal
+        if known is not None and known[0] == data:
+            payload = known[1]  # these very bytes were signed or authenticated by this state
+        else:
+            payload = _open_envelope(self._signer, data, f"trusted state {generation.name}")
+            self._authentic_seal = (data, payload)
         if not isinstance(payload, dict) or payload.get("generation") != number:
             raise StateError(f"trusted state {generation.name}: seal is for another generation")
         sealed = payload.get("files")

@@ -63,11 +63,7 @@ from uptane.verification.full import (
     verify_root_chain,
     verify_trusted,
 )
-from uptane.verification.matching import (
-    check_delegated_hardware,
-    find_image_target,
-    match_target,
-)
+from uptane.verification.matching import match_director_targets
 
 T = TypeVar("T")
 
@@ -318,18 +314,11 @@ class RepositorySync:
             if matched:
                 assert checked is not None
                 image_infos = dict(checked[3])  # a warm cycle: the same objects, matched then
+            else:
+                image_infos = match_director_targets(
+                    director.targets, director_targets.by_ecu, image, cfg.ecu_hardware_ids
+                )
             for serial, target in director_targets.by_ecu.items():
-                if not matched:
-                    # the same walk as ngclient's, over the re-verified objects, also telling
-                    # which delegations led to the image: each must allow this ECU's hardware
-                    found = find_image_target(image, target.name)
-                    match_target(
-                        director.targets.targets[target.name],
-                        None if found is None else found.target,
-                    )
-                    assert found is not None  # match_target refused None
-                    check_delegated_hardware(found, cfg.ecu_hardware_ids[serial])
-                    image_infos[target.name] = found.target
                 check_release_counter(
                     target, self._installed_counter(serial, installed, reports, previous)
                 )
@@ -450,8 +439,11 @@ class RepositorySync:
             updater, url = self._refresh(urls, make, unchanged)
             trusted = updater._trusted_set
             if Snapshot.type in trusted:
-                for path in sorted(lookups):  # ngclient's lookup loads the roles on the path
-                    self._tuf(functools.partial(updater.get_targetinfo, path))
+                # ngclient's lookup loads the delegated roles on each path: none to load
+                # when top-level targets delegates nothing (the walk stops there)
+                if trusted.targets.delegations is not None:
+                    for path in sorted(lookups):
+                        self._tuf(functools.partial(updater.get_targetinfo, path))
                 check_stored(metadata_dir, trusted)
             return (
                 updater,

@@ -13,7 +13,9 @@ input byte for byte, which proves at once that the input is canonical DER
 and that it says what the JSON says; the ``signed`` part of the input is
 never decoded. Signatures are checked over those bytes. ``DerCache`` keeps envelopes
 already verified by version, so an unchanged root or targets is neither
-fetched nor checked again.
+fetched nor checked again, and the DER of each target of the last targets
+checked, so a new targets version encodes only the targets that changed
+(``uptane.der_targets``; issue 16).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from securesystemslib.signer import Signature
 from tuf.api.metadata import Root, Signed, Targets
 
 from uptane import codec, der_metadata
+from uptane.der_targets import TargetPieces, targets_signed_der
 from uptane.der_values import _keyid
 from uptane.errors import CodecError, MetadataError
 from uptane.verification.full import VerifiedRepository
@@ -51,11 +54,15 @@ class DerCache:
 
     An entry is reused only for the same role and version, an equal verified
     JSON ``signed`` (and, for a root, an equal predecessor) and the very same
-    DER bytes. Holds the current root chain's versions and one targets.
+    DER bytes. Holds the current root chain's versions and one targets, and
+    ``target_pieces``: the ASN.1 value and DER of each target of the last
+    targets encoded (``targets_signed_der``), whatever the envelope's fate (a
+    pure function of the value, trusting nothing).
     """
 
     roots: dict[int, tuple[Root, Root | None, bytes]] = field(default_factory=dict)
     targets: tuple[Targets, bytes] | None = None
+    target_pieces: TargetPieces = field(default_factory=dict)
 
     def root(self, json_root: Root, prev: Root | None) -> bytes | None:
         """The verified DER of ``json_root`` (following ``prev``), if held."""
@@ -76,13 +83,14 @@ def _equal(a: Signed | None, b: Signed | None) -> bool:
 
 
 def _check_envelope(
-    data: bytes, json_signed: Signed, max_size: int, what: str
+    data: bytes, json_signed: Signed, max_size: int, what: str, cache: DerCache | None = None
 ) -> tuple[bytes, dict[str, Signature]]:
     """``data`` is the canonical DER of ``json_signed`` plus signatures: (signed bytes, sigs).
 
-    One encode (the verified JSON's ``signed``) and the small ``Signature``
-    elements decoded; nothing else of ``data`` is decoded: the envelope
-    rebuilt from those canonical parts must equal ``data`` byte for byte.
+    One encode (the verified JSON's ``signed``; for targets, of the targets
+    ``cache`` holds no equal one of) and the small ``Signature`` elements
+    decoded; nothing else of ``data`` is decoded: the envelope rebuilt from
+    those canonical parts must equal ``data`` byte for byte.
     """
     if len(data) > max_size:
         raise MetadataError(f"DER {what}: {len(data)} bytes exceeds the limit of {max_size}")
@@ -100,7 +108,13 @@ def _check_envelope(
     except CodecError as e:
         raise MetadataError(f"DER {what} cannot be decoded: {e}") from e
     try:
-        expected = der_metadata.DERSignedSerializer().serialize(json_signed)
+        if isinstance(json_signed, Targets):
+            held = cache.target_pieces if cache is not None else None
+            expected, pieces = targets_signed_der(json_signed, held)
+            if cache is not None:
+                cache.target_pieces = pieces
+        else:
+            expected = der_metadata.DERSignedSerializer().serialize(json_signed)
     except CodecError as e:
         raise MetadataError(f"the verified JSON {what} has no DER form: {e}") from e
     if der_metadata.join_envelope(expected, elements) != data:
@@ -156,7 +170,9 @@ def verify_director_der(
 
     json_targets = director.targets
     if cache is None or cache.targets_for(json_targets) != targets_der:
-        signed_bytes, signatures = _check_envelope(targets_der, json_targets, max_size, "targets")
+        signed_bytes, signatures = _check_envelope(
+            targets_der, json_targets, max_size, "targets", cache
+        )
         director.root.verify_delegate(Targets.type, signed_bytes, signatures)
         if cache is not None:
             cache.targets = (json_targets, targets_der)

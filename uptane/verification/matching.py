@@ -32,7 +32,13 @@ from uptane.errors import (
     MetadataError,
     TargetMismatchError,
 )
-from uptane.metadata import HARDWARE_IDS, UptaneTarget, check_identifier, shall_match
+from uptane.metadata import (
+    ECU_SERIAL,
+    HARDWARE_IDS,
+    UptaneTarget,
+    check_identifier,
+    shall_match,
+)
 from uptane.verification.full import VerifiedRepository
 
 DIRECTOR: Final = "director"
@@ -283,7 +289,9 @@ def find_image_target(
     return None
 
 
-def check_delegated_hardware(found: ImageTarget, ecu_hardware_id: str) -> None:
+def check_delegated_hardware(
+    found: ImageTarget, ecu_hardware_id: str, hardware_ids: tuple[str, ...] | None = None
+) -> None:
     """Every delegation that led to an image must allow its hardware (5.4.4.2 step 7).
 
     Uptane 2.1 "How to resolve delegations", step 4.1: a delegation applies
@@ -295,10 +303,15 @@ def check_delegated_hardware(found: ImageTarget, ecu_hardware_id: str) -> None:
     ngclient's path-only walk returned and the primary installs, so a
     mismatch means a role signed outside its delegation. Raises
     ``DelegationViolationError`` (``MetadataError`` for a malformed field).
+
+    ``hardware_ids``: the image's hardware ids when the caller already has
+    them validated, e.g. the Director's copy once ``match_target`` proved the
+    Image repository's equal (issue 16: one parse per target); otherwise
+    they are parsed from ``found.target``.
     """
-    wanted = tuple(
-        dict.fromkeys((ecu_hardware_id, *UptaneTarget.from_target_file(found.target).hardware_ids))
-    )
+    if hardware_ids is None:
+        hardware_ids = UptaneTarget.from_target_file(found.target).hardware_ids
+    wanted = tuple(dict.fromkeys((ecu_hardware_id, *hardware_ids)))
     for step in found.chain:
         allowed = step.hardware_ids
         if allowed is None:
@@ -310,3 +323,36 @@ def check_delegated_hardware(found: ImageTarget, ecu_hardware_id: str) -> None:
                 f"{step.role!r}, which allows hardware ids [{', '.join(allowed)}], "
                 f"not {', '.join(outside)}"
             )
+
+
+def match_director_targets(
+    director: Targets,
+    by_ecu: Mapping[str, UptaneTarget],
+    image: VerifiedRepository,
+    ecu_hardware_ids: Mapping[str, str],
+) -> dict[str, TargetFile]:
+    """Match every Director target with the Image repository's (5.4.4.2 step 7).
+
+    ``by_ecu`` is what ``check_director_targets`` parsed from ``director``.
+    For each: ``find_image_target`` (the same walk as ngclient's, telling
+    which delegations led to the image), ``match_target``, and
+    ``check_delegated_hardware`` for the ECU's hardware. Returns the Image
+    repository's ``TargetFile`` by target name.
+
+    Each target's Uptane fields are parsed once (issue 16): ``match_target``
+    proves the image's SHALL-match fields equal to the Director's, which
+    ``UptaneTarget`` validated, and its path equal to the Director's name, so
+    of what parsing the image's copy would check only its own ``ecu_serial``
+    is left, and that is checked here.
+    """
+    infos: dict[str, TargetFile] = {}
+    for serial, target in by_ecu.items():
+        found = find_image_target(image, target.name)
+        match_target(director.targets[target.name], None if found is None else found.target)
+        assert found is not None  # match_target refused None
+        image_serial = found.target.custom.get(ECU_SERIAL)  # a Mapping: match_target checked
+        if image_serial is not None:
+            check_identifier(image_serial, "ecu_serial")
+        check_delegated_hardware(found, ecu_hardware_ids[serial], target.hardware_ids)
+        infos[target.name] = found.target
+    return infos

@@ -1,0 +1,90 @@
+"""The DER of Director targets one target at a time (DESIGN 3; issue 16).
+
+``targets_signed_der`` is ``DERSignedSerializer().serialize`` for a
+``Targets``, with each target's DER ``TufTargetFile`` reusable: the primary
+keeps the pieces of the last Director targets it checked
+(``uptane.verification.der.DerCache``), so a new version in which a few
+targets changed encodes only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from asn1tools.codecs import ber as ber_codec
+from tuf.api.metadata import Targets
+
+from uptane.codec import encode, spec
+from uptane.der_metadata import SIGNED_TYPE, _signed_to_asn1, _tlv, _wrap_serialization
+from uptane.der_values import _fail
+from uptane.errors import CodecError
+
+TARGET_TYPE: Final = "TufTargetFile"
+#: Per target path: its ASN.1 value and its DER ``TufTargetFile`` (``targets_signed_der``).
+TargetPieces = dict[str, tuple[dict[str, Any], bytes]]
+
+
+def targets_signed_der(
+    signed: Targets, pieces: Mapping[str, tuple[dict[str, Any], bytes]] | None = None
+) -> tuple[bytes, TargetPieces]:
+    """``DERSignedSerializer().serialize(signed)`` for targets, one target at a time (issue 16).
+
+    Every target's ASN.1 value is built (and checked) as ever; one equal to
+    the value ``pieces`` holds for its path reuses that DER ``TufTargetFile``,
+    any other is encoded by asn1tools, constraints checked. The rest of
+    ``signed`` is encoded with no targets and the targets' ``SEQUENCE OF``
+    content put in: DER of a ``SEQUENCE``/``SEQUENCE OF`` is its tag, its
+    definite length and its elements' DER one after the other, so the result
+    is byte for byte the whole encoding (tests compare them). Values are
+    compared with ``==``: they name each JSON value's kind (a boolean is never
+    equal to an integer there). Returns the DER and this file's pieces.
+    """
+    try:
+        kind, value = _signed_to_asn1(signed)
+        if kind != Targets.type:
+            _fail("signed", f"expected targets, got {kind}")
+        targets = value["targets"]
+        value["targets"] = []
+        head = encode(SIGNED_TYPE, (kind, value), check_types=False)
+        held = pieces or {}
+        out: TargetPieces = {}
+        for target in targets:
+            old = held.get(target["path"])
+            if old is not None and old[0] == target:
+                der = old[1]
+            else:
+                der = encode(TARGET_TYPE, target, check_types=False)
+            out[target["path"]] = (target, der)
+        return _put_targets(head, b"".join(der for _, der in out.values())), out
+    except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise _wrap_serialization(e) from e
+
+
+def _put_targets(head: bytes, content: bytes) -> bytes:
+    """``head`` (a DER ``TufSigned`` targets with no targets) with ``content`` as its targets.
+
+    The tags are asn1tools' own (the compiled ``TufSigned``), the lengths
+    asn1tools' definite form; the empty targets element must be where
+    asn1tools put it.
+    """
+    choice = spec().types[SIGNED_TYPE].type.name_to_member[Targets.type]
+    tag = bytes(choice.tag)
+    member_tag = bytes(next(m.tag for m in choice.root_members if m.name == "targets"))
+    if len(tag) != 1 or len(member_tag) != 1:
+        raise CodecError("TufSigned tags are not one octet")
+    start, end = _tlv(head, 0, tag[0])
+    offset = start
+    while offset < end:
+        element_start, element_end = _tlv(head, offset, head[offset])
+        if head[offset] == member_tag[0]:
+            if element_start != element_end:
+                raise CodecError("the targets element is not empty")
+            members = head[start:offset] + _header(member_tag, content) + head[element_end:end]
+            return _header(tag, members)
+        offset = element_end
+    raise CodecError("no targets element")
+
+
+def _header(tag: bytes, content: bytes) -> bytes:
+    return tag + bytes(ber_codec.encode_length_definite(len(content))) + content
