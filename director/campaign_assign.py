@@ -132,11 +132,19 @@ class CampaignAssigning(Assignments):
                 .values(status=CANCELLED, updated_at=now)
             )
         session.flush()
-        for vid in sorted(touched):
-            vehicle = session.scalars(
-                select(Vehicle).where(Vehicle.id == vid).with_for_update()
-            ).one()
-            self._sign_vehicle(session, vehicle, now)
+        # re-sign at once (a withdrawn image must leave the vehicles' targets), in batches
+        ids = sorted(touched)
+        for i in range(0, len(ids), _BATCH):
+            locked = [
+                (vid, vin, tv)
+                for vid, vin, tv in session.execute(
+                    select(Vehicle.id, Vehicle.vin, Vehicle.targets_version)
+                    .where(Vehicle.id.in_(ids[i : i + _BATCH]))
+                    .order_by(Vehicle.vin)
+                    .with_for_update()
+                )
+            ]
+            self._record_signed(session, self._sign_vehicles(session, locked, now))
 
     def _roll_back(self, campaign_id: int) -> None:
         """After a halt: assign the campaign's ``rollback`` images to the vehicles that installed."""

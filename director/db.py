@@ -33,6 +33,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     Row,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    false,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -87,6 +89,18 @@ class Vehicle(Base):
     metadata_expires: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     root_version: Mapped[int] = mapped_column(Integer, default=0)
     targets_version: Mapped[int] = mapped_column(Integer, default=0)
+    # assignments changed since the metadata was signed: a signer re-signs it
+    # (director.metadata_signer; migration 0005); until then the old files are served
+    metadata_stale: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    __table_args__ = (
+        Index(
+            "ix_vehicles_metadata_stale",
+            "metadata_stale",
+            postgresql_where=text("metadata_stale"),
+            sqlite_where=text("metadata_stale"),
+        ),
+    )
 
     ecus: Mapped[list[Ecu]] = relationship(
         back_populates="vehicle", order_by="Ecu.serial", cascade="all, delete-orphan"
