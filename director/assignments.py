@@ -165,8 +165,10 @@ class Assignments(MetadataSigner):
                 self._mark_stale(session, ids)
                 stale.extend(ids)
         logger.info("assigned %s to %d ECUs", image, len(infos))
-        if sign:
+        if sign and (self.defer_signing_above is None or len(stale) <= self.defer_signing_above):
             self.sign_stale(stale)
+        elif self.wake_signer is not None:
+            self.wake_signer()
         return infos
 
     def _choose_vehicles(

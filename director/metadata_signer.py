@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -38,6 +40,8 @@ from director.db import RootMetadata, Vehicle
 from director.signing import _CHUNK, DirectorRepository
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from director.config import DirectorConfig
 
 logger = logging.getLogger("director.signer")
@@ -51,6 +55,9 @@ class MetadataSigner(DirectorRepository):
     """Marking vehicles stale and re-signing stale vehicles in claimed batches."""
 
     sign_batch: int = DEFAULT_SIGN_BATCH
+    # set while a ``StaleSigner`` runs in this process (``install_signer``)
+    defer_signing_above: int | None = None
+    wake_signer: Callable[[], None] | None = None
 
     def _mark_stale(self, session: Session, vehicle_ids: Sequence[int]) -> None:
         """Mark ``vehicle_ids`` (locked by the caller) for re-signing."""
@@ -178,6 +185,49 @@ class StaleSigner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+SIGNER_ENV = "UPTANE_DIRECTOR_SIGNER_SECONDS"
+# a server assignment touching more vehicles than this returns before they are
+# signed: the server's signer threads sign them
+DEFER_ABOVE = 1000
+
+
+def _signer_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get(SIGNER_ENV, "5")))
+    except ValueError:
+        return 5.0
+
+
+def install_signer(
+    app: FastAPI, director: MetadataSigner, *, interval: float | None = None
+) -> None:
+    """Run a ``StaleSigner`` for the app's lifetime (every ``UPTANE_DIRECTOR_SIGNER_SECONDS``).
+
+    With it running, an assignment of more than ``DEFER_ABOVE`` vehicles made
+    through the operator API returns once its rows are written and wakes the
+    signer instead of signing on the request path. 0 turns the thread off.
+    """
+    seconds = _signer_seconds() if interval is None else interval
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        signer = StaleSigner(director, seconds)
+        if seconds > 0:
+            signer.start()
+            director.defer_signing_above = DEFER_ABOVE
+            director.wake_signer = signer.wake
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            director.defer_signing_above = None
+            director.wake_signer = None
+            signer.stop()
+
+    app.router.lifespan_context = lifespan
 
 
 def _worker(config: DirectorConfig, batch: int, results: mp.Queue[int]) -> None:
