@@ -16,13 +16,15 @@ the new version of each role is one above the highest it ever had.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from securesystemslib.signer import Signer
+from asn1tools.codecs import ber as ber_codec
+from securesystemslib.signer import Signature, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
@@ -114,13 +116,36 @@ def _sign_der(signed: Targets, signers: Sequence[Signer]) -> bytes:
     deterministic; ``tests/test_metadata_signer.py`` compares them).
     """
     data = _SIGNED_DER.serialize(signed)
-    sigs = []
-    for signer in signers:
-        sig = signer.sign(data)
-        sigs.append(
-            encode("Signature", {"keyid": sig.keyid, "value": bytes.fromhex(sig.signature)})
-        )
-    return der_metadata.join_envelope(data, sigs)
+    return der_metadata.join_envelope(
+        data, [_signature_der(signer.sign(data)) for signer in signers]
+    )
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + bytes(ber_codec.encode_length_definite(len(content))) + content
+
+
+def _signature_der(sig: Signature) -> bytes:
+    """DER ``Signature ::= SEQUENCE { keyid VisibleString (SIZE(64)), value OCTET STRING }``.
+
+    Built directly (the ASN.1 compiler's constraint checks cost more than the
+    signature): what ``uptane.codec.encode("Signature", ...)`` gives for a
+    valid keyid and value, which are checked; anything else goes to the codec
+    (which refuses it).
+    """
+    keyid = sig.keyid.encode("ascii")
+    value = bytes.fromhex(sig.signature)
+    if len(keyid) != 64 or not keyid.isalnum() or not 1 <= len(value) <= 512:
+        return encode("Signature", {"keyid": sig.keyid, "value": value})
+    keyid_tag, value_tag = _signature_tags()
+    return _tlv(0x30, _tlv(keyid_tag, keyid) + _tlv(value_tag, value))
+
+
+@functools.cache
+def _signature_tags() -> tuple[int, int]:
+    """The tags the ASN.1 module gives ``Signature``'s two fields (read from the codec)."""
+    sample = encode("Signature", {"keyid": "0" * 64, "value": b"\1"})
+    return sample[2], sample[2 + 2 + 64]
 
 
 def build_vehicle_files(

@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
@@ -426,24 +437,23 @@ def store_vehicle_metadata(
     """
     table = MetadataFile.__table__
     assert isinstance(table, Table)
-    gone: list[dict[str, Any]] = []
+    gone: list[tuple[int, str]] = []
     rows: list[dict[str, Any]] = []
     for vid, f in signed.items():
         keep = {f"{f.targets_version - 1}.targets.json", f"{f.targets_version - 1}.targets.der"}
         keep.add(f"{f.snapshot_version - 1}.snapshot.json")
         for name in stored_names.get(vid, ()):
             if name in f.files or name not in keep:
-                gone.append({"b_vid": vid, "b_name": name})
+                gone.append((vid, name))
         rows.extend(
             {"vehicle_id": vid, "filename": name, "data": data, "updated_at": now}
             for name, data in f.files.items()
         )
-    if gone:
+    for i in range(0, len(gone), _CHUNK):
         session.execute(
             delete(table).where(
-                table.c.vehicle_id == bindparam("b_vid"), table.c.filename == bindparam("b_name")
-            ),
-            gone,
+                tuple_(table.c.vehicle_id, table.c.filename).in_(gone[i : i + _CHUNK])
+            )
         )
     if rows:
         session.execute(insert(table), rows)
