@@ -96,7 +96,7 @@ class Vehicle(Base):
     __table_args__ = (
         Index(
             "ix_vehicles_metadata_stale",
-            "metadata_stale",
+            "vin",
             postgresql_where=text("metadata_stale"),
             sqlite_where=text("metadata_stale"),
         ),

@@ -29,7 +29,6 @@ from sqlalchemy import (
     insert,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.orm import Session
@@ -449,11 +448,17 @@ def store_vehicle_metadata(
             {"vehicle_id": vid, "filename": name, "data": data, "updated_at": now}
             for name, data in f.files.items()
         )
-    for i in range(0, len(gone), _CHUNK):
-        session.execute(
-            delete(table).where(
-                tuple_(table.c.vehicle_id, table.c.filename).in_(gone[i : i + _CHUNK])
+    # one statement per file name (a batch's vehicles mostly share their versions),
+    # each a primary-key lookup
+    by_name: dict[str, list[int]] = {}
+    for vid, name in gone:
+        by_name.setdefault(name, []).append(vid)
+    for name, vids in sorted(by_name.items()):
+        for i in range(0, len(vids), _CHUNK):
+            session.execute(
+                delete(table).where(
+                    table.c.filename == name, table.c.vehicle_id.in_(vids[i : i + _CHUNK])
+                )
             )
-        )
     if rows:
         session.execute(insert(table), rows)

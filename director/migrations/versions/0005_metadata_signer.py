@@ -4,7 +4,8 @@ An assignment to many vehicles writes the assignment rows in short batches
 and marks the vehicles ``metadata_stale``; a signer (``director.metadata_signer``)
 claims stale vehicles in batches (``FOR UPDATE SKIP LOCKED`` on PostgreSQL)
 and re-signs them. Until then a vehicle keeps being served its previous,
-valid metadata. A partial index finds the stale vehicles without a scan.
+valid metadata. A partial index on the VINs of stale vehicles gives signers
+batches in VIN order without a scan or a sort.
 
 Revision ID: 0005_metadata_signer
 Revises: 0004
@@ -30,7 +31,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_vehicles_metadata_stale",
         "vehicles",
-        ["metadata_stale"],
+        ["vin"],
         postgresql_where=sa.text("metadata_stale"),
         sqlite_where=sa.text("metadata_stale"),
     )
