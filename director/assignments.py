@@ -30,6 +30,7 @@ from director.errors import (
 from director.metadata_signer import MetadataSigner
 from director.quarantine import exclude_quarantined
 from director.records import PENDING, SUPERSEDED, AssignmentInfo
+from director.signing import prefer_indexes
 from uptane.errors import UptaneError
 from uptane.metadata import (
     ECU_SERIAL,
@@ -136,6 +137,7 @@ class Assignments(MetadataSigner):
             # unless a vehicle changes in between: each batch checks again under lock)
             for i in range(0, len(vehicle_vins), batch):
                 with self.db.transaction() as session:
+                    prefer_indexes(session)
                     self._chosen_ecus(
                         session,
                         vehicle_vins[i : i + batch],
@@ -149,6 +151,7 @@ class Assignments(MetadataSigner):
         stale: list[int] = []
         for i in range(0, len(vehicle_vins), batch):
             with self.db.transaction(write=True) as session:
+                prefer_indexes(session)
                 chosen = self._chosen_ecus(
                     session,
                     vehicle_vins[i : i + batch],
@@ -257,27 +260,29 @@ class Assignments(MetadataSigner):
         wanted = None if ecu_serials is None else set(ecu_serials)
         chosen: list[_Chosen] = []
         pending_elsewhere: dict[int, set[int]] = {}
+        ecu_vehicle: dict[int, int] = {}
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i : i + _CHUNK]
-            ecus = select(Ecu.id, Ecu.vehicle_id, Ecu.serial, Ecu.hardware_id, Ecu.installed).where(
-                Ecu.vehicle_id.in_(chunk)
-            )
-            if wanted is None:
-                ecus = ecus.where(Ecu.hardware_id == hardware_id)
-            for ecu_id, vid, serial, hw, installed in session.execute(ecus):
-                if wanted is None or serial in wanted:
-                    chosen.append(_Chosen(ecu_id, vid, vehicle_ids[vid], serial, hw, installed))
-            # the ECUs of these vehicles the image is pending for already
-            for vid, ecu_id in session.execute(
-                select(Ecu.vehicle_id, Ecu.id)
-                .join(Assignment, Assignment.ecu_id == Ecu.id)
-                .where(
-                    Ecu.vehicle_id.in_(chunk),
-                    Assignment.status == PENDING,
-                    Assignment.image == image,
+            for ecu_id, vid, serial, hw, installed in session.execute(
+                select(Ecu.id, Ecu.vehicle_id, Ecu.serial, Ecu.hardware_id, Ecu.installed).where(
+                    Ecu.vehicle_id.in_(chunk)
                 )
             ):
-                pending_elsewhere.setdefault(vid, set()).add(ecu_id)
+                ecu_vehicle[ecu_id] = vid
+                if (wanted is None and hw == hardware_id) or (wanted and serial in wanted):
+                    chosen.append(_Chosen(ecu_id, vid, vehicle_ids[vid], serial, hw, installed))
+        # the ECUs of these vehicles the image is pending for already: by ECU id and
+        # image, the status checked here (a status predicate lets PostgreSQL pick the
+        # status index on stale statistics and walk every pending row, per batch)
+        all_ecus = sorted(ecu_vehicle)
+        for i in range(0, len(all_ecus), _CHUNK):
+            for ecu_id, status in session.execute(
+                select(Assignment.ecu_id, Assignment.status).where(
+                    Assignment.ecu_id.in_(all_ecus[i : i + _CHUNK]), Assignment.image == image
+                )
+            ):
+                if status == PENDING:
+                    pending_elsewhere.setdefault(ecu_vehicle[ecu_id], set()).add(ecu_id)
         chosen.sort(key=lambda c: (c.vin, c.serial))
         for c in chosen:
             if c.hardware_id not in image_target.hardware_ids:

@@ -37,7 +37,7 @@ from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from director.db import RootMetadata, Vehicle
-from director.signing import _CHUNK, DirectorRepository
+from director.signing import _CHUNK, DirectorRepository, prefer_indexes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -70,15 +70,24 @@ class MetadataSigner(DirectorRepository):
             )
 
     def _sign_claimed(
-        self, vehicle_ids: Sequence[int] | None, batch: int, now: datetime
-    ) -> tuple[int, int]:
-        """Claim and re-sign one batch; (vehicles signed, vehicles claimable were found)."""
+        self,
+        vehicle_ids: Sequence[int] | None,
+        batch: int,
+        now: datetime,
+        after: str | None = None,
+    ) -> tuple[int, str | None]:
+        """Claim and re-sign one batch; (vehicles signed, the last VIN claimed or None)."""
         with self.db.transaction(write=True) as session:
+            prefer_indexes(session)
             stmt = select(Vehicle.id, Vehicle.vin, Vehicle.targets_version).where(
                 Vehicle.metadata_stale.is_(True)
             )
             if vehicle_ids is None:
-                # any stale vehicle nobody else holds (several signers at once)
+                # any stale vehicle nobody else holds (several signers at once), in VIN
+                # order from ``after``: the index entries of vehicles signed meanwhile are
+                # not walked again (until VACUUM they still point at the old rows)
+                if after is not None:
+                    stmt = stmt.where(Vehicle.vin > after)
                 stmt = stmt.order_by(Vehicle.vin).limit(batch).with_for_update(skip_locked=True)
             else:
                 # exactly these: wait for a check-in holding one; VIN order as assign locks
@@ -86,10 +95,10 @@ class MetadataSigner(DirectorRepository):
                 stmt = stmt.with_for_update()
             rows = [(r[0], r[1], r[2]) for r in session.execute(stmt)]
             if not rows:
-                return 0, 0
+                return 0, None
             signed = self._sign_vehicles(session, rows, now)
             self._record_signed(session, signed)
-            return len(signed), len(rows)
+            return len(signed), max(r[1] for r in rows)
 
     def sign_stale(
         self, vehicle_ids: Sequence[int] | None = None, *, batch: int | None = None
@@ -107,11 +116,15 @@ class MetadataSigner(DirectorRepository):
             for i in range(0, len(ids), size):
                 total += self._sign_claimed(ids[i : i + size], size, self.clock())[0]
             return total
+        after: str | None = None
         while True:
-            signed, found = self._sign_claimed(None, size, self.clock())
+            signed, last = self._sign_claimed(None, size, self.clock(), after)
             total += signed
-            if found == 0:
+            if last is None and after is None:
                 return total
+            # past the last VIN (last None): once more from the start, for vehicles
+            # marked stale meanwhile
+            after = last
 
     def stale_count(self) -> int:
         """How many vehicles wait for re-signing."""

@@ -262,20 +262,32 @@ class DirectorRepository:
         if not new:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
-                for vid, image, length, hashes, custom, serial in session.execute(
-                    select(
-                        Ecu.vehicle_id,
-                        Assignment.image,
-                        Assignment.length,
-                        Assignment.hashes,
-                        Assignment.custom,
-                        Ecu.serial,
-                    )
+                # the pending assignments: found by vehicle, the status checked here
+                # (a status predicate lets PostgreSQL walk every pending row of the
+                # fleet through the status index), then read by primary key
+                owner: dict[int, tuple[int, str]] = {}
+                for aid, vid, serial, status in session.execute(
+                    select(Assignment.id, Ecu.vehicle_id, Ecu.serial, Assignment.status)
                     .join(Ecu, Assignment.ecu_id == Ecu.id)
-                    .where(Ecu.vehicle_id.in_(chunk), Assignment.status == PENDING)
-                    .order_by(Assignment.id)
+                    .where(Ecu.vehicle_id.in_(chunk))
                 ):
-                    pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
+                    if status == PENDING:
+                        owner[aid] = (vid, serial)
+                wanted = sorted(owner)
+                for j in range(0, len(wanted), _CHUNK):
+                    for aid, image, length, hashes, custom in session.execute(
+                        select(
+                            Assignment.id,
+                            Assignment.image,
+                            Assignment.length,
+                            Assignment.hashes,
+                            Assignment.custom,
+                        )
+                        .where(Assignment.id.in_(wanted[j : j + _CHUNK]))
+                        .order_by(Assignment.id)
+                    ):
+                        vid, serial = owner[aid]
+                        pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
                 for vid, name, data in session.execute(
                     select(
                         MetadataFile.vehicle_id,
@@ -418,6 +430,19 @@ class DirectorRepository:
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data
+
+
+def prefer_indexes(session: Session) -> None:
+    """Steer PostgreSQL to the indexes for the rest of this transaction (batch work).
+
+    A fleet-wide assignment or re-signing grows ``assignments`` and
+    ``metadata_files`` by many rows within a minute, before ANALYZE has seen
+    them: on the old statistics the planner takes a sequential scan of the
+    table for each batch, which makes the work quadratic. Every statement of
+    these transactions has an index to use. No effect on SQLite.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL enable_seqscan = off"))
 
 
 def store_vehicle_metadata(
