@@ -337,5 +337,34 @@ def test_two_signer_processes_never_sign_a_vehicle_twice(env: Env) -> None:
         if vin in before:
             assert repo.targets.version == before[vin] + 1
         assert by_ecu[f"{vin}-B"].name == "brake-1.wasm"
-    # the CLI's pool: nothing stale, nothing signed
-    assert sign_stale_in_processes(env.config, 2) == 0
+    assert sign_stale_in_processes(env.config, 2) == 0  # nothing stale, nothing signed
+
+
+def test_sign_stale_command_signs_what_an_assignment_left(env: Env) -> None:
+    """``uptane director sign-stale --workers 2``: the CLI's process pool (one on SQLite)."""
+    from click.testing import CliRunner
+
+    from uptane.cli import cli as uptane_cli
+
+    vins = [r.vin for r in _fleet(env, "CLI", 9)]
+    env.director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
+    assert all(verify_vehicle(env, vin)[1] == {} for vin in vins)  # old metadata meanwhile
+    stale = env.director.stale_count()
+    result = CliRunner().invoke(
+        uptane_cli,
+        [
+            "director",
+            "sign-stale",
+            "--dir",
+            str(env.config.directory),
+            "--db",
+            env.config.db_url,
+            "--workers",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"re-signed {stale} vehicles"
+    assert env.director.stale_count() == 0
+    for vin in vins:
+        assert verify_vehicle(env, vin)[1][f"{vin}-B"].name == "brake-2.wasm"
