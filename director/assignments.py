@@ -322,11 +322,24 @@ class Assignments(MetadataSigner):
         """Supersede the chosen ECUs' pending assignments and add the new ones (set operations)."""
         table = Assignment.__table__
         assert isinstance(table, Table)
+        # the chosen ECUs' pending assignments, found by ECU and updated by id (a status
+        # predicate lets PostgreSQL walk every pending row through the status index)
         ecu_ids = sorted(c.ecu_id for c in chosen)
+        replaced: list[int] = []
         for i in range(0, len(ecu_ids), _CHUNK):
+            replaced.extend(
+                aid
+                for aid, status in session.execute(
+                    select(table.c.id, table.c.status).where(
+                        table.c.ecu_id.in_(ecu_ids[i : i + _CHUNK])
+                    )
+                )
+                if status == PENDING
+            )
+        for i in range(0, len(replaced), _CHUNK):
             session.execute(
                 update(table)
-                .where(table.c.ecu_id.in_(ecu_ids[i : i + _CHUNK]), table.c.status == PENDING)
+                .where(table.c.id.in_(replaced[i : i + _CHUNK]), table.c.status == PENDING)
                 .values(status=SUPERSEDED, updated_at=now)
             )
         rows: list[dict[str, Any]] = []

@@ -113,12 +113,14 @@ class CampaignAssigning(Assignments):
         touched: set[int] = set()
         for i in range(0, len(vehicle_ids), _BATCH):
             batch = vehicle_ids[i : i + _BATCH]
+            # by vehicle, the status checked here (a status predicate lets PostgreSQL
+            # walk every pending row of the fleet through the status index, per batch)
             for a, hw, vid in session.execute(
                 select(Assignment, Ecu.hardware_id, Ecu.vehicle_id)
                 .join(Ecu, Assignment.ecu_id == Ecu.id)
-                .where(Ecu.vehicle_id.in_(batch), Assignment.status == PENDING)
+                .where(Ecu.vehicle_id.in_(batch))
             ):
-                if images.get(hw) == a.image:
+                if a.status == PENDING and images.get(hw) == a.image:
                     a.status = SUPERSEDED
                     a.updated_at = now
                     touched.add(vid)
