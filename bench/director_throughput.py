@@ -20,8 +20,18 @@ Figures (each against a baseline measured in the same run):
   check-in's signature work (1 + 5 ed25519 verifications, measured here) /
   server CPU of the check-in (goal >= 0.5).
 - check-ins/s (wall clock, clients on the same cores) with 1 and 2 workers.
+- ``setup``: the bulk import, in vehicles/s.
+- ``flat``: a check-in's server CPU and the server's memory with
+  ``--baseline-fleet`` (1,000) registered vehicles, then with ``--fleet``:
+  ``ratio`` = CPU at the small fleet / CPU at the full fleet (flat: ~1).
+- ``assign``: one image assigned to every vehicle with hardware id
+  ``bench-hw`` (every vehicle of the fleet): the rows in batches, then every
+  vehicle's metadata re-signed by ``--signers`` processes; meanwhile client
+  processes poll, and their latency and throughput are printed against the
+  same polls just before the assignment (``ratio`` = polls/s during / before).
 
     .venv/bin/python bench/director_throughput.py [--fleet 10000] [--db URL]
+    .venv/bin/python bench/director_throughput.py --fleet 100000 --polls 1000
 """
 
 from __future__ import annotations
@@ -89,6 +99,11 @@ def image_repository(directory: Path) -> tuple[str, bytes, http.server.Threading
             hardware_ids=["bench-hw"], release_counter=1
         )
         targets.targets[tf.path] = tf
+        tf2 = TargetFile.from_data("bench-app-2.wasm", b"\0asm\1\0\0\0" * 65, ["sha256"])
+        tf2.unrecognized_fields["custom"] = build_custom(
+            hardware_ids=["bench-hw"], release_counter=2
+        )
+        targets.targets[tf2.path] = tf2
     repo.publish()
     handler = functools.partial(_Quiet, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -200,7 +215,8 @@ class Server:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # no background signer: the assign phase's signer processes do the signing
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "UPTANE_DIRECTOR_SIGNER_SECONDS": "0"},
             start_new_session=True,
         )
         deadline = time.monotonic() + 90
@@ -273,6 +289,23 @@ def _client(job: dict[str, Any], start: Any, results: Any) -> None:
         for vin in job["vins"]:
             etags[vin] = _poll(conn, vin, etags.get(vin))
             done += 1
+    elif job["kind"] == "timed_poll":
+        # poll the VINs round and round until ``stop``; every request's latency
+        latencies: list[float] = []
+        vins = job["vins"]
+        interval = job["interval"]
+        while not job["stop"].is_set():
+            vin = vins[done % len(vins)]
+            t = time.perf_counter()
+            if t < t0 + done * interval:  # at the client's rate (a fleet polls at its pace)
+                time.sleep(t0 + done * interval - t)
+                t = time.perf_counter()
+            etags[vin] = _poll(conn, vin, etags.get(vin))
+            latencies.append(time.perf_counter() - t)
+            done += 1
+        results.put((done, time.perf_counter() - t0, latencies))
+        conn.close()
+        return
     elif job["kind"] == "checkin":
         for vin, manifest in job["manifests"]:
             conn.request(
@@ -290,7 +323,9 @@ def _client(job: dict[str, Any], start: Any, results: Any) -> None:
     conn.close()
 
 
-def run_clients(server: Server, jobs: Sequence[dict[str, Any]]) -> tuple[int, float, float, dict]:
+def run_clients(
+    server: Server, jobs: Sequence[dict[str, Any]]
+) -> tuple[int, float, float, dict[str, Any]]:
     """Run ``jobs`` in client processes at once; (operations, wall s, server CPU s, etags)."""
     ctx = mp.get_context("fork")
     start = ctx.Event()
@@ -314,6 +349,82 @@ def run_clients(server: Server, jobs: Sequence[dict[str, Any]]) -> tuple[int, fl
         if p.exitcode != 0:
             raise SystemExit(f"a client failed (exit {p.exitcode})")
     return done, wall, cpu, etags
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its live descendants (``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        todo.extend(children.get(p, []))
+    return total
+
+
+def timed_polls(
+    server: Server,
+    vins: list[list[str]],
+    etags: dict[str, str | None],
+    during: Any,
+    rate: float,
+) -> tuple[int, float, list[float]]:
+    """Poll ``vins`` (one list per client process) at ``rate`` polls/s in all while ``during()`` runs.
+
+    Returns (polls, wall seconds, every poll's latency).
+    """
+    ctx = mp.get_context("fork")
+    start, stop = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    jobs = [
+        {
+            "kind": "timed_poll",
+            "port": server.port,
+            "vins": v,
+            "etags": etags,
+            "stop": stop,
+            "interval": len(vins) / rate,
+        }
+        for v in vins
+    ]
+    procs = [ctx.Process(target=_client, args=(j, start, results)) for j in jobs]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    start.set()
+    try:
+        during()
+    finally:
+        stop.set()
+    wall = time.perf_counter() - t0
+    done, latencies = 0, []
+    for _ in procs:
+        n, _, lat = results.get(timeout=600)
+        done += n
+        latencies.extend(lat)
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"a polling client failed (exit {p.exitcode})")
+    return done, wall, latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def signature_cpu_per_checkin(manifests: list[tuple[Key, bytes]], keys: dict[str, Key]) -> float:
@@ -349,15 +460,33 @@ def signature_cpu_per_checkin(manifests: list[tuple[Key, bytes]], keys: dict[str
     return (time.process_time() - t0) / (rounds * len(manifests))
 
 
+def checkin_cpu(
+    server: Server, manifests: dict[str, list[bytes]], rnd: int, rounds: int, n: int
+) -> tuple[int, float, float]:
+    """Run round ``rnd`` of check-ins from ``n`` clients: (check-ins, wall s, server CPU s)."""
+    batch = [(vin, ms[rnd * rounds + k]) for k in range(rounds) for vin, ms in manifests.items()]
+    jobs = [{"kind": "checkin", "port": server.port, "manifests": batch[i::n]} for i in range(n)]
+    ops, wall, cpu, _ = run_clients(server, jobs)
+    return ops, wall, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--fleet", type=int, default=10_000, help="registered vehicles")
+    parser.add_argument(
+        "--baseline-fleet", type=int, default=1000, help="registered vehicles of the flat check"
+    )
     parser.add_argument("--active", type=int, default=40, help="vehicles sending manifests")
     parser.add_argument("--rounds", type=int, default=10, help="manifests per active vehicle")
     parser.add_argument("--polls", type=int, default=2000, help="no-change polls measured")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--signers", type=int, default=2, help="signer processes (assign)")
+    parser.add_argument(
+        "--poll-rate", type=float, default=200, help="polls/s in all around the assignment"
+    )
     parser.add_argument("--db", default=DEFAULT_DB, help="PostgreSQL URL (a schema is made)")
     args = parser.parse_args()
+    small = max(args.active, min(args.fleet, args.baseline_fleet))
 
     tmp = Path(tempfile.mkdtemp(prefix="director-bench-"))
     image_url, image_root, image_server = image_repository(tmp / "image")
@@ -370,48 +499,54 @@ def main() -> None:
         db_url=db_url,
     )
     servers: list[Server] = []
+    log = tmp / "server.log"
+    n = args.clients
+
+    def split(items: list[Any]) -> list[list[Any]]:
+        return [items[i::n] for i in range(n)]
+
     try:
         director = Director.from_config(config)
         actives = [active_vehicle(i) for i in range(args.active)]
+        filler = filler_fleet(args.fleet - args.active)
         t0 = time.perf_counter()
-        result = director.import_vehicles(
-            [r for r, _ in actives] + filler_fleet(args.fleet - args.active), batch=500
+        first = director.import_vehicles(
+            [r for r, _ in actives] + filler[: small - args.active], batch=500
         )
         imported = time.perf_counter() - t0
         director.assign("bench-app.wasm", hardware_id="bench-hw", vins=[r.vin for r, _ in actives])
-        director.close()
-        print(
-            f"setup: {result.added} vehicles imported in {imported:.1f} s "
-            f"({imported / max(1, result.added) * 1000:.1f} ms/vehicle, PostgreSQL, batches of 500)"
-        )
         keys = {e.serial: e.public_key for r, _ in actives for e in r.ecus}
         manifests = {
             r.vin: sign_manifests(r.vin, signers, 1, 3 * args.rounds) for r, signers in actives
         }
-        all_vins = [f"FLEET{i:07d}" for i in range(args.fleet - args.active)]
         rng = random.Random(1)
+
+        # check-in cost and server memory with the small fleet (the flat check's baseline)
+        server = Server(tmp / "director", db_url, 1, log)
+        servers.append(server)
+        run_clients(server, [{"kind": "trivial", "port": server.port, "count": 200}] * n)
+        ops, _, cpu = checkin_cpu(server, manifests, 0, args.rounds, n)
+        small_checkin, small_rss = cpu / ops, tree_rss(server.proc.pid)
+        server.stop()
+        servers.remove(server)
+
+        t0 = time.perf_counter()
+        rest = director.import_vehicles(filler[small - args.active :], batch=500)
+        imported += time.perf_counter() - t0
+        added = first.added + rest.added
+        director.close()
+        print(
+            f"setup: {added} vehicles imported in {imported:.1f} s ({added / imported:.0f} "
+            f"vehicles/s, {imported / max(1, added) * 1000:.2f} ms/vehicle, PostgreSQL, "
+            f"batches of 500)"
+        )
+        all_vins = [r.vin for r in filler]
         sample = rng.sample(all_vins, min(len(all_vins), args.polls))
-        n = args.clients
 
-        def split(items: list[Any]) -> list[list[Any]]:
-            return [items[i::n] for i in range(n)]
-
-        log = tmp / "server.log"
         for workers in (1, 2):
             server = Server(tmp / "director", db_url, workers, log)
             servers.append(server)
             port = server.port
-            round_no = 0 if workers == 1 else 1
-
-            def checkins(rnd: int, port: int) -> list[dict[str, Any]]:
-                batch = [
-                    (vin, m)
-                    for k in range(args.rounds)
-                    for vin, ms in manifests.items()
-                    for m in [ms[rnd * args.rounds + k]]
-                ]
-                return [{"kind": "checkin", "port": port, "manifests": b} for b in split(batch)]
-
             # warm up: every worker, every statement; learn the sample's ETags
             run_clients(server, [{"kind": "trivial", "port": port, "count": 200}] * n)
             _, _, _, etags = run_clients(
@@ -437,7 +572,7 @@ def main() -> None:
                     f"endpoint x2 {2 * trivial_per_request * 1000:.3f} ms; "
                     f"ratio={2 * trivial_per_request / poll:.3f}"
                 )
-            ops, wall, cpu, _ = run_clients(server, checkins(round_no, port))
+            ops, wall, cpu = checkin_cpu(server, manifests, workers, args.rounds, n)
             if workers == 1:
                 sig = signature_cpu_per_checkin(
                     [(keys[f"{vin}-0"], ms[0]) for vin, ms in manifests.items()], keys
@@ -447,11 +582,20 @@ def main() -> None:
                     f"poll): server CPU {cpu / ops * 1000:.3f} ms; signature work "
                     f"{sig * 1000:.3f} ms; ratio={sig / (cpu / ops):.3f}"
                 )
+                full_rss = tree_rss(server.proc.pid)
+                print(
+                    f"flat: check-in server CPU with {small} registered vehicles "
+                    f"{small_checkin * 1000:.3f} ms, with {args.fleet} {cpu / ops * 1000:.3f} ms; "
+                    f"ratio={small_checkin / (cpu / ops):.3f}; server RSS {small_rss / 2**20:.0f} "
+                    f"MiB -> {full_rss / 2**20:.0f} MiB"
+                )
             print(
                 f"check-ins/s with {workers} worker(s): {ops / wall:.1f} "
                 f"({ops} check-ins from {n} client processes on the same cores; "
                 f"server CPU {cpu / ops * 1000:.3f} ms/check-in)"
             )
+            if workers == 2:
+                assign_phase(args, config, server, split(sample), etags)
             server.stop()
             servers.remove(server)
     finally:
@@ -460,6 +604,51 @@ def main() -> None:
         image_server.shutdown()
         drop_postgres_schema(db_url, schema)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def assign_phase(
+    args: argparse.Namespace,
+    config: Any,
+    server: Server,
+    vins: list[list[str]],
+    etags: dict[str, str | None],
+) -> None:
+    """Polls for a few seconds, then the same polls while the fleet-wide assignment runs."""
+    from director.metadata_signer import sign_stale_in_processes
+
+    rate = args.poll_rate
+    base_n, base_wall, base_lat = timed_polls(server, vins, etags, lambda: time.sleep(10), rate)
+    director = Director.from_config(config, migrate=False)
+    phases: dict[str, float] = {}
+
+    def assign() -> None:
+        t = time.perf_counter()
+        infos = director.assign("bench-app-2.wasm", hardware_id="bench-hw", sign=False)
+        phases["rows"] = time.perf_counter() - t
+        phases["ecus"] = len(infos)
+        t = time.perf_counter()
+        phases["signed"] = sign_stale_in_processes(config, args.signers)
+        phases["sign"] = time.perf_counter() - t
+
+    try:
+        n_, wall, lat = timed_polls(server, vins, etags, assign, rate)
+    finally:
+        director.close()
+    total = phases["rows"] + phases["sign"]
+    print(
+        f"assign: bench-app-2.wasm to every bench-hw ECU ({phases['ecus']:.0f} vehicles): "
+        f"rows in {phases['rows']:.1f} s (batches of 1000), {phases['signed']:.0f} vehicles "
+        f"re-signed in {phases['sign']:.1f} s by {args.signers} processes; total {total:.1f} s "
+        f"({phases['ecus'] / total:.0f} vehicles/s)"
+    )
+    print(
+        f"assign: polls (at most {rate:.0f}/s) during it {n_ / wall:.0f}/s, latency p50 "
+        f"{_pct(lat, 0.5) * 1000:.1f} ms p99 {_pct(lat, 0.99) * 1000:.1f} ms max "
+        f"{max(lat) * 1000:.0f} ms; just before {base_n / base_wall:.0f}/s, p50 "
+        f"{_pct(base_lat, 0.5) * 1000:.1f} ms p99 {_pct(base_lat, 0.99) * 1000:.1f} ms max "
+        f"{max(base_lat) * 1000:.0f} ms; ratio={(n_ / wall) / (base_n / base_wall):.3f} "
+        f"(polls/s during / before)"
+    )
 
 
 if __name__ == "__main__":

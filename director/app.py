@@ -491,6 +491,9 @@ def create_app(
     from director.fleet_api import install_fleet  # campaigns, quarantine, /metrics (issue 14)
 
     install_fleet(app, director, Depends(operator))
+    from director.metadata_signer import install_signer  # stale metadata (issue 12)
+
+    install_signer(app, director)
     if ca_directory is not None:
         from director.tls import install_certificate_api
 

@@ -23,12 +23,13 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import SSlibKey
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy import Table, insert, select
+from sqlalchemy.orm import Session, selectinload
 
 from director.db import Ecu, Vehicle
 from director.errors import InvalidRequestError
@@ -157,6 +158,56 @@ def _same(record: VehicleRecord, ecus: Iterable[Ecu]) -> bool:
 class BulkImport(Inventory):
     """Registering vehicles in batches (``uptane director import``)."""
 
+    def _insert_fresh(
+        self, session: Session, fresh: Sequence[VehicleRecord], now: datetime
+    ) -> None:
+        """Insert new vehicles and their ECUs (Core, a few statements) and sign their metadata."""
+        vehicles = Vehicle.__table__
+        ecus = Ecu.__table__
+        assert isinstance(vehicles, Table) and isinstance(ecus, Table)
+        ids = (
+            session.execute(
+                insert(vehicles).returning(vehicles.c.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "vin": r.vin,
+                        "created_at": now,
+                        "root_version": 0,
+                        "targets_version": 0,
+                        "metadata_stale": False,
+                    }
+                    for r in fresh
+                ],
+            )
+            .scalars()
+            .all()
+        )
+        session.execute(
+            insert(ecus),
+            [
+                {
+                    "vehicle_id": vid,
+                    "serial": spec.serial,
+                    "hardware_id": spec.hardware_id,
+                    "public_key": public_key_dict(
+                        SSlibKey(
+                            spec.public_key.keyid,
+                            spec.public_key.keytype,
+                            spec.public_key.scheme,
+                            {"public": spec.public_key.keyval["public"]},
+                        )
+                    ),
+                    "is_primary": spec.primary,
+                }
+                for vid, r in zip(ids, fresh, strict=True)
+                for spec in r.ecus
+            ],
+        )
+        signed = self._sign_vehicles(
+            session, [(vid, r.vin, 0) for vid, r in zip(ids, fresh, strict=True)], now, new=True
+        )
+        self._record_signed(session, signed)
+
     def import_vehicles(
         self, records: Sequence[VehicleRecord], *, batch: int = DEFAULT_BATCH
     ) -> ImportResult:
@@ -176,7 +227,7 @@ class BulkImport(Inventory):
         for chunk in _batches(records, max(1, batch)):
             now = self.clock()
             with self.db.transaction(write=True) as session:
-                current_root = self._current_root(session)
+                self._current_root(session)  # refuse before writing if nothing can be signed
                 vins = [r.vin for r in chunk]
                 existing = {
                     v.vin: v
@@ -194,7 +245,7 @@ class BulkImport(Inventory):
                         .where(Ecu.serial.in_(serials))
                     ).all()
                 )
-                fresh: list[Vehicle] = []
+                fresh: list[VehicleRecord] = []
                 for r in chunk:
                     if r.vin in existing:
                         if _same(r, existing[r.vin].ecus):
@@ -206,36 +257,9 @@ class BulkImport(Inventory):
                     if taken:
                         result.conflicts.append(f"{r.vin}: ECU serials of other vehicles {taken}")
                         continue
-                    vehicle = Vehicle(vin=r.vin, created_at=now, root_version=0, targets_version=0)
-                    for spec in r.ecus:
-                        vehicle.ecus.append(
-                            Ecu(
-                                serial=spec.serial,
-                                hardware_id=spec.hardware_id,
-                                public_key=public_key_dict(
-                                    SSlibKey(
-                                        spec.public_key.keyid,
-                                        spec.public_key.keytype,
-                                        spec.public_key.scheme,
-                                        {"public": spec.public_key.keyval["public"]},
-                                    )
-                                ),
-                                is_primary=spec.primary,
-                            )
-                        )
-                    session.add(vehicle)
-                    fresh.append(vehicle)
-                session.flush()
-                root_files: dict[str, bytes | None] = {}
-                for vehicle in fresh:
-                    self._sign_vehicle(
-                        session,
-                        vehicle,
-                        now,
-                        new=True,
-                        current_root=current_root,
-                        root_files=root_files,
-                    )
+                    fresh.append(r)
+                if fresh:
+                    self._insert_fresh(session, fresh, now)
                 result.added += len(fresh)
         logger.info(
             "imported %d vehicles (%d unchanged, %d conflicts)",

@@ -113,12 +113,14 @@ class CampaignAssigning(Assignments):
         touched: set[int] = set()
         for i in range(0, len(vehicle_ids), _BATCH):
             batch = vehicle_ids[i : i + _BATCH]
+            # by vehicle, the status checked here (a status predicate lets PostgreSQL
+            # walk every pending row of the fleet through the status index, per batch)
             for a, hw, vid in session.execute(
                 select(Assignment, Ecu.hardware_id, Ecu.vehicle_id)
                 .join(Ecu, Assignment.ecu_id == Ecu.id)
-                .where(Ecu.vehicle_id.in_(batch), Assignment.status == PENDING)
+                .where(Ecu.vehicle_id.in_(batch))
             ):
-                if images.get(hw) == a.image:
+                if a.status == PENDING and images.get(hw) == a.image:
                     a.status = SUPERSEDED
                     a.updated_at = now
                     touched.add(vid)
@@ -132,11 +134,19 @@ class CampaignAssigning(Assignments):
                 .values(status=CANCELLED, updated_at=now)
             )
         session.flush()
-        for vid in sorted(touched):
-            vehicle = session.scalars(
-                select(Vehicle).where(Vehicle.id == vid).with_for_update()
-            ).one()
-            self._sign_vehicle(session, vehicle, now)
+        # re-sign at once (a withdrawn image must leave the vehicles' targets), in batches
+        ids = sorted(touched)
+        for i in range(0, len(ids), _BATCH):
+            locked = [
+                (vid, vin, tv)
+                for vid, vin, tv in session.execute(
+                    select(Vehicle.id, Vehicle.vin, Vehicle.targets_version)
+                    .where(Vehicle.id.in_(ids[i : i + _BATCH]))
+                    .order_by(Vehicle.vin)
+                    .with_for_update()
+                )
+            ]
+            self._record_signed(session, self._sign_vehicles(session, locked, now))
 
     def _roll_back(self, campaign_id: int) -> None:
         """After a halt: assign the campaign's ``rollback`` images to the vehicles that installed."""

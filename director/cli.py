@@ -445,6 +445,18 @@ def assign_cmd(
         click.echo(f"{a.vin} {a.ecu_serial}: {a.image} (assignment {a.id})")
 
 
+@cli.command("sign-stale")
+@_dir_option
+@_db_option
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+def sign_stale_cmd(directory: Path, db_url: str | None, workers: int) -> None:
+    """Re-sign every vehicle whose metadata is stale, with WORKERS processes (PostgreSQL)."""
+    from director.metadata_signer import sign_stale_in_processes
+
+    signed = sign_stale_in_processes(_load(directory, db_url), workers)
+    click.echo(f"re-signed {signed} vehicles")
+
+
 @cli.command("list")
 @_dir_option
 @_db_option

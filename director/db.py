@@ -33,6 +33,7 @@ from sqlalchemy import (
     Engine,
     Executable,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     Row,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    false,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -90,6 +92,18 @@ class Vehicle(Base):
     # the last accepted vehicle version manifest as verified (canonical JSON),
     # received at ``last_seen``; not loaded with the vehicle unless asked for
     last_manifest: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # assignments changed since the metadata was signed: a signer re-signs it
+    # (director.metadata_signer; migration 0006); until then the old files are served
+    metadata_stale: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    __table_args__ = (
+        Index(
+            "ix_vehicles_metadata_stale",
+            "vin",
+            postgresql_where=text("metadata_stale"),
+            sqlite_where=text("metadata_stale"),
+        ),
+    )
 
     ecus: Mapped[list[Ecu]] = relationship(
         back_populates="vehicle", order_by="Ecu.serial", cascade="all, delete-orphan"

@@ -14,25 +14,42 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import (
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from director.db import Assignment, Database, Ecu, MetadataFile, RootMetadata, Vehicle
 from director.errors import NotFoundError, NotInitialisedError, UnknownVehicleError
+from director.metadata_build import (
+    PendingTarget,
+    RoleSigners,
+    VehicleFiles,
+    build_vehicle_files,
+    stored_versions,
+)
 from director.records import PENDING
 from director.store import FILENAME_RE, DBMetadataStore, latest_root
 from uptane import der_metadata
 from uptane.errors import ConfigError
-from uptane.metadata import ECU_SERIAL, set_vehicle_id
-from uptane.repository import Clock, ExpiryPolicy, SigningRepository
+from uptane.repository import Clock
 
 # the Director's log name from before it was split into modules
 logger = logging.getLogger("director.service")
@@ -44,6 +61,10 @@ _ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json\Z")
 # ``N.root.json`` / ``N.root.der`` / ``root.json``; versions are 32-bit columns
 _ROOT_NAME_RE = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z")
 _MAX_INT32 = 2**31 - 1
+# IN lists of at most this many values (PostgreSQL takes at most 65535 parameters)
+_CHUNK = 1000
+# the stored files whose versions a new signing goes above
+_VERSIONED_BY = ("targets.json", "snapshot.json", "timestamp.json")
 _IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
@@ -209,6 +230,92 @@ class DirectorRepository:
             now,
         )
 
+    def _role_signers(self, session: Session) -> RoleSigners:
+        """The online signers of the latest root, kept per root version (roots never change)."""
+        version = session.scalar(select(func.max(RootMetadata.version)))
+        cache: dict[int, RoleSigners] = self.__dict__.setdefault("_role_signers_cache", {})
+        if version is None or version not in cache:
+            root_version, root = self._current_root(session)
+            cache[root_version] = RoleSigners.of(root_version, root, self._signers)
+            return cache[root_version]
+        return cache[version]
+
+    def _sign_vehicles(
+        self,
+        session: Session,
+        vehicles: Sequence[tuple[int, str, int]],
+        now: datetime,
+        *,
+        new: bool = False,
+    ) -> dict[int, VehicleFiles]:
+        """Sign targets, snapshot and timestamp of locked ``vehicles`` (id, VIN, targets version).
+
+        Uptane 5.2, 5.3.2: the targets list the vehicle's pending assignments;
+        every role goes one version above the highest stored (or recorded).
+        A few statements per batch, whatever its size. ``new``: just added
+        vehicles (no files, no assignments). The vehicles' rows are updated
+        by the caller (``_record_signed``), their files here.
+        """
+        signers = self._role_signers(session)
+        ids = [v[0] for v in vehicles]
+        pending: dict[int, list[PendingTarget]] = {i: [] for i in ids}
+        stored: dict[int, dict[str, bytes]] = {i: {} for i in ids}
+        names: dict[int, set[str]] = {i: set() for i in ids}
+        if not new:
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i : i + _CHUNK]
+                # the pending assignments: found by vehicle, the status checked here
+                # (a status predicate lets PostgreSQL walk every pending row of the
+                # fleet through the status index), then read by primary key
+                owner: dict[int, tuple[int, str]] = {}
+                for aid, vid, serial, status in session.execute(
+                    select(Assignment.id, Ecu.vehicle_id, Ecu.serial, Assignment.status)
+                    .join(Ecu, Assignment.ecu_id == Ecu.id)
+                    .where(Ecu.vehicle_id.in_(chunk))
+                ):
+                    if status == PENDING:
+                        owner[aid] = (vid, serial)
+                wanted = sorted(owner)
+                for j in range(0, len(wanted), _CHUNK):
+                    for aid, image, length, hashes, custom in session.execute(
+                        select(
+                            Assignment.id,
+                            Assignment.image,
+                            Assignment.length,
+                            Assignment.hashes,
+                            Assignment.custom,
+                        )
+                        .where(Assignment.id.in_(wanted[j : j + _CHUNK]))
+                        .order_by(Assignment.id)
+                    ):
+                        vid, serial = owner[aid]
+                        pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
+                for vid, name, data in session.execute(
+                    select(
+                        MetadataFile.vehicle_id,
+                        MetadataFile.filename,
+                        case(
+                            (MetadataFile.filename.in_(_VERSIONED_BY), MetadataFile.data),
+                            else_=None,
+                        ),
+                    ).where(MetadataFile.vehicle_id.in_(chunk))
+                ):
+                    names[vid].add(name)
+                    if data is not None:
+                        stored[vid][name] = bytes(data)
+        out: dict[int, VehicleFiles] = {}
+        for vid, vin, targets_version in vehicles:
+            out[vid] = build_vehicle_files(
+                vin,
+                pending[vid],
+                stored_versions(stored[vid], targets_version),
+                signers,
+                now,
+                self.metadata_expiry,
+            )
+        store_vehicle_metadata(session, out, names, now)
+        return out
+
     def _sign_vehicle(
         self,
         session: Session,
@@ -219,67 +326,41 @@ class DirectorRepository:
         current_root: tuple[int, Root] | None = None,
         root_files: dict[str, bytes | None] | None = None,
     ) -> None:
-        """Sign new targets, snapshot and timestamp for ``vehicle`` (5.2, 5.3.2).
+        """Sign new targets, snapshot and timestamp for the locked ``vehicle`` (5.2, 5.3.2).
 
-        ``new``: the vehicle was just added (no files, no assignments yet);
-        ``current_root``: ``_current_root(session)`` if the caller has it;
-        ``root_files``: root files already read in this transaction (filled in).
+        ``new``: the vehicle was just added (no files, no assignments yet).
+        ``current_root``/``root_files`` are accepted for older callers and unused
+        (the root's signers are kept per root version).
         """
-        root_version, root = current_root or self._current_root(session)
-        store = DBMetadataStore(session, vehicle.id, now, new=new, buffered=True, roots=root_files)
-        e = self.metadata_expiry
-        repo = SigningRepository(
-            store=store,
-            signers=dict(self._signers),
-            expiry=ExpiryPolicy(targets=e, snapshot=e, timestamp=e),
-            clock=lambda: now,
-        )
-        pending = (
-            []
-            if new
-            else session.execute(
-                select(Assignment, Ecu.serial)
-                .join(Ecu, Assignment.ecu_id == Ecu.id)
-                .where(Ecu.vehicle_id == vehicle.id, Assignment.status == PENDING)
-                .order_by(Assignment.id)
-            ).all()
-        )
-        with repo.edit_targets() as targets:
-            targets.targets = {}
-            for a, serial in pending:
-                if a.image in targets.targets:  # guarded at assignment time
-                    raise RuntimeError(f"{vehicle.vin}: two pending assignments of {a.image}")
-                custom = dict(a.custom)
-                custom[ECU_SERIAL] = serial
-                targets.targets[a.image] = TargetFile(
-                    length=a.length,
-                    hashes=dict(a.hashes),
-                    path=a.image,
-                    unrecognized_fields={"custom": custom},
-                )
-            targets.delegations = None  # Uptane 5.2.3: no delegations on the Director
-            set_vehicle_id(targets, vehicle.vin)
-        repo.do_snapshot(force=True)
-        repo.do_timestamp(force=True)
+        session.flush()
+        signed = self._sign_vehicles(
+            session, [(vehicle.id, vehicle.vin, vehicle.targets_version)], now, new=new
+        )[vehicle.id]
+        vehicle.targets_version = signed.targets_version
+        vehicle.root_version = self._role_signers(session).root_version
+        vehicle.metadata_expires = signed.expires
+        vehicle.metadata_stale = False
 
-        targets_md = repo.open(Targets.type)
-        targets_signers = [
-            self._signers[k] for k in root.roles[Targets.type].keyids if k in self._signers
-        ]
-        der = der_metadata.to_der_metadata(targets_md, targets_signers)
-        version = targets_md.signed.version
-        store.write(f"{version}.targets.der", der)
-        store.write("targets.der", der)
-        snapshot_version = repo.snapshot().version
-        # keep the previous version for clients that fetched the old timestamp
-        store.prune(Targets.type, version - 1)
-        store.prune(Snapshot.type, snapshot_version - 1)
-        store.flush()
-
-        vehicle.targets_version = version
-        vehicle.root_version = root_version
-        vehicle.metadata_expires = min(
-            targets_md.signed.expires, repo.snapshot().expires, repo.timestamp().expires
+    def _record_signed(self, session: Session, signed: Mapping[int, VehicleFiles]) -> None:
+        """Store the new state of vehicles signed by ``_sign_vehicles`` (Core, one statement)."""
+        if not signed:
+            return
+        root_version = self._role_signers(session).root_version
+        table = Vehicle.__table__
+        assert isinstance(table, Table)
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                targets_version=bindparam("b_tv"),
+                root_version=root_version,
+                metadata_expires=bindparam("b_exp"),
+                metadata_stale=False,
+            ),
+            [
+                {"b_id": vid, "b_tv": f.targets_version, "b_exp": f.expires}
+                for vid, f in signed.items()
+            ],
         )
 
     def metadata(self, vin: str, filename: str) -> bytes:
@@ -352,16 +433,59 @@ class DirectorRepository:
             raise NotFoundError(f"no root file {filename!r}")
         return data
 
-    def refresh_expiring(self) -> int:
-        """Re-sign every vehicle whose metadata nears expiry; returns how many."""
-        now = self.clock()
-        with self.db.transaction() as session:
-            vins = session.scalars(select(Vehicle.vin).order_by(Vehicle.vin)).all()
-        count = 0
-        for vin in vins:
-            with self.db.transaction(write=True) as session:
-                vehicle = self._vehicle(session, vin, lock=True)
-                if self._needs_signing(session, vehicle, now):
-                    self._sign_vehicle(session, vehicle, now)
-                    count += 1
-        return count
+
+def prefer_indexes(session: Session) -> None:
+    """Steer PostgreSQL to the indexes for the rest of this transaction (batch work).
+
+    A fleet-wide assignment or re-signing grows ``assignments`` and
+    ``metadata_files`` by many rows within a minute, before ANALYZE has seen
+    them: on the old statistics the planner takes a sequential scan of the
+    table for each batch, which makes the work quadratic. Every statement of
+    these transactions has an index to use. No effect on SQLite.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+
+
+def store_vehicle_metadata(
+    session: Session,
+    signed: Mapping[int, VehicleFiles],
+    stored_names: Mapping[int, set[str]],
+    now: datetime,
+) -> None:
+    """Write vehicles' newly signed files and drop the ones they replace (every metadata write).
+
+    Every per-vehicle metadata write of the Director goes through here, in
+    the transaction that holds the vehicles' locks: the files of one vehicle
+    change together (targets -> snapshot -> timestamp consistent). The
+    previous targets and snapshot versions are kept for clients that fetched
+    the previous timestamp; older versioned files are dropped.
+    """
+    table = MetadataFile.__table__
+    assert isinstance(table, Table)
+    gone: list[tuple[int, str]] = []
+    rows: list[dict[str, Any]] = []
+    for vid, f in signed.items():
+        keep = {f"{f.targets_version - 1}.targets.json", f"{f.targets_version - 1}.targets.der"}
+        keep.add(f"{f.snapshot_version - 1}.snapshot.json")
+        for name in stored_names.get(vid, ()):
+            if name in f.files or name not in keep:
+                gone.append((vid, name))
+        rows.extend(
+            {"vehicle_id": vid, "filename": name, "data": data, "updated_at": now}
+            for name, data in f.files.items()
+        )
+    # one statement per file name (a batch's vehicles mostly share their versions),
+    # each a primary-key lookup
+    by_name: dict[str, list[int]] = {}
+    for vid, name in gone:
+        by_name.setdefault(name, []).append(vid)
+    for name, vids in sorted(by_name.items()):
+        for i in range(0, len(vids), _CHUNK):
+            session.execute(
+                delete(table).where(
+                    table.c.filename == name, table.c.vehicle_id.in_(vids[i : i + _CHUNK])
+                )
+            )
+    if rows:
+        session.execute(insert(table), rows)

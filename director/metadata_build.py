@@ -1,0 +1,194 @@
+"""Building one vehicle's Director targets, snapshot and timestamp, without I/O (issue 12).
+
+Uptane 2.1, 5.2 / 5.3.2: each vehicle has its own targets (its pending
+assignments, bound to its VIN), snapshot and timestamp, signed with the
+online keys; the targets also in DER for secondaries (DESIGN 3). This is the
+same content the generic ``uptane.repository.SigningRepository`` produces,
+built directly: no re-reading and re-serialising of every role and of the
+root per edit (the profile of issue 12 put ~75 % of a vehicle's signing
+there). Each document is serialised once, the DER signed part is encoded
+once and signed as is, and the signers and key lists come from a
+``RoleSigners`` made once per root version.
+
+Versions come from the caller (what is stored), so they strictly increase:
+the new version of each role is one above the highest it ever had.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from asn1tools.codecs import ber as ber_codec
+from securesystemslib.signer import Signature, Signer
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from uptane import der_metadata
+from uptane.codec import encode
+from uptane.metadata import ECU_SERIAL, set_vehicle_id
+
+_JSON = JSONSerializer(compact=True)
+_SIGNED_DER = der_metadata.DERSignedSerializer()
+
+
+@dataclass(frozen=True)
+class RoleSigners:
+    """The online signers of one root version, per role, in keyid order."""
+
+    root_version: int
+    targets: tuple[Signer, ...]
+    snapshot: tuple[Signer, ...]
+    timestamp: tuple[Signer, ...]
+
+    @classmethod
+    def of(cls, root_version: int, root: Root, pool: Mapping[str, Signer]) -> RoleSigners:
+        def pick(role: str) -> tuple[Signer, ...]:
+            return tuple(pool[k] for k in sorted(root.roles[role].keyids) if k in pool)
+
+        return cls(root_version, pick(Targets.type), pick(Snapshot.type), pick(Timestamp.type))
+
+
+@dataclass(frozen=True)
+class PendingTarget:
+    """One pending assignment as the vehicle's targets list it (5.2.3)."""
+
+    image: str
+    length: int
+    hashes: Mapping[str, str]
+    custom: Mapping[str, Any]
+    ecu_serial: str
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The highest version each role of a vehicle had (0: never signed)."""
+
+    targets: int = 0
+    snapshot: int = 0
+    timestamp: int = 0
+
+
+@dataclass(frozen=True)
+class VehicleFiles:
+    """What one signing produced: the files to store and the vehicle's new state."""
+
+    files: dict[str, bytes]
+    targets_version: int
+    snapshot_version: int
+    expires: datetime
+
+
+def stored_versions(files: Mapping[str, bytes], targets_version: int) -> Versions:
+    """The versions of a vehicle's stored ``targets/snapshot/timestamp.json`` (and column)."""
+
+    def version(name: str) -> int:
+        data = files.get(name)
+        if data is None:
+            return 0
+        try:
+            value = json.loads(data)["signed"]["version"]
+        except (ValueError, KeyError, TypeError):
+            return 0
+        return value if isinstance(value, int) else 0
+
+    return Versions(
+        max(targets_version, version("targets.json")),
+        version("snapshot.json"),
+        version("timestamp.json"),
+    )
+
+
+def _sign_json(md: Metadata[Any], signers: Sequence[Signer]) -> bytes:
+    for signer in signers:
+        md.sign(signer, append=True)
+    return md.to_bytes(_JSON)
+
+
+def _sign_der(signed: Targets, signers: Sequence[Signer]) -> bytes:
+    """DER ``Metadata`` of ``signed``: its DER encoded once, signed, then wrapped (DESIGN 3).
+
+    Byte for byte what ``der_metadata.to_der_metadata`` gives (ed25519 is
+    deterministic; ``tests/test_metadata_signer.py`` compares them).
+    """
+    data = _SIGNED_DER.serialize(signed)
+    return der_metadata.join_envelope(
+        data, [_signature_der(signer.sign(data)) for signer in signers]
+    )
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + bytes(ber_codec.encode_length_definite(len(content))) + content
+
+
+def _signature_der(sig: Signature) -> bytes:
+    """DER ``Signature ::= SEQUENCE { keyid VisibleString (SIZE(64)), value OCTET STRING }``.
+
+    Built directly (the ASN.1 compiler's constraint checks cost more than the
+    signature): what ``uptane.codec.encode("Signature", ...)`` gives for a
+    valid keyid and value, which are checked; anything else goes to the codec
+    (which refuses it).
+    """
+    keyid = sig.keyid.encode("ascii")
+    value = bytes.fromhex(sig.signature)
+    if len(keyid) != 64 or not keyid.isalnum() or not 1 <= len(value) <= 512:
+        return encode("Signature", {"keyid": sig.keyid, "value": value})
+    keyid_tag, value_tag = _signature_tags()
+    return _tlv(0x30, _tlv(keyid_tag, keyid) + _tlv(value_tag, value))
+
+
+@functools.cache
+def _signature_tags() -> tuple[int, int]:
+    """The tags the ASN.1 module gives ``Signature``'s two fields (read from the codec)."""
+    sample = encode("Signature", {"keyid": "0" * 64, "value": b"\1"})
+    return sample[2], sample[2 + 2 + 64]
+
+
+def build_vehicle_files(
+    vin: str,
+    pending: Sequence[PendingTarget],
+    previous: Versions,
+    signers: RoleSigners,
+    now: datetime,
+    expiry: timedelta,
+) -> VehicleFiles:
+    """Sign ``vin``'s targets (``pending``), snapshot and timestamp one version up (5.2, 5.3.2)."""
+    if not (signers.targets and signers.snapshot and signers.timestamp):
+        raise ValueError("every online role needs a signer")
+    expires = (now + expiry).replace(microsecond=0)
+    targets: dict[str, TargetFile] = {}
+    for p in pending:
+        if p.image in targets:  # guarded at assignment time
+            raise RuntimeError(f"{vin}: two pending assignments of {p.image}")
+        custom = dict(p.custom)
+        custom[ECU_SERIAL] = p.ecu_serial
+        targets[p.image] = TargetFile(
+            length=p.length,
+            hashes=dict(p.hashes),
+            path=p.image,
+            unrecognized_fields={"custom": custom},
+        )
+    tv, sv, ts = previous.targets + 1, previous.snapshot + 1, previous.timestamp + 1
+    # Uptane 5.2.3: no delegations on the Director
+    t = Targets(version=tv, expires=expires, targets=targets)
+    set_vehicle_id(t, vin)
+    targets_json = _sign_json(Metadata(t), signers.targets)
+    targets_der = _sign_der(t, signers.targets)
+    s = Snapshot(version=sv, expires=expires, meta={"targets.json": MetaFile(version=tv)})
+    snapshot_json = _sign_json(Metadata(s), signers.snapshot)
+    ts_md = Timestamp(version=ts, expires=expires, snapshot_meta=MetaFile(version=sv))
+    timestamp_json = _sign_json(Metadata(ts_md), signers.timestamp)
+    files = {
+        f"{tv}.targets.json": targets_json,
+        "targets.json": targets_json,
+        f"{tv}.targets.der": targets_der,
+        "targets.der": targets_der,
+        f"{sv}.snapshot.json": snapshot_json,
+        "snapshot.json": snapshot_json,
+        "timestamp.json": timestamp_json,
+    }
+    return VehicleFiles(files, tv, sv, expires)
