@@ -36,7 +36,15 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from director.db import Assignment, Database, Ecu, MetadataFile, RootMetadata, Vehicle
+from director.db import (
+    Assignment,
+    Database,
+    Ecu,
+    MetadataFile,
+    RootMetadata,
+    Vehicle,
+    metadata_changed,
+)
 from director.errors import NotFoundError, NotInitialisedError, UnknownVehicleError
 from director.metadata_build import (
     PendingTarget,
@@ -461,6 +469,7 @@ def store_vehicle_metadata(
     previous targets and snapshot versions are kept for clients that fetched
     the previous timestamp; older versioned files are dropped.
     """
+    metadata_changed(session, signed.keys())  # the read caches of every process drop them
     table = MetadataFile.__table__
     assert isinstance(table, Table)
     gone: list[tuple[int, str]] = []
