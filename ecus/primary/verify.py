@@ -59,6 +59,7 @@ from uptane.verification.director_checks import (
 from uptane.verification.full import (
     VerifiedRepository,
     check_expiry,
+    classify_hash_error,
     classify_version_error,
     verify_root_chain,
     verify_trusted,
@@ -168,6 +169,12 @@ class RepositorySync:
             raise named from e
         except tuf_exc.DownloadLengthMismatchError as e:
             raise EndlessDataError(f"more data than allowed: {e}") from e
+        except tuf_exc.LengthOrHashMismatchError as e:
+            last = self.fetcher.last_metadata
+            named_file = classify_hash_error(e, *(last if last else (None, None)))
+            if named_file is e:
+                raise
+            raise named_file from e
 
     def _refresh(
         self,
