@@ -161,20 +161,19 @@ class RepositorySync:
         """Run an ngclient step, naming its errors as the attacks they are."""
         try:
             return fn()
-        except tuf_exc.BadVersionNumberError as e:
+        except (tuf_exc.BadVersionNumberError, tuf_exc.LengthOrHashMismatchError) as e:
             last = self.fetcher.last_metadata
-            named = classify_version_error(e, *(last if last else (None, None)))
+            filename, data = last if last else (None, None)
+            named: Exception = (
+                classify_version_error(e, filename, data)
+                if isinstance(e, tuf_exc.BadVersionNumberError)
+                else classify_hash_error(e, filename, data)
+            )
             if named is e:
                 raise
             raise named from e
         except tuf_exc.DownloadLengthMismatchError as e:
             raise EndlessDataError(f"more data than allowed: {e}") from e
-        except tuf_exc.LengthOrHashMismatchError as e:
-            last = self.fetcher.last_metadata
-            named_file = classify_hash_error(e, *(last if last else (None, None)))
-            if named_file is e:
-                raise
-            raise named_file from e
 
     def _refresh(
         self,
