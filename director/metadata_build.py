@@ -17,6 +17,7 @@ the new version of each role is one above the highest it ever had.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,21 @@ def _signature_tags() -> tuple[int, int]:
     return sample[2], sample[2 + 2 + 64]
 
 
+def meta_file(version: int, data: bytes) -> MetaFile:
+    """What a snapshot/timestamp lists of a file: version, length and SHA-256 (TUF 4.4, 4.5).
+
+    One set of online keys signs every vehicle's metadata, and only the
+    targets name the vehicle: with versions alone, another vehicle's newer
+    timestamp and snapshot would lead to this vehicle's own targets of the
+    version they list and be kept as its rollback floor (a freeze). The
+    hashes bind each vehicle's timestamp to its snapshot and its snapshot to
+    its targets, whatever the versions.
+    """
+    return MetaFile(
+        version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()}
+    )
+
+
 def build_vehicle_files(
     vin: str,
     pending: Sequence[PendingTarget],
@@ -178,9 +194,9 @@ def build_vehicle_files(
     set_vehicle_id(t, vin)
     targets_json = _sign_json(Metadata(t), signers.targets)
     targets_der = _sign_der(t, signers.targets)
-    s = Snapshot(version=sv, expires=expires, meta={"targets.json": MetaFile(version=tv)})
+    s = Snapshot(version=sv, expires=expires, meta={"targets.json": meta_file(tv, targets_json)})
     snapshot_json = _sign_json(Metadata(s), signers.snapshot)
-    ts_md = Timestamp(version=ts, expires=expires, snapshot_meta=MetaFile(version=sv))
+    ts_md = Timestamp(version=ts, expires=expires, snapshot_meta=meta_file(sv, snapshot_json))
     timestamp_json = _sign_json(Metadata(ts_md), signers.timestamp)
     files = {
         f"{tv}.targets.json": targets_json,

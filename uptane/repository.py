@@ -16,6 +16,7 @@ of the root it replaces (root rotation, TUF 5.3.4).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -179,6 +180,9 @@ class SigningRepository(Repository):
     signers: dict[str, Signer] = field(default_factory=dict)
     expiry: ExpiryPolicy = field(default_factory=ExpiryPolicy)
     clock: Clock = utc_now
+    #: list length and SHA-256 of each file in snapshot/timestamp, not the version alone
+    #: (the Director's per-vehicle metadata: ``director.metadata_build.meta_file``)
+    meta_hashes: bool = False
     _cache: dict[str, Metadata[Any]] = field(default_factory=dict, init=False, repr=False)
     _root_signers_prev: dict[str, Signer] = field(default_factory=dict, init=False, repr=False)
 
@@ -311,16 +315,24 @@ class SigningRepository(Repository):
                 todo.extend(delegations.roles)
         return seen
 
+    def _meta_file(self, role: str, version: int) -> MetaFile:
+        data = self.store.read(f"{role}.json") if self.meta_hashes else None
+        if data is None:
+            return MetaFile(version=version)
+        return MetaFile(
+            version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()}
+        )
+
     @property
     def targets_infos(self) -> dict[str, MetaFile]:
         return {
-            f"{role}.json": MetaFile(version=self.targets(role).version)
+            f"{role}.json": self._meta_file(role, self.targets(role).version)
             for role in self.targets_roles()
         }
 
     @property
     def snapshot_info(self) -> MetaFile:
-        return MetaFile(version=self.snapshot().version)
+        return self._meta_file(Snapshot.type, self.snapshot().version)
 
     def publish(self, force: bool = False) -> None:
         """Update snapshot then timestamp after targets edits."""

@@ -59,6 +59,7 @@ from uptane.verification.director_checks import (
 from uptane.verification.full import (
     VerifiedRepository,
     check_expiry,
+    classify_hash_error,
     classify_version_error,
     verify_root_chain,
     verify_trusted,
@@ -160,9 +161,14 @@ class RepositorySync:
         """Run an ngclient step, naming its errors as the attacks they are."""
         try:
             return fn()
-        except tuf_exc.BadVersionNumberError as e:
+        except (tuf_exc.BadVersionNumberError, tuf_exc.LengthOrHashMismatchError) as e:
             last = self.fetcher.last_metadata
-            named = classify_version_error(e, *(last if last else (None, None)))
+            filename, data = last if last else (None, None)
+            named: Exception = (
+                classify_version_error(e, filename, data)
+                if isinstance(e, tuf_exc.BadVersionNumberError)
+                else classify_hash_error(e, filename, data)
+            )
             if named is e:
                 raise
             raise named from e

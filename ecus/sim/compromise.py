@@ -62,6 +62,7 @@ def craft_director_targets(
             signers=pool,
             expiry=ExpiryPolicy(targets=expiry, snapshot=expiry, timestamp=expiry),
             clock=lambda: moment,
+            meta_hashes=True,  # as the Director lists them
         )
         with repo.edit_targets() as targets:
             mutate(targets)

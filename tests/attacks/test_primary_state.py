@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ from helpers.servers import Switchboard, fixed, serve
 from helpers.uptane_env import DIRECTOR_EXPIRY, PRIMARY, Env, Servers, build_template
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 
+from director.metadata_build import RoleSigners, Versions, build_vehicle_files
 from director.service import EcuSpec
 from ecus.primary import Primary
 from ecus.primary.state import INSTALLED, REPORTS
@@ -205,7 +206,7 @@ def test_stale_snapshot_whose_fresh_copy_fails_too_is_mix_and_match(
 
     result = primary.run_cycle()
     assert not result.ok
-    assert isinstance(result.error, tuf_exc.LengthOrHashMismatchError), repr(result.error)
+    assert isinstance(result.error, errors.MixAndMatchError), repr(result.error)
     assert errors.ATTACK_MIX_AND_MATCH in result.attacks
     assert (primary.state.current() / "image" / "snapshot.json").read_bytes() == held
     assert not list(primary.state.work_dir.glob("**/*.aside"))
@@ -318,6 +319,50 @@ def test_failed_cycle_keeps_newer_top_level_versions_but_installs_nothing(
     )
     env.servers.image.overrides.clear()
     assert primary.run_cycle().ok
+
+
+def test_another_vehicles_timestamp_and_snapshot_over_this_vehicles_targets_do_not_freeze(
+    ready: tuple[Env, Primary],
+) -> None:
+    """Another vehicle's timestamp and snapshot, signed by the Director's own code with
+    versions that lead to this vehicle's current targets: with versions alone they would
+    verify (the targets name this vehicle) and be kept as its rollback floor, so its own
+    metadata would look like a rollback until its versions overtook the other's (a
+    freeze). The Director lists each file's length and hashes: the snapshot does not lead
+    to these targets and nothing but the Director root is kept."""
+    env, primary = ready
+    other = "VIN-TEST-OTHER"
+    signer = CryptoSigner.generate_ed25519()
+    env.director.register_vehicle(
+        other, [EcuSpec("other-primary", "gateway", signer.public_key, primary=True)]
+    )
+    mine = Metadata[Targets].from_bytes(env.director_file("targets.json")).signed.version
+    root = Metadata[Root].from_bytes(env.director_file("root.json")).signed
+    pool = {s.public_key.keyid: s for s in env.director_config.online_signers()}
+    files = build_vehicle_files(
+        other,
+        [],
+        Versions(targets=mine - 1, snapshot=mine + 40, timestamp=mine + 40),
+        RoleSigners.of(root.version, root, pool),
+        datetime.now(UTC),
+        DIRECTOR_EXPIRY,
+    )
+    assert files.targets_version == mine
+    snapshot = Metadata[Snapshot].from_bytes(files.files["snapshot.json"]).signed
+    assert snapshot.meta["targets.json"].version == mine  # leads to this vehicle's targets
+    board = env.servers.director.overrides
+    board[env.director_path("timestamp.json")] = files.files["timestamp.json"]
+    board[env.director_path(f"{files.snapshot_version}.snapshot.json")] = files.files[
+        "snapshot.json"
+    ]
+    before = trusted(primary, "director", "timestamp.json").signed.version
+
+    result = primary.run_cycle()
+    assert not result.ok
+    assert trusted(primary, "director", "timestamp.json").signed.version == before
+    board.clear()
+    again = primary.run_cycle()
+    assert again.ok, [str(i) for i in again.issues]
 
 
 def test_failed_cycle_keeps_no_director_metadata_of_another_vehicle(

@@ -358,6 +358,47 @@ def _delegates(targets: Targets, role: str) -> bool:
     return succinct is not None and succinct.is_delegated_role(role)
 
 
+def _served(filename: str | None, data: bytes | None) -> tuple[str, int, int] | None:
+    """Role, the version its file name promises and the version served, if readable."""
+    if filename is None or data is None:
+        return None
+    match = _CONSISTENT_NAME.match(filename)
+    if match is None:
+        return None
+    try:
+        served = Metadata.from_bytes(data).signed.version
+    except DeserializationError:
+        return None
+    return match.group("role"), int(match.group("version")), served
+
+
+def classify_hash_error(
+    error: tuf_exc.LengthOrHashMismatchError, filename: str | None, data: bytes | None
+) -> Exception:
+    """Name a metadata file that is not the one its signed index lists (4.3.3).
+
+    ``filename``/``data`` are the last metadata file downloaded, the one whose
+    length or hashes differ from what the signed snapshot or timestamp lists
+    (the Director lists them: ``director.metadata_build.meta_file``). An
+    older version than the index names is a rollback
+    (``BadVersionNumberError``); any other file (a newer version, or the same
+    version with other bytes: another state's or another vehicle's) was
+    combined with an index it does not belong to: ``MixAndMatchError``.
+    """
+    found = _served(filename, data)
+    if found is None:
+        return error
+    role, expected, served = found
+    if served < expected:
+        return tuf_exc.BadVersionNumberError(
+            f"{role} version {served} served where its index names version {expected}"
+        )
+    return MixAndMatchError(
+        f"{filename} (version {served}) is not the {role} its signed index lists ({error}): "
+        "metadata from different repository states or vehicles combined"
+    )
+
+
 def classify_version_error(
     error: tuf_exc.BadVersionNumberError, filename: str | None, data: bytes | None
 ) -> tuf_exc.RepositoryError:
@@ -371,8 +412,20 @@ def classify_version_error(
     (``RootRotationError``), not a mix-and-match. Anything else (a lower
     version, a timestamp going back) stays a rollback: ``error``.
     """
-    if filename is None or data is None:
+    found = _served(filename, data)
+    if found is None:
         return error
+    role, expected, served = found
+    if role == Root.type and served != expected:  # no index names roots
+        return RootRotationError(
+            f"{filename} carries root version {served}: not the rotation to version {expected}"
+        )
+    if served > expected:
+        return MixAndMatchError(
+            f"{role} version {served} served where its index names "
+            f"version {expected}: metadata from different repository states combined"
+        )
+    return error
     match = _CONSISTENT_NAME.match(filename)
     if match is None:
         return error
