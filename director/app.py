@@ -206,6 +206,11 @@ class ManifestAccepted(BaseModel):
         description="ECU serial -> reason, for secondaries' reports left out and recorded "
         "as attacks (not fresh: replayed_report, report_time_in_past, report_time_in_future)",
     )
+    unreported: list[str] = Field(
+        default_factory=list,
+        description="serials of secondaries the manifest has no report from (unreachable "
+        "this cycle): their recorded state is kept, their assignments stay pending",
+    )
 
 
 class CounterResetIn(BaseModel):
@@ -418,13 +423,12 @@ def create_app(
         """
         data = await request.body()
         receipt = await run_in_threadpool(director.receive_manifest, vin, data)
-        if receipt.refused_reports:
-            return ManifestAccepted(
-                accepted=True,
-                metadata_version=receipt.metadata_version,
-                refused_reports=dict(receipt.refused_reports),
-            )
-        return ManifestAccepted(accepted=True, metadata_version=receipt.metadata_version)
+        return ManifestAccepted(
+            accepted=True,
+            metadata_version=receipt.metadata_version,
+            refused_reports=dict(receipt.refused_reports),
+            unreported=list(receipt.unreported),
+        )
 
     # --- operator API ---
 

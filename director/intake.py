@@ -255,9 +255,12 @@ class ManifestIntake(DirectorRepository):
                 f"primary is {primary.serial!r}",
                 "unknown_ecu",
             )
-        missing = set(keys) - set(envelope.reports)
-        if missing:
-            raise ManifestError(f"no report from ECUs {sorted(missing)}", "missing_ecu")
+        # A secondary the primary could not reach this cycle does not silence its
+        # vehicle: its recorded state is kept and the answer names it (``unreported``).
+        # The primary's own report is what makes the manifest this cycle's.
+        if primary.serial not in envelope.reports:
+            raise ManifestError(f"no report from the primary {primary.serial}", "missing_ecu")
+        unreported = tuple(sorted(set(keys) - set(envelope.reports)))
         unknown = set(envelope.reports) - set(keys)
         if unknown:
             names = sorted(str(s)[:130] for s in unknown)
@@ -286,6 +289,7 @@ class ManifestIntake(DirectorRepository):
             primary=primary.serial,
             reports=reports,
             cached_keys=cached_keys,
+            unreported=unreported,
         )
 
     # --- the recording transaction ---------------------------------------------

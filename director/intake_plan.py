@@ -32,6 +32,8 @@ class Verified:
     reports: Mapping[str, EcuVersionReport]
     # the ECU keys came from the per-process cache (``ManifestIntake._ecu_keys``)
     cached_keys: bool = False
+    # registered secondaries with no report in the manifest (unreachable this cycle)
+    unreported: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Plan:
     completed: list[AssignmentInfo] = field(default_factory=list)
     attacks: list[AttackInfo] = field(default_factory=list)
     refused_reports: dict[str, str] = field(default_factory=dict)
+    unreported: tuple[str, ...] = ()
     # kept as a ``manifests`` row (else only as the vehicle's ``last_manifest``)
     changed: bool = False
     metadata_version: int = 0
@@ -62,6 +65,7 @@ class Plan:
             completed=tuple(self.completed),
             attacks=tuple(self.attacks),
             refused_reports=dict(self.refused_reports),
+            unreported=self.unreported,
         )
 
 
@@ -150,6 +154,7 @@ def plan_record(
         previous=ecus,
         changed=bool(dropped),
         metadata_version=vehicle.targets_version,
+        unreported=verified.unreported,
     )
     # An ECU time ahead of ours (within the tolerance) is stored as our time, so an
     # ECU whose fast clock is corrected is not refused until it catches up again.
@@ -219,5 +224,7 @@ def plan_record(
         plan.attacks.append(AttackInfo(serial, name, left_out.report_counter, now))
         plan.refused_reports[serial] = problem.reason
         logger.warning("vehicle %s: report of ECU %s left out: %s", verified.vin, serial, problem)
+    if verified.unreported:
+        logger.info("vehicle %s: no report from ECUs %s", verified.vin, list(verified.unreported))
     plan.changed = plan.changed or bool(plan.attack_rows or plan.result_rows)
     return plan

@@ -66,10 +66,12 @@ def refusal(exc: ManifestError, vin: str, peer: str) -> tuple[int, str, str]:
 
 
 def accepted_body(receipt: ManifestReceipt) -> bytes:
-    """The 200 answer: ``ManifestAccepted`` (``refused_reports`` only when there are some)."""
+    """The 200 answer: ``ManifestAccepted`` (``refused_reports``, ``unreported`` if any)."""
     body: dict[str, Any] = {"accepted": True, "metadata_version": receipt.metadata_version}
     if receipt.refused_reports:
         body["refused_reports"] = dict(receipt.refused_reports)
+    if receipt.unreported:
+        body["unreported"] = list(receipt.unreported)
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 

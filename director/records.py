@@ -103,6 +103,8 @@ class ManifestReceipt:
     attacks: tuple[AttackInfo, ...] = ()
     # secondaries' reports left out of the record (not fresh), with the reason
     refused_reports: Mapping[str, str] = field(default_factory=dict)
+    # secondaries the manifest has no report from (unreachable): their state is kept
+    unreported: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -858,10 +858,7 @@ def _bad_manifests(env: Env, car: Car, other: Car) -> Iterator[tuple[str, str, b
         "bad_ecu_signature",
     )
     yield "unknown vehicle", "NOSUCHVIN1", car.manifest(vin="NOSUCHVIN1"), 404, "unknown_vehicle"
-    # missing / unknown ECU
-    reports = fresh()
-    del reports[s1]
-    yield "missing ECU", vin, car.manifest(reports=reports), 422, "missing_ecu"
+    # missing primary report (a missing secondary's is accepted: test_unreachable_...) / unknown ECU
     reports = fresh()
     del reports[p]
     yield "missing primary report", vin, car.manifest(reports=reports), 422, "missing_ecu"
@@ -940,6 +937,28 @@ def test_manifest_refusals_change_nothing(env: Env) -> None:
     }
     # and the vehicle still checks in normally afterwards
     assert put_manifest(env, car, car.manifest()).status_code == 200
+
+
+def test_an_unreachable_secondary_does_not_silence_its_vehicle(env: Env) -> None:
+    """A manifest without a secondary's report (the primary could not reach it) is
+    accepted: the others' reports are recorded, the missing ECU's state is kept and the
+    answer names it. Without the primary's own report the manifest is refused."""
+    car = register(env, new_car())
+    s0, s1 = f"{car.vin}-S0", f"{car.vin}-S1"
+    assert put_manifest(env, car, car.manifest()).status_code == 200
+    before = {e.serial: e for e in env.director.vehicle_status(car.vin).ecus}
+    reports = {s: car.report(s) for s in car.ecus if s != s1}
+    r = put_manifest(env, car, car.manifest(reports=reports))
+    assert r.status_code == 200, r.text
+    assert r.json()["unreported"] == [s1]
+    after = {e.serial: e for e in env.director.vehicle_status(car.vin).ecus}
+    assert after[s1] == before[s1]  # counter, times, installed image: untouched
+    assert after[s0].report_counter == car.ecus[s0].counter != before[s0].report_counter
+    # the secondary is back: its next report (counter above its last accepted) is recorded
+    r = put_manifest(env, car, car.manifest())
+    assert r.status_code == 200 and "unreported" not in r.json(), r.text
+    status = {e.serial: e for e in env.director.vehicle_status(car.vin).ecus}
+    assert status[s1].report_counter == car.ecus[s1].counter
 
 
 def test_report_times_checked_against_the_last_report_and_the_director_clock(
