@@ -16,48 +16,30 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from uptane.cli import PartGroup, check_listen
 
 if TYPE_CHECKING:
-    from director.config import DirectorConfig
+    pass
 
-from director.db_url import SUPPORTED_DATABASES, check_db_url, database_error_text
+from director.cli_common import (
+    _db_option,
+    _dir_option,
+    _DirCommand,
+    _jsonable,
+    _load,
+    _open,
+)
+from director.db_url import database_error_text
 
 # director.config's, repeated so that --help imports nothing heavy
 DEFAULT_PORT = 8084
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
-
-F = TypeVar("F", bound=Callable[..., Any])
-DIR_ENV = "UPTANE_DIRECTOR_DIR"
-# director.config's, repeated so that --help needs no import of the config module
-
-
-class _DirCommand(click.Command):
-    """A command whose first argument DIR may also be given as ``--dir DIR``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        args = list(args)
-        for i, arg in enumerate(args):
-            if arg == "--":
-                break
-            if arg == "--dir" and i + 1 < len(args):
-                value = args[i + 1]
-                del args[i : i + 2]
-                args.insert(0, value)
-                break
-            if arg.startswith("--dir="):
-                del args[i]
-                args.insert(0, arg[len("--dir=") :])
-                break
-        return super().parse_args(ctx, args)
 
 
 class _DirectorGroup(PartGroup):
@@ -67,60 +49,6 @@ class _DirectorGroup(PartGroup):
 
     def error_text(self, e: BaseException) -> str | None:
         return database_error_text(e) or super().error_text(e)
-
-
-def _dir_option(f: F) -> F:
-    """DIR, the Director directory (first argument; ``--dir DIR`` is accepted too)."""
-    return click.argument(
-        "directory",
-        metavar="DIR",
-        type=click.Path(file_okay=False, path_type=Path),
-        envvar=DIR_ENV,
-    )(f)
-
-
-def _db_option(f: F) -> F:
-    return click.option(
-        "--db",
-        "db_url",
-        default=None,
-        metavar="URL",
-        help=f"Database URL ({SUPPORTED_DATABASES}; default: from director.json).",
-    )(f)
-
-
-def _load(directory: Path, db_url: str | None) -> DirectorConfig:
-    from director.config import DirectorConfig
-
-    config = DirectorConfig.load(directory)
-    if db_url:
-        check_db_url(db_url)
-        config.db_url = db_url
-    return config
-
-
-def _open(directory: Path, db_url: str | None) -> Any:
-    """The ``Director`` of DIR, with database errors naming the URL."""
-    from director.service import Director
-
-    config = _load(directory, db_url)
-    try:
-        return Director.from_config(config)
-    except Exception as e:
-        text = database_error_text(e, config.db_url)
-        if text is None:
-            raise
-        raise click.ClickException(text) from None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def last_result_text(result: str | None, text: str | None) -> str:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from director.cli import _db_option, _dir_option, _DirCommand, _jsonable, _load
+from director.campaign_file import read_campaign_file
+from director.cli_common import _db_option, _dir_option, _DirCommand, _jsonable, _load
 
 if TYPE_CHECKING:
     from director.campaigns import CampaignInfo
@@ -54,24 +55,6 @@ def _by_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--by", "actor", default=None, help="Who does this (audit log; default: your user)."
     )(f)
-
-
-def read_campaign_file(path: Path) -> Any:
-    """A campaign document from a JSON or YAML file (YAML when it ends in .yaml/.yml)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise click.ClickException(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except ValueError as e:  # json.JSONDecodeError
-        raise click.ClickException(f"{path} is not valid JSON: {e}") from e
-    except Exception as e:  # yaml.YAMLError
-        raise click.ClickException(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
 
 
 def _print(c: CampaignInfo, as_json: bool) -> None:

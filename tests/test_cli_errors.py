@@ -268,3 +268,14 @@ def test_ecu_keygen_into_an_unwritable_place_is_one_line(tmp_path: Path) -> None
     one_error(invoke("ecu", "keygen", a_file / "keys", "b1"), "Not a directory")
     assert invoke("ecu", "keygen", tmp_path / "keys", "b1").exit_code == 0
     one_error(invoke("ecu", "keygen", tmp_path / "keys", "b1"), "refusing to overwrite")
+
+
+@pytest.mark.parametrize(
+    "module", ["director.fleet_cli", "director.cli", "ecus.sim.campaign_run", "image_repo.cli"]
+)
+def test_each_command_module_imports_on_its_own(module: str) -> None:
+    """No import cycle between the command modules, whichever is imported first."""
+    run = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr

@@ -248,7 +248,7 @@ def run_from_cli(
 
     import click
 
-    from director.fleet_cli import read_campaign_file
+    from director.campaign_file import read_campaign_file
 
     if campaign_file is None:
         raise click.UsageError("--bad-payload needs --campaign PHASES_FILE")
