@@ -41,6 +41,7 @@ from director.config import (
 )
 from director.errors import DirectorError
 from director.http_layer import (
+    DatabaseUnavailable,
     GuardMiddleware,
     MetadataFastPath,
     error_response,
@@ -535,6 +536,7 @@ def create_app(
     cache = ReadCache.for_database(director.db, read_cache_bytes)
     app.state.read_cache = cache
     app.add_middleware(MetadataFastPath, director=director, cache=cache)
+    app.add_middleware(DatabaseUnavailable)  # outermost: every path below it
     return app
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +29,9 @@ from director.read_cache import ReadCache, load_root_file, load_vehicle_file
 
 if TYPE_CHECKING:
     from director.service import Director
+
+
+logger = logging.getLogger("director.app")
 
 
 def error_response(
@@ -147,6 +153,47 @@ class GuardMiddleware:
             await self.app(scope, replay, send)
         finally:
             self.in_flight -= held
+
+
+# --- the database did not answer (pure ASGI, outermost) -------------------------
+
+
+class DatabaseUnavailable:
+    """A request the database could not answer gets ``503 database_unavailable``, not a 500.
+
+    A restarted or failed-over PostgreSQL leaves dead connections in the pool:
+    the first statement on one fails (SQLAlchemy then drops the pool), and so
+    does every statement while the server is down. Such a request is answered
+    503 with ``Retry-After`` (the primary tries again next cycle) and logged in
+    one line; nothing was committed, the transaction having failed. Other
+    errors are not touched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as e:
+            if started:
+                raise
+            text = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+            logger.warning("database unavailable: %s %s: %s", scope["method"], scope["path"], text)
+            await error_response(
+                503, "database_unavailable", "the database did not answer; try again", _RETRY
+            )(scope, receive, send)
 
 
 _METADATA_PATH = re.compile(r"^/vehicles/([^/]+)/metadata/([^/]+)\Z")

@@ -44,7 +44,7 @@ MANIFEST_STATUS: dict[str, int] = {
     "report_time_in_future": 422,
 }
 
-_MANIFEST_PATH = re.compile(r"^/vehicles/([^/]+)/manifest$")
+_MANIFEST_PATH = re.compile(r"^/vehicles/([^/]+)/manifest\Z")
 
 
 def refusal(exc: ManifestError, vin: str, peer: str) -> tuple[int, str, str]:
