@@ -464,8 +464,18 @@ def checkin_cpu(
     server: Server, manifests: dict[str, list[bytes]], rnd: int, rounds: int, n: int
 ) -> tuple[int, float, float]:
     """Run round ``rnd`` of check-ins from ``n`` clients: (check-ins, wall s, server CPU s)."""
-    batch = [(vin, ms[rnd * rounds + k]) for k in range(rounds) for vin, ms in manifests.items()]
-    jobs = [{"kind": "checkin", "port": server.port, "manifests": batch[i::n]} for i in range(n)]
+    # each vehicle's manifests from one client, in order (two clients would race its counter)
+    vins = list(manifests)
+    jobs = [
+        {
+            "kind": "checkin",
+            "port": server.port,
+            "manifests": [
+                (vin, manifests[vin][rnd * rounds + k]) for k in range(rounds) for vin in vins[i::n]
+            ],
+        }
+        for i in range(n)
+    ]
     ops, wall, cpu, _ = run_clients(server, jobs)
     return ops, wall, cpu
 
