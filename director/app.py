@@ -535,6 +535,10 @@ def create_app(
     )
     cache = ReadCache.for_database(director.db, read_cache_bytes)
     app.state.read_cache = cache
+    if cache is not None and director.fleet_metrics is not None:  # this process's, on /metrics
+        from director.metrics import ReadCacheCollector
+
+        director.fleet_metrics.registry.register(ReadCacheCollector(cache))
     app.add_middleware(MetadataFastPath, director=director, cache=cache)
     app.add_middleware(DatabaseUnavailable)  # outermost: every path below it
     return app

@@ -250,6 +250,46 @@ class RequestCounter:
         await self.app(scope, receive, counted)
 
 
+class ReadCacheCollector(Collector):
+    """This process's read cache (``director.read_cache``): hits, misses, size, channel."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.cache.stats
+        lookups = CounterMetricFamily(
+            "uptane_director_read_cache_lookups",
+            "Metadata GETs answered from this process's read cache (hit) or not (miss).",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], stats.hits)
+        lookups.add_metric(["miss"], stats.misses)
+        yield lookups
+        events = CounterMetricFamily(
+            "uptane_director_read_cache_events",
+            "Fills, fills refused (a read raced a change), vehicles evicted, whole clears.",
+            labels=["event"],
+        )
+        for name in ("fills", "refused_fills", "evictions", "clears"):
+            events.add_metric([name], getattr(stats, name))
+        yield events
+        yield GaugeMetricFamily(
+            "uptane_director_read_cache_bytes", "Bytes the read cache holds.", self.cache.size
+        )
+        yield GaugeMetricFamily(
+            "uptane_director_read_cache_vehicles", "Vehicles in the read cache.", len(self.cache)
+        )
+        yield GaugeMetricFamily(
+            "uptane_director_read_cache_live",
+            "1 while the invalidation channel is up (else the cache is bypassed).",
+            1 if self.cache.live else 0,
+        )
+
+
 def metrics_router(director: Any, *, per_ecu: bool | None = None) -> APIRouter:
     """``GET /metrics`` over this Director; sets ``director.fleet_metrics``."""
     if per_ecu is None:

@@ -199,6 +199,25 @@ def test_a_write_in_this_process_reaches_the_next_poll(served: Served) -> None:
         assert after.content == served.director.metadata(car.vin, "timestamp.json")
 
 
+def test_the_read_cache_is_on_metrics(served: Served) -> None:
+    """Operators see this process's hits, misses, size and whether the channel is up."""
+    car = served.register(new_car())
+    ts = f"/vehicles/{car.vin}/metadata/timestamp.json"
+    with http_client(served.url) as http:
+        first = http.get(ts)
+        assert http.get(ts, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+    with http_client(served.url, served.config.token) as op:
+        text = op.get("/metrics").text
+    stats = served.cache.stats
+    assert f'uptane_director_read_cache_lookups_total{{result="hit"}} {float(stats.hits)}' in text
+    assert (
+        f'uptane_director_read_cache_lookups_total{{result="miss"}} {float(stats.misses)}' in text
+    )
+    assert f"uptane_director_read_cache_bytes {float(served.cache.size)}" in text
+    assert "uptane_director_read_cache_live 1.0" in text
+    assert stats.hits >= 1
+
+
 def test_metadata_due_for_signing_is_not_served_from_the_cache(served: Served) -> None:
     car = served.register(new_car())
     ts = f"/vehicles/{car.vin}/metadata/timestamp.json"
