@@ -217,3 +217,15 @@ def test_killed_run_leaves_no_temporary_directory(tmp_path: Path, sig: str) -> N
             break
         time.sleep(0.1)
     assert not list(tmp_path.glob("uptane-sim-*"))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_fleet_updates_over_mutual_tls(workers: str) -> None:
+    """``--tls``: every vehicle reaches the Director with its own client certificate, in
+    one process or from worker processes (which register vehicles on the operator port)."""
+    code, report, output = sim(
+        "--vehicles", "2", "--secondaries", "1", "--tls", "--workers", workers
+    )  # fmt: skip
+    assert code == 0, output
+    assert report["director_url"].startswith("https://")
+    assert report["ecus_updated"] == report["ecus_total"] == 2

@@ -173,6 +173,11 @@ def print_summary(console: Console, report: FleetReport) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option(
+    "--tls",
+    is_flag=True,
+    help="The Director over mutual TLS: each vehicle gets a client certificate from its CA.",
+)
+@click.option(
     "--campaign",
     "campaign_file",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -198,6 +203,7 @@ def cli(
     seed: int,
     directory: Path | None,
     as_json: bool,
+    tls: bool,
     campaign_file: Path | None,
     bad_payload: bool,
 ) -> None:
@@ -226,6 +232,7 @@ def cli(
         fault=fault,
         fault_fraction=fault_fraction,
         seed=seed,
+        tls=tls,
     )
     console = Console(stderr=as_json, highlight=False)
     if not console.is_terminal:

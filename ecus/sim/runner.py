@@ -69,6 +69,7 @@ class FleetConfig:
     fault: str | None = None
     fault_fraction: float = 0.25
     seed: int = 1
+    tls: bool = False  # the Director over mutual TLS, a client certificate per vehicle
 
     def __post_init__(self) -> None:
         if self.vehicles < 1 or self.secondaries < 1:
@@ -306,7 +307,7 @@ class FleetRun:
 
     def setup(self, stack: contextlib.ExitStack) -> World:
         start = time.monotonic()
-        world = stack.enter_context(World(self.directory))
+        world = stack.enter_context(World(self.directory, tls=self.config.tls))
         self.world = world
         self.report.image_url, self.report.director_url = world.image_url, world.director_url
         self.report.setup_seconds = time.monotonic() - start

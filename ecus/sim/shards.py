@@ -178,7 +178,7 @@ def run_sharded(
     run = FleetRun(config, directory, say, indices=())
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet_logs())
-        world = stack.enter_context(World(directory))
+        world = stack.enter_context(World(directory, tls=config.tls))
         run.world = world
         run.report.image_url, run.report.director_url = world.image_url, world.director_url
         run.report.setup_seconds = time.monotonic() - start

@@ -124,6 +124,9 @@ class WorldAddress:
     director_root_json: bytes
     director_root_der: bytes
     image_root: bytes
+    # the operator API (plain HTTP on loopback); the vehicles' URL is TLS when ``tls``
+    operator_url: str = ""
+    tls: bool = False
 
 
 class WorldView:
@@ -139,6 +142,7 @@ class WorldView:
     director_root_json: bytes
     director_root_der: bytes
     vehicles: dict[str, SimVehicle]
+    tls: bool = False  # vehicles reach the Director over mutual TLS
 
     _image_root: bytes = b""
 
@@ -152,8 +156,9 @@ class WorldView:
         view = cls()
         view.directory = Path(address.directory)
         view.clock = SimClock()
-        view.director = _DirectorApi(address.director_url, address.token)
+        view.director = _DirectorApi(address.operator_url or address.director_url, address.token)
         view.director_url = address.director_url
+        view.tls = address.tls
         view.image_url = address.image_url
         view.director_root_json = address.director_root_json
         view.director_root_der = address.director_root_der
@@ -178,7 +183,7 @@ class WorldView:
 
     def tls_files(self, vin: str, directory: Path) -> TlsFiles | None:
         """A vehicle's mutual TLS files (written to ``directory``), None over plain HTTP."""
-        if not getattr(self, "tls", False):
+        if not self.tls:
             return None
         from director.tls import issue_vehicle_certificate
 
@@ -251,8 +256,12 @@ class World(WorldView):
 
             listener = running_vehicle_listener(self.director_board, config.directory)
             self.director_url = self.stack.enter_context(listener)
+            # the operator API for other processes (``uptane sim --workers``), as the
+            # Director's separate operator port is: plain HTTP on loopback
+            self.operator_url = self.stack.enter_context(running_app(self.director_board))
         else:
             self.director_url = self.stack.enter_context(running_app(self.director_board))
+            self.operator_url = self.director_url
         root_dir = config.root_dir
         self.director_root_json = (root_dir / "1.root.json").read_bytes()
         self.director_root_der = (root_dir / "1.root.der").read_bytes()
@@ -298,6 +307,8 @@ class World(WorldView):
             director_root_json=self.director_root_json,
             director_root_der=self.director_root_der,
             image_root=self.image_root,
+            operator_url=self.operator_url,
+            tls=self.tls,
         )
 
     # --- repositories -------------------------------------------------------------
