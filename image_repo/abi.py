@@ -1,7 +1,7 @@
 """Static check of a WASM image against the secondary's module ABI, before it is signed.
 
 A secondary refuses an image whose imports its signed capabilities do not
-grant, or which lacks an export it calls (``ecus.secondary.abi``, ABI
+grant, or which lacks an export it calls (``uptane.wasm_abi``, ABI
 version 1; docs/wasm-abi.md). ``uptane image-repo add`` runs the same check
 (the same tables and code), so what the Image repository signs is what an
 ECU will load: the module is compiled (not run) and its imports and exports
@@ -18,7 +18,9 @@ from collections.abc import Iterable
 
 import wasmtime
 
-from ecus.secondary.abi import (
+from uptane.errors import WasmForbiddenImportError, WasmInvalidModuleError
+from uptane.metadata import Limits, check_capabilities
+from uptane.wasm_abi import (
     ABI_MODULE,
     EXPORTS,
     HOST_FUNCTIONS,
@@ -28,8 +30,6 @@ from ecus.secondary.abi import (
     check_exports,
     check_imports,
 )
-from uptane.errors import WasmForbiddenImportError, WasmInvalidModuleError
-from uptane.metadata import Limits, check_capabilities
 
 __all__ = ["ABI_MODULE", "EXPORTS", "HOST_FUNCTIONS", "MINIMAL_WAT", "Function", "check_module"]
 

@@ -5,7 +5,7 @@ fuel (a deterministic budget per call) and a memory cap taken from the
 image's signed ``limits``; the only way out of the sandbox is the host
 functions that its signed ``capabilities`` grant.
 
-ABI (version 1; its tables and static check: ``ecus.secondary.abi``)
+ABI (version 1; its tables and static check: ``uptane.wasm_abi``)
 -------------------------------------------------------------------
 Imports, all from module ``"uptane"``; each is granted only if its
 capability (in brackets) is among the image's signed capabilities:
@@ -70,14 +70,6 @@ from typing import Final, TypeVar
 
 import wasmtime
 
-from ecus.secondary.abi import (
-    ABI_MODULE,
-    EXPORTS,
-    HOST_FUNCTIONS,
-    WASM_MAGIC,
-    check_exports,
-    check_imports,
-)
 from ecus.secondary.ceilings import WATCHDOG, WasmCeilings
 from ecus.secondary.peripherals import Peripherals, SimPeripherals
 from uptane.errors import (
@@ -96,6 +88,14 @@ from uptane.errors import (
 from uptane.metadata import (
     Limits,
     check_capabilities,
+)
+from uptane.wasm_abi import (
+    ABI_MODULE,
+    EXPORTS,
+    HOST_FUNCTIONS,
+    WASM_MAGIC,
+    check_exports,
+    check_imports,
 )
 
 __all__ = ["Peripherals", "SimPeripherals", "TrialResult", "WasmApp", "WasmCeilings", "WasmHost"]

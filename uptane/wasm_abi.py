@@ -4,7 +4,9 @@ One table of host functions (imports from module ``"uptane"``, each granted
 by one capability) and exports, read by the secondary's WASM host
 (``ecus.secondary.wasm_host``: before any code of a module runs) and by the
 Image repository (``image_repo.abi``: before an image is signed), so the two
-can never disagree about what an ECU will load.
+can never disagree about what an ECU will load. It sits in the core so that
+both may import it (docs/architecture.md: no import runs upward); it runs
+nothing, wasmtime only reads a compiled module's imports and exports.
 
 The rules:
 
