@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proc_cpu import tree_cpu  # bench/ is on sys.path when a bench runs
+from proc_cpu import tree_cpu, tree_rss  # bench/ is on sys.path when a bench runs
 from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -349,29 +349,6 @@ def run_clients(
         if p.exitcode != 0:
             raise SystemExit(f"a client failed (exit {p.exitcode})")
     return done, wall, cpu, etags
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its live descendants (``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        todo.extend(children.get(p, []))
-    return total
 
 
 def timed_polls(

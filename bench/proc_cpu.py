@@ -1,29 +1,54 @@
-"""CPU seconds of a process tree from the OS (``/proc``), for the benches that measure servers."""
+"""CPU seconds and resident memory of a process tree from the OS (``/proc``), for the
+benches that measure servers."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants (``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (OSError if it is gone)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def tree_pids(pid: int) -> Iterator[int]:
+    """``pid`` and its live descendants."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(_stat_fields(d.name)[1]), []).append(int(d.name))
             except OSError:
                 continue
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    total, todo = 0.0, [pid]
+    todo = [pid]
     while todo:
         p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
+        yield p
         todo.extend(children.get(p, []))
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            fields = _stat_fields(p)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its live descendants."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
     return total

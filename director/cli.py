@@ -36,6 +36,7 @@ from director.cli_common import (
     _open,
 )
 from director.db_url import database_error_text
+from director.fleet_cli import COMMANDS as _FLEET_COMMANDS
 
 # director.config's, repeated so that --help imports nothing heavy
 DEFAULT_PORT = 8084
@@ -475,7 +476,5 @@ def import_cmd(directory: Path, db_url: str | None, file: Path, batch: int) -> N
 
 
 # fleet rollout control (issue 14): campaign, quarantine, attributes
-from director.fleet_cli import COMMANDS as _FLEET_COMMANDS  # noqa: E402
-
 for _command in _FLEET_COMMANDS:
     cli.add_command(_command)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class GroupCommit(Generic[T, R]):
             lead = True  # the previous leader handed the lead to this request
         if isinstance(entry.outcome, BaseException):
             raise entry.outcome
-        return entry.outcome  # type: ignore[return-value]  # an R when not an exception
+        return cast(R, entry.outcome)  # the writer's result when not an exception
 
     def _take(self) -> list[_Entry[T, R]]:
         """The next batch: oldest first, one item per key (the others wait their turn)."""

@@ -19,6 +19,7 @@ from test_director import (  # noqa: F401  (fixtures)
     PG_DSN,
     Env,
     ImageRepoSim,
+    MovableClock,
     _pg_user,
     _serve_asgi,
     db_url,
@@ -52,7 +53,7 @@ def named(
     director = Director.from_config(config)
     base, stop = _serve_asgi(create_app(director, config.token, read_cache_bytes=0))
     client, op = http_client(base), http_client(base, config.token)
-    env = Env(director, config, base, image_repo, lambda: None, client, op, tmp_path)  # type: ignore[arg-type]
+    env = Env(director, config, base, image_repo, MovableClock(), client, op, tmp_path)
     try:
         yield env, name
     finally:
