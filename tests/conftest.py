@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-pytest_plugins = ["ecus.sim.fixtures"]
+pytest_plugins = ["ecus.sim.fixtures", "helpers.director_env"]
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ PostgreSQL); vehicles report through real signed manifests. Each test
 targets its own vehicles by VIN (or attribute), so tests share the Director.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are imported by name)
 from __future__ import annotations
 
 import uuid
@@ -13,12 +12,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Car,
     Env,
-    db_url,
-    env,
-    image_repo,
     installed_image,
     new_car,
     register,

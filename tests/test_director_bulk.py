@@ -1,7 +1,6 @@
 """Bulk vehicle import (``uptane director import``): CSV and JSON, batched, idempotent,
 conflicts reported and left alone (issue 12). SQLite and PostgreSQL."""
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import json
@@ -9,14 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from securesystemslib.signer import CryptoSigner
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Env,
-    db_url,
     dump,
-    env,
-    image_repo,
 )
+from securesystemslib.signer import CryptoSigner
 
 from director.bulk import CSV_COLUMNS, load_vehicles, parse_vehicles, records_to_json
 from director.errors import InvalidRequestError

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from test_director import (
+from helpers.director_env import (
     ImageRepoSim,
     _serve_asgi,
     _serve_static,

@@ -15,16 +15,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     PG_DSN,
     Env,
     ImageRepoSim,
     MovableClock,
     _pg_user,
     _serve_asgi,
-    db_url,
     http_client,
-    image_repo,
     new_car,
     put_manifest,
 )
@@ -36,8 +34,8 @@ from director.setup import init_director
 
 @pytest.fixture
 def named(
-    db_url: str,  # noqa: F811
-    image_repo: ImageRepoSim,  # noqa: F811
+    db_url: str,
+    image_repo: ImageRepoSim,
     tmp_path: Path,
 ) -> Iterator[tuple[Env, str]]:
     """A Director served over HTTP whose connections carry an application name of their own."""

@@ -4,15 +4,11 @@ itself (405 + Allow, JSON errors), path patterns, OpenAPI (issue 12).
 Runs on SQLite and PostgreSQL with the fixtures of ``test_director``.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import pytest
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Env,
-    db_url,
-    env,
-    image_repo,
     new_car,
     put_manifest,
     register,

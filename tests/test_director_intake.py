@@ -4,7 +4,6 @@ operator counter resets, what is stored (Uptane 2.1 5.4.2; issues 10 item 12, 12
 Runs on SQLite and PostgreSQL with the fixtures of ``test_director``.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import base64
@@ -15,19 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import CryptoSigner
-from sqlalchemy import select
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Env,
-    db_url,
     dump,
-    env,
-    image_repo,
     new_car,
     put_manifest,
     register,
 )
+from securesystemslib.formats import encode_canonical
+from securesystemslib.signer import CryptoSigner
+from sqlalchemy import select
 
 from director import intake
 from director.db import VehicleManifestRecord

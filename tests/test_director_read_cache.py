@@ -8,7 +8,6 @@ the cache, a lost listener connection clears it, and mutual TLS still lets a
 vehicle read only its own files.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import json
@@ -28,18 +27,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Car,
     ImageRepoSim,
     MovableClock,
     _serve_asgi,
-    db_url,
     http_client,
-    image_repo,
     new_car,
 )
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from tuf.api.metadata import Metadata
 
 from director.app import create_app

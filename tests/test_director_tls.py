@@ -28,7 +28,10 @@ import uvicorn
 import uvloop
 from click.testing import CliRunner
 from cryptography import x509
-from test_director import Car, new_car
+from helpers.director_env import (
+    Car,
+    new_car,
+)
 from tuf.api import exceptions as tuf_exc
 
 from director.app import create_app

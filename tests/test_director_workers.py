@@ -1,7 +1,6 @@
 """``uptane director serve --workers 2``: worker processes share one database and apply
 the connection limits of ``director.json`` (issue 12). On PostgreSQL."""
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import json
@@ -16,7 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_director import db_url, new_car  # noqa: F401  (fixtures)
+from helpers.director_env import (
+    new_car,
+)
 
 from director.setup import init_director
 

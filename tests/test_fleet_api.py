@@ -1,4 +1,3 @@
-# ruff: noqa: F401, F811  (the fixtures of test_director are imported by name)
 """Fleet rollout control over HTTP and the CLI: campaign API, quarantine, ``/metrics`` (issue 14)."""
 
 from __future__ import annotations
@@ -10,15 +9,12 @@ from typing import Any
 
 import yaml
 from click.testing import CliRunner
-from prometheus_client.parser import text_string_to_metric_families
-from test_campaigns import brake, fleet, report, spec
-from test_director import (
+from helpers.director_env import (
     Env,
-    db_url,
-    env,
-    image_repo,
     installed_image,
 )
+from prometheus_client.parser import text_string_to_metric_families
+from test_campaigns import brake, fleet, report, spec
 
 from uptane.cli import cli as uptane_cli
 from uptane.manifest import EcuHealth

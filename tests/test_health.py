@@ -1,4 +1,3 @@
-# ruff: noqa: F401, F811  (fixtures of test_secondary and test_director are imported by name)
 """Health from the module: the secondary's signed report carries it, campaigns read it (issue 14)."""
 
 from __future__ import annotations
@@ -6,13 +5,19 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import test_secondary
+from helpers.director_env import (
+    Env,
+    installed_image,
+)
 from test_campaigns import CANARY_THEN_ALL, brake, fleet, pending, report, spec, tick
-from test_director import Env, db_url, env, image_repo, installed_image
-from test_secondary import V2_CAPS, Ecu, bad_module, ecu
+from test_secondary import Ecu, bad_module
 
 from director.campaigns import HALTED
 from uptane.errors import WasmTrapError
 from uptane.manifest import EcuHealth, SignedEcuVersionReport
+
+ecu = test_secondary.ecu  # the fixture, under its own name
 
 
 def test_report_carries_the_module_health_after_its_trial(ecu: Ecu) -> None:

@@ -4,7 +4,6 @@
 Director over SQLite and PostgreSQL with the fixtures of ``test_director``.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import json
@@ -15,18 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import CryptoSigner
-from sqlalchemy import func, select, update
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Env,
-    db_url,
-    env,
-    image_repo,
     new_car,
     put_manifest,
     register,
 )
+from securesystemslib.formats import encode_canonical
+from securesystemslib.signer import CryptoSigner
+from sqlalchemy import func, select, update
 
 from director.db import Ecu, Vehicle, VehicleManifestRecord
 from director.group_commit import GroupCommit

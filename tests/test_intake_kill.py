@@ -5,7 +5,6 @@ process group, SQLite and PostgreSQL); the server is killed with SIGKILL
 while they do; every manifest answered 200 must then be in the database.
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import os
@@ -18,8 +17,11 @@ import time
 from pathlib import Path
 
 import httpx
+from helpers.director_env import (
+    Car,
+    new_car,
+)
 from sqlalchemy import select
-from test_director import Car, db_url, new_car  # noqa: F401  (fixtures)
 
 from director.db import Database, Ecu
 from director.setup import init_director

@@ -8,7 +8,6 @@ SQLite and PostgreSQL (``db_url``: CI=true turns an unreachable PostgreSQL
 into a failure).
 """
 
-# ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -18,17 +17,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from securesystemslib.signer import CryptoSigner
-from sqlalchemy import select, update
-from test_director import (  # noqa: F401  (fixtures)
+from helpers.director_env import (
     Env,
     ImageRepoSim,
     MovableClock,
     _serve_asgi,
-    db_url,
     http_client,
-    image_repo,
 )
+from securesystemslib.signer import CryptoSigner
+from sqlalchemy import select, update
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
 from director.app import create_app
