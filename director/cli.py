@@ -200,9 +200,32 @@ def serve_cmd(
         ca, cert, key = tls_paths(directory, tls_cert, tls_key)
         operator_port = bind_port + 1 if operator_port is None else operator_port
         check_listen(bind_host, operator_port)
-        if workers > 1:
-            raise click.UsageError("--workers with --tls is not supported yet")
     director = _open(directory, db_url)  # migrate + import roots once, up front
+    if workers > 1 and tls:
+        director.close()
+        from director.tls_serve import run_workers
+
+        click.echo(
+            f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
+            f"required), operator API on https://{bind_host}:{operator_port}, "
+            f"{workers} worker processes"
+        )
+        assert operator_port is not None  # set above whenever tls is
+        failure = run_workers(
+            workers,
+            directory=Path(directory),
+            db_url=db_url,
+            host=bind_host,
+            port=bind_port,
+            operator_port=operator_port,
+            cert=cert,
+            key=key,
+            ca=ca,
+            keep_alive=config.keep_alive_timeout,
+        )
+        if failure is not None:
+            raise click.ClickException(failure)
+        return
     if workers > 1:
         director.close()
         os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())
@@ -228,7 +251,8 @@ def serve_cmd(
     )
     try:
         if tls:
-            from director.tls import listener_configs, run_listeners
+            from director.tls import listener_configs
+            from director.tls_serve import serve_listeners
 
             click.echo(
                 f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
@@ -236,7 +260,7 @@ def serve_cmd(
             )
             server_options.pop("loop")
             assert operator_port is not None  # set above whenever tls is
-            run_listeners(
+            served = serve_listeners(
                 listener_configs(
                     app,
                     host=bind_host,
@@ -248,6 +272,8 @@ def serve_cmd(
                     **server_options,
                 )
             )
+            if not served:
+                raise click.ClickException("a TLS listener failed or stopped on its own")
         else:
             click.echo(
                 f"PLAIN HTTP on http://{bind_host}:{bind_port}: vehicles are NOT authenticated, "

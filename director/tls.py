@@ -413,21 +413,6 @@ def listener_configs(
     ]
 
 
-def run_listeners(configs: list[Any]) -> None:
-    """Serve every config in one process and event loop (uvloop) until interrupted."""
-    import asyncio
-
-    import uvicorn
-    import uvloop
-
-    servers = [uvicorn.Server(c) for c in configs]
-
-    async def main() -> None:
-        await asyncio.gather(*(s.serve() for s in servers))
-
-    uvloop.run(main())
-
-
 def tls_paths(
     directory: Path, cert: Path | None = None, key: Path | None = None
 ) -> tuple[Path, Path, Path]:
