@@ -170,9 +170,10 @@ def serve_cmd(
 
     With --tls (or --tls-cert/--tls-key): the vehicle listener on PORT requires a
     client certificate from the Director CA and serves each vehicle only its own
-    resources; the operator API (bearer token) is on --operator-port. Without:
-    plain HTTP, any client reads any vehicle's metadata (demo and tests only).
-    See docs/director-scale.md."""
+    resources; the operator API (bearer token) is on --operator-port; with
+    --workers N each of N processes serves both (one that dies stops the server,
+    exit 1). Without: plain HTTP, any client reads any vehicle's metadata (demo
+    and tests only). See docs/director-scale.md."""
     import os
 
     import uvicorn

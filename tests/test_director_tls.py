@@ -390,8 +390,10 @@ def test_serve_labels_plain_http_and_serves_two_tls_listeners(tmp_path: Path) ->
         assert _wait_for(f"https://127.0.0.1:{operator}/health", ctx).status_code == 200
         with pytest.raises(httpx.TransportError):  # no client certificate
             httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=5)
+        proc.terminate()  # both listeners stop on the first SIGTERM, exit code 0
+        assert proc.wait(timeout=30) == 0
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)
 
 
