@@ -351,16 +351,45 @@ def register_cmd(
     director = _open(directory, db_url)
     try:
         status = director.register_vehicle(vin, specs)
+        click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
+        if issue_cert is not None:
+            from director.revocation import record_issued
+            from director.tls import issue_vehicle_certificate
+
+            issued = issue_vehicle_certificate(directory, status.vin)
+            record_issued(director.db, status.vin, issued.certificate)  # for revoke-cert
+            cert_file, key_file, ca_file = issued.write(issue_cert, status.vin)
+            click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
     finally:
         director.close()
-    click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
-    if issue_cert is not None:
-        from director.tls import issue_vehicle_certificate
 
-        cert_file, key_file, ca_file = issue_vehicle_certificate(directory, status.vin).write(
-            issue_cert, status.vin
-        )
-        click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
+
+@cli.command("revoke-cert")
+@_dir_option
+@_db_option
+@click.option("--vin", required=True, help="The vehicle.")
+@click.option(
+    "--serial",
+    default=None,
+    metavar="HEX",
+    help="Only this certificate (also one issued before certificates were recorded).",
+)
+@click.option("--reason", default="revoked by the operator", show_default=True)
+def revoke_cert_cmd(
+    directory: Path, db_url: str | None, vin: str, serial: str | None, reason: str
+) -> None:
+    """Revoke the vehicle's TLS client certificates (stolen, decommissioned): every
+    server process refuses them within seconds; the Director CA stays."""
+    from director.revocation import REFRESH_SECONDS, revoke
+
+    director = _open(directory, db_url)
+    try:
+        revoked = revoke(director.db, vin, serial=serial, reason=reason)
+    finally:
+        director.close()
+    for r in revoked:
+        click.echo(f"revoked certificate {r.serial} of {r.vin}")
+    click.echo(f"vehicle listeners refuse it within {REFRESH_SECONDS:.0f} s")
 
 
 @cli.command("assign")
