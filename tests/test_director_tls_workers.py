@@ -26,7 +26,12 @@ import pytest
 from test_director import Car, db_url, new_car  # noqa: F401  (fixtures)
 
 from director.setup import init_director
-from director.tls import REFUSED_BODY, IssuedCertificate, issue_vehicle_certificate
+from director.tls import (
+    REFUSED_BODY,
+    REVOKED_BODY,
+    IssuedCertificate,
+    issue_vehicle_certificate,
+)
 
 TOKEN = "tls-workers-operator-token-0123456789"
 
@@ -186,20 +191,38 @@ def served(director_dir: Path, tmp_path: Path) -> Iterator[Served]:
         _stop(s)
 
 
-def _answering_worker(served: Served, workers: set[int], ctx: ssl.SSLContext, path: str) -> int:
-    """GET ``path`` on a new vehicle-listener connection; the PID of the worker holding it."""
+def _answer(
+    served: Served, workers: set[int], ctx: ssl.SSLContext, path: str
+) -> tuple[int, int, bytes]:
+    """GET ``path`` on a new vehicle-listener connection: the PID of the worker holding
+    the connection, the status and the body."""
     conn = http.client.HTTPSConnection("127.0.0.1", served.port, context=ctx, timeout=10)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        assert response.status == 200, response.read()
-        response.read()
+        body = response.read()
         assert conn.sock is not None
         owner = _owner(workers, served.port, conn.sock.getsockname()[1])
         assert owner is not None, "no worker holds the connection"
-        return owner
+        return owner, response.status, body
     finally:
         conn.close()
+
+
+def _every_worker_answers(
+    served: Served, ctx: ssl.SSLContext, path: str, status: int, body: bytes | None = None
+) -> None:
+    """New connections until each worker answered one; every answer is ``status``."""
+    workers = served.workers
+    assert len(workers) == 2
+    seen = set()
+    for _ in range(300):
+        owner, got, content = _answer(served, workers, ctx, path)
+        assert got == status and (body is None or content == body), (got, content)
+        seen.add(owner)
+        if seen == workers:
+            return
+    raise AssertionError(f"only workers {seen} of {workers} answered")
 
 
 def test_two_tls_workers_serve_both_listeners_and_stop_on_sigterm(
@@ -244,16 +267,8 @@ def test_two_tls_workers_serve_both_listeners_and_stop_on_sigterm(
         assert b"uptane_director_requests_total" in op.get("/metrics").content
     # both worker processes answer vehicles (the kernel spreads new connections)
     workers = served.workers
-    assert len(workers) == 2
     ctx = served.ctx(issued, tmp_path / "again")
-    seen = set()
-    for _ in range(300):
-        seen.add(
-            _answering_worker(served, workers, ctx, f"/vehicles/{mine.vin}/metadata/1.root.json")
-        )
-        if seen == workers:
-            break
-    assert seen == workers
+    _every_worker_answers(served, ctx, f"/vehicles/{mine.vin}/metadata/1.root.json", 200)
     # SIGTERM to the parent: every worker stops, exit code 0
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=60) == 0, served.log.read_text()
@@ -274,3 +289,43 @@ def test_a_killed_tls_worker_makes_the_parent_exit_nonzero(served: Served) -> No
     while Path(f"/proc/{other}").exists():
         assert time.monotonic() < deadline, "the other worker kept running"
         time.sleep(0.1)
+
+
+def test_a_certificate_revoked_by_the_command_is_refused_by_every_worker(
+    served: Served, tmp_path: Path
+) -> None:
+    car = new_car(1)
+    served.register(car)
+    with served.operator() as op:  # issued (and recorded) through the operator listener
+        r = op.post(f"/api/vehicles/{car.vin}/certificate")
+        assert r.status_code == 201, r.text
+        body = r.json()
+    issued = IssuedCertificate(
+        body["certificate"].encode(), body["key"].encode(), body["ca"].encode()
+    )
+    ctx = served.ctx(issued, tmp_path)
+    path = f"/vehicles/{car.vin}/metadata/timestamp.json"
+    _every_worker_answers(served, ctx, path, 200)
+    revoke = subprocess.run(
+        [
+            *(sys.executable, "-m", "uptane.cli", "director", "revoke-cert"),
+            *(str(served.directory), "--vin", car.vin, "--reason", "stolen"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert revoke.returncode == 0, revoke.stderr
+    deadline = time.monotonic() + 60  # each worker refreshes its list within seconds
+    while True:
+        try:
+            _every_worker_answers(served, ctx, path, 403, REVOKED_BODY)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "a worker kept accepting the certificate"
+            time.sleep(0.5)
+    # another vehicle's certificate is untouched
+    other = new_car(1)
+    served.register(other)
+    other_ctx = served.ctx(issue_vehicle_certificate(served.directory, other.vin), tmp_path / "o")
+    _every_worker_answers(served, other_ctx, f"/vehicles/{other.vin}/metadata/timestamp.json", 200)
