@@ -14,7 +14,11 @@ Director (issue 12):
   and ``/health``; the *operator* listener (``--operator-port``) takes no
   client certificate and serves only ``/api/...`` (bearer token),
   ``/health``, ``/metrics`` and the OpenAPI pages. A request for another
-  vehicle's resources and one for an unknown VIN get the same answer.
+  vehicle's resources and one for an unknown VIN get the same answer;
+- a revoked client certificate is refused on every request of the vehicle
+  listener (``director.revocation``: ``uptane director revoke-cert``);
+- ``serve --tls --workers N`` runs both listeners in N processes
+  (``director.tls_serve``).
 
 Plain HTTP (no ``--tls``) stays for the demo and tests on loopback: there
 any client can read any vehicle's metadata.
