@@ -196,9 +196,10 @@ def serve_cmd(
     check_listen(bind_host, bind_port)
     tls = tls or tls_cert is not None or tls_key is not None
     if tls:
-        from director.tls import tls_paths
+        from director.tls import server_context, tls_paths
 
         ca, cert, key = tls_paths(directory, tls_cert, tls_key)
+        server_context(cert, key, ca)  # e.g. a key not of the certificate: one line, now
         operator_port = bind_port + 1 if operator_port is None else operator_port
         check_listen(bind_host, operator_port)
     director = _open(directory, db_url)  # migrate + import roots once, up front

@@ -49,6 +49,9 @@ STOP_SECONDS = 30.0  # workers still running this long after SIGTERM are killed
 BACKLOG = 2048  # uvicorn's default
 DIR_ENV = "UPTANE_DIRECTOR_DIR"
 DB_ENV = "UPTANE_DIRECTOR_DB"
+# exit codes of a worker asked to stop: 0, or the signal itself when it came before
+# the worker installed its handlers (still importing at startup)
+_STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
 
 
 class _Server(uvicorn.Server):
@@ -112,6 +115,10 @@ def serve_listeners(
         results = await asyncio.gather(*tasks, return_exceptions=True)
         if watcher is not None:
             watcher.cancel()
+        for config, result in zip(configs, results, strict=True):
+            if isinstance(result, BaseException):  # e.g. the TLS key does not fit the cert
+                text = " ".join(str(result).split()) or type(result).__name__
+                print(f"listener on port {config.port}: {text}", file=sys.stderr)
         return all(s.started for s in servers) and not any(
             isinstance(r, BaseException) for r in results
         )
@@ -192,7 +199,7 @@ def run_workers(
         while not stopping and failure is None:
             for p in procs:
                 code = p.poll()
-                if code is not None and not (stopping and code == 0):
+                if code is not None and not (stopping and code in _STOPPED):
                     failure = f"worker {p.pid} {exit_text(code)} while serving; stopped the others"
                     break
             else:
@@ -209,7 +216,7 @@ def run_workers(
                 p.wait()
                 failure = failure or f"worker {p.pid} did not stop in {STOP_SECONDS:.0f} s"
         if failure is None:
-            bad = [p for p in procs if p.returncode != 0]
+            bad = [p for p in procs if p.returncode not in _STOPPED]
             if bad:
                 failure = f"worker {bad[0].pid} {exit_text(bad[0].returncode)} while stopping"
         return failure

@@ -525,3 +525,19 @@ def test_revocations_unreadable_fail_closed(tmp_path: Path) -> None:
         assert asyncio.run(revocations.revoked("ab")) is None
     finally:
         db.dispose()
+
+
+def test_serve_refuses_a_key_not_of_the_certificate_in_one_line(tmp_path: Path) -> None:
+    directory = tmp_path / "d"
+    init_director(directory, token=TOKEN)
+    _, cert, _ = tls_paths(directory)
+    key = tls_dir(directory) / CA_KEY  # the CA's key, not the server certificate's
+    args = ["serve", str(directory), "--port", str(_free_port())]
+    for workers in ("1", "2"):
+        result = CliRunner().invoke(
+            director_cli,
+            [*args, "--workers", workers, "--tls-cert", str(cert), "--tls-key", str(key)],
+        )
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: TLS certificate or key:"), result.output
+        assert len(result.output.strip().splitlines()) == 1
