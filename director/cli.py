@@ -385,7 +385,7 @@ def revoke_cert_cmd(
 
     director = _open(directory, db_url)
     try:
-        revoked = revoke(director.db, vin, serial=serial, reason=reason)
+        revoked = revoke(director.db, vin, serial=serial, reason=reason, actor="cli")
     finally:
         director.close()
     for r in revoked:

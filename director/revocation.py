@@ -37,7 +37,7 @@ from sqlalchemy import Index, String, Text, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from director.db import Base, Database, UTCDateTime
+from director.db import AuditEntry, Base, Database, UTCDateTime
 from director.errors import InvalidRequestError, NotFoundError
 
 logger = logging.getLogger("director.revocation")
@@ -124,38 +124,58 @@ def revoke(
     *,
     serial: str | None = None,
     reason: str = "revoked by the operator",
+    actor: str = "operator",
     now: datetime | None = None,
 ) -> list[Revoked]:
     """Revoke every recorded certificate of ``vin`` not yet revoked, or the one with
-    ``serial`` (recorded or not: one issued before migration 0007). Returns what this
-    call revoked; ``NotFoundError`` if it found nothing to revoke."""
+    ``serial`` (recorded or not: one issued before migration 0007), with an audit entry
+    (``GET /api/audit``). Returns what this call revoked; ``NotFoundError`` if it found
+    nothing to revoke."""
+    reason = reason.strip()
+    if not 1 <= len(reason) <= 500:
+        raise InvalidRequestError("give a reason of 1-500 characters")
     now = now or datetime.now(UTC)
     with db.transaction(write=True) as s:
         if serial is not None:
             key = serial_text(serial)
             cert = s.get(VehicleCertificate, key, with_for_update=True)
             if cert is None:
-                s.add(VehicleCertificate(serial=key, vin=vin, revoked_at=now, reason=reason))
-                return [Revoked(key, vin)]
-            if cert.vin != vin:
+                cert = VehicleCertificate(serial=key, vin=vin)
+                s.add(cert)
+            elif cert.vin != vin:
                 raise InvalidRequestError(f"certificate {key} was issued to another vehicle")
-            if cert.revoked_at is not None:
+            elif cert.revoked_at is not None:
                 raise NotFoundError(f"certificate {key} of {vin} is already revoked")
-            cert.revoked_at, cert.reason = now, reason
-            return [Revoked(key, vin)]
-        certs = s.scalars(
-            select(VehicleCertificate)
-            .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
-            .with_for_update()
-        ).all()
-        if not certs:
-            raise NotFoundError(
-                f"no valid certificate of {vin} is recorded (revoke one issued before "
-                "migration 0007 by its serial)"
+            certs = [cert]
+        else:
+            certs = list(
+                s.scalars(
+                    select(VehicleCertificate)
+                    .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
+                    .with_for_update()
+                )
             )
+            if not certs:
+                raise NotFoundError(
+                    f"no valid certificate of {vin} is recorded (revoke one issued before "
+                    "migration 0007 by its serial)"
+                )
         for cert in certs:
             cert.revoked_at, cert.reason = now, reason
-        return [Revoked(c.serial, c.vin) for c in certs]
+        s.add(
+            AuditEntry(
+                at=now,
+                actor=actor[:64],
+                action="revoke_certificate",
+                vin=vin,
+                ecu_serial=None,
+                detail={"serials": [c.serial for c in certs], "reason": reason},
+            )
+        )
+        revoked = [Revoked(c.serial, c.vin) for c in certs]
+    serials = ", ".join(r.serial for r in revoked)
+    logger.warning("%s revoked certificates %s of %s: %s", actor, serials, vin, reason)
+    return revoked
 
 
 class RevocationList:

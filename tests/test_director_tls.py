@@ -454,6 +454,9 @@ def test_a_revoked_certificate_is_refused_on_every_request(
             r = op.delete(f"/api/vehicles/{car.vin}/certificate", headers=auth)
             assert r.status_code == 200 and r.json()["serials"] == [_serial(first)], r.text
             _refused_as_revoked(http, car.vin, car)
+        (entry,) = [a for a in op.get("/api/audit", headers=auth).json() if a["vin"] == car.vin]
+        assert entry["action"] == "revoke_certificate"
+        assert entry["detail"]["serials"] == [_serial(first)]
         with tls_director.client(first, tmp_path / "first-again") as http:  # new connection
             _refused_as_revoked(http, car.vin, car)
         assert tls_director.director.vehicle_status(car.vin).last_seen is None
@@ -487,6 +490,8 @@ def test_revoke_cert_command_revokes_by_vin_and_by_serial(
         result = runner.invoke(director_cli, [*revoke, "--serial", f"serial={serial}"])
         assert result.exit_code == 0, result.output
         assert f"revoked certificate {serial.lower()} of {car.vin}" in result.output
+        (entry,) = [a for a in tls_director.director.audit_log() if a.vin == car.vin]
+        assert (entry.actor, entry.detail["serials"]) == ("cli", [serial.lower()])
         deadline = time.monotonic() + 30
         while http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200:
             assert time.monotonic() < deadline, "the revocation was never seen"
