@@ -21,8 +21,8 @@
   with a one-line message. It does not restart workers: the process manager
   above it (systemd ``Restart=on-failure``, Kubernetes) restarts the whole
   service, and a crash loop shows as a failed service, not as a healthy parent;
-- a worker whose parent is gone (killed with SIGKILL) stops by itself within
-  ``PARENT_CHECK_SECONDS``.
+- a worker whose parent is gone (killed with SIGKILL) notices within
+  ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM.
 """
 
 from __future__ import annotations
