@@ -170,9 +170,10 @@ def serve_cmd(
 
     With --tls (or --tls-cert/--tls-key): the vehicle listener on PORT requires a
     client certificate from the Director CA and serves each vehicle only its own
-    resources; the operator API (bearer token) is on --operator-port. Without:
-    plain HTTP, any client reads any vehicle's metadata (demo and tests only).
-    See docs/director-scale.md."""
+    resources; the operator API (bearer token) is on --operator-port; with
+    --workers N each of N processes serves both (one that dies stops the server,
+    exit 1). Without: plain HTTP, any client reads any vehicle's metadata (demo
+    and tests only). See docs/director-scale.md."""
     import os
 
     import uvicorn
@@ -195,14 +196,38 @@ def serve_cmd(
     check_listen(bind_host, bind_port)
     tls = tls or tls_cert is not None or tls_key is not None
     if tls:
-        from director.tls import tls_paths
+        from director.tls import server_context, tls_paths
 
         ca, cert, key = tls_paths(directory, tls_cert, tls_key)
+        server_context(cert, key, ca)  # e.g. a key not of the certificate: one line, now
         operator_port = bind_port + 1 if operator_port is None else operator_port
         check_listen(bind_host, operator_port)
-        if workers > 1:
-            raise click.UsageError("--workers with --tls is not supported yet")
     director = _open(directory, db_url)  # migrate + import roots once, up front
+    if workers > 1 and tls:
+        director.close()
+        from director.tls_serve import run_workers
+
+        click.echo(
+            f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
+            f"required), operator API on https://{bind_host}:{operator_port}, "
+            f"{workers} worker processes"
+        )
+        assert operator_port is not None  # set above whenever tls is
+        failure = run_workers(
+            workers,
+            directory=Path(directory),
+            db_url=db_url,
+            host=bind_host,
+            port=bind_port,
+            operator_port=operator_port,
+            cert=cert,
+            key=key,
+            ca=ca,
+            keep_alive=config.keep_alive_timeout,
+        )
+        if failure is not None:
+            raise click.ClickException(failure)
+        return
     if workers > 1:
         director.close()
         os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())
@@ -228,7 +253,8 @@ def serve_cmd(
     )
     try:
         if tls:
-            from director.tls import listener_configs, run_listeners
+            from director.tls import listener_configs
+            from director.tls_serve import serve_listeners
 
             click.echo(
                 f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
@@ -236,7 +262,7 @@ def serve_cmd(
             )
             server_options.pop("loop")
             assert operator_port is not None  # set above whenever tls is
-            run_listeners(
+            served = serve_listeners(
                 listener_configs(
                     app,
                     host=bind_host,
@@ -248,6 +274,8 @@ def serve_cmd(
                     **server_options,
                 )
             )
+            if not served:
+                raise click.ClickException("a TLS listener failed or stopped on its own")
         else:
             click.echo(
                 f"PLAIN HTTP on http://{bind_host}:{bind_port}: vehicles are NOT authenticated, "
@@ -324,16 +352,45 @@ def register_cmd(
     director = _open(directory, db_url)
     try:
         status = director.register_vehicle(vin, specs)
+        click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
+        if issue_cert is not None:
+            from director.revocation import record_issued
+            from director.tls import issue_vehicle_certificate
+
+            issued = issue_vehicle_certificate(directory, status.vin)
+            record_issued(director.db, status.vin, issued.certificate)  # for revoke-cert
+            cert_file, key_file, ca_file = issued.write(issue_cert, status.vin)
+            click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
     finally:
         director.close()
-    click.echo(f"registered {status.vin} with {len(status.ecus)} ECUs")
-    if issue_cert is not None:
-        from director.tls import issue_vehicle_certificate
 
-        cert_file, key_file, ca_file = issue_vehicle_certificate(directory, status.vin).write(
-            issue_cert, status.vin
-        )
-        click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
+
+@cli.command("revoke-cert")
+@_dir_option
+@_db_option
+@click.option("--vin", required=True, help="The vehicle.")
+@click.option(
+    "--serial",
+    default=None,
+    metavar="HEX",
+    help="Only this certificate (also one issued before certificates were recorded).",
+)
+@click.option("--reason", default="revoked by the operator", show_default=True)
+def revoke_cert_cmd(
+    directory: Path, db_url: str | None, vin: str, serial: str | None, reason: str
+) -> None:
+    """Revoke the vehicle's TLS client certificates (stolen, decommissioned): every
+    server process refuses them within seconds; the Director CA stays."""
+    from director.revocation import REFRESH_SECONDS, revoke
+
+    director = _open(directory, db_url)
+    try:
+        revoked = revoke(director.db, vin, serial=serial, reason=reason, actor="cli")
+    finally:
+        director.close()
+    for r in revoked:
+        click.echo(f"revoked certificate {r.serial} of {r.vin}")
+    click.echo(f"vehicle listeners refuse it within {REFRESH_SECONDS:.0f} s")
 
 
 @cli.command("assign")

@@ -14,7 +14,11 @@ Director (issue 12):
   and ``/health``; the *operator* listener (``--operator-port``) takes no
   client certificate and serves only ``/api/...`` (bearer token),
   ``/health``, ``/metrics`` and the OpenAPI pages. A request for another
-  vehicle's resources and one for an unknown VIN get the same answer.
+  vehicle's resources and one for an unknown VIN get the same answer;
+- a revoked client certificate is refused on every request of the vehicle
+  listener (``director.revocation``: ``uptane director revoke-cert``);
+- ``serve --tls --workers N`` runs both listeners in N processes
+  (``director.tls_serve``).
 
 Plain HTTP (no ``--tls``) stays for the demo and tests on loopback: there
 any client can read any vehicle's metadata.
@@ -42,6 +46,7 @@ from uptane.errors import ConfigError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from director.revocation import RevocationList
     from director.service import Director
 
 TLS_DIR = "tls"
@@ -260,6 +265,19 @@ def peer_vin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     return None
 
 
+def peer_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The serial of a verified client certificate, lowercase hex (as
+    ``director.revocation`` stores it), None without one."""
+    if ssl_object is None:
+        return None
+    cert: Any = ssl_object.getpeercert()
+    serial = cert.get("serialNumber") if cert else None
+    try:
+        return format(int(serial, 16), "x") if isinstance(serial, str) else None
+    except ValueError:
+        return None
+
+
 # --- the two listeners ----------------------------------------------------------
 
 VEHICLE = "vehicle"
@@ -267,11 +285,20 @@ OPERATOR = "operator"
 _OPERATOR_EXACT = frozenset({"/health", "/metrics", "/docs", "/openapi.json", "/api"})
 
 
+def _client(scope: Scope, field: str) -> str | None:
+    tls = scope.get("extensions", {}).get("tls")
+    value = tls.get(field) if isinstance(tls, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def client_vin(scope: Scope) -> str | None:
     """The VIN the connection's client certificate names (``DirectorProtocol`` puts it)."""
-    tls = scope.get("extensions", {}).get("tls")
-    vin = tls.get("client_vin") if isinstance(tls, dict) else None
-    return vin if isinstance(vin, str) else None
+    return _client(scope, "client_vin")
+
+
+def client_serial(scope: Scope) -> str | None:
+    """The serial of the connection's client certificate (lowercase hex)."""
+    return _client(scope, "client_serial")
 
 
 def allowed(listener: str, path: str, vin: str | None) -> bool:
@@ -291,32 +318,56 @@ def allowed(listener: str, path: str, vin: str | None) -> bool:
     return path in _OPERATOR_EXACT or path.startswith("/api/")
 
 
+REVOKED_BODY = json.dumps(
+    {"error": "certificate_revoked", "detail": "this client certificate is revoked"}
+).encode()
+UNCHECKED_BODY = json.dumps(
+    {"error": "database_unavailable", "detail": "the certificate revocations cannot be read"}
+).encode()
+
+
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class ListenerGate:
     """What one listener serves: see the module docstring. Every refusal is the same
-    404 body, so that neither another vehicle's VIN nor an unknown one shows."""
+    404 body, so that neither another vehicle's VIN nor an unknown one shows. On the
+    vehicle listener with ``revocations``, a revoked client certificate gets 403 on
+    every path (``director.revocation``)."""
 
-    def __init__(self, app: ASGIApp, listener: str) -> None:
+    def __init__(
+        self, app: ASGIApp, listener: str, revocations: RevocationList | None = None
+    ) -> None:
         if listener not in (VEHICLE, OPERATOR):
             raise ValueError(f"unknown listener {listener!r}")
         self.app = app
         self.listener = listener
+        self.revocations = revocations if listener == VEHICLE else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not allowed(
-            self.listener, scope.get("path", ""), client_vin(scope)
-        ):
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": REFUSED_STATUS,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(REFUSED_BODY)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": REFUSED_BODY})
-            return
+        if scope["type"] == "http":
+            if self.revocations is not None:
+                revoked = await self.revocations.revoked(client_serial(scope))
+                if revoked is None:
+                    await _answer(send, 503, UNCHECKED_BODY)
+                    return
+                if revoked:
+                    await _answer(send, 403, REVOKED_BODY)
+                    return
+            if not allowed(self.listener, scope.get("path", ""), client_vin(scope)):
+                await _answer(send, REFUSED_STATUS, REFUSED_BODY)
+                return
         await self.app(scope, receive, send)
 
 
@@ -354,13 +405,39 @@ class CertificateOut(BaseModel):
     ca: str
 
 
+class RevokedOut(BaseModel):
+    """The serials (lowercase hex) of the certificates a request revoked."""
+
+    vin: str
+    serials: list[str]
+
+
 def install_certificate_api(
     app: FastAPI, director: Director, directory: Path, operator: Any
 ) -> None:
     """``POST /api/vehicles/{vin}/certificate``: a new client certificate for a registered
     vehicle, as PEM (certificate, private key, CA certificate) in JSON. The key travels
-    in the answer: over the operator listener's TLS, to the operator provisioning the car."""
+    in the answer: over the operator listener's TLS, to the operator provisioning the car.
+    ``DELETE`` revokes the vehicle's certificates. The app's ``state.revocations`` is the
+    ``RevocationList`` its vehicle listener checks (``listener_configs``)."""
     from starlette.concurrency import run_in_threadpool
+
+    from director.revocation import RevocationList, record_issued, revoke
+
+    revocations = RevocationList(director.db)
+    app.state.revocations = revocations
+
+    @app.delete(
+        "/api/vehicles/{vin}/certificate",
+        response_model=RevokedOut,
+        dependencies=[operator],
+        tags=["operator"],
+    )
+    async def revoke_certificates(vin: str) -> RevokedOut:
+        """Revoke every certificate issued to the vehicle (404 if none is valid)."""
+        revoked = await run_in_threadpool(revoke, director.db, vin)
+        revocations.invalidate()
+        return RevokedOut(vin=vin, serials=[r.serial for r in revoked])
 
     @app.post(
         "/api/vehicles/{vin}/certificate",
@@ -370,9 +447,12 @@ def install_certificate_api(
         tags=["operator"],
     )
     async def issue_certificate(vin: str) -> CertificateOut:
-        """Issue a client certificate (mutual TLS) for a registered vehicle."""
+        """Issue a client certificate (mutual TLS) for a registered vehicle; the
+        vehicle's earlier certificates are revoked."""
         status = await run_in_threadpool(director.vehicle_status, vin)  # 404 if unknown
         issued = await run_in_threadpool(issue_vehicle_certificate, directory, status.vin)
+        await run_in_threadpool(record_issued, director.db, status.vin, issued.certificate)
+        revocations.invalidate()
         return CertificateOut(
             vin=status.vin,
             certificate=issued.certificate.decode(),
@@ -394,13 +474,17 @@ def listener_configs(
 ) -> list[Any]:
     """uvicorn configs of the vehicle listener (client certificate from ``ca`` required at
     the handshake) and the operator listener (server certificate only), one app behind
-    both; the app's lifespan (the campaign ticker) runs once, on the vehicle listener."""
+    both; the app's lifespan (the campaign ticker) runs once, on the vehicle listener.
+    The vehicle listener refuses revoked certificates when the app has a
+    ``state.revocations`` (``install_certificate_api``: every app with a CA directory)."""
     import uvicorn
+
+    revocations = getattr(getattr(app, "state", None), "revocations", None)
 
     common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), **options}
     return [
         uvicorn.Config(
-            ListenerGate(app, VEHICLE),
+            ListenerGate(app, VEHICLE, revocations),
             host=host,
             port=port,
             ssl_ca_certs=str(ca),
@@ -411,21 +495,6 @@ def listener_configs(
             ListenerGate(app, OPERATOR), host=host, port=operator_port, lifespan="off", **common
         ),
     ]
-
-
-def run_listeners(configs: list[Any]) -> None:
-    """Serve every config in one process and event loop (uvloop) until interrupted."""
-    import asyncio
-
-    import uvicorn
-    import uvloop
-
-    servers = [uvicorn.Server(c) for c in configs]
-
-    async def main() -> None:
-        await asyncio.gather(*(s.serve() for s in servers))
-
-    uvloop.run(main())
 
 
 def tls_paths(

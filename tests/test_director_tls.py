@@ -45,6 +45,7 @@ from director.tls import (
     CA_KEY,
     OPERATOR,
     REFUSED_BODY,
+    REVOKED_BODY,
     VEHICLE,
     IssuedCertificate,
     allowed,
@@ -393,8 +394,10 @@ def test_serve_labels_plain_http_and_serves_two_tls_listeners(tmp_path: Path) ->
         assert _wait_for(f"https://127.0.0.1:{operator}/health", ctx).status_code == 200
         with pytest.raises(httpx.TransportError):  # no client certificate
             httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=5)
+        proc.terminate()  # both listeners stop on the first SIGTERM, exit code 0
+        assert proc.wait(timeout=30) == 0
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)
 
 
@@ -410,3 +413,139 @@ def test_dot_and_empty_segments_are_never_served() -> None:
         assert not allowed(VEHICLE, path, "A"), path
     assert allowed(OPERATOR, "/api/vehicles", None)
     assert not allowed(OPERATOR, "/api/../vehicles/B/metadata/timestamp.json", None)
+
+
+# --- revocation (director.revocation) ----------------------------------------------
+
+
+def _issued_by_api(op: httpx.Client, vin: str) -> IssuedCertificate:
+    r = op.post(f"/api/vehicles/{vin}/certificate", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return IssuedCertificate(
+        body["certificate"].encode(), body["key"].encode(), body["ca"].encode()
+    )
+
+
+def _serial(issued: IssuedCertificate) -> str:
+    return format(x509.load_pem_x509_certificate(issued.certificate).serial_number, "x")
+
+
+def _refused_as_revoked(http: httpx.Client, vin: str, car: Car) -> None:
+    for r in (
+        http.get(f"/vehicles/{vin}/metadata/timestamp.json"),
+        http.get("/health"),
+        http.get("/root/1.root.json"),
+        _manifest_put(http, vin, car.manifest()),
+    ):
+        assert (r.status_code, r.content) == (403, REVOKED_BODY), r.text
+
+
+def test_a_revoked_certificate_is_refused_on_every_request(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    car = tls_director.car()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ctx = ssl.create_default_context(cafile=str(tls_director.ca))
+    with httpx.Client(
+        base_url=tls_director.operator_url, verify=ctx, timeout=10, trust_env=False
+    ) as op:
+        first = _issued_by_api(op, car.vin)
+        with tls_director.client(first, tmp_path / "first") as http:
+            assert http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200
+            # revoked through the operator API: this kept-alive connection is refused too
+            r = op.delete(f"/api/vehicles/{car.vin}/certificate", headers=auth)
+            assert r.status_code == 200 and r.json()["serials"] == [_serial(first)], r.text
+            _refused_as_revoked(http, car.vin, car)
+        (entry,) = [a for a in op.get("/api/audit", headers=auth).json() if a["vin"] == car.vin]
+        assert entry["action"] == "revoke_certificate"
+        assert entry["detail"]["serials"] == [_serial(first)]
+        with tls_director.client(first, tmp_path / "first-again") as http:  # new connection
+            _refused_as_revoked(http, car.vin, car)
+        assert tls_director.director.vehicle_status(car.vin).last_seen is None
+        # nothing valid left to revoke
+        assert op.delete(f"/api/vehicles/{car.vin}/certificate", headers=auth).status_code == 404
+        # a new certificate works, and a newer one again revokes it
+        second = _issued_by_api(op, car.vin)
+        with tls_director.client(second, tmp_path / "second") as http:
+            assert _manifest_put(http, car.vin, car.manifest()).status_code == 200
+            third = _issued_by_api(op, car.vin)
+            _refused_as_revoked(http, car.vin, car)
+    with tls_director.client(third, tmp_path / "third") as http:
+        assert http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200
+
+
+def test_revoke_cert_command_revokes_by_vin_and_by_serial(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    """``uptane director revoke-cert`` in another Database: the server's process sees it
+    at its next refresh (within ``REFRESH_SECONDS``)."""
+    car = tls_director.car()
+    # one issued outside the record (as before migration 0007): revoked by its serial
+    unrecorded = issue_vehicle_certificate(tls_director.directory, car.vin)
+    runner = CliRunner()
+    revoke = ["revoke-cert", str(tls_director.directory), "--vin", car.vin]
+    result = runner.invoke(director_cli, revoke)
+    assert result.exit_code == 1 and "no valid certificate" in result.output, result.output
+    with tls_director.client(unrecorded, tmp_path) as http:
+        assert http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200
+        serial = _serial(unrecorded).upper()  # as `openssl x509 -serial` prints it
+        result = runner.invoke(director_cli, [*revoke, "--serial", f"serial={serial}"])
+        assert result.exit_code == 0, result.output
+        assert f"revoked certificate {serial.lower()} of {car.vin}" in result.output
+        (entry,) = [a for a in tls_director.director.audit_log() if a.vin == car.vin]
+        assert (entry.actor, entry.detail["serials"]) == ("cli", [serial.lower()])
+        deadline = time.monotonic() + 30
+        while http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200:
+            assert time.monotonic() < deadline, "the revocation was never seen"
+            time.sleep(0.2)
+        _refused_as_revoked(http, car.vin, car)
+    result = runner.invoke(director_cli, [*revoke, "--serial", "zz"])
+    assert result.exit_code != 0 and "hexadecimal" in result.output, result.output
+    other = tls_director.car()
+    recorded = issue_vehicle_certificate(tls_director.directory, other.vin)
+    from director.revocation import record_issued
+
+    record_issued(tls_director.director.db, other.vin, recorded.certificate)
+    result = runner.invoke(director_cli, [*revoke, "--serial", _serial(recorded)])
+    assert result.exit_code == 1 and "another vehicle" in result.output, result.output
+
+
+def test_revocations_unreadable_fail_closed(tmp_path: Path) -> None:
+    """A process that cannot read the revoked serials for ``stale_seconds`` refuses
+    vehicles (503) rather than serving on an old list."""
+    from director.db import Database
+    from director.revocation import RevocationList
+
+    now = [0.0]
+    db = Database(f"sqlite:///{tmp_path / 'unmigrated.db'}")  # no vehicle_certificates table
+    try:
+        revocations = RevocationList(db, stale_seconds=30, clock=lambda: now[0])
+        assert asyncio.run(revocations.revoked("ab")) is None
+        db.migrate()
+        now[0] = 5.0
+        assert asyncio.run(revocations.revoked("ab")) is False
+        db.engine.dispose()
+        (tmp_path / "unmigrated.db").unlink()  # the database is gone
+        now[0] = 10.0
+        assert asyncio.run(revocations.revoked("ab")) is False  # still within 30 s
+        now[0] = 40.0
+        assert asyncio.run(revocations.revoked("ab")) is None
+    finally:
+        db.dispose()
+
+
+def test_serve_refuses_a_key_not_of_the_certificate_in_one_line(tmp_path: Path) -> None:
+    directory = tmp_path / "d"
+    init_director(directory, token=TOKEN)
+    _, cert, _ = tls_paths(directory)
+    key = tls_dir(directory) / CA_KEY  # the CA's key, not the server certificate's
+    args = ["serve", str(directory), "--port", str(_free_port())]
+    for workers in ("1", "2"):
+        result = CliRunner().invoke(
+            director_cli,
+            [*args, "--workers", workers, "--tls-cert", str(cert), "--tls-key", str(key)],
+        )
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: TLS certificate or key:"), result.output
+        assert len(result.output.strip().splitlines()) == 1

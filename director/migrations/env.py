@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import director.revocation  # noqa: F401  (its table, vehicle_certificates, is on Base)
 from director.db import Base
 
 connection = context.config.attributes.get("connection")
