@@ -358,7 +358,7 @@ def register_cmd(
             from director.tls import issue_vehicle_certificate
 
             issued = issue_vehicle_certificate(directory, status.vin)
-            record_issued(director.db, status.vin, issued.certificate)  # for revoke-cert
+            record_issued(director.db, status.vin, issued.certificate, actor="cli")
             cert_file, key_file, ca_file = issued.write(issue_cert, status.vin)
             click.echo(f"client certificate {cert_file}, key {key_file} (mode 0600), CA {ca_file}")
     finally:

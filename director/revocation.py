@@ -93,10 +93,15 @@ class Revoked:
 
 
 def record_issued(
-    db: Database, vin: str, certificate_pem: bytes, now: datetime | None = None
+    db: Database,
+    vin: str,
+    certificate_pem: bytes,
+    now: datetime | None = None,
+    actor: str = "operator",
 ) -> list[Revoked]:
     """Record a certificate (PEM) just issued to ``vin`` and revoke the VIN's earlier
-    ones (returned)."""
+    ones (returned; an audit entry ``issue_certificate`` names the new serial and the
+    superseded ones)."""
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(certificate_pem)
@@ -113,6 +118,16 @@ def record_issued(
         s.add(
             VehicleCertificate(
                 serial=serial_text(serial), vin=vin, issued_at=now, not_after=not_after
+            )
+        )
+        s.add(
+            AuditEntry(
+                at=now,
+                actor=actor[:64],
+                action="issue_certificate",
+                vin=vin,
+                ecu_serial=None,
+                detail={"serial": serial_text(serial), "superseded": [c.serial for c in earlier]},
             )
         )
         return [Revoked(c.serial, c.vin) for c in earlier]

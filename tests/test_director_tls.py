@@ -457,9 +457,11 @@ def test_a_revoked_certificate_is_refused_on_every_request(
             r = op.delete(f"/api/vehicles/{car.vin}/certificate", headers=auth)
             assert r.status_code == 200 and r.json()["serials"] == [_serial(first)], r.text
             _refused_as_revoked(http, car.vin, car)
-        (entry,) = [a for a in op.get("/api/audit", headers=auth).json() if a["vin"] == car.vin]
-        assert entry["action"] == "revoke_certificate"
+        audit = [a for a in op.get("/api/audit", headers=auth).json() if a["vin"] == car.vin]
+        (entry,) = [a for a in audit if a["action"] == "revoke_certificate"]
         assert entry["detail"]["serials"] == [_serial(first)]
+        (issued,) = [a for a in audit if a["action"] == "issue_certificate"]
+        assert issued["detail"] == {"serial": _serial(first), "superseded": []}
         with tls_director.client(first, tmp_path / "first-again") as http:  # new connection
             _refused_as_revoked(http, car.vin, car)
         assert tls_director.director.vehicle_status(car.vin).last_seen is None
@@ -471,6 +473,10 @@ def test_a_revoked_certificate_is_refused_on_every_request(
             assert _manifest_put(http, car.vin, car.manifest()).status_code == 200
             third = _issued_by_api(op, car.vin)
             _refused_as_revoked(http, car.vin, car)
+        # the superseding issue is in the audit log with the serial it revoked
+        audit = op.get("/api/audit", headers=auth).json()
+        superseded = [a["detail"] for a in audit if a["action"] == "issue_certificate"]
+        assert {"serial": _serial(third), "superseded": [_serial(second)]} in superseded
     with tls_director.client(third, tmp_path / "third") as http:
         assert http.get(f"/vehicles/{car.vin}/metadata/timestamp.json").status_code == 200
 
