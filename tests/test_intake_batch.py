@@ -7,6 +7,7 @@ Director over SQLite and PostgreSQL with the fixtures of ``test_director``.
 # ruff: noqa: F811  (the fixtures of test_director are parameters here)
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -64,7 +65,8 @@ def test_requests_waiting_on_a_commit_are_written_together() -> None:
         assert first.result(10) == "ok:a"
         assert [f.result(10) for f in rest] == ["ok:b", "ok:c", "ok:d"]
     assert batches == [["a"], ["b", "c", "d"]]
-    assert not gc._leading and gc._queue == []
+    assert gc._queue == []
+    _wait_for(lambda: not gc._writing)
 
 
 def test_one_item_per_key_in_a_batch_and_batches_capped() -> None:
@@ -120,6 +122,35 @@ def test_a_failing_batch_is_written_item_by_item() -> None:
     assert batches == [["a"], ["b", "bad", "no"], ["b"], ["bad"], ["no"]]
 
 
+def test_event_loop_requests_share_the_writer_and_a_batch_with_threads() -> None:
+    batches: list[list[str]] = []
+    go = threading.Event()
+
+    def write(items: Sequence[str]) -> list[str | BaseException]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            assert go.wait(10)
+        return [ValueError("refused") if i == "no" else f"ok:{i}" for i in items]
+
+    gc: GroupCommit[str, str] = GroupCommit(write, key=lambda i: i, idle=0.05)
+
+    async def main() -> list[object]:
+        first = asyncio.get_running_loop().run_in_executor(None, gc.submit, "a")
+        await asyncio.to_thread(_wait_for, lambda: batches == [["a"]])
+        futures = [gc.submit_async(i) for i in ("b", "no")]
+        threaded = asyncio.get_running_loop().run_in_executor(None, gc.submit, "c")
+        await asyncio.to_thread(_wait_for, lambda: len(gc._queue) == 3)
+        go.set()
+        return await asyncio.gather(first, *futures, threaded, return_exceptions=True)
+
+    a, b, no, c = asyncio.run(main())
+    assert (a, b, c) == ("ok:a", "ok:b", "ok:c")
+    assert isinstance(no, ValueError)
+    assert batches == [["a"], ["b", "no", "c"]]  # one transaction for both kinds of waiter
+    _wait_for(lambda: gc._writer is None)  # idle: the writer thread ended
+    assert gc.submit("d") == "ok:d"  # and a new one starts with the next item
+
+
 def test_a_leader_waits_for_requests_being_checked_and_only_for_them() -> None:
     batches: list[list[str]] = []
 
@@ -141,8 +172,8 @@ def test_a_leader_waits_for_requests_being_checked_and_only_for_them() -> None:
         a = pool.submit(announced, "a", False)
         refused = pool.submit(announced, "x", True)
         _wait_for(lambda: gc._arriving == 2)
-        b = pool.submit(gc.submit, "b")  # leads, and waits for "a" (and "x")
-        _wait_for(lambda: gc._leading and len(gc._queue) == 1)
+        b = pool.submit(gc.submit, "b")  # the writer waits for "a" (and "x")
+        _wait_for(lambda: gc._writer is not None and len(gc._queue) == 1)
         assert batches == []
         checked.set()
         assert (a.result(10), b.result(10)) == ("a", "b")
