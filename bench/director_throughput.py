@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -437,24 +437,145 @@ def signature_cpu_per_checkin(manifests: list[tuple[Key, bytes]], keys: dict[str
     return (time.process_time() - t0) / (rounds * len(manifests))
 
 
+# --- check-ins from one cheap client process: raw keep-alive HTTP, bodies built first ---
+
+
+def _response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes, bytes | None]:
+    """Read one HTTP/1.1 response with a Content-Length from ``sock`` (keep-alive).
+
+    Returns (status, body, ETag); bytes of the next response stay in ``buf``.
+    """
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        buf += chunk
+    head = bytes(buf[:end]).split(b"\r\n")
+    status = int(head[0].split(b" ", 2)[1])
+    length, etag = 0, None
+    for line in head[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"etag":
+            etag = value.strip()
+    while len(buf) < end + 4 + length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        buf += chunk
+    body = bytes(buf[end + 4 : end + 4 + length])
+    del buf[: end + 4 + length]
+    return status, body, etag
+
+
+def _lane(port: int, work: list[tuple[str, bytes]], etags: dict[str, bytes | None]) -> int:
+    """One connection: each check-in's PUT, then its no-change poll, in order."""
+    puts = [
+        (
+            vin,
+            (
+                f"PUT /vehicles/{vin}/manifest HTTP/1.1\r\nHost: bench\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body,
+        )
+        for vin, body in work
+    ]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    for vin, put in puts:
+        sock.sendall(put)
+        status, body, _ = _response(sock, buf)
+        if status != 200:
+            raise RuntimeError(f"{vin}: manifest refused: {body[:300]!r}")
+        base = f"GET /vehicles/{vin}/metadata/"
+        sock.sendall(f"{base}2.root.json HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        status, _, _ = _response(sock, buf)
+        if status != 404:
+            raise RuntimeError(f"{vin}: 2.root.json answered {status}")
+        tag = etags.get(vin)
+        sock.sendall(
+            f"{base}timestamp.json HTTP/1.1\r\nHost: bench\r\n".encode()
+            + (b"If-None-Match: " + tag + b"\r\n" if tag else b"")
+            + b"\r\n"
+        )
+        status, _, etag = _response(sock, buf)
+        if status not in (200, 304):
+            raise RuntimeError(f"{vin}: timestamp answered {status}")
+        etags[vin] = etag or tag
+    sock.close()
+    return len(puts)
+
+
+def _checkin_client(
+    port: int, lanes: list[list[tuple[str, bytes]]], start: Any, results: Any
+) -> None:
+    """One client process: a thread per lane (connection); its own CPU time is reported."""
+    etags: dict[str, bytes | None] = {}
+    done: list[int] = []
+    threads = [
+        threading.Thread(target=lambda w=w: done.append(_lane(port, w, etags))) for w in lanes
+    ]
+    start.wait()
+    cpu0 = time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(done) != len(lanes):
+        raise SystemExit("a lane failed")
+    results.put((sum(done), time.process_time() - cpu0))
+
+
 def checkin_cpu(
-    server: Server, manifests: dict[str, list[bytes]], rnd: int, rounds: int, n: int
-) -> tuple[int, float, float]:
-    """Run round ``rnd`` of check-ins from ``n`` clients: (check-ins, wall s, server CPU s)."""
-    # each vehicle's manifests from one client, in order (two clients would race its counter)
+    server: Server,
+    manifests: dict[str, list[bytes]],
+    first: int,
+    rounds: int,
+    n: int,
+    pg: Callable[[], float] = lambda: 0.0,
+) -> tuple[int, float, float, float, float]:
+    """``rounds`` check-ins per vehicle from its manifest ``first`` on, on ``n`` connections.
+
+    Returns (check-ins, wall s, server CPU s, client CPU s, PostgreSQL CPU s per ``pg``).
+    Each vehicle's manifests go over one connection, in order (two would race its counter).
+    """
     vins = list(manifests)
-    jobs = [
-        {
-            "kind": "checkin",
-            "port": server.port,
-            "manifests": [
-                (vin, manifests[vin][rnd * rounds + k]) for k in range(rounds) for vin in vins[i::n]
-            ],
-        }
+    lanes = [
+        [(vin, manifests[vin][first + k]) for k in range(rounds) for vin in vins[i::n]]
         for i in range(n)
     ]
-    ops, wall, cpu, _ = run_clients(server, jobs)
-    return ops, wall, cpu
+    ctx = mp.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_checkin_client, args=(server.port, lanes, start, results))
+    proc.start()
+    time.sleep(0.3)
+    cpu0, pg0, t0 = server.cpu(), pg(), time.perf_counter()
+    start.set()
+    ops, client_cpu = results.get(timeout=600)
+    wall = time.perf_counter() - t0
+    cpu, pg_cpu = server.cpu() - cpu0, pg() - pg0
+    proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"the check-in client failed (exit {proc.exitcode})")
+    return ops, wall, cpu, client_cpu, pg_cpu
+
+
+def postgres_cpu(url: str, name: str) -> Callable[[], float]:
+    """CPU seconds of the PostgreSQL backends whose application_name is ``name`` (now open)."""
+    engine = create_engine(make_url(url).difference_update_query(["options", "application_name"]))
+
+    def cpu() -> float:
+        with engine.connect() as conn:
+            pids = conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE application_name = :n"), {"n": name}
+            ).scalars()
+            return sum(tree_cpu(pid) for pid in pids)
+
+    return cpu
 
 
 def main() -> None:
@@ -466,7 +587,12 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=40, help="vehicles sending manifests")
     parser.add_argument("--rounds", type=int, default=10, help="manifests per active vehicle")
     parser.add_argument("--polls", type=int, default=2000, help="no-change polls measured")
-    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="client processes (polls), connections (check-ins)"
+    )
+    parser.add_argument(
+        "--lanes", type=int, default=16, help="connections of the check-ins/s figure"
+    )
     parser.add_argument("--signers", type=int, default=2, help="signer processes (assign)")
     parser.add_argument(
         "--poll-rate", type=float, default=200, help="polls/s in all around the assignment"
@@ -504,7 +630,7 @@ def main() -> None:
         director.assign("bench-app.wasm", hardware_id="bench-hw", vins=[r.vin for r, _ in actives])
         keys = {e.serial: e.public_key for r, _ in actives for e in r.ecus}
         manifests = {
-            r.vin: sign_manifests(r.vin, signers, 1, 3 * args.rounds) for r, signers in actives
+            r.vin: sign_manifests(r.vin, signers, 1, 7 * args.rounds) for r, signers in actives
         }
         rng = random.Random(1)
 
@@ -512,7 +638,7 @@ def main() -> None:
         server = Server(tmp / "director", db_url, 1, log)
         servers.append(server)
         run_clients(server, [{"kind": "trivial", "port": server.port, "count": 200}] * n)
-        ops, _, cpu = checkin_cpu(server, manifests, 0, args.rounds, n)
+        ops, _, cpu, _, _ = checkin_cpu(server, manifests, 0, args.rounds, n)
         small_checkin, small_rss = cpu / ops, tree_rss(server.proc.pid)
         server.stop()
         servers.remove(server)
@@ -530,8 +656,13 @@ def main() -> None:
         all_vins = [r.vin for r in filler]
         sample = rng.sample(all_vins, min(len(all_vins), args.polls))
 
+        # the server's PostgreSQL backends, by name: their CPU too (check-ins/s lines)
+        app_name = f"director_{schema}"
+        server_url = make_url(db_url).update_query_dict({"application_name": app_name})
+        pg = postgres_cpu(db_url, app_name)
+        rates: dict[int, float] = {}
         for workers in (1, 2):
-            server = Server(tmp / "director", db_url, workers, log)
+            server = Server(tmp / "director", server_url.render_as_string(False), workers, log)
             servers.append(server)
             port = server.port
             # warm up: every worker, every statement; learn the sample's ETags
@@ -559,7 +690,10 @@ def main() -> None:
                     f"endpoint x2 {2 * trivial_per_request * 1000:.3f} ms; "
                     f"ratio={2 * trivial_per_request / poll:.3f}"
                 )
-            ops, wall, cpu = checkin_cpu(server, manifests, workers, args.rounds, n)
+            # each vehicle's manifests in order: [0, r) small fleet, then r per worker count
+            # for this figure and 2r for the next
+            start_at = args.rounds * (1 + 3 * (workers - 1))
+            ops, wall, cpu, _, _ = checkin_cpu(server, manifests, start_at, args.rounds, n)
             if workers == 1:
                 sig = signature_cpu_per_checkin(
                     [(keys[f"{vin}-0"], ms[0]) for vin, ms in manifests.items()], keys
@@ -577,10 +711,26 @@ def main() -> None:
                     f"MiB -> {full_rss / 2**20:.0f} MiB"
                 )
             print(
-                f"check-ins/s with {workers} worker(s): {ops / wall:.1f} "
-                f"({ops} check-ins from {n} client processes on the same cores; "
-                f"server CPU {cpu / ops * 1000:.3f} ms/check-in)"
+                f"manifest: server CPU {cpu / ops * 1000:.3f} ms/check-in with {workers} "
+                f"worker(s) ({ops} check-ins on {n} connections)"
             )
+            # throughput: more connections, one cheap client process (raw keep-alive HTTP,
+            # bodies built first); the CPU of everything taking part, per check-in
+            ops, wall, cpu, client, pg_cpu = checkin_cpu(
+                server, manifests, start_at + args.rounds, 2 * args.rounds, args.lanes, pg
+            )
+            rates[workers] = ops / wall
+            print(
+                f"check-ins/s with {workers} worker(s): {ops / wall:.1f} ({ops} check-ins on "
+                f"{args.lanes} connections from 1 client process; CPU per check-in: server "
+                f"{cpu / ops * 1000:.3f} ms, its PostgreSQL backends {pg_cpu / ops * 1000:.3f} "
+                f"ms, client {client / ops * 1000:.3f} ms; together {(cpu + pg_cpu + client) / wall:.2f} "
+                f"of {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})"
+            )
+            if workers == 2:
+                print(
+                    f"workers: check-ins/s with 2 workers / with 1: ratio={rates[2] / rates[1]:.3f}"
+                )
             if workers == 2:
                 assign_phase(args, config, server, split(sample), etags)
             server.stop()

@@ -69,6 +69,8 @@ def refusal(exc: ManifestError, vin: str, peer: str) -> tuple[int, str, str]:
 
 def accepted_body(receipt: ManifestReceipt) -> bytes:
     """The 200 answer: ``ManifestAccepted`` (``refused_reports``, ``unreported`` if any)."""
+    if not receipt.refused_reports and not receipt.unreported:  # the usual answer
+        return b'{"accepted":true,"metadata_version":%d}' % int(receipt.metadata_version)
     body: dict[str, Any] = {"accepted": True, "metadata_version": receipt.metadata_version}
     if receipt.refused_reports:
         body["refused_reports"] = dict(receipt.refused_reports)
