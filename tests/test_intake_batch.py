@@ -29,6 +29,7 @@ from test_director import (  # noqa: F401  (fixtures)
     register,
 )
 
+from director import manifest_route
 from director.db import Ecu, Vehicle, VehicleManifestRecord
 from director.group_commit import GroupCommit
 from uptane.errors import ManifestError
@@ -278,6 +279,32 @@ def test_concurrent_check_ins_are_all_recorded_and_a_replay_race_has_one_winner(
     with ThreadPoolExecutor(4) as pool:
         outcomes = sorted(pool.map(attempt, range(4)))
     assert outcomes == ["accepted", "replayed_report", "replayed_report", "replayed_report"]
+
+
+def test_a_check_in_with_cached_keys_is_checked_on_the_event_loop(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: only a vehicle's first check-in (per process) reads its keys in a thread."""
+    hops: list[str] = []
+    real = manifest_route.run_in_threadpool
+
+    async def counted(func: Any, *args: Any) -> Any:
+        hops.append(func.__name__)
+        return await real(func, *args)
+
+    monkeypatch.setattr(manifest_route, "run_in_threadpool", counted)
+    car = register(env, new_car(n_secondaries=1))
+    for _ in range(3):
+        assert put_manifest(env, car, car.manifest()).status_code == 200
+    assert hops == ["receive_manifest"]
+    # a refusal with cached keys is re-checked with the registered keys, in a thread
+    bad = car.manifest()
+    doc = json.loads(bad)
+    doc["signed"]["ecu_version_reports"].popitem()
+    doc["signed"]["ecu_version_reports"]["NOT-AN-ECU"] = "AA=="
+    r = put_manifest(env, car, json.dumps(doc).encode())
+    assert (r.status_code, r.json()["error"]) == (403, "bad_primary_signature")
+    assert hops == ["receive_manifest", "recheck_manifest"]
 
 
 def test_cached_ecu_keys_are_checked_against_the_registered_ones(env: Env) -> None:
