@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proc_cpu import tree_cpu, tree_rss  # bench/ is on sys.path when a bench runs
+from proc_cpu import tree_cpu, tree_pids, tree_rss  # bench/ is on sys.path when a bench runs
 from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -189,10 +189,23 @@ def sign_manifests(
 # --- the server --------------------------------------------------------------------
 
 
+class _PortTaken(Exception):
+    """The server's port was taken before it could listen on it."""
+
+
 class Server:
     """``uptane director serve`` in its own process group."""
 
     def __init__(self, directory: Path, db_url: str, workers: int, log: Path) -> None:
+        for attempt in range(5):  # a port another process took meanwhile: another one
+            try:
+                self._start(directory, db_url, workers, log)
+                return
+            except _PortTaken:
+                if attempt == 4:
+                    raise SystemExit("no free port for the server") from None
+
+    def _start(self, directory: Path, db_url: str, workers: int, log: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -222,11 +235,15 @@ class Server:
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+                self.log.close()
+                tail = log.read_text()[-2000:]
+                if f"cannot listen on 127.0.0.1:{self.port}" in tail:
+                    raise _PortTaken
+                raise SystemExit(f"server exited: {tail}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 c.request("GET", "/health")
-                if c.getresponse().status == 200:
+                if c.getresponse().status == 200 and self._listening():
                     c.close()
                     break
             except OSError:
@@ -234,6 +251,31 @@ class Server:
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
+
+    def _listening(self) -> bool:
+        """Whether the socket listening on ``self.port`` is this server's.
+
+        Another bench's server may take the free port this one was given
+        before it binds it (this one then exits): its /health must not count.
+        """
+        port = f"{self.port:04X}"
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port}") and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+        for pid in tree_pids(self.proc.pid):
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) in inodes:
+                        return True
+                except OSError:
+                    continue
+        return False
 
     def cpu(self) -> float:
         return tree_cpu(self.proc.pid)
