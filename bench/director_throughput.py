@@ -57,7 +57,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proc_cpu import tree_cpu, tree_rss  # bench/ is on sys.path when a bench runs
+from checkins import checkin_cpu, postgres_cpu  # bench/ is on sys.path when a bench runs
+from proc_cpu import tree_cpu, tree_pids, tree_rss
 from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -189,10 +190,23 @@ def sign_manifests(
 # --- the server --------------------------------------------------------------------
 
 
+class _PortTaken(Exception):
+    """The server's port was taken before it could listen on it."""
+
+
 class Server:
     """``uptane director serve`` in its own process group."""
 
     def __init__(self, directory: Path, db_url: str, workers: int, log: Path) -> None:
+        for attempt in range(5):  # a port another process took meanwhile: another one
+            try:
+                self._start(directory, db_url, workers, log)
+                return
+            except _PortTaken:
+                if attempt == 4:
+                    raise SystemExit("no free port for the server") from None
+
+    def _start(self, directory: Path, db_url: str, workers: int, log: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -222,11 +236,15 @@ class Server:
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+                self.log.close()
+                tail = log.read_text()[-2000:]
+                if f"cannot listen on 127.0.0.1:{self.port}" in tail:
+                    raise _PortTaken
+                raise SystemExit(f"server exited: {tail}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 c.request("GET", "/health")
-                if c.getresponse().status == 200:
+                if c.getresponse().status == 200 and self._listening():
                     c.close()
                     break
             except OSError:
@@ -234,6 +252,31 @@ class Server:
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
+
+    def _listening(self) -> bool:
+        """Whether the socket listening on ``self.port`` is this server's.
+
+        Another bench's server may take the free port this one was given
+        before it binds it (this one then exits): its /health must not count.
+        """
+        port = f"{self.port:04X}"
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port}") and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+        for pid in tree_pids(self.proc.pid):
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) in inodes:
+                        return True
+                except OSError:
+                    continue
+        return False
 
     def cpu(self) -> float:
         return tree_cpu(self.proc.pid)
@@ -437,26 +480,6 @@ def signature_cpu_per_checkin(manifests: list[tuple[Key, bytes]], keys: dict[str
     return (time.process_time() - t0) / (rounds * len(manifests))
 
 
-def checkin_cpu(
-    server: Server, manifests: dict[str, list[bytes]], rnd: int, rounds: int, n: int
-) -> tuple[int, float, float]:
-    """Run round ``rnd`` of check-ins from ``n`` clients: (check-ins, wall s, server CPU s)."""
-    # each vehicle's manifests from one client, in order (two clients would race its counter)
-    vins = list(manifests)
-    jobs = [
-        {
-            "kind": "checkin",
-            "port": server.port,
-            "manifests": [
-                (vin, manifests[vin][rnd * rounds + k]) for k in range(rounds) for vin in vins[i::n]
-            ],
-        }
-        for i in range(n)
-    ]
-    ops, wall, cpu, _ = run_clients(server, jobs)
-    return ops, wall, cpu
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--fleet", type=int, default=10_000, help="registered vehicles")
@@ -466,7 +489,12 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=40, help="vehicles sending manifests")
     parser.add_argument("--rounds", type=int, default=10, help="manifests per active vehicle")
     parser.add_argument("--polls", type=int, default=2000, help="no-change polls measured")
-    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="client processes (polls), connections (check-ins)"
+    )
+    parser.add_argument(
+        "--lanes", type=int, default=16, help="connections of the check-ins/s figure"
+    )
     parser.add_argument("--signers", type=int, default=2, help="signer processes (assign)")
     parser.add_argument(
         "--poll-rate", type=float, default=200, help="polls/s in all around the assignment"
@@ -504,7 +532,7 @@ def main() -> None:
         director.assign("bench-app.wasm", hardware_id="bench-hw", vins=[r.vin for r, _ in actives])
         keys = {e.serial: e.public_key for r, _ in actives for e in r.ecus}
         manifests = {
-            r.vin: sign_manifests(r.vin, signers, 1, 3 * args.rounds) for r, signers in actives
+            r.vin: sign_manifests(r.vin, signers, 1, 7 * args.rounds) for r, signers in actives
         }
         rng = random.Random(1)
 
@@ -512,7 +540,7 @@ def main() -> None:
         server = Server(tmp / "director", db_url, 1, log)
         servers.append(server)
         run_clients(server, [{"kind": "trivial", "port": server.port, "count": 200}] * n)
-        ops, _, cpu = checkin_cpu(server, manifests, 0, args.rounds, n)
+        ops, _, cpu, _, _ = checkin_cpu(server, manifests, 0, args.rounds, n)
         small_checkin, small_rss = cpu / ops, tree_rss(server.proc.pid)
         server.stop()
         servers.remove(server)
@@ -530,8 +558,13 @@ def main() -> None:
         all_vins = [r.vin for r in filler]
         sample = rng.sample(all_vins, min(len(all_vins), args.polls))
 
+        # the server's PostgreSQL backends, by name: their CPU too (check-ins/s lines)
+        app_name = f"director_{schema}"
+        server_url = make_url(db_url).update_query_dict({"application_name": app_name})
+        pg = postgres_cpu(db_url, app_name)
+        rates: dict[int, float] = {}
         for workers in (1, 2):
-            server = Server(tmp / "director", db_url, workers, log)
+            server = Server(tmp / "director", server_url.render_as_string(False), workers, log)
             servers.append(server)
             port = server.port
             # warm up: every worker, every statement; learn the sample's ETags
@@ -559,7 +592,10 @@ def main() -> None:
                     f"endpoint x2 {2 * trivial_per_request * 1000:.3f} ms; "
                     f"ratio={2 * trivial_per_request / poll:.3f}"
                 )
-            ops, wall, cpu = checkin_cpu(server, manifests, workers, args.rounds, n)
+            # each vehicle's manifests in order: [0, r) small fleet, then r per worker count
+            # for this figure and 2r for the next
+            start_at = args.rounds * (1 + 3 * (workers - 1))
+            ops, wall, cpu, _, _ = checkin_cpu(server, manifests, start_at, args.rounds, n)
             if workers == 1:
                 sig = signature_cpu_per_checkin(
                     [(keys[f"{vin}-0"], ms[0]) for vin, ms in manifests.items()], keys
@@ -577,10 +613,26 @@ def main() -> None:
                     f"MiB -> {full_rss / 2**20:.0f} MiB"
                 )
             print(
-                f"check-ins/s with {workers} worker(s): {ops / wall:.1f} "
-                f"({ops} check-ins from {n} client processes on the same cores; "
-                f"server CPU {cpu / ops * 1000:.3f} ms/check-in)"
+                f"manifest: server CPU {cpu / ops * 1000:.3f} ms/check-in with {workers} "
+                f"worker(s) ({ops} check-ins on {n} connections)"
             )
+            # throughput: more connections, one cheap client process (raw keep-alive HTTP,
+            # bodies built first); the CPU of everything taking part, per check-in
+            ops, wall, cpu, client, pg_cpu = checkin_cpu(
+                server, manifests, start_at + args.rounds, 2 * args.rounds, args.lanes, pg
+            )
+            rates[workers] = ops / wall
+            print(
+                f"check-ins/s with {workers} worker(s): {ops / wall:.1f} ({ops} check-ins on "
+                f"{args.lanes} connections from 1 client process; CPU per check-in: server "
+                f"{cpu / ops * 1000:.3f} ms, its PostgreSQL backends {pg_cpu / ops * 1000:.3f} "
+                f"ms, client {client / ops * 1000:.3f} ms; together {(cpu + pg_cpu + client) / wall:.2f} "
+                f"of {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})"
+            )
+            if workers == 2:
+                print(
+                    f"workers: check-ins/s with 2 workers / with 1: ratio={rates[2] / rates[1]:.3f}"
+                )
             if workers == 2:
                 assign_phase(args, config, server, split(sample), etags)
             server.stop()

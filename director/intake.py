@@ -10,6 +10,7 @@ Director's clock) and recorded in one transaction, or refused with a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -50,6 +51,18 @@ class _EcuKey:
     hardware_id: str
     primary: bool
     key: Key
+
+
+class CachedKeyRefusal(Exception):
+    """``check_manifest_cached`` refused a manifest with cached keys: ``recheck_manifest`` it."""
+
+    def __init__(
+        self, envelope: ManifestEnvelope, keys: dict[str, _EcuKey], refused: ManifestError
+    ) -> None:
+        super().__init__(str(refused))
+        self.envelope = envelope
+        self.keys = keys
+        self.refused = refused
 
 
 class _EcusChanged(ManifestError):
@@ -151,25 +164,66 @@ class ManifestIntake(DirectorRepository):
         the manifests checked meanwhile are then written together, in one
         transaction of Core statements (``_write_batch``).
         """
-        envelope = ManifestEnvelope.from_bytes(data, self.max_manifest)
-        if envelope.vin != vin:
-            raise ManifestError(
-                f"manifest is for vehicle {envelope.vin!r}, sent for {vin!r}", "vin_mismatch"
-            )
+        envelope = self._envelope(vin, data)
         state = self._intake()
         from_cache = False
         try:
-            with state.group.arriving() as arrival:  # a leader may wait for it (group commit)
+            with state.group.arriving() as arrival:  # the writer may wait for it (group commit)
                 keys, from_cache = self._ecu_keys(vin, state, cached=True)
                 return state.group.submit(self._verify(envelope, keys, from_cache), arrival)
         except ManifestError as refused:
             if not from_cache:
                 raise
-            # checked with cached keys: refused for good only if they are still registered
-            fresh, _ = self._ecu_keys(vin, state, cached=False)
-            if fresh == keys and not isinstance(refused, _EcusChanged):
-                raise
-        return state.group.submit(self._verify(envelope, fresh, False))
+            return self.recheck_manifest(envelope, keys, refused)
+
+    def _envelope(self, vin: str, data: bytes) -> ManifestEnvelope:
+        envelope = ManifestEnvelope.from_bytes(data, self.max_manifest)
+        if envelope.vin != vin:
+            raise ManifestError(
+                f"manifest is for vehicle {envelope.vin!r}, sent for {vin!r}", "vin_mismatch"
+            )
+        return envelope
+
+    def check_manifest_cached(
+        self, vin: str, data: bytes
+    ) -> tuple[ManifestEnvelope, dict[str, _EcuKey], Verified] | None:
+        """``receive_manifest``'s checks with no database: on the event loop (issue 12).
+
+        None when the vehicle's ECU keys are not in this process's cache (the
+        caller then runs ``receive_manifest`` in a thread). Refusals before
+        the keys are needed (size, shape, VIN) are final; a refusal by the
+        cached keys is final only after ``recheck_manifest``.
+        """
+        envelope = self._envelope(vin, data)
+        state = self._intake()
+        if _IDENT_RE.match(vin) is None:
+            raise ManifestError(f"no vehicle {vin[:130]!r} is registered", "unknown_vehicle")
+        with state.lock:
+            keys = state.keys.get(vin)
+            if keys is None:
+                return None
+            state.keys.move_to_end(vin)
+        try:
+            return envelope, keys, self._verify(envelope, keys, True)
+        except ManifestError as refused:
+            raise CachedKeyRefusal(envelope, keys, refused) from refused
+
+    def record_manifest_async(self, verified: Verified) -> asyncio.Future[ManifestReceipt]:
+        """Write a manifest ``check_manifest_cached`` verified: its receipt, once committed."""
+        return self._intake().group.submit_async(verified)
+
+    def recheck_manifest(
+        self, envelope: ManifestEnvelope, keys: dict[str, _EcuKey], refused: ManifestError
+    ) -> ManifestReceipt:
+        """A manifest refused with cached keys: final if they are still registered.
+
+        Otherwise (a key or ECU changed) it is checked again with what is
+        registered, and recorded if it passes. In a thread: it reads the database.
+        """
+        fresh, _ = self._ecu_keys(envelope.vin, self._intake(), cached=False)
+        if fresh == keys and not isinstance(refused, _EcusChanged):
+            raise refused
+        return self._intake().group.submit(self._verify(envelope, fresh, False))
 
     def _stale(
         self, serial: str, report: EcuVersionReport, ecu: Any, now: datetime
@@ -309,13 +363,19 @@ class ManifestIntake(DirectorRepository):
             vins = [v.vin for v in batch]
             if len(set(vins)) != len(vins):  # they would all pass the same freshness check
                 raise ValueError("one manifest per vehicle in a batch")
-            pg = self.db.is_postgresql
-            lock = sql.LOCK_VEHICLES_PG if pg else sql.LOCK_VEHICLES
-            vehicles = {r.vin: r for r in conn.execute(lock, {"vins": vins})}
+            if self.db.is_postgresql:
+                locked = sql.LOCK_VEHICLES_DRIVER.rows(conn, {"vins": vins})
+            else:
+                locked = list(conn.execute(sql.LOCK_VEHICLES, {"vins": vins}))
+            vehicles = {r.vin: r for r in locked}
             ecus: dict[int, dict[str, Any]] = {r.id: {} for r in vehicles.values()}
             if ecus:
-                state = sql.ECU_STATE_PG if pg else sql.ECU_STATE
-                for row in conn.execute(state, {"vehicle_ids": list(ecus)}):
+                ids = {"vehicle_ids": list(ecus)}
+                if self.db.is_postgresql:
+                    rows = sql.ECU_STATE_DRIVER.rows(conn, ids)
+                else:
+                    rows = list(conn.execute(sql.ECU_STATE, ids))
+                for row in rows:
                     ecus[row.vehicle_id][row.serial] = row
             plans: list[tuple[int, Plan]] = []
             for n, verified in enumerate(batch):
@@ -418,10 +478,9 @@ class ManifestIntake(DirectorRepository):
             }
             for u in updates
         ]
-        written = conn.execute(
-            sql.WRITE_STATE_PG,
-            {"vehicles": json.dumps(vehicle_rows), "ecus": json.dumps(ecu_rows)},
-        ).rowcount
+        written = sql.WRITE_STATE_DRIVER.rowcount(
+            conn, {"vehicles": json.dumps(vehicle_rows), "ecus": json.dumps(ecu_rows)}
+        )
         if written != len(ecu_rows):  # the rows were read under the vehicles' locks
             raise RuntimeError(f"{written} of {len(ecu_rows)} ECU rows updated")
 

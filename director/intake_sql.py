@@ -6,14 +6,19 @@ SQL cache key, so reusing it saves building and hashing it per request.
 
 from __future__ import annotations
 
+from collections import namedtuple
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
+    Dialect,
     Integer,
     Select,
     String,
     Table,
+    TextClause,
     any_,
     bindparam,
     exists,
@@ -90,7 +95,7 @@ TOUCH_VEHICLE = (
 # whether the vehicle is in a campaign, under the lock: a statement of its own,
 # so it sees what committed while it waited (READ COMMITTED); also what
 # ``director.fleet`` compares the reports with
-def _ecu_state(vehicle_ids: ColumnElement[bool]) -> Select[Any]:
+def _ecu_state(vehicle_ids: ColumnElement[bool], observed: ColumnElement[bool]) -> Select[Any]:
     return (
         select(
             ECUS.c.id,
@@ -115,10 +120,7 @@ def _ecu_state(vehicle_ids: ColumnElement[bool]) -> Select[Any]:
             EcuHealthRecord.rollbacks.label("health_rollbacks"),
             EcuHealthRecord.payload.label("health_payload"),
             exists()
-            .where(
-                CampaignVehicle.vehicle_id == ECUS.c.vehicle_id,
-                CampaignVehicle.status.in_(OBSERVED),
-            )
+            .where(CampaignVehicle.vehicle_id == ECUS.c.vehicle_id, observed)
             .label("in_campaign"),
         )
         .select_from(ECUS)
@@ -131,8 +133,15 @@ def _ecu_state(vehicle_ids: ColumnElement[bool]) -> Select[Any]:
     )
 
 
-ECU_STATE = _ecu_state(ECUS.c.vehicle_id.in_(bindparam("vehicle_ids", expanding=True)))
-ECU_STATE_PG = _ecu_state(ECUS.c.vehicle_id == any_(bindparam("vehicle_ids", type_=ARRAY(Integer))))
+ECU_STATE = _ecu_state(
+    ECUS.c.vehicle_id.in_(bindparam("vehicle_ids", expanding=True)),
+    CampaignVehicle.status.in_(OBSERVED),
+)
+# PostgreSQL: array parameters only (no IN list expanded per execution)
+ECU_STATE_PG = _ecu_state(
+    ECUS.c.vehicle_id == any_(bindparam("vehicle_ids", type_=ARRAY(Integer))),
+    CampaignVehicle.status == any_(bindparam("observed", sorted(OBSERVED), type_=ARRAY(String))),
+)
 INSERT_MANIFEST = insert(MANIFESTS).returning(MANIFESTS.c.id)
 INSERT_ATTACK = insert(ATTACKS)
 INSERT_RESULT = insert(RESULTS)
@@ -168,3 +177,70 @@ UPDATE_ECU = (
         last_result_text=bindparam("text"),
     )
 )
+
+
+class DriverStatement:
+    """A Core statement compiled once per dialect, run on the DBAPI cursor (PostgreSQL).
+
+    Issue 12: on the check-in path SQLAlchemy's per-execution work (execution
+    context, result metadata from the cursor's description) costs more CPU
+    than the statement; these statements run on the transaction's own DBAPI
+    connection (same transaction), their SQL and constant parameters made by
+    SQLAlchemy's compiler, each column's value by its type's result processor
+    (``TypeEngine.result_processor``: ``UTCDateTime`` as for any query).
+    """
+
+    def __init__(self, statement: Select[Any] | TextClause) -> None:
+        self.statement = statement
+        self._compiled: dict[str, tuple[str, dict[str, Any], Any, list[Any]]] = {}
+
+    def _compile(self, dialect: Dialect) -> tuple[str, dict[str, Any], Any, list[Any]]:
+        done = self._compiled.get(dialect.name)
+        if done is None:
+            compiled = self.statement.compile(dialect=dialect)
+            constants = {k: v for k, v in compiled.params.items() if v is not None}
+            columns = list(getattr(self.statement, "selected_columns", ()))
+            row = namedtuple("Row", [c.key for c in columns]) if columns else None
+            processors = [
+                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+            ]
+            done = self._compiled[dialect.name] = (compiled.string, constants, row, processors)
+        return done
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """The statement's rows (attributes named as its columns)."""
+        sql, constants, row, processors = self._compile(conn.dialect)
+        raw = self._run(conn, sql, {**constants, **params}, fetch=True)
+        if not any(processors):
+            return [row._make(r) for r in raw]
+        return [
+            row._make([v if p is None else p(v) for p, v in zip(processors, r, strict=True)])
+            for r in raw
+        ]
+
+    def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Run the statement; the number of rows it changed."""
+        sql, constants, _, _ = self._compile(conn.dialect)
+        return int(self._run(conn, sql, {**constants, **params}, fetch=False))
+
+    @staticmethod
+    def _run(conn: Connection, sql: str, params: dict[str, Any], fetch: bool) -> Any:
+        """Execute on the DBAPI cursor: all rows, or the row count.
+
+        A DBAPI error is handed to SQLAlchemy's own handling, as if it had run
+        the statement: wrapped (``OperationalError``...), and on a lost
+        connection the pool invalidated (``director.http_layer.DatabaseUnavailable``).
+        """
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if fetch else cursor.rowcount
+        except conn.dialect.loaded_dbapi.Error as e:
+            conn._handle_dbapi_exception(e, sql, params, cursor, None)
+        finally:
+            cursor.close()
+
+
+LOCK_VEHICLES_DRIVER = DriverStatement(LOCK_VEHICLES_PG)
+ECU_STATE_DRIVER = DriverStatement(ECU_STATE_PG)
+WRITE_STATE_DRIVER = DriverStatement(WRITE_STATE_PG)

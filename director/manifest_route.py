@@ -4,9 +4,10 @@ A check-in's manifest is the Director's most frequent write; FastAPI's
 routing, dependency and response-model layers cost it more CPU than its
 answer needs. ``ManifestRoute`` sits inside ``GuardMiddleware`` (body cap,
 body timeout, body budget, already applied) and ``RequestCounter``, takes
-the body the guard read, runs ``Director.receive_manifest`` in the thread
-pool and answers with the same JSON as the FastAPI route, which stays for
-the OpenAPI description.
+the body the guard read, checks it on the event loop when the vehicle's keys
+are cached (else ``Director.receive_manifest`` in the thread pool), hands the
+write to the group-commit writer and answers with the same JSON as the
+FastAPI route, which stays for the OpenAPI description.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from director.http_layer import error_response
+from director.intake import CachedKeyRefusal
 from uptane.errors import ManifestError
 
 if TYPE_CHECKING:
@@ -67,6 +69,8 @@ def refusal(exc: ManifestError, vin: str, peer: str) -> tuple[int, str, str]:
 
 def accepted_body(receipt: ManifestReceipt) -> bytes:
     """The 200 answer: ``ManifestAccepted`` (``refused_reports``, ``unreported`` if any)."""
+    if not receipt.refused_reports and not receipt.unreported:  # the usual answer
+        return b'{"accepted":true,"metadata_version":%d}' % int(receipt.metadata_version)
     body: dict[str, Any] = {"accepted": True, "metadata_version": receipt.metadata_version}
     if receipt.refused_reports:
         body["refused_reports"] = dict(receipt.refused_reports)
@@ -100,7 +104,7 @@ class ManifestRoute:
             if not message.get("more_body", False):
                 break
         try:
-            receipt = await run_in_threadpool(self.director.receive_manifest, vin, b"".join(chunks))
+            receipt = await self._receive(vin, b"".join(chunks))
         except ManifestError as exc:
             client = scope.get("client")
             status, reason, detail = refusal(exc, vin, client[0] if client else "-")
@@ -118,3 +122,24 @@ class ManifestRoute:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def _receive(self, vin: str, data: bytes) -> ManifestReceipt:
+        """``Director.receive_manifest``, its checks on the event loop when it can.
+
+        With the vehicle's ECU keys in this process's cache, every check runs
+        here and only the write goes to the group-commit writer thread: no
+        thread-pool hop. Without them, or when the cached keys refused the
+        manifest (they may be out of date), the database is asked in a thread.
+        """
+        director = self.director
+        try:
+            checked = director.check_manifest_cached(vin, data)
+        except CachedKeyRefusal as c:
+            return await run_in_threadpool(director.recheck_manifest, c.envelope, c.keys, c.refused)
+        if checked is None:
+            return await run_in_threadpool(director.receive_manifest, vin, data)
+        envelope, keys, verified = checked
+        try:
+            return await director.record_manifest_async(verified)
+        except ManifestError as refused:
+            return await run_in_threadpool(director.recheck_manifest, envelope, keys, refused)

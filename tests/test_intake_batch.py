@@ -6,6 +6,7 @@ Director over SQLite and PostgreSQL with the fixtures of ``test_director``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner
 from sqlalchemy import func, select, update
 
+from director import manifest_route
 from director.db import Ecu, Vehicle, VehicleManifestRecord
 from director.group_commit import GroupCommit
 from uptane.errors import ManifestError
@@ -60,7 +62,8 @@ def test_requests_waiting_on_a_commit_are_written_together() -> None:
         assert first.result(10) == "ok:a"
         assert [f.result(10) for f in rest] == ["ok:b", "ok:c", "ok:d"]
     assert batches == [["a"], ["b", "c", "d"]]
-    assert not gc._leading and gc._queue == []
+    assert gc._queue == []
+    _wait_for(lambda: not gc._writing)
 
 
 def test_one_item_per_key_in_a_batch_and_batches_capped() -> None:
@@ -116,6 +119,35 @@ def test_a_failing_batch_is_written_item_by_item() -> None:
     assert batches == [["a"], ["b", "bad", "no"], ["b"], ["bad"], ["no"]]
 
 
+def test_event_loop_requests_share_the_writer_and_a_batch_with_threads() -> None:
+    batches: list[list[str]] = []
+    go = threading.Event()
+
+    def write(items: Sequence[str]) -> list[str | BaseException]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            assert go.wait(10)
+        return [ValueError("refused") if i == "no" else f"ok:{i}" for i in items]
+
+    gc: GroupCommit[str, str] = GroupCommit(write, key=lambda i: i, idle=0.05)
+
+    async def main() -> list[object]:
+        first = asyncio.get_running_loop().run_in_executor(None, gc.submit, "a")
+        await asyncio.to_thread(_wait_for, lambda: batches == [["a"]])
+        futures = [gc.submit_async(i) for i in ("b", "no")]
+        threaded = asyncio.get_running_loop().run_in_executor(None, gc.submit, "c")
+        await asyncio.to_thread(_wait_for, lambda: len(gc._queue) == 3)
+        go.set()
+        return await asyncio.gather(first, *futures, threaded, return_exceptions=True)
+
+    a, b, no, c = asyncio.run(main())
+    assert (a, b, c) == ("ok:a", "ok:b", "ok:c")
+    assert isinstance(no, ValueError)
+    assert batches == [["a"], ["b", "no", "c"]]  # one transaction for both kinds of waiter
+    _wait_for(lambda: gc._writer is None)  # idle: the writer thread ended
+    assert gc.submit("d") == "ok:d"  # and a new one starts with the next item
+
+
 def test_a_leader_waits_for_requests_being_checked_and_only_for_them() -> None:
     batches: list[list[str]] = []
 
@@ -137,8 +169,8 @@ def test_a_leader_waits_for_requests_being_checked_and_only_for_them() -> None:
         a = pool.submit(announced, "a", False)
         refused = pool.submit(announced, "x", True)
         _wait_for(lambda: gc._arriving == 2)
-        b = pool.submit(gc.submit, "b")  # leads, and waits for "a" (and "x")
-        _wait_for(lambda: gc._leading and len(gc._queue) == 1)
+        b = pool.submit(gc.submit, "b")  # the writer waits for "a" (and "x")
+        _wait_for(lambda: gc._writer is not None and len(gc._queue) == 1)
         assert batches == []
         checked.set()
         assert (a.result(10), b.result(10)) == ("a", "b")
@@ -243,6 +275,32 @@ def test_concurrent_check_ins_are_all_recorded_and_a_replay_race_has_one_winner(
     with ThreadPoolExecutor(4) as pool:
         outcomes = sorted(pool.map(attempt, range(4)))
     assert outcomes == ["accepted", "replayed_report", "replayed_report", "replayed_report"]
+
+
+def test_a_check_in_with_cached_keys_is_checked_on_the_event_loop(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: only a vehicle's first check-in (per process) reads its keys in a thread."""
+    hops: list[str] = []
+    real = manifest_route.run_in_threadpool
+
+    async def counted(func: Any, *args: Any) -> Any:
+        hops.append(func.__name__)
+        return await real(func, *args)
+
+    monkeypatch.setattr(manifest_route, "run_in_threadpool", counted)
+    car = register(env, new_car(n_secondaries=1))
+    for _ in range(3):
+        assert put_manifest(env, car, car.manifest()).status_code == 200
+    assert hops == ["receive_manifest"]
+    # a refusal with cached keys is re-checked with the registered keys, in a thread
+    bad = car.manifest()
+    doc = json.loads(bad)
+    doc["signed"]["ecu_version_reports"].popitem()
+    doc["signed"]["ecu_version_reports"]["NOT-AN-ECU"] = "AA=="
+    r = put_manifest(env, car, json.dumps(doc).encode())
+    assert (r.status_code, r.json()["error"]) == (403, "bad_primary_signature")
+    assert hops == ["receive_manifest", "recheck_manifest"]
 
 
 def test_cached_ecu_keys_are_checked_against_the_registered_ones(env: Env) -> None:

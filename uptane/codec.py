@@ -74,6 +74,11 @@ def encode(type_name: str, value: Any, *, check_types: bool = True) -> bytes:
         raise CodecError(f"cannot encode {type_name}: {e}") from e
 
 
+def encoded(compiled: Any, type_name: str, value: Any) -> bytes:
+    """The DER encoding of a value the decoder produced (constraints and types checked)."""
+    return bytes(compiled.encode(type_name, value, check_types=False, check_constraints=False))
+
+
 def decode(
     type_name: str,
     data: Buffer,
@@ -105,7 +110,8 @@ def decode(
         value = compiled.decode(type_name, data, check_constraints=True)
         # asn1tools also reads some BER (long-form lengths, any TRUE octet,
         # members out of order): accept only the one DER encoding of the value.
-        if canonical and bytes(compiled.encode(type_name, value, check_constraints=True)) != data:
+        # The decoder checked the constraints and made the types: no second check (issue 12).
+        if canonical and bytes(encoded(compiled, type_name, value)) != data:
             raise CodecError(f"{type_name}: not in canonical DER form")
         return value
     except CodecError:

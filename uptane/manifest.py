@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -204,6 +205,7 @@ _MAX_REPORT_DER = 4096
 _MAX_SIGNATURES = 8
 _KEYID_LENGTH = 64
 _MAX_SIGNATURE = 512
+_VISIBLE = re.compile(rb"[\x20-\x7e]*")  # a VisibleString's characters
 
 
 def _der_item(data: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
@@ -264,7 +266,7 @@ def split_signed_report(data: bytes) -> tuple[bytes, tuple[Signature, ...]]:
         # Signature: keyid [0] VisibleString, value [1] OCTET STRING
         key_start, key_end = _der_item(data, sig_start, sig_end, 0x80)
         keyid = data[key_start:key_end]
-        if len(keyid) != _KEYID_LENGTH or not all(0x20 <= b <= 0x7E for b in keyid):
+        if len(keyid) != _KEYID_LENGTH or _VISIBLE.fullmatch(keyid) is None:
             raise CodecError("SignedEcuVersionReport: key id is not 64 visible characters")
         value_start, value_end = _der_item(data, key_end, sig_end, 0x81)
         if value_end != sig_end or not 1 <= value_end - value_start <= _MAX_SIGNATURE:
