@@ -59,16 +59,24 @@ def _check_array_tags(node: Any, seen: set[int]) -> None:
         _check_array_tags(getattr(node, attr, None), seen)
 
 
-def encode(type_name: str, value: Any, *, check_types: bool = True) -> bytes:
+def encode(
+    type_name: str, value: Any, *, check_types: bool = True, check_constraints: bool = True
+) -> bytes:
     """DER-encode ``value`` as ``type_name``; bad values raise ``CodecError``.
 
-    Constraints are always checked. ``check_types=False`` skips asn1tools'
-    separate pass over the value's Python types (a fifth of the cost): only
-    for values built by code that already checked them (``uptane.der_values``).
+    ``check_types=False`` skips asn1tools' separate pass over the value's
+    Python types (a fifth of the cost): only for values built by code that
+    already checked them (``uptane.der_values``). ``check_constraints=False``
+    skips asn1tools' pass over the module's constraints (a third of the cost;
+    the encoding of a value does not depend on them): only to compare the
+    result with DER that its receiver decodes with constraints checked
+    (``decode``), never to make DER to send (``uptane.verification.der``).
     """
     try:
         return bytes(
-            spec().encode(type_name, value, check_types=check_types, check_constraints=True)
+            spec().encode(
+                type_name, value, check_types=check_types, check_constraints=check_constraints
+            )
         )
     except (asn1tools.Error, ValueError, TypeError, KeyError, AttributeError) as e:
         raise CodecError(f"cannot encode {type_name}: {e}") from e
