@@ -197,5 +197,7 @@ def test_a_broken_constraint_passes_the_primary_and_no_secondary() -> None:
     envelope = der_metadata.join_envelope(signed_der, [element])
     checked = verify_director_der(replace(director, targets=bad), roots, envelope)
     assert checked.targets == envelope
-    with pytest.raises(der_metadata.DERDeserializationError, match="digest: Expected between 16 and 64"):
+    with pytest.raises(
+        der_metadata.DERDeserializationError, match="digest: Expected between 16 and 64"
+    ):
         der_metadata.DERMetadataDeserializer().deserialize(envelope)

@@ -239,6 +239,10 @@ class RepositorySync:
             return known[0]
         # Updater._trusted_set (private, see _updater): what ngclient verified
         first = self._bootstrap_version(bootstrap)
+        if trusted.root.version == first:
+            # no rotation: ngclient's root is the bootstrap root, verified (signed by
+            # itself) when the Updater was built from it; nothing to verify again
+            return verify_trusted(name, trusted, (trusted.root,), now)
         chain = (
             bootstrap,
             *(
@@ -261,6 +265,7 @@ class RepositorySync:
         self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: Stages
     ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer | None]:
         cfg = self.config
+        hardware_ids = cfg.ecu_hardware_ids  # a new dict per access: once, not per ECU
         scratch = self.state.begin()
         keep = KEEP_ON_FAILURE_UNCHECKED
         try:
@@ -287,7 +292,7 @@ class RepositorySync:
                 director_targets = checked[2]  # a warm cycle: these very objects were checked
             else:
                 director_targets = check_director_targets(
-                    director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
+                    director.targets, vin=cfg.vin, ecu_hardware_ids=hardware_ids
                 )
             keep = KEEP_ON_FAILURE  # this vehicle's Director metadata, checked
 
@@ -322,7 +327,7 @@ class RepositorySync:
                 image_infos = dict(checked[3])  # a warm cycle: the same objects, matched then
             else:
                 image_infos = match_director_targets(
-                    director.targets, director_targets.by_ecu, image, cfg.ecu_hardware_ids
+                    director.targets, director_targets.by_ecu, image, hardware_ids
                 )
             for serial, target in director_targets.by_ecu.items():
                 check_release_counter(
@@ -350,7 +355,7 @@ class RepositorySync:
                 assert der is not None
                 updates[serial] = EcuUpdate(
                     ecu_serial=serial,
-                    hardware_id=cfg.ecu_hardware_ids[serial],
+                    hardware_id=hardware_ids[serial],
                     target=target,
                     image_path=self._download(image_updater, info),
                     director_root_chain=der.root_chain,
@@ -363,7 +368,7 @@ class RepositorySync:
                         image,
                         target,
                         reports.get(serial),
-                        cfg.ecu_hardware_ids[serial],
+                        hardware_ids[serial],
                     ),
                 )
 
