@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +25,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from ecus.primary.cache import VerificationCache
 from ecus.primary.config import PrimaryConfig
 from ecus.primary.deltas import delta_candidates, select_delta
+from ecus.primary.download import download_image
 from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import EcuUpdate
 from ecus.primary.result import (
@@ -38,19 +37,24 @@ from ecus.primary.result import (
     STAGE_MATCH,
     Stages,
 )
-from ecus.primary.stale import check_floor, check_stored, put_back, set_aside, snapshot_floor
+from ecus.primary.stale import (
+    check_floor,
+    check_stored,
+    put_back,
+    set_aside,
+    snapshot_floor,
+    stored_files,
+)
 from ecus.primary.state import PrimaryState
 from uptane.errors import (
     EndlessDataError,
-    ImageMismatchError,
-    UnsafeTargetPathError,
     UptaneError,
 )
 from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
 )
-from uptane.metadata import UptaneTarget, target_relpath
+from uptane.metadata import UptaneTarget
 from uptane.verification.der import DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
@@ -81,29 +85,6 @@ KEEP_ON_FAILURE_UNCHECKED: Final[Mapping[str, tuple[str, ...]]] = {
     "director": ("root_history", "root.json"),
     "image": KEEP_ON_FAILURE["image"],
 }
-
-
-def safe_target_path(base: Path, name: str) -> Path:
-    """Where image ``name`` goes under ``base``; refuses anything that escapes it.
-
-    Any name ``check_target_path`` accepts (TUF's free-form names) is mapped
-    to a safe relative path by ``target_relpath`` (percent-encoded segments,
-    no dot segments); the resolved path, symlinks followed, must also stay
-    inside ``base``.
-    """
-    root = base.resolve()
-    candidate = (root / target_relpath(name)).resolve()
-    if candidate == root or not candidate.is_relative_to(root):
-        raise UnsafeTargetPathError(f"target {name!r} resolves outside the download directory")
-    return candidate
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RepositorySync:
@@ -447,6 +428,7 @@ class RepositorySync:
         def attempt(
             unchanged: Callable[[Updater], bool],
         ) -> tuple[Updater, str, VerifiedRepository]:
+            stored = stored_files(metadata_dir)  # before ngclient adds what it downloads
             updater, url = self._refresh(urls, make, unchanged)
             trusted = updater._trusted_set
             if Snapshot.type in trusted:
@@ -455,7 +437,7 @@ class RepositorySync:
                 if trusted.targets.delegations is not None:
                     for path in sorted(lookups):
                         self._tuf(functools.partial(updater.get_targetinfo, path))
-                check_stored(metadata_dir, trusted)
+                check_stored(metadata_dir, trusted, stored)
             return (
                 updater,
                 url,
@@ -552,37 +534,8 @@ class RepositorySync:
         return verify_director_der(director, root_ders, targets_der, max_size=limit, cache=cache)
 
     def _download(self, updater: Updater, info: TargetFile) -> Path:
-        """Fetch one image: length-capped, every hash checked, written atomically."""
-        policy = self.config.download
-        if info.length > policy.max_image_bytes:
-            raise EndlessDataError(
-                f"{info.path!r} is {info.length} bytes, over the limit of {policy.max_image_bytes}"
-            )
-        dest = safe_target_path(self.config.images_dir, info.path)
-        if dest.is_file() and updater.find_cached_target(info, str(dest)) is not None:
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            try:
-                # ngclient appends the name to the URL as it is: quote it, so that a
-                # name with "%", "?", "#" or spaces asks for that very file
-                url_info = TargetFile(info.length, info.hashes, quote(info.path, safe="/"))
-                updater.download_target(url_info, filepath=str(tmp))
-            except tuf_exc.DownloadLengthMismatchError as e:
-                raise EndlessDataError(
-                    f"{info.path!r}: server sent more than {info.length} bytes"
-                ) from e
-            except tuf_exc.LengthOrHashMismatchError as e:
-                raise ImageMismatchError(f"{info.path!r} does not match its metadata: {e}") from e
-            _fsync_file(tmp)
-            os.replace(tmp, dest)
-            _fsync_file(dest.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dest
+        """Fetch one image (``download.download_image``)."""
+        return download_image(updater, info, self.config.download, self.config.images_dir)
 
 
 def _runs(installed: InstalledImage | None, target: UptaneTarget) -> bool:
