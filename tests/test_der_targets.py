@@ -30,7 +30,7 @@ from tuf.api.metadata import (
 
 from uptane import codec, der_metadata
 from uptane.der_targets import targets_signed_der
-from uptane.errors import MetadataError
+from uptane.errors import CodecError, MetadataError
 from uptane.metadata import build_custom, set_vehicle_id
 from uptane.verification.der import DerCache, verify_director_der
 from uptane.verification.full import VerifiedRepository, verify_root_chain
@@ -82,9 +82,10 @@ def _succinct() -> Targets:
         _succinct,
     ],
 )
-def test_targets_signed_der_is_the_whole_encoding(make: Any) -> None:
+@pytest.mark.parametrize("check_constraints", [True, False])
+def test_targets_signed_der_is_the_whole_encoding(make: Any, check_constraints: bool) -> None:
     signed = make()
-    der, pieces = targets_signed_der(signed)
+    der, pieces = targets_signed_der(signed, check_constraints=check_constraints)
     assert der == _whole(signed)
     assert list(pieces) == sorted(signed.targets)
     assert [codec.decode("TufTargetFile", p[1])["path"] for p in pieces.values()] == list(pieces)
@@ -170,3 +171,33 @@ def test_der_check_with_held_pieces_still_refuses_a_changed_unchanged_target() -
     assert verify_director_der(director, roots, good, cache=cache).targets == good
     assert cache.target_pieces["app-3.wasm"][1] is held["app-3.wasm"][1]  # reused
     assert cache.target_pieces["app-0.wasm"][1] != held["app-0.wasm"][1]
+
+
+def test_a_broken_constraint_passes_the_primary_and_no_secondary() -> None:
+    """The primary encodes the verified JSON without asn1tools' constraint pass (issue 16).
+
+    A value that breaks a constraint of the DER form has no DER an honest
+    Director makes; DER a Director key signs anyway says what the signed JSON
+    says, so the primary's byte comparison passes it, and every secondary's
+    decoder (``DERMetadataDeserializer``, constraints checked) refuses it.
+    """
+    good = _targets(_target("a.wasm", b"a"))
+    director, roots, _, keys = _director(good, 2)
+    bad = copy.deepcopy(good)
+    bad.targets["a.wasm"].hashes = {"sha256": "ab" * 8}  # Hash.digest is SIZE(16..64)
+    with pytest.raises(der_metadata.DERSerializationError):
+        _whole(bad)
+    signed_der, _ = targets_signed_der(bad, check_constraints=False)
+    with pytest.raises(CodecError):
+        targets_signed_der(bad)
+    signature = keys["targets"].sign(signed_der)
+    element = codec.encode(
+        "Signature", {"keyid": signature.keyid, "value": bytes.fromhex(signature.signature)}
+    )
+    envelope = der_metadata.join_envelope(signed_der, [element])
+    checked = verify_director_der(replace(director, targets=bad), roots, envelope)
+    assert checked.targets == envelope
+    with pytest.raises(
+        der_metadata.DERDeserializationError, match="digest: Expected between 16 and 64"
+    ):
+        der_metadata.DERMetadataDeserializer().deserialize(envelope)

@@ -59,24 +59,27 @@ def _check_array_tags(node: Any, seen: set[int]) -> None:
         _check_array_tags(getattr(node, attr, None), seen)
 
 
-def encode(type_name: str, value: Any, *, check_types: bool = True) -> bytes:
+def encode(
+    type_name: str, value: Any, *, check_types: bool = True, check_constraints: bool = True
+) -> bytes:
     """DER-encode ``value`` as ``type_name``; bad values raise ``CodecError``.
 
-    Constraints are always checked. ``check_types=False`` skips asn1tools'
-    separate pass over the value's Python types (a fifth of the cost): only
-    for values built by code that already checked them (``uptane.der_values``).
+    ``check_types=False`` skips asn1tools' separate pass over the value's
+    Python types (a fifth of the cost): only for values built by code that
+    already checked them (``uptane.der_values``). ``check_constraints=False``
+    skips asn1tools' pass over the module's constraints (a third of the cost;
+    the encoding of a value does not depend on them): only to compare the
+    result with DER that its receiver decodes with constraints checked
+    (``decode``), never to make DER to send (``uptane.verification.der``).
     """
     try:
         return bytes(
-            spec().encode(type_name, value, check_types=check_types, check_constraints=True)
+            spec().encode(
+                type_name, value, check_types=check_types, check_constraints=check_constraints
+            )
         )
     except (asn1tools.Error, ValueError, TypeError, KeyError, AttributeError) as e:
         raise CodecError(f"cannot encode {type_name}: {e}") from e
-
-
-def encoded(compiled: Any, type_name: str, value: Any) -> bytes:
-    """The DER encoding of a value the decoder produced (constraints and types checked)."""
-    return bytes(compiled.encode(type_name, value, check_types=False, check_constraints=False))
 
 
 def decode(
@@ -111,8 +114,10 @@ def decode(
         # asn1tools also reads some BER (long-form lengths, any TRUE octet,
         # members out of order): accept only the one DER encoding of the value.
         # The decoder checked the constraints and made the types: no second check (issue 12).
-        if canonical and bytes(encoded(compiled, type_name, value)) != data:
-            raise CodecError(f"{type_name}: not in canonical DER form")
+        if canonical:
+            again = compiled.encode(type_name, value, check_types=False, check_constraints=False)
+            if bytes(again) != data:
+                raise CodecError(f"{type_name}: not in canonical DER form")
         return value
     except CodecError:
         raise

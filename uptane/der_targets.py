@@ -26,13 +26,17 @@ TargetPieces = dict[str, tuple[dict[str, Any], bytes]]
 
 
 def targets_signed_der(
-    signed: Targets, pieces: Mapping[str, tuple[dict[str, Any], bytes]] | None = None
+    signed: Targets,
+    pieces: Mapping[str, tuple[dict[str, Any], bytes]] | None = None,
+    *,
+    check_constraints: bool = True,
 ) -> tuple[bytes, TargetPieces]:
     """``DERSignedSerializer().serialize(signed)`` for targets, one target at a time (issue 16).
 
     Every target's ASN.1 value is built (and checked) as ever; one equal to
     the value ``pieces`` holds for its path reuses that DER ``TufTargetFile``,
-    any other is encoded by asn1tools, constraints checked. The rest of
+    any other is encoded by asn1tools (constraints checked unless
+    ``check_constraints=False``: see ``uptane.codec.encode``). The rest of
     ``signed`` is encoded with no targets and the targets' ``SEQUENCE OF``
     content put in: DER of a ``SEQUENCE``/``SEQUENCE OF`` is its tag, its
     definite length and its elements' DER one after the other, so the result
@@ -46,7 +50,8 @@ def targets_signed_der(
             _fail("signed", f"expected targets, got {kind}")
         targets = value["targets"]
         value["targets"] = []
-        head = encode(SIGNED_TYPE, (kind, value), check_types=False)
+        checks = {"check_types": False, "check_constraints": check_constraints}
+        head = encode(SIGNED_TYPE, (kind, value), **checks)
         held = pieces or {}
         out: TargetPieces = {}
         for target in targets:
@@ -54,7 +59,7 @@ def targets_signed_der(
             if old is not None and old[0] == target:
                 der = old[1]
             else:
-                der = encode(TARGET_TYPE, target, check_types=False)
+                der = encode(TARGET_TYPE, target, **checks)
             out[target["path"]] = (target, der)
         return _put_targets(head, b"".join(der for _, der in out.values())), out
     except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
@@ -24,7 +25,15 @@ from uptane.verification.full import (
 _NOT_SET_ASIDE: Final = frozenset({"root_history", "root.json", "timestamp.json"})
 
 
-def check_stored(metadata_dir: Path, trusted: Any) -> None:
+def stored_files(metadata_dir: Path) -> frozenset[str]:
+    """The file names in ``metadata_dir`` (none when it does not exist yet)."""
+    try:
+        return frozenset(os.listdir(metadata_dir))
+    except FileNotFoundError:
+        return frozenset()
+
+
+def check_stored(metadata_dir: Path, trusted: Any, stored: Collection[str] | None = None) -> None:
     """Files ngclient took from its own store match the lengths and hashes listed for them.
 
     ngclient loads a stored snapshot (targets, delegated role) whose version
@@ -32,6 +41,10 @@ def check_stored(metadata_dir: Path, trusted: Any) -> None:
     lists (TUF 5.5.2, 5.6.2). This checks them, for the files whose index
     lists a length or hashes: ``LengthOrHashMismatchError`` when the stored
     copy is not the file the index names (``RepositorySync._sync_repository`` refetches).
+    ``stored``: the file names ``stored_files`` found before the refresh; a
+    role whose file was not among them cannot have come from the store: ngclient
+    downloaded it and checked its length and hashes (a first cycle checks
+    nothing twice). None: every listed role is checked.
     """
     listed: list[tuple[str, Any]] = [("snapshot", trusted.timestamp.snapshot_meta)]
     for filename, meta in trusted.snapshot.meta.items():
@@ -41,8 +54,11 @@ def check_stored(metadata_dir: Path, trusted: Any) -> None:
     for role, meta in listed:
         if meta.length is None and not meta.hashes:
             continue
+        filename = f"{quote(role, safe='')}.json"
+        if stored is not None and filename not in stored:
+            continue
         try:
-            data = (metadata_dir / f"{quote(role, safe='')}.json").read_bytes()
+            data = (metadata_dir / filename).read_bytes()
         except OSError as e:
             raise tuf_exc.RepositoryError(f"stored {role} metadata is unreadable: {e}") from e
         meta.verify_length_and_hashes(data)

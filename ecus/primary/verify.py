@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +25,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from ecus.primary.cache import VerificationCache
 from ecus.primary.config import PrimaryConfig
 from ecus.primary.deltas import delta_candidates, select_delta
+from ecus.primary.download import download_image
 from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import EcuUpdate
 from ecus.primary.result import (
@@ -38,19 +37,24 @@ from ecus.primary.result import (
     STAGE_MATCH,
     Stages,
 )
-from ecus.primary.stale import check_floor, check_stored, put_back, set_aside, snapshot_floor
+from ecus.primary.stale import (
+    check_floor,
+    check_stored,
+    put_back,
+    set_aside,
+    snapshot_floor,
+    stored_files,
+)
 from ecus.primary.state import PrimaryState
 from uptane.errors import (
     EndlessDataError,
-    ImageMismatchError,
-    UnsafeTargetPathError,
     UptaneError,
 )
 from uptane.manifest import (
     EcuVersionReport,
     InstalledImage,
 )
-from uptane.metadata import UptaneTarget, target_relpath
+from uptane.metadata import UptaneTarget
 from uptane.verification.der import DirectorDer, verify_director_der
 from uptane.verification.director_checks import (
     check_director_targets,
@@ -81,29 +85,6 @@ KEEP_ON_FAILURE_UNCHECKED: Final[Mapping[str, tuple[str, ...]]] = {
     "director": ("root_history", "root.json"),
     "image": KEEP_ON_FAILURE["image"],
 }
-
-
-def safe_target_path(base: Path, name: str) -> Path:
-    """Where image ``name`` goes under ``base``; refuses anything that escapes it.
-
-    Any name ``check_target_path`` accepts (TUF's free-form names) is mapped
-    to a safe relative path by ``target_relpath`` (percent-encoded segments,
-    no dot segments); the resolved path, symlinks followed, must also stay
-    inside ``base``.
-    """
-    root = base.resolve()
-    candidate = (root / target_relpath(name)).resolve()
-    if candidate == root or not candidate.is_relative_to(root):
-        raise UnsafeTargetPathError(f"target {name!r} resolves outside the download directory")
-    return candidate
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RepositorySync:
@@ -239,6 +220,10 @@ class RepositorySync:
             return known[0]
         # Updater._trusted_set (private, see _updater): what ngclient verified
         first = self._bootstrap_version(bootstrap)
+        if trusted.root.version == first:
+            # no rotation: ngclient's root is the bootstrap root, verified (signed by
+            # itself) when the Updater was built from it; nothing to verify again
+            return verify_trusted(name, trusted, (trusted.root,), now)
         chain = (
             bootstrap,
             *(
@@ -261,6 +246,7 @@ class RepositorySync:
         self, now: datetime, reports: Mapping[str, EcuVersionReport], stages: Stages
     ) -> tuple[dict[str, EcuUpdate], dict[str, UptaneTarget], DirectorDer | None]:
         cfg = self.config
+        hardware_ids = cfg.ecu_hardware_ids  # a new dict per access: once, not per ECU
         scratch = self.state.begin()
         keep = KEEP_ON_FAILURE_UNCHECKED
         try:
@@ -287,7 +273,7 @@ class RepositorySync:
                 director_targets = checked[2]  # a warm cycle: these very objects were checked
             else:
                 director_targets = check_director_targets(
-                    director.targets, vin=cfg.vin, ecu_hardware_ids=cfg.ecu_hardware_ids
+                    director.targets, vin=cfg.vin, ecu_hardware_ids=hardware_ids
                 )
             keep = KEEP_ON_FAILURE  # this vehicle's Director metadata, checked
 
@@ -322,7 +308,7 @@ class RepositorySync:
                 image_infos = dict(checked[3])  # a warm cycle: the same objects, matched then
             else:
                 image_infos = match_director_targets(
-                    director.targets, director_targets.by_ecu, image, cfg.ecu_hardware_ids
+                    director.targets, director_targets.by_ecu, image, hardware_ids
                 )
             for serial, target in director_targets.by_ecu.items():
                 check_release_counter(
@@ -350,7 +336,7 @@ class RepositorySync:
                 assert der is not None
                 updates[serial] = EcuUpdate(
                     ecu_serial=serial,
-                    hardware_id=cfg.ecu_hardware_ids[serial],
+                    hardware_id=hardware_ids[serial],
                     target=target,
                     image_path=self._download(image_updater, info),
                     director_root_chain=der.root_chain,
@@ -363,7 +349,7 @@ class RepositorySync:
                         image,
                         target,
                         reports.get(serial),
-                        cfg.ecu_hardware_ids[serial],
+                        hardware_ids[serial],
                     ),
                 )
 
@@ -442,6 +428,7 @@ class RepositorySync:
         def attempt(
             unchanged: Callable[[Updater], bool],
         ) -> tuple[Updater, str, VerifiedRepository]:
+            stored = stored_files(metadata_dir)  # before ngclient adds what it downloads
             updater, url = self._refresh(urls, make, unchanged)
             trusted = updater._trusted_set
             if Snapshot.type in trusted:
@@ -450,7 +437,7 @@ class RepositorySync:
                 if trusted.targets.delegations is not None:
                     for path in sorted(lookups):
                         self._tuf(functools.partial(updater.get_targetinfo, path))
-                check_stored(metadata_dir, trusted)
+                check_stored(metadata_dir, trusted, stored)
             return (
                 updater,
                 url,
@@ -547,37 +534,8 @@ class RepositorySync:
         return verify_director_der(director, root_ders, targets_der, max_size=limit, cache=cache)
 
     def _download(self, updater: Updater, info: TargetFile) -> Path:
-        """Fetch one image: length-capped, every hash checked, written atomically."""
-        policy = self.config.download
-        if info.length > policy.max_image_bytes:
-            raise EndlessDataError(
-                f"{info.path!r} is {info.length} bytes, over the limit of {policy.max_image_bytes}"
-            )
-        dest = safe_target_path(self.config.images_dir, info.path)
-        if dest.is_file() and updater.find_cached_target(info, str(dest)) is not None:
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            try:
-                # ngclient appends the name to the URL as it is: quote it, so that a
-                # name with "%", "?", "#" or spaces asks for that very file
-                url_info = TargetFile(info.length, info.hashes, quote(info.path, safe="/"))
-                updater.download_target(url_info, filepath=str(tmp))
-            except tuf_exc.DownloadLengthMismatchError as e:
-                raise EndlessDataError(
-                    f"{info.path!r}: server sent more than {info.length} bytes"
-                ) from e
-            except tuf_exc.LengthOrHashMismatchError as e:
-                raise ImageMismatchError(f"{info.path!r} does not match its metadata: {e}") from e
-            _fsync_file(tmp)
-            os.replace(tmp, dest)
-            _fsync_file(dest.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dest
+        """Fetch one image (``download.download_image``)."""
+        return download_image(updater, info, self.config.download, self.config.images_dir)
 
 
 def _runs(installed: InstalledImage | None, target: UptaneTarget) -> bool:
