@@ -33,6 +33,7 @@ import json
 import os
 import socket
 import ssl
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,18 @@ class IssuedCertificate:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # also when it existed with wider modes
+    """Write a private key to ``path``, mode 0600: into a new file (``mkstemp``: 0600,
+    exclusive) renamed over ``path``, so the key is never in a file of wider modes (one
+    that existed) nor written through a symlink planted at ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def tls_dir(directory: Path) -> Path:
@@ -103,15 +112,21 @@ def _now() -> dt.datetime:
 
 
 def create_ca(directory: Path) -> Path:
-    """Create the Director CA in ``DIR/tls/`` unless it exists; returns the CA cert path."""
+    """Create the Director CA in ``DIR/tls/`` unless it exists; returns the CA cert path.
+
+    A CA certificate without its key is kept: a host that only serves needs no CA key
+    (it cannot issue certificates); replacing the certificate would lock every vehicle
+    out. A CA key without its certificate is an error."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     d = tls_dir(directory)
-    if (d / CA_CERT).exists() and (d / CA_KEY).exists():
+    if (d / CA_CERT).exists():
         return d / CA_CERT
+    if (d / CA_KEY).exists():
+        raise ConfigError(f"{d / CA_KEY} without {CA_CERT}: restore the CA certificate")
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -165,7 +180,9 @@ def _load_ca(directory: Path) -> tuple[Any, Any, bytes]:
         key_pem = (d / CA_KEY).read_bytes()
     except OSError as e:
         raise ConfigError(
-            f"no Director CA in {d} ({e.strerror or e}): `uptane director init` creates it"
+            f"cannot read the Director CA ({e.filename}: {e.strerror or e}): `uptane director "
+            "init` creates it (a host without the CA key issues no certificates: give "
+            "serve --tls-cert/--tls-key)"
         ) from None
     return (
         x509.load_pem_x509_certificate(ca_pem),
@@ -252,16 +269,25 @@ def ca_certificate(directory: Path) -> Path:
 
 
 def peer_vin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The VIN of a verified client certificate (its subject CN), None without one."""
+    """The VIN of a verified client certificate: its one subject CN, which must also be
+    its one ``urn:uptane:vin:`` SAN (as ``issue_vehicle_certificate`` makes them). None
+    without a certificate, or for one that names no VIN, several, or two different ones:
+    the vehicle listener then serves it nothing."""
     if ssl_object is None:
         return None
     cert: Any = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName" and isinstance(value, str):
-                return value
+    names = [
+        value for rdn in cert.get("subject", ()) for name, value in rdn if name == "commonName"
+    ]
+    sans = [
+        value.removeprefix(VIN_URI_PREFIX)
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and isinstance(value, str) and value.startswith(VIN_URI_PREFIX)
+    ]
+    if len(names) == 1 and isinstance(names[0], str) and sans == names:
+        return names[0]
     return None
 
 
@@ -344,7 +370,8 @@ class ListenerGate:
     """What one listener serves: see the module docstring. Every refusal is the same
     404 body, so that neither another vehicle's VIN nor an unknown one shows. On the
     vehicle listener with ``revocations``, a revoked client certificate gets 403 on
-    every path (``director.revocation``)."""
+    every path (``director.revocation``). A WebSocket request is closed (neither
+    listener routes one; ``listener_configs`` turns WebSocket support off anyway)."""
 
     def __init__(
         self, app: ASGIApp, listener: str, revocations: RevocationList | None = None
@@ -356,6 +383,10 @@ class ListenerGate:
         self.revocations = revocations if listener == VEHICLE else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # neither listener routes one: never ungated
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http":
             if self.revocations is not None:
                 revoked = await self.revocations.revoked(client_serial(scope))
@@ -481,7 +512,8 @@ def listener_configs(
 
     revocations = getattr(getattr(app, "state", None), "revocations", None)
 
-    common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), **options}
+    # ws="none": an Upgrade request stays an HTTP request, gated as any other
+    common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ws": "none", **options}
     return [
         uvicorn.Config(
             ListenerGate(app, VEHICLE, revocations),
@@ -537,6 +569,7 @@ def running_vehicle_listener(
         key=key,
         ca=ca,
         http=DirectorProtocol,
+        loop="director.tls_serve:HandshakeBoundLoop",
         log_level="warning",
     )[:1]
     server = uvicorn.Server(config)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from uptane.errors import ConfigError
 
@@ -52,6 +53,21 @@ DB_ENV = "UPTANE_DIRECTOR_DB"
 # exit codes of a worker asked to stop: 0, or the signal itself when it came before
 # the worker installed its handlers (still importing at startup)
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
+
+
+class HandshakeBoundLoop(uvloop.Loop):
+    """uvloop whose servers bound the TLS handshake as ``DirectorProtocol`` bounds the
+    request headers (``header_timeout``). uvicorn passes no ``ssl_handshake_timeout``,
+    so a client that connects and never completes the handshake (no certificate needed)
+    would hold its socket for asyncio's default 60 s, uncounted by ``max_connections``
+    (``DirectorProtocol`` sees a connection only once the handshake is done)."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        from director.server import DirectorProtocol
+
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", DirectorProtocol.limits.header_timeout)
+        return await super().create_server(*args, **kwargs)
 
 
 class _Server(uvicorn.Server):
@@ -74,8 +90,6 @@ def serve_listeners(
     is no longer this process's parent. True if every server started and stopped because
     it was asked to; False if one failed or stopped on its own (the others are then
     stopped too)."""
-    import uvloop
-
     servers = [_Server(c) for c in configs]
     asked = False
 
@@ -123,7 +137,7 @@ def serve_listeners(
             isinstance(r, BaseException) for r in results
         )
 
-    served = uvloop.run(main())
+    served = uvloop.run(main(), loop_factory=HandshakeBoundLoop)
     return served and asked
 
 
