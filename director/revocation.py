@@ -213,6 +213,7 @@ class RevocationList:
         self._checked = -math.inf  # last refresh attempt
         self._loaded = -math.inf  # last successful refresh
         self._lock: asyncio.Lock | None = None
+        self._invalidations = 0
 
     def refresh(self) -> None:
         """Read the count of revoked serials, and the serials if it changed (blocking)."""
@@ -225,6 +226,7 @@ class RevocationList:
 
     def invalidate(self) -> None:
         """Refresh on the next request (this process just revoked something)."""
+        self._invalidations += 1
         self._checked = -math.inf
 
     async def revoked(self, serial: str | None) -> bool | None:
@@ -237,13 +239,16 @@ class RevocationList:
                 if self.clock() - self._checked >= self.refresh_seconds:
                     from starlette.concurrency import run_in_threadpool
 
+                    invalidations = self._invalidations
                     try:
                         await run_in_threadpool(self.refresh)
                         self._loaded = self.clock()
                     except (SQLAlchemyError, OSError) as e:  # database down: fail closed when stale
                         logger.warning("cannot read the revoked certificates: %s", e)
                     finally:
-                        self._checked = self.clock()
+                        # invalidated while this refresh read: it may lack that revocation
+                        fresh = invalidations == self._invalidations
+                        self._checked = self.clock() if fresh else -math.inf
         if self.clock() - self._loaded > self.stale_seconds:
             return None
         return serial is None or serial in self._serials

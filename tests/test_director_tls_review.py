@@ -406,3 +406,39 @@ def test_the_ca_key_is_served_on_no_path(tls_director: TlsDirector) -> None:
         ):
             r = op.get(path, headers=auth)
             assert marker not in r.content and b"PRIVATE KEY" not in r.content, path
+
+
+def test_a_revocation_during_a_refresh_is_seen_on_the_next_request(tmp_path: Path) -> None:
+    """The API's process sees its own revocation at once (``invalidate``), also when a
+    refresh that read the list before the revocation committed ends after it."""
+    from director.db import Database
+    from director.revocation import RevocationList, record_issued, revoke
+
+    issued = issue_vehicle_certificate(_director_dir(tmp_path), "VIN-RACE-1")
+    serial = format(x509.load_pem_x509_certificate(issued.certificate).serial_number, "x")
+    db = Database(f"sqlite:///{tmp_path / 'revocations.db'}")
+    try:
+        db.migrate()
+        record_issued(db, "VIN-RACE-1", issued.certificate)
+        calls = 0
+
+        def clock() -> float:  # the revocation commits while the refresh is in flight
+            nonlocal calls
+            calls += 1
+            if calls == 3:  # the refresh has read the list, its result is not kept yet
+                revoke(db, "VIN-RACE-1")
+                revocations.invalidate()  # as DELETE /api/vehicles/{vin}/certificate does
+            return 100.0
+
+        revocations = RevocationList(db, clock=clock)
+        assert asyncio.run(revocations.revoked(serial)) is False  # read before the revoke
+        assert calls > 3
+        assert asyncio.run(revocations.revoked(serial)) is True  # same instant: refreshed
+    finally:
+        db.dispose()
+
+
+def _director_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "d"
+    init_director(directory, token=TOKEN)
+    return directory
