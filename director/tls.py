@@ -7,7 +7,8 @@ Director (issue 12):
 - ``uptane director init`` creates a Director CA (an ECDSA P-256 key and a
   self-signed CA certificate, ``DIR/tls/``, key mode 0600);
 - each vehicle gets a client certificate from that CA at registration
-  (subject CN = VIN, SAN ``urn:uptane:vin:VIN``);
+  (subject CN = VIN, SAN ``urn:uptane:vin:VIN``; the listener takes the VIN
+  only from a certificate whose one CN and one VIN SAN agree, ``peer_vin``);
 - ``serve --tls`` runs two listeners: the *vehicle* listener requires a
   client certificate from the Director CA at the TLS handshake and serves
   only ``/vehicles/{vin}/...`` of the certificate's own VIN, ``/root/...``

@@ -22,7 +22,8 @@
   above it (systemd ``Restart=on-failure``, Kubernetes) restarts the whole
   service, and a crash loop shows as a failed service, not as a healthy parent;
 - a worker whose parent is gone (killed with SIGKILL) notices within
-  ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM.
+  ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM;
+- the TLS handshake is bounded by ``header_timeout`` (``HandshakeBoundLoop``).
 """
 
 from __future__ import annotations
