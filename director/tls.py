@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from uptane.errors import ConfigError
@@ -478,9 +479,11 @@ def install_certificate_api(
         dependencies=[operator],
         tags=["operator"],
     )
-    async def issue_certificate(vin: str) -> CertificateOut:
+    async def issue_certificate(vin: str, response: Response) -> CertificateOut:
         """Issue a client certificate (mutual TLS) for a registered vehicle; the
-        vehicle's earlier certificates are revoked."""
+        vehicle's earlier certificates are revoked. The answer holds the private key:
+        ``Cache-Control: no-store``."""
+        response.headers["Cache-Control"] = "no-store"
         status = await run_in_threadpool(director.vehicle_status, vin)  # 404 if unknown
         issued = await run_in_threadpool(issue_vehicle_certificate, directory, status.vin)
         await run_in_threadpool(record_issued, director.db, status.vin, issued.certificate)

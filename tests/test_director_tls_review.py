@@ -442,3 +442,55 @@ def _director_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "d"
     init_director(directory, token=TOKEN)
     return directory
+
+
+def test_an_issued_certificate_is_not_stored_by_caches(tls_director: TlsDirector) -> None:
+    """``POST /api/vehicles/{vin}/certificate`` answers with a private key: no-store."""
+    import httpx
+
+    car = tls_director.car()
+    ctx = ssl.create_default_context(cafile=str(tls_director.ca))
+    with httpx.Client(
+        base_url=tls_director.operator_url, verify=ctx, timeout=10, trust_env=False
+    ) as op:
+        r = op.post(
+            f"/api/vehicles/{car.vin}/certificate", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+    assert r.status_code == 201 and "PRIVATE KEY" in r.json()["key"], r.text
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_refused_requests_do_no_database_work_but_the_revocation_list(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    """Another vehicle's and unknown VINs cost no database statement: the gate answers
+    before the app. (The revocation list's refresh, at most every 2 s, is the only one.)"""
+    from sqlalchemy import event
+
+    mine, theirs = tls_director.car(), tls_director.car()
+    ctx = _issued_context(
+        tls_director, tmp_path, issue_vehicle_certificate(tls_director.directory, mine.vin)
+    )
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = tls_director.director.db.engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for vin in (theirs.vin, "UNKNOWN-VIN-0001", "UNKNOWN-VIN-0002"):
+            for request in (
+                _get(f"/vehicles/{vin}/metadata/timestamp.json"),
+                _get(f"/vehicles/{vin}/metadata/1.targets.der"),
+                f"PUT /vehicles/{vin}/manifest HTTP/1.1\r\nHost: d\r\nContent-Length: 2\r\n"
+                "Connection: close\r\n\r\n{}".encode(),
+            ):
+                assert _without_date(_exchange(tls_director, ctx, request)) == REFUSED
+        assert all("vehicle_certificates" in s for s in statements), statements
+        # the check counts statements: the vehicle's own request does touch the database
+        own = _get(f"/vehicles/{mine.vin}/metadata/timestamp.json")  # its first read
+        assert _exchange(tls_director, ctx, own).startswith(b"HTTP/1.1 200 OK")
+        assert any("vehicle_certificates" not in s for s in statements), statements
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
