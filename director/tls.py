@@ -32,10 +32,10 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import socket
 import ssl
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,6 +306,17 @@ def peer_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
         return None
 
 
+def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """When a verified client certificate expires (POSIX seconds, as text), None without
+    one: the handshake checked it, ``ListenerGate`` checks it again on every request of a
+    connection kept alive past it."""
+    cert: Any = None if ssl_object is None else ssl_object.getpeercert()
+    try:
+        return str(ssl.cert_time_to_seconds(cert["notAfter"])) if cert else None
+    except (KeyError, ValueError):
+        return None
+
+
 # --- the two listeners ----------------------------------------------------------
 
 VEHICLE = "vehicle"
@@ -349,6 +360,9 @@ def allowed(listener: str, path: str, vin: str | None) -> bool:
 REVOKED_BODY = json.dumps(
     {"error": "certificate_revoked", "detail": "this client certificate is revoked"}
 ).encode()
+EXPIRED_BODY = json.dumps(
+    {"error": "certificate_expired", "detail": "this client certificate has expired"}
+).encode()
 UNCHECKED_BODY = json.dumps(
     {"error": "database_unavailable", "detail": "the certificate revocations cannot be read"}
 ).encode()
@@ -372,7 +386,8 @@ class ListenerGate:
     """What one listener serves: see the module docstring. Every refusal is the same
     404 body, so that neither another vehicle's VIN nor an unknown one shows. On the
     vehicle listener with ``revocations``, a revoked client certificate gets 403 on
-    every path (``director.revocation``). A WebSocket request is closed (neither
+    every path (``director.revocation``), and so does a certificate that expired
+    while its connection was kept alive. A WebSocket request is closed (neither
     listener routes one; ``listener_configs`` turns WebSocket support off anyway)."""
 
     def __init__(
@@ -397,6 +412,11 @@ class ListenerGate:
                     return
                 if revoked:
                     await _answer(send, 403, REVOKED_BODY)
+                    return
+            if self.listener == VEHICLE and client_vin(scope) is not None:
+                not_after = _client(scope, "client_not_after")
+                if not_after is None or time.time() > float(not_after):
+                    await _answer(send, 403, EXPIRED_BODY)
                     return
             if not allowed(self.listener, scope.get("path", ""), client_vin(scope)):
                 await _answer(send, REFUSED_STATUS, REFUSED_BODY)
@@ -547,45 +567,10 @@ def tls_paths(
     return ca_certificate(directory), cert, key
 
 
-@contextlib.contextmanager
 def running_vehicle_listener(
     app: ASGIApp, directory: Path, host: str = "127.0.0.1"
-) -> Iterator[str]:
-    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
-    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
-    required; yields ``https://host:port``."""
-    import threading
+) -> contextlib.AbstractContextManager[str]:
+    """The vehicle listener alone, in a thread (``director.tls_serve.vehicle_listener``)."""
+    from director.tls_serve import vehicle_listener
 
-    import uvicorn
-
-    from director.server import DirectorProtocol
-
-    ca, cert, key = tls_paths(directory)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    (config,) = listener_configs(
-        app,
-        host=host,
-        port=sock.getsockname()[1],
-        operator_port=0,
-        cert=cert,
-        key=key,
-        ca=ca,
-        http=DirectorProtocol,
-        loop="director.tls_serve:HandshakeBoundLoop",
-        log_level="warning",
-    )[:1]
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("TLS listener thread exited before it started")
-            threading.Event().wait(0.01)
-        yield f"https://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    return vehicle_listener(app, directory, host)

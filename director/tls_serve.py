@@ -142,6 +142,47 @@ def serve_listeners(
     return served and asked
 
 
+@contextlib.contextmanager
+def vehicle_listener(app: Any, directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
+    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
+    required; yields ``https://host:port``."""
+    import threading
+
+    from director.server import DirectorProtocol
+    from director.tls import listener_configs, tls_paths
+
+    ca, cert, key = tls_paths(directory)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    (config,) = listener_configs(
+        app,
+        host=host,
+        port=sock.getsockname()[1],
+        operator_port=0,
+        cert=cert,
+        key=key,
+        ca=ca,
+        http=DirectorProtocol,
+        loop="director.tls_serve:HandshakeBoundLoop",
+        log_level="warning",
+    )[:1]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("TLS listener thread exited before it started")
+            threading.Event().wait(0.01)
+        yield f"https://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (SO_REUSEADDR), for the workers to share."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

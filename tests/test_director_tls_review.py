@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from director.setup import init_director
 from director.tls import (
     CA_CERT,
     CA_KEY,
+    EXPIRED_BODY,
     OPERATOR,
     REFUSED_BODY,
     VEHICLE,
@@ -58,6 +60,7 @@ def _forge(
     sans: Sequence[str],
     *,
     valid_days: tuple[int, int] = (-1, 30),
+    not_after: dt.datetime | None = None,
     signer: tuple[Any, Any] | None = None,
     usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
 ) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
@@ -79,7 +82,7 @@ def _forge(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now + dt.timedelta(days=valid_days[0]))
-        .not_valid_after(now + dt.timedelta(days=valid_days[1]))
+        .not_valid_after(not_after or now + dt.timedelta(days=valid_days[1]))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
@@ -494,3 +497,39 @@ def test_refused_requests_do_no_database_work_but_the_revocation_list(
         assert any("vehicle_certificates" not in s for s in statements), statements
     finally:
         event.remove(engine, "before_cursor_execute", seen)
+
+
+def _answer_on(s: ssl.SSLSocket, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` on a kept-alive connection; its status line and body."""
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), data
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = int(next(x for x in lines if x.startswith(b"content-length:")).split(b":")[1])
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b"\r\n")[0], body
+
+
+def test_a_certificate_expiring_on_a_kept_alive_connection_is_refused(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    """The handshake checks the validity period once; a connection kept alive past the
+    certificate's expiry gets 403 certificate_expired on its next request."""
+    car = tls_director.car()
+    expiry = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=4)
+    chain, key = _forge(tls_director.directory, [car.vin], [car.vin], not_after=expiry)
+    ctx = _context(tls_director, tmp_path, chain, key)
+    port = int(tls_director.vehicle_url.rsplit(":", 1)[1])
+    request = _get(f"/vehicles/{car.vin}/metadata/timestamp.json", "Host: d\r\n")
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
+        assert _answer_on(s, request)[0] == b"HTTP/1.1 200 OK"
+        while dt.datetime.now(dt.UTC) <= expiry + dt.timedelta(seconds=0.3):
+            time.sleep(0.1)  # within uvicorn's 5 s keep-alive
+        assert _answer_on(s, request) == (b"HTTP/1.1 403 Forbidden", EXPIRED_BODY)
