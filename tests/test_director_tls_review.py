@@ -533,3 +533,62 @@ def test_a_certificate_expiring_on_a_kept_alive_connection_is_refused(
         while dt.datetime.now(dt.UTC) <= expiry + dt.timedelta(seconds=0.3):
             time.sleep(0.1)  # within uvicorn's 5 s keep-alive
         assert _answer_on(s, request) == (b"HTTP/1.1 403 Forbidden", EXPIRED_BODY)
+
+
+def test_concurrent_issues_leave_one_valid_certificate(db_url: str, tmp_path: Path) -> None:
+    """Two certificates issued for one VIN at the same time (PostgreSQL, READ COMMITTED):
+    the later revokes the earlier, as when they come one after the other."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite serializes the writers")
+    import threading
+
+    from sqlalchemy import select, text
+
+    from director.db import Database
+    from director.revocation import VehicleCertificate, record_issued
+
+    directory = _director_dir(tmp_path)
+    vin = "VIN-CONCURRENT-1"
+    certs = [issue_vehicle_certificate(directory, vin).certificate for _ in range(3)]
+    db = Database(db_url)
+    try:
+        db.migrate()
+        record_issued(db, vin, certs[0])
+        with db.engine.connect() as holder:  # holds the first certificate's row ...
+            holder.execute(
+                select(VehicleCertificate).where(VehicleCertificate.vin == vin).with_for_update()
+            )
+            errors: list[BaseException] = []
+
+            def issue(pem: bytes) -> None:
+                try:
+                    record_issued(db, vin, pem)
+                except BaseException as e:  # reported below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=issue, args=(pem,)) for pem in certs[1:]]
+            for t in threads:
+                t.start()
+            # ... until both issues wait on a lock (the row's, or the VIN's advisory lock)
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND (query LIKE '%vehicle_certificates%' OR query LIKE '%hashtext%')"
+            )
+            with db.engine.connect() as watch:
+                deadline = time.monotonic() + 30
+                while watch.execute(waiting).scalar_one() < 2:
+                    assert time.monotonic() < deadline, "the issues never waited"
+                    watch.rollback()  # pg_stat_activity is read once per transaction
+                    time.sleep(0.05)
+            holder.commit()
+        for t in threads:
+            t.join(timeout=30)
+        assert errors == []
+        valid = db.read_all(
+            select(VehicleCertificate.serial).where(
+                VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None)
+            )
+        )
+        assert len(valid) == 1, valid
+    finally:
+        db.dispose()
