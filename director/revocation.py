@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Index, String, Text, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from director.db import AuditEntry, Base, Database, UTCDateTime
 from director.errors import InvalidRequestError, NotFoundError
@@ -45,6 +45,21 @@ logger = logging.getLogger("director.revocation")
 REFRESH_SECONDS = 2.0
 STALE_SECONDS = 30.0
 SUPERSEDED = "superseded by a newer certificate"
+# Key space of the PostgreSQL advisory locks (one per VIN) that serialize issuing and
+# revoking a vehicle's certificates.
+_CERT_LOCK = 0x55_43_45_52  # "UCER"
+
+
+def _lock_vin(db: Database, s: Session, vin: str) -> None:
+    """Serialize this transaction with every other one issuing or revoking ``vin``'s
+    certificates (PostgreSQL; SQLite writers are serialized already). Without it two
+    concurrent issues for a VIN both stay valid: each revokes the rows it saw, and
+    neither sees the other's new one (READ COMMITTED)."""
+    if db.is_postgresql:
+        s.execute(
+            text("SELECT pg_advisory_xact_lock(:ns, hashtext(:vin))"),
+            {"ns": _CERT_LOCK, "vin": vin},
+        )
 
 
 class VehicleCertificate(Base):
@@ -108,6 +123,7 @@ def record_issued(
     serial, not_after = cert.serial_number, cert.not_valid_after_utc
     now = now or datetime.now(UTC)
     with db.transaction(write=True) as s:
+        _lock_vin(db, s, vin)
         earlier = s.scalars(
             select(VehicleCertificate)
             .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
@@ -151,6 +167,7 @@ def revoke(
         raise InvalidRequestError("give a reason of 1-500 characters")
     now = now or datetime.now(UTC)
     with db.transaction(write=True) as s:
+        _lock_vin(db, s, vin)
         if serial is not None:
             key = serial_text(serial)
             cert = s.get(VehicleCertificate, key, with_for_update=True)
@@ -213,6 +230,7 @@ class RevocationList:
         self._checked = -math.inf  # last refresh attempt
         self._loaded = -math.inf  # last successful refresh
         self._lock: asyncio.Lock | None = None
+        self._invalidations = 0
 
     def refresh(self) -> None:
         """Read the count of revoked serials, and the serials if it changed (blocking)."""
@@ -225,6 +243,7 @@ class RevocationList:
 
     def invalidate(self) -> None:
         """Refresh on the next request (this process just revoked something)."""
+        self._invalidations += 1
         self._checked = -math.inf
 
     async def revoked(self, serial: str | None) -> bool | None:
@@ -237,13 +256,16 @@ class RevocationList:
                 if self.clock() - self._checked >= self.refresh_seconds:
                     from starlette.concurrency import run_in_threadpool
 
+                    invalidations = self._invalidations
                     try:
                         await run_in_threadpool(self.refresh)
                         self._loaded = self.clock()
                     except (SQLAlchemyError, OSError) as e:  # database down: fail closed when stale
                         logger.warning("cannot read the revoked certificates: %s", e)
                     finally:
-                        self._checked = self.clock()
+                        # invalidated while this refresh read: it may lack that revocation
+                        fresh = invalidations == self._invalidations
+                        self._checked = self.clock() if fresh else -math.inf
         if self.clock() - self._loaded > self.stale_seconds:
             return None
         return serial is None or serial in self._serials

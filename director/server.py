@@ -16,9 +16,9 @@ The Director serves a fleet, so every connection is a possible attacker
   are closed at once;
 - uvicorn's keep-alive timeout between requests;
 - errors of the HTTP layer as JSON like every other Director answer;
-- on a TLS listener, the VIN and serial of the verified client certificate in
-  each request's scope (``extensions["tls"]["client_vin"]``, ``["client_serial"]``,
-  see ``director.tls`` and ``director.revocation``).
+- on a TLS listener, the VIN, serial and expiry of the verified client certificate
+  in each request's scope (``extensions["tls"]["client_vin"]``, ``["client_serial"]``,
+  ``["client_not_after"]``, see ``director.tls`` and ``director.revocation``).
 
 Body read timeouts and the in-flight body memory budget are in
 ``director.app.GuardMiddleware`` (they need the ASGI view of the body).
@@ -84,11 +84,12 @@ class DirectorProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # called once the handshake verified any client certificate
-            from director.tls import peer_serial, peer_vin
+            from director.tls import peer_not_after, peer_serial, peer_vin
 
             self._tls = {
                 "client_vin": peer_vin(ssl_object),
                 "client_serial": peer_serial(ssl_object),
+                "client_not_after": peer_not_after(ssl_object),
             }
         if len(self.connections) > self.limits.max_connections:
             transport.close()  # over the limit: no request is read from it

@@ -7,7 +7,8 @@ Director (issue 12):
 - ``uptane director init`` creates a Director CA (an ECDSA P-256 key and a
   self-signed CA certificate, ``DIR/tls/``, key mode 0600);
 - each vehicle gets a client certificate from that CA at registration
-  (subject CN = VIN, SAN ``urn:uptane:vin:VIN``);
+  (subject CN = VIN, SAN ``urn:uptane:vin:VIN``; the listener takes the VIN
+  only from a certificate whose one CN and one VIN SAN agree, ``peer_vin``);
 - ``serve --tls`` runs two listeners: the *vehicle* listener requires a
   client certificate from the Director CA at the TLS handshake and serves
   only ``/vehicles/{vin}/...`` of the certificate's own VIN, ``/root/...``
@@ -31,14 +32,16 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import socket
 import ssl
-from collections.abc import Iterable, Iterator
+import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from uptane.errors import ConfigError
@@ -88,10 +91,18 @@ class IssuedCertificate:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # also when it existed with wider modes
+    """Write a private key to ``path``, mode 0600: into a new file (``mkstemp``: 0600,
+    exclusive) renamed over ``path``, so the key is never in a file of wider modes (one
+    that existed) nor written through a symlink planted at ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def tls_dir(directory: Path) -> Path:
@@ -103,15 +114,21 @@ def _now() -> dt.datetime:
 
 
 def create_ca(directory: Path) -> Path:
-    """Create the Director CA in ``DIR/tls/`` unless it exists; returns the CA cert path."""
+    """Create the Director CA in ``DIR/tls/`` unless it exists; returns the CA cert path.
+
+    A CA certificate without its key is kept: a host that only serves needs no CA key
+    (it cannot issue certificates); replacing the certificate would lock every vehicle
+    out. A CA key without its certificate is an error."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     d = tls_dir(directory)
-    if (d / CA_CERT).exists() and (d / CA_KEY).exists():
+    if (d / CA_CERT).exists():
         return d / CA_CERT
+    if (d / CA_KEY).exists():
+        raise ConfigError(f"{d / CA_KEY} without {CA_CERT}: restore the CA certificate")
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -165,7 +182,9 @@ def _load_ca(directory: Path) -> tuple[Any, Any, bytes]:
         key_pem = (d / CA_KEY).read_bytes()
     except OSError as e:
         raise ConfigError(
-            f"no Director CA in {d} ({e.strerror or e}): `uptane director init` creates it"
+            f"cannot read the Director CA ({e.filename}: {e.strerror or e}): `uptane director "
+            "init` creates it (a host without the CA key issues no certificates: give "
+            "serve --tls-cert/--tls-key)"
         ) from None
     return (
         x509.load_pem_x509_certificate(ca_pem),
@@ -252,16 +271,25 @@ def ca_certificate(directory: Path) -> Path:
 
 
 def peer_vin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The VIN of a verified client certificate (its subject CN), None without one."""
+    """The VIN of a verified client certificate: its one subject CN, which must also be
+    its one ``urn:uptane:vin:`` SAN (as ``issue_vehicle_certificate`` makes them). None
+    without a certificate, or for one that names no VIN, several, or two different ones:
+    the vehicle listener then serves it nothing."""
     if ssl_object is None:
         return None
     cert: Any = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName" and isinstance(value, str):
-                return value
+    names = [
+        value for rdn in cert.get("subject", ()) for name, value in rdn if name == "commonName"
+    ]
+    sans = [
+        value.removeprefix(VIN_URI_PREFIX)
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and isinstance(value, str) and value.startswith(VIN_URI_PREFIX)
+    ]
+    if len(names) == 1 and isinstance(names[0], str) and sans == names:
+        return names[0]
     return None
 
 
@@ -275,6 +303,17 @@ def peer_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     try:
         return format(int(serial, 16), "x") if isinstance(serial, str) else None
     except ValueError:
+        return None
+
+
+def peer_not_after(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """When a verified client certificate expires (POSIX seconds, as text), None without
+    one: the handshake checked it, ``ListenerGate`` checks it again on every request of a
+    connection kept alive past it."""
+    cert: Any = None if ssl_object is None else ssl_object.getpeercert()
+    try:
+        return str(ssl.cert_time_to_seconds(cert["notAfter"])) if cert else None
+    except (KeyError, ValueError):
         return None
 
 
@@ -321,6 +360,9 @@ def allowed(listener: str, path: str, vin: str | None) -> bool:
 REVOKED_BODY = json.dumps(
     {"error": "certificate_revoked", "detail": "this client certificate is revoked"}
 ).encode()
+EXPIRED_BODY = json.dumps(
+    {"error": "certificate_expired", "detail": "this client certificate has expired"}
+).encode()
 UNCHECKED_BODY = json.dumps(
     {"error": "database_unavailable", "detail": "the certificate revocations cannot be read"}
 ).encode()
@@ -344,7 +386,9 @@ class ListenerGate:
     """What one listener serves: see the module docstring. Every refusal is the same
     404 body, so that neither another vehicle's VIN nor an unknown one shows. On the
     vehicle listener with ``revocations``, a revoked client certificate gets 403 on
-    every path (``director.revocation``)."""
+    every path (``director.revocation``), and so does a certificate that expired
+    while its connection was kept alive. A WebSocket request is closed (neither
+    listener routes one; ``listener_configs`` turns WebSocket support off anyway)."""
 
     def __init__(
         self, app: ASGIApp, listener: str, revocations: RevocationList | None = None
@@ -356,6 +400,10 @@ class ListenerGate:
         self.revocations = revocations if listener == VEHICLE else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # neither listener routes one: never ungated
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http":
             if self.revocations is not None:
                 revoked = await self.revocations.revoked(client_serial(scope))
@@ -364,6 +412,11 @@ class ListenerGate:
                     return
                 if revoked:
                     await _answer(send, 403, REVOKED_BODY)
+                    return
+            if self.listener == VEHICLE and client_vin(scope) is not None:
+                not_after = _client(scope, "client_not_after")
+                if not_after is None or time.time() > float(not_after):
+                    await _answer(send, 403, EXPIRED_BODY)
                     return
             if not allowed(self.listener, scope.get("path", ""), client_vin(scope)):
                 await _answer(send, REFUSED_STATUS, REFUSED_BODY)
@@ -446,9 +499,11 @@ def install_certificate_api(
         dependencies=[operator],
         tags=["operator"],
     )
-    async def issue_certificate(vin: str) -> CertificateOut:
+    async def issue_certificate(vin: str, response: Response) -> CertificateOut:
         """Issue a client certificate (mutual TLS) for a registered vehicle; the
-        vehicle's earlier certificates are revoked."""
+        vehicle's earlier certificates are revoked. The answer holds the private key:
+        ``Cache-Control: no-store``."""
+        response.headers["Cache-Control"] = "no-store"
         status = await run_in_threadpool(director.vehicle_status, vin)  # 404 if unknown
         issued = await run_in_threadpool(issue_vehicle_certificate, directory, status.vin)
         await run_in_threadpool(record_issued, director.db, status.vin, issued.certificate)
@@ -481,7 +536,8 @@ def listener_configs(
 
     revocations = getattr(getattr(app, "state", None), "revocations", None)
 
-    common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), **options}
+    # ws="none": an Upgrade request stays an HTTP request, gated as any other
+    common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ws": "none", **options}
     return [
         uvicorn.Config(
             ListenerGate(app, VEHICLE, revocations),
@@ -511,44 +567,10 @@ def tls_paths(
     return ca_certificate(directory), cert, key
 
 
-@contextlib.contextmanager
 def running_vehicle_listener(
     app: ASGIApp, directory: Path, host: str = "127.0.0.1"
-) -> Iterator[str]:
-    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
-    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
-    required; yields ``https://host:port``."""
-    import threading
+) -> contextlib.AbstractContextManager[str]:
+    """The vehicle listener alone, in a thread (``director.tls_serve.vehicle_listener``)."""
+    from director.tls_serve import vehicle_listener
 
-    import uvicorn
-
-    from director.server import DirectorProtocol
-
-    ca, cert, key = tls_paths(directory)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    (config,) = listener_configs(
-        app,
-        host=host,
-        port=sock.getsockname()[1],
-        operator_port=0,
-        cert=cert,
-        key=key,
-        ca=ca,
-        http=DirectorProtocol,
-        log_level="warning",
-    )[:1]
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("TLS listener thread exited before it started")
-            threading.Event().wait(0.01)
-        yield f"https://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    return vehicle_listener(app, directory, host)

@@ -22,7 +22,8 @@
   above it (systemd ``Restart=on-failure``, Kubernetes) restarts the whole
   service, and a crash loop shows as a failed service, not as a healthy parent;
 - a worker whose parent is gone (killed with SIGKILL) notices within
-  ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM.
+  ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM;
+- the TLS handshake is bounded by ``header_timeout`` (``HandshakeBoundLoop``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from uptane.errors import ConfigError
 
@@ -52,6 +54,21 @@ DB_ENV = "UPTANE_DIRECTOR_DB"
 # exit codes of a worker asked to stop: 0, or the signal itself when it came before
 # the worker installed its handlers (still importing at startup)
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
+
+
+class HandshakeBoundLoop(uvloop.Loop):
+    """uvloop whose servers bound the TLS handshake as ``DirectorProtocol`` bounds the
+    request headers (``header_timeout``). uvicorn passes no ``ssl_handshake_timeout``,
+    so a client that connects and never completes the handshake (no certificate needed)
+    would hold its socket for asyncio's default 60 s, uncounted by ``max_connections``
+    (``DirectorProtocol`` sees a connection only once the handshake is done)."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        from director.server import DirectorProtocol
+
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", DirectorProtocol.limits.header_timeout)
+        return await super().create_server(*args, **kwargs)
 
 
 class _Server(uvicorn.Server):
@@ -74,8 +91,6 @@ def serve_listeners(
     is no longer this process's parent. True if every server started and stopped because
     it was asked to; False if one failed or stopped on its own (the others are then
     stopped too)."""
-    import uvloop
-
     servers = [_Server(c) for c in configs]
     asked = False
 
@@ -123,8 +138,49 @@ def serve_listeners(
             isinstance(r, BaseException) for r in results
         )
 
-    served = uvloop.run(main())
+    served = uvloop.run(main(), loop_factory=HandshakeBoundLoop)
     return served and asked
+
+
+@contextlib.contextmanager
+def vehicle_listener(app: Any, directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
+    ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
+    required; yields ``https://host:port``."""
+    import threading
+
+    from director.server import DirectorProtocol
+    from director.tls import listener_configs, tls_paths
+
+    ca, cert, key = tls_paths(directory)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    (config,) = listener_configs(
+        app,
+        host=host,
+        port=sock.getsockname()[1],
+        operator_port=0,
+        cert=cert,
+        key=key,
+        ca=ca,
+        http=DirectorProtocol,
+        loop="director.tls_serve:HandshakeBoundLoop",
+        log_level="warning",
+    )[:1]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("TLS listener thread exited before it started")
+            threading.Event().wait(0.01)
+        yield f"https://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def bind(host: str, port: int) -> socket.socket:
