@@ -283,6 +283,28 @@ def install_signer(
     app.router.lifespan_context = lifespan
 
 
+class _DoneOrOrphaned:
+    """The change is done, or the process making it is gone (killed mid-change).
+
+    Either way a following signer finishes what is stale and exits: a
+    killed assignment leaves its committed batches stale (never half
+    signed), and its signer processes sign them instead of waiting forever.
+    """
+
+    def __init__(self, done: Flag) -> None:
+        self.done = done
+        self.parent = mp.parent_process()
+
+    def _orphaned(self) -> bool:
+        return self.parent is not None and not self.parent.is_alive()
+
+    def is_set(self) -> bool:
+        return self.done.is_set() or self._orphaned()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout) or self._orphaned()
+
+
 def _worker(
     config: DirectorConfig, batch: int, done: Flag | None, results: mp.Queue[int | None]
 ) -> None:
@@ -295,7 +317,7 @@ def _worker(
             if done is None:
                 signed = director.sign_stale(batch=batch)
             else:
-                signed = director.sign_following(done, batch=batch)
+                signed = director.sign_following(_DoneOrOrphaned(done), batch=batch)
         finally:
             director.close()
     finally:

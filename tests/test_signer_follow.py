@@ -9,8 +9,13 @@ it (``test_metadata_signer.verify_vehicle``). SQLite and PostgreSQL.
 # ruff: noqa: F811  (the fixtures of test_director / test_metadata_signer are parameters here)
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from test_director import Env, db_url, image_repo  # noqa: F401  (fixtures)
@@ -88,10 +93,12 @@ def test_signer_processes_sign_an_assignment_as_it_is_written(
 
 def test_signer_processes_sign_what_a_failed_change_committed(env: Env) -> None:
     vins = [r.vin for r in _fleet(env, "SPF", 6)]
-    with pytest.raises(RuntimeError, match="the change failed"):
-        with SignerProcesses(env.config, 2, batch=2):
-            env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
-            raise RuntimeError("the change failed")
+    with (
+        pytest.raises(RuntimeError, match="the change failed"),
+        SignerProcesses(env.config, 2, batch=2),
+    ):
+        env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
+        raise RuntimeError("the change failed")
     assert env.director.stale_count() == 0
     for vin in vins:
         assert verify_vehicle(env, vin)[1][f"{vin}-B"].name == "brake-1.wasm"
@@ -123,3 +130,51 @@ def test_signed_json_is_what_tuf_serialises(env: Env) -> None:
     for name in ("targets.json", "snapshot.json", "timestamp.json"):
         data = env.http.get(f"/vehicles/{vin}/metadata/{name}").content
         assert Metadata[Targets].from_bytes(data).to_bytes(JSONSerializer(compact=True)) == data
+
+
+def _assign_and_die(config_dir: str, db_url: str, vins: list[str], pids: Any) -> None:
+    """Start signer processes, write an assignment, and get killed before ``finish``."""
+    from director.config import DirectorConfig
+    from director.service import Director
+
+    config = DirectorConfig.load(config_dir)
+    config.db_url = db_url
+    director = Director.from_config(config, migrate=False)
+    director.assign_batch = 4
+    signers = SignerProcesses(config, 2, batch=3).__enter__()
+    pids.put([p.pid for p in signers._procs])
+    director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_signer_processes_of_a_killed_assignment_sign_what_it_committed_and_exit(
+    env: Env,
+) -> None:
+    """Killed mid-change (before ``finish``): the vehicles are signed once, the signers exit."""
+    if env.db.engine.dialect.name != "postgresql":
+        pytest.skip("signer processes run on PostgreSQL (SQLite has one writer)")
+    vins = [r.vin for r in _fleet(env, "KIL", 14)]
+    before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
+    ctx = mp.get_context("spawn")
+    pids: Any = ctx.Queue()
+    parent = ctx.Process(
+        target=_assign_and_die, args=(str(env.tmp / "dir"), env.config.db_url, vins, pids)
+    )
+    parent.start()
+    signer_pids = pids.get(timeout=60)
+    parent.join(timeout=60)
+    assert parent.exitcode == -signal.SIGKILL
+    assert _wait_until(lambda: all(_gone(pid) for pid in signer_pids), 60)
+    assert env.director.stale_count() == 0
+    for vin in vins:
+        repo, by_ecu = verify_vehicle(env, vin)
+        assert repo.targets.version == before[vin] + 1
+        assert by_ecu[f"{vin}-B"].name == "brake-2.wasm"
