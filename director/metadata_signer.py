@@ -347,6 +347,7 @@ class SignerProcesses:
         self._results: mp.Queue[int | None] = self._ctx.Queue()
         self._procs: list[Any] = []
         self._total: int | None = None
+        self._finished = False
 
     def __enter__(self) -> SignerProcesses:
         if not self.config.db_url.startswith("sqlite"):
@@ -364,6 +365,9 @@ class SignerProcesses:
         """Let the processes finish what is stale; the vehicles they signed."""
         if self._total is not None:
             return self._total
+        if self._finished:  # a first call raised: the results are consumed
+            raise RuntimeError("a signer process failed")
+        self._finished = True
         self._done.set()
         if not self._procs:
             from director.service import Director
@@ -384,7 +388,7 @@ class SignerProcesses:
         return self._total
 
     def __exit__(self, *exc: object) -> None:
-        if self._total is None:
+        if not self._finished:
             if exc[0] is None:
                 self.finish()
             else:  # the change failed: sign what it committed, report its error

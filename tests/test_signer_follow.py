@@ -9,6 +9,7 @@ it (``test_metadata_signer.verify_vehicle``). SQLite and PostgreSQL.
 # ruff: noqa: F811  (the fixtures of test_director / test_metadata_signer are parameters here)
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 from test_director import Env, db_url, image_repo  # noqa: F401  (fixtures)
 from test_metadata_signer import _fleet, env, small_batches, verify_vehicle  # noqa: F401
 from tuf.api.metadata import Metadata, Targets
@@ -178,3 +180,27 @@ def test_signer_processes_of_a_killed_assignment_sign_what_it_committed_and_exit
         repo, by_ecu = verify_vehicle(env, vin)
         assert repo.targets.version == before[vin] + 1
         assert by_ecu[f"{vin}-B"].name == "brake-2.wasm"
+
+
+def test_a_failed_signer_process_is_an_error_not_a_hang(env: Env) -> None:
+    """A signer process that fails makes ``finish`` raise, and leaving the block returns."""
+    if env.db.engine.dialect.name != "postgresql":
+        pytest.skip("signer processes run on PostgreSQL (SQLite has one writer)")
+    url = make_url(env.config.db_url).update_query_dict({"options": "-csearch_path=no_such_schema"})
+    bad = dataclasses.replace(env.config, db_url=url.render_as_string(hide_password=False))
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with SignerProcesses(bad, 2) as signers:
+                signers.finish()
+            outcome.append(None)
+        except BaseException as e:  # reported below
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert "signer process failed" in str(outcome[0])
