@@ -97,8 +97,9 @@ class Assignments(MetadataSigner):
         Issue 12: rows are written in batches of ``assign_batch`` vehicles,
         one short transaction each, and the vehicles are marked stale; with
         ``sign`` they are then re-signed here in batches (``sign_stale``),
-        else by a background signer. A vehicle polling meanwhile gets its
-        previous metadata.
+        else by signers running meanwhile: the server's ``StaleSigner``
+        (woken after each batch commits) or ``SignerProcesses``. A vehicle
+        polling meanwhile gets its previous metadata.
         """
         try:
             check_target_path(image)
@@ -149,6 +150,10 @@ class Assignments(MetadataSigner):
                     )
         infos: list[AssignmentInfo] = []
         stale: list[int] = []
+        # signed here at the end, or by signers running meanwhile (woken per batch)
+        here = sign and (
+            self.defer_signing_above is None or len(vehicle_vins) <= self.defer_signing_above
+        )
         for i in range(0, len(vehicle_vins), batch):
             with self.db.transaction(write=True) as session:
                 prefer_indexes(session)
@@ -167,11 +172,11 @@ class Assignments(MetadataSigner):
                 ids = sorted({c.vehicle_id for c in chosen})
                 self._mark_stale(session, ids)
                 stale.extend(ids)
+            if not here and self.wake_signer is not None:
+                self.wake_signer()  # this batch is committed: sign it while the next is written
         logger.info("assigned %s to %d ECUs", image, len(infos))
-        if sign and (self.defer_signing_above is None or len(stale) <= self.defer_signing_above):
+        if here:
             self.sign_stale(stale)
-        elif self.wake_signer is not None:
-            self.wake_signer()
         return infos
 
     def _choose_vehicles(

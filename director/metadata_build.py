@@ -104,6 +104,33 @@ def stored_versions(files: Mapping[str, bytes], targets_version: int) -> Version
     )
 
 
+class _Memo:
+    """``to_dict`` computed once: a document here is never changed once built.
+
+    Its canonical JSON (what the signatures cover), its JSON file and its DER
+    are all made from ``to_dict()``; tuf would build the dict for each.
+    """
+
+    _memo: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._memo is None:
+            self._memo = super().to_dict()  # type: ignore[misc]
+        return self._memo
+
+
+class _Targets(_Memo, Targets):
+    pass
+
+
+class _Snapshot(_Memo, Snapshot):
+    pass
+
+
+class _Timestamp(_Memo, Timestamp):
+    pass
+
+
 def _sign_json(md: Metadata[Any], signers: Sequence[Signer]) -> bytes:
     for signer in signers:
         md.sign(signer, append=True)
@@ -190,13 +217,13 @@ def build_vehicle_files(
         )
     tv, sv, ts = previous.targets + 1, previous.snapshot + 1, previous.timestamp + 1
     # Uptane 5.2.3: no delegations on the Director
-    t = Targets(version=tv, expires=expires, targets=targets)
+    t = _Targets(version=tv, expires=expires, targets=targets)
     set_vehicle_id(t, vin)
     targets_json = _sign_json(Metadata(t), signers.targets)
     targets_der = _sign_der(t, signers.targets)
-    s = Snapshot(version=sv, expires=expires, meta={"targets.json": meta_file(tv, targets_json)})
+    s = _Snapshot(version=sv, expires=expires, meta={"targets.json": meta_file(tv, targets_json)})
     snapshot_json = _sign_json(Metadata(s), signers.snapshot)
-    ts_md = Timestamp(version=ts, expires=expires, snapshot_meta=meta_file(sv, snapshot_json))
+    ts_md = _Timestamp(version=ts, expires=expires, snapshot_meta=meta_file(sv, snapshot_json))
     timestamp_json = _sign_json(Metadata(ts_md), signers.timestamp)
     files = {
         f"{tv}.targets.json": targets_json,

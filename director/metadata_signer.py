@@ -31,7 +31,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -49,6 +49,8 @@ logger = logging.getLogger("director.signer")
 # vehicles signed per transaction: short enough that a check-in waiting for one
 # of them waits a fraction of a second
 DEFAULT_SIGN_BATCH = 200
+# seconds a following signer waits for the next batch of a running change
+FOLLOW_IDLE = 0.05
 
 
 class MetadataSigner(DirectorRepository):
@@ -126,6 +128,36 @@ class MetadataSigner(DirectorRepository):
             # marked stale meanwhile
             after = last
 
+    def sign_following(
+        self, done: Flag, *, batch: int | None = None, idle: float = FOLLOW_IDLE
+    ) -> int:
+        """Re-sign stale vehicles as a running change marks them, until ``done`` is set; how many.
+
+        For a change that marks vehicles in VIN order, batch after batch (a
+        fleet-wide ``assign``): the signer keeps up behind it, waiting
+        ``idle`` seconds above the last VIN it claimed when it catches up,
+        instead of signing only once every row is written. Once ``done`` is
+        set (after the change's last batch committed) it makes full passes
+        until one finds nothing: every vehicle the change marked is signed,
+        as with ``sign_stale``. Several signers may follow at once (``SKIP
+        LOCKED``).
+        """
+        size = max(1, batch or self.sign_batch)
+        total = 0
+        after: str | None = None
+        while True:
+            finished = done.is_set()  # before the pass: a pass after the last batch decides
+            signed, last = self._sign_claimed(None, size, self.clock(), after)
+            total += signed
+            if last is not None:
+                after = last
+            elif finished:
+                if after is None:
+                    return total
+                after = None  # once more from the start, for vehicles marked behind us
+            else:
+                done.wait(idle)  # caught up: the next batch of the change is not committed yet
+
     def stale_count(self) -> int:
         """How many vehicles wait for re-signing."""
         row = self.db.read_one(
@@ -157,6 +189,14 @@ class MetadataSigner(DirectorRepository):
                 .values(metadata_stale=True)
             )
         return self.sign_stale()
+
+
+class Flag(Protocol):
+    """``threading.Event`` or a ``multiprocessing`` event: what ``sign_following`` waits on."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class StaleSigner:
@@ -243,14 +283,119 @@ def install_signer(
     app.router.lifespan_context = lifespan
 
 
-def _worker(config: DirectorConfig, batch: int, results: mp.Queue[int]) -> None:
+class _DoneOrOrphaned:
+    """The change is done, or the process making it is gone (killed mid-change).
+
+    Either way a following signer finishes what is stale and exits: a
+    killed assignment leaves its committed batches stale (never half
+    signed), and its signer processes sign them instead of waiting forever.
+    """
+
+    def __init__(self, done: Flag) -> None:
+        self.done = done
+        self.parent = mp.parent_process()
+
+    def _orphaned(self) -> bool:
+        return self.parent is not None and not self.parent.is_alive()
+
+    def is_set(self) -> bool:
+        return self.done.is_set() or self._orphaned()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout) or self._orphaned()
+
+
+def _worker(
+    config: DirectorConfig, batch: int, done: Flag | None, results: mp.Queue[int | None]
+) -> None:
     from director.service import Director
 
-    director = Director.from_config(config, migrate=False)
+    signed: int | None = None
     try:
-        results.put(director.sign_stale(batch=batch))
+        director = Director.from_config(config, migrate=False)
+        try:
+            if done is None:
+                signed = director.sign_stale(batch=batch)
+            else:
+                signed = director.sign_following(_DoneOrOrphaned(done), batch=batch)
+        finally:
+            director.close()
     finally:
-        director.close()
+        results.put(signed)  # None: this process failed (its exit code says so too)
+
+
+class SignerProcesses:
+    """``workers`` processes re-signing stale vehicles while this process makes a change.
+
+    ``with SignerProcesses(config, 2) as signers: director.assign(..., sign=False)``
+    then ``signers.finish()``: the processes sign each batch of vehicles as
+    soon as the assignment commits it (``sign_following``), so the rows and
+    the signing overlap, and ``finish`` returns once every stale vehicle is
+    signed (how many they signed). Leaving the block without ``finish`` (the
+    change failed) still lets them sign what was committed. On SQLite (one
+    writer) ``finish`` signs in this process.
+    """
+
+    def __init__(
+        self, config: DirectorConfig, workers: int = 2, *, batch: int = DEFAULT_SIGN_BATCH
+    ) -> None:
+        self.config = config
+        self.workers = max(1, workers)
+        self.batch = batch
+        self._ctx = mp.get_context("spawn")
+        self._done = self._ctx.Event()
+        self._results: mp.Queue[int | None] = self._ctx.Queue()
+        self._procs: list[Any] = []
+        self._total: int | None = None
+        self._finished = False
+
+    def __enter__(self) -> SignerProcesses:
+        if not self.config.db_url.startswith("sqlite"):
+            self._procs = [
+                self._ctx.Process(
+                    target=_worker, args=(self.config, self.batch, self._done, self._results)
+                )
+                for _ in range(self.workers)
+            ]
+            for p in self._procs:
+                p.start()
+        return self
+
+    def finish(self) -> int:
+        """Let the processes finish what is stale; the vehicles they signed."""
+        if self._total is not None:
+            return self._total
+        if self._finished:  # a first call raised: the results are consumed
+            raise RuntimeError("a signer process failed")
+        self._finished = True
+        self._done.set()
+        if not self._procs:
+            from director.service import Director
+
+            director = Director.from_config(self.config, migrate=False)
+            try:
+                self._total = director.sign_stale(batch=self.batch)
+            finally:
+                director.close()
+            return self._total
+        counts = [self._results.get(timeout=3600) for _ in self._procs]
+        for p in self._procs:
+            p.join()
+        failed = [p.exitcode for p in self._procs if p.exitcode != 0]
+        if failed or None in counts:
+            raise RuntimeError(f"a signer process failed (exit {failed})")
+        self._total = sum(c for c in counts if c is not None)
+        return self._total
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            if exc[0] is None:
+                self.finish()
+            else:  # the change failed: sign what it committed, report its error
+                try:
+                    self.finish()
+                except Exception:
+                    logger.exception("re-signing after a failed change failed")
 
 
 def sign_stale_in_processes(
@@ -258,7 +403,7 @@ def sign_stale_in_processes(
 ) -> int:
     """Re-sign every stale vehicle with ``workers`` processes (one core each); how many.
 
-    On SQLite (one writer) the work runs in this process.
+    On SQLite (one writer), or with one worker, the work runs in this process.
     """
     if workers <= 1 or config.db_url.startswith("sqlite"):
         from director.service import Director
@@ -269,13 +414,15 @@ def sign_stale_in_processes(
         finally:
             director.close()
     ctx = mp.get_context("spawn")
-    results: mp.Queue[int] = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(config, batch, results)) for _ in range(workers)]
+    results: mp.Queue[int | None] = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(config, batch, None, results)) for _ in range(workers)
+    ]
     for p in procs:
         p.start()
-    total = sum(results.get(timeout=3600) for _ in procs)
+    counts = [results.get(timeout=3600) for _ in procs]
     for p in procs:
         p.join()
-        if p.exitcode != 0:
+        if p.exitcode != 0 or None in counts:
             raise RuntimeError(f"a signer process failed (exit {p.exitcode})")
-    return total
+    return sum(c for c in counts if c is not None)

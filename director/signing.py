@@ -356,20 +356,24 @@ class DirectorRepository:
         root_version = self._role_signers(session).root_version
         table = Vehicle.__table__
         assert isinstance(table, Table)
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values(
-                targets_version=bindparam("b_tv"),
-                root_version=root_version,
-                metadata_expires=bindparam("b_exp"),
-                metadata_stale=False,
-            ),
-            [
-                {"b_id": vid, "b_tv": f.targets_version, "b_exp": f.expires}
-                for vid, f in signed.items()
-            ],
-        )
+        # one statement per (targets version, expiry), not one per vehicle: a batch's
+        # vehicles mostly share both
+        groups: dict[tuple[int, datetime], list[int]] = {}
+        for vid, f in signed.items():
+            groups.setdefault((f.targets_version, f.expires), []).append(vid)
+        for (targets_version, expires), vids in sorted(groups.items()):
+            vids.sort()
+            for i in range(0, len(vids), _CHUNK):
+                session.execute(
+                    update(table)
+                    .where(table.c.id.in_(vids[i : i + _CHUNK]))
+                    .values(
+                        targets_version=targets_version,
+                        root_version=root_version,
+                        metadata_expires=expires,
+                        metadata_stale=False,
+                    )
+                )
 
     def metadata(self, vin: str, filename: str) -> bytes:
         """Bytes of one of ``vin``'s metadata files, re-signed first if due.
