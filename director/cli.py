@@ -400,6 +400,13 @@ def revoke_cert_cmd(
 @click.option("--ecu", "ecu_serials", multiple=True, help="ECU serial (repeatable).")
 @click.option("--hardware-id", default=None, help="Every ECU with this hardware id.")
 @click.option("--vin", "vins", multiple=True, help="Only these vehicles (with --hardware-id).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Signer processes re-signing each batch while the next is written (PostgreSQL).",
+)
 def assign_cmd(
     directory: Path,
     db_url: str | None,
@@ -407,28 +414,48 @@ def assign_cmd(
     ecu_serials: tuple[str, ...],
     hardware_id: str | None,
     vins: tuple[str, ...],
+    workers: int = 1,
 ) -> None:
     """Assign IMAGE (a target name of the Image repository) to ECUs.
 
     Give --ecu SERIAL (repeatable) or --hardware-id HW (every ECU with it,
-    optionally only in the --vin vehicles).
+    optionally only in the --vin vehicles). With --workers N (N > 1) the
+    vehicles are re-signed by N processes as each batch commits
+    (docs/director-scale.md); by default in this process after the rows.
     """
     if bool(ecu_serials) == (hardware_id is not None):
         raise click.UsageError("give --ecu SERIAL (repeatable) or --hardware-id HW, not both")
     if vins and hardware_id is None:
         raise click.BadParameter("--vin only narrows --hardware-id", param_hint="--vin")
+    config = _load(directory, db_url)
     director = _open(directory, db_url)
     try:
-        infos = director.assign(
-            image,
-            ecu_serials=list(ecu_serials) or None,
-            hardware_id=hardware_id,
-            vins=list(vins) or None,
-        )
+        if workers > 1:
+            from director.metadata_signer import SignerProcesses
+
+            with SignerProcesses(config, workers) as signers:
+                infos = director.assign(
+                    image,
+                    ecu_serials=list(ecu_serials) or None,
+                    hardware_id=hardware_id,
+                    vins=list(vins) or None,
+                    sign=False,
+                )
+                signed = signers.finish()
+        else:
+            infos = director.assign(
+                image,
+                ecu_serials=list(ecu_serials) or None,
+                hardware_id=hardware_id,
+                vins=list(vins) or None,
+            )
+            signed = None
     finally:
         director.close()
     for a in infos:
         click.echo(f"{a.vin} {a.ecu_serial}: {a.image} (assignment {a.id})")
+    if signed is not None:
+        click.echo(f"re-signed {signed} vehicles with {workers} signer processes")
 
 
 @cli.command("sign-stale")

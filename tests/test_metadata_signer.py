@@ -365,3 +365,29 @@ def test_sign_stale_command_signs_what_an_assignment_left(env: Env) -> None:
     assert env.director.stale_count() == 0
     for vin in vins:
         assert verify_vehicle(env, vin)[1][f"{vin}-B"].name == "brake-2.wasm"
+
+
+def test_assign_command_with_signer_processes(env: Env) -> None:
+    """``uptane director assign --hardware-id HW --workers 2``: every vehicle signed once
+    by the signer processes (in this process on SQLite), none left stale."""
+    from click.testing import CliRunner
+
+    from uptane.cli import cli as uptane_cli
+
+    vins = [r.vin for r in _fleet(env, "ACLI", 7)]
+    before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
+    args = ["director", "assign", "--dir", str(env.config.directory), "--db", env.config.db_url]
+    vin_args = [a for vin in vins for a in ("--vin", vin)]
+    result = CliRunner().invoke(
+        uptane_cli,
+        [*args, "brake-1.wasm", "--hardware-id", "brake-ecu", *vin_args, "--workers", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"re-signed {len(vins)} vehicles with 2 signer processes"
+    )
+    assert env.director.stale_count() == 0
+    for vin in vins:
+        repo, by_ecu = verify_vehicle(env, vin)
+        assert repo.targets.version == before[vin] + 1  # signed exactly once
+        assert by_ecu[f"{vin}-B"].name == "brake-1.wasm"
