@@ -340,7 +340,15 @@ class DERSignedSerializer(SignedSerializer):
 
 
 class DERMetadataSerializer(MetadataSerializer):
-    """A whole metadata file as DER ``Metadata`` (signed + signatures over its DER)."""
+    """A whole metadata file as DER ``Metadata`` (signed + signatures over its DER).
+
+    ``check_constraints=False`` only to compare the result with DER that was
+    decoded with its constraints checked (``DERMetadataDeserializer``): the
+    encoding of a value does not depend on them (``uptane.codec.encode``).
+    """
+
+    def __init__(self, *, check_constraints: bool = True) -> None:
+        self.check_constraints = check_constraints
 
     def serialize(self, metadata_obj: Metadata[Any]) -> bytes:
         try:
@@ -348,7 +356,9 @@ class DERMetadataSerializer(MetadataSerializer):
                 "signed": _signed_to_asn1(metadata_obj.signed),
                 "signatures": _signatures_to_asn1(metadata_obj),
             }
-            return encode(METADATA_TYPE, value, check_types=False)
+            return encode(
+                METADATA_TYPE, value, check_types=False, check_constraints=self.check_constraints
+            )
         except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise _wrap_serialization(e) from e
 
@@ -362,8 +372,9 @@ class DERMetadataDeserializer(MetadataDeserializer):
     bytes received). Every failure is a ``DERDeserializationError``.
 
     One decode and one encode: the ASN.1 value is decoded without the codec's
-    own canonical check, python-tuf builds the metadata, and its DER encoding
-    must equal the input byte for byte. That one comparison proves both that
+    own canonical check (constraints checked), python-tuf builds the metadata,
+    and its DER encoding (no second constraint pass) must equal the input byte
+    for byte. That one comparison proves both that
     the input is canonical DER and that python-tuf's objects say exactly what
     the bytes say. The signed part of the input is kept on ``md.signed`` for
     ``der_signed_bytes`` (a slice, not a third encoding).
@@ -396,7 +407,8 @@ class DERMetadataDeserializer(MetadataDeserializer):
         except Exception as e:  # python-tuf/securesystemslib validation, like JSONDeserializer
             raise DERDeserializationError(f"invalid TUF metadata: {e}") from e
         try:
-            canonical = DERMetadataSerializer().serialize(md)
+            # the decode checked the constraints; byte equality carries them over
+            canonical = DERMetadataSerializer(check_constraints=False).serialize(md)
         except DERSerializationError as e:
             raise DERDeserializationError(f"metadata cannot be re-encoded: {e}") from e
         if canonical != data:
