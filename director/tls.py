@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 from starlette.responses import Response
@@ -525,16 +525,25 @@ def listener_configs(
     cert: Path,
     key: Path,
     ca: Path,
+    revocations: RevocationList | Literal["app"] | None = "app",
     **options: Any,
 ) -> list[Any]:
     """uvicorn configs of the vehicle listener (client certificate from ``ca`` required at
     the handshake) and the operator listener (server certificate only), one app behind
     both; the app's lifespan (the campaign ticker) runs once, on the vehicle listener.
-    The vehicle listener refuses revoked certificates when the app has a
-    ``state.revocations`` (``install_certificate_api``: every app with a CA directory)."""
+    The vehicle listener refuses revoked certificates: by default those of the app's
+    ``state.revocations`` (``install_certificate_api``: every app with a CA directory),
+    and an app without one is a ``ConfigError`` (fail closed); ``revocations=None``
+    serves without the check, only where no certificate is recorded (the simulator)."""
     import uvicorn
 
-    revocations = getattr(getattr(app, "state", None), "revocations", None)
+    if revocations == "app":
+        revocations = getattr(getattr(app, "state", None), "revocations", None)
+        if revocations is None:
+            raise ConfigError(
+                "the vehicle listener's app has no certificate revocation list: build it "
+                "with create_app(..., ca_directory=DIR)"
+            )
 
     # ws="none": an Upgrade request stays an HTTP request, gated as any other
     common = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ws": "none", **options}
@@ -568,9 +577,13 @@ def tls_paths(
 
 
 def running_vehicle_listener(
-    app: ASGIApp, directory: Path, host: str = "127.0.0.1"
+    app: ASGIApp,
+    directory: Path,
+    host: str = "127.0.0.1",
+    revocations: RevocationList | Literal["app"] | None = "app",
 ) -> contextlib.AbstractContextManager[str]:
-    """The vehicle listener alone, in a thread (``director.tls_serve.vehicle_listener``)."""
+    """The vehicle listener alone, in a thread (``director.tls_serve.vehicle_listener``;
+    ``revocations`` as for ``listener_configs``)."""
     from director.tls_serve import vehicle_listener
 
-    return vehicle_listener(app, directory, host)
+    return vehicle_listener(app, directory, host, revocations)

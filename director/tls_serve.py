@@ -143,10 +143,13 @@ def serve_listeners(
 
 
 @contextlib.contextmanager
-def vehicle_listener(app: Any, directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+def vehicle_listener(
+    app: Any, directory: Path, host: str = "127.0.0.1", revocations: Any = "app"
+) -> Iterator[str]:
     """The vehicle listener alone, in a thread on a free port (tests, ``World(tls=True)``):
     ``app`` behind ``ListenerGate(VEHICLE)``, client certificates from the Director CA
-    required; yields ``https://host:port``."""
+    required, revoked ones refused (``revocations`` as for ``listener_configs``); yields
+    ``https://host:port``."""
     import threading
 
     from director.server import DirectorProtocol
@@ -164,6 +167,7 @@ def vehicle_listener(app: Any, directory: Path, host: str = "127.0.0.1") -> Iter
         cert=cert,
         key=key,
         ca=ca,
+        revocations=revocations,
         http=DirectorProtocol,
         loop="director.tls_serve:HandshakeBoundLoop",
         log_level="warning",

@@ -311,9 +311,12 @@ def test_websocket_requests_never_pass_the_gate(tmp_path: Path) -> None:
     init_director(directory, token=TOKEN)
     ca, cert, key = tls_paths(directory)
     configs = listener_configs(
-        app, host="127.0.0.1", port=1, operator_port=2, cert=cert, key=key, ca=ca
+        app, host="127.0.0.1", port=1, operator_port=2, cert=cert, key=key, ca=ca, revocations=None
     )
     assert [c.ws for c in configs] == ["none", "none"]
+    # an app without a revocation list is not served unless asked for (fail closed)
+    with pytest.raises(ConfigError, match="no certificate revocation list"):
+        listener_configs(app, host="127.0.0.1", port=1, operator_port=2, cert=cert, key=key, ca=ca)
 
 
 def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(tmp_path: Path) -> None:

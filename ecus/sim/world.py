@@ -254,7 +254,11 @@ class World(WorldView):
         if self.tls:
             from director.tls import running_vehicle_listener
 
-            listener = running_vehicle_listener(self.director_board, config.directory)
+            # no revocation check: the simulator records none of the certificates it issues
+            # (and swaps the Director behind the Switchboard on a restart)
+            listener = running_vehicle_listener(
+                self.director_board, config.directory, revocations=None
+            )
             self.director_url = self.stack.enter_context(listener)
             # the operator API for other processes (``uptane sim --workers``), as the
             # Director's separate operator port is: plain HTTP on loopback
