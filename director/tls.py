@@ -186,6 +186,9 @@ def _load_ca(directory: Path) -> tuple[Any, Any, bytes]:
             "init` creates it (a host without the CA key issues no certificates: give "
             "serve --tls-cert/--tls-key)"
         ) from None
+    mode = (d / CA_KEY).stat().st_mode & 0o777
+    if mode & 0o077:  # as ssh refuses an unprotected private key
+        raise ConfigError(f"{d / CA_KEY} is open to others (mode {mode:o}): chmod 600 it")
     return (
         x509.load_pem_x509_certificate(ca_pem),
         serialization.load_pem_private_key(key_pem, None),

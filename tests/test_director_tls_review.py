@@ -391,6 +391,22 @@ def test_private_keys_are_never_written_through_a_symlink_or_with_wider_modes(
     ]
 
 
+def test_an_unprotected_ca_key_is_refused(tmp_path: Path) -> None:
+    """A CA key others can read (copied as 0644, say) issues nothing: one line says how
+    to fix it, as ssh refuses an unprotected private key."""
+    directory = tmp_path / "d"
+    init_director(directory, token=TOKEN)
+    key = directory / "tls" / "ca-key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    issue_vehicle_certificate(directory, "VIN-MODE-1")  # fine as created
+    for mode in (0o644, 0o640, 0o604):
+        key.chmod(mode)
+        with pytest.raises(ConfigError, match=f"mode {mode:o}.*chmod 600"):
+            issue_vehicle_certificate(directory, "VIN-MODE-1")
+    key.chmod(0o600)
+    issue_vehicle_certificate(directory, "VIN-MODE-1")
+
+
 def test_the_ca_key_is_served_on_no_path(tls_director: TlsDirector) -> None:
     """Neither listener answers with the CA key, whatever the path."""
     import httpx
