@@ -202,6 +202,15 @@ def serve_cmd(
         server_context(cert, key, ca)  # e.g. a key not of the certificate: one line, now
         operator_port = bind_port + 1 if operator_port is None else operator_port
         check_listen(bind_host, operator_port)
+        # where and how both TLS listeners serve, in one process or in workers
+        listeners: dict[str, Any] = {
+            "host": bind_host,
+            "port": bind_port,
+            "operator_port": operator_port,
+            "cert": cert,
+            "key": key,
+            "ca": ca,
+        }
     director = _open(directory, db_url)  # migrate + import roots once, up front
     if workers > 1 and tls:
         director.close()
@@ -212,18 +221,12 @@ def serve_cmd(
             f"required), operator API on https://{bind_host}:{operator_port}, "
             f"{workers} worker processes"
         )
-        assert operator_port is not None  # set above whenever tls is
         failure = run_workers(
             workers,
             directory=Path(directory),
             db_url=db_url,
-            host=bind_host,
-            port=bind_port,
-            operator_port=operator_port,
-            cert=cert,
-            key=key,
-            ca=ca,
             keep_alive=config.keep_alive_timeout,
+            **listeners,
         )
         if failure is not None:
             raise click.ClickException(failure)
@@ -261,19 +264,7 @@ def serve_cmd(
                 f"required), operator API on https://{bind_host}:{operator_port}"
             )
             server_options.pop("loop")
-            assert operator_port is not None  # set above whenever tls is
-            served = serve_listeners(
-                listener_configs(
-                    app,
-                    host=bind_host,
-                    port=bind_port,
-                    operator_port=operator_port,
-                    cert=cert,
-                    key=key,
-                    ca=ca,
-                    **server_options,
-                )
-            )
+            served = serve_listeners(listener_configs(app, **listeners, **server_options))
             if not served:
                 raise click.ClickException("a TLS listener failed or stopped on its own")
         else:

@@ -231,7 +231,10 @@ class DriverStatement:
         the statement: wrapped (``OperationalError``...), and on a lost
         connection the pool invalidated (``director.http_layer.DatabaseUnavailable``).
         """
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        driver = conn.connection.driver_connection
+        if driver is None:  # a detached connection: no transaction to run in
+            raise RuntimeError("the connection has no DBAPI connection")
+        cursor = driver.cursor()
         try:
             cursor.execute(sql, params)
             return cursor.fetchall() if fetch else cursor.rowcount

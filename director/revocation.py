@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Index, String, Text, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -107,6 +108,23 @@ class Revoked:
     vin: str
 
 
+def _valid(s: Session, vin: str) -> list[VehicleCertificate]:
+    """The VIN's recorded certificates not yet revoked, locked for this transaction."""
+    return list(
+        s.scalars(
+            select(VehicleCertificate)
+            .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
+            .with_for_update()
+        )
+    )
+
+
+def _audit(s: Session, now: datetime, actor: str, action: str, vin: str, **detail: Any) -> None:
+    s.add(
+        AuditEntry(at=now, actor=actor[:64], action=action, vin=vin, ecu_serial=None, detail=detail)
+    )
+
+
 def record_issued(
     db: Database,
     vin: str,
@@ -124,11 +142,7 @@ def record_issued(
     now = now or datetime.now(UTC)
     with db.transaction(write=True) as s:
         _lock_vin(db, s, vin)
-        earlier = s.scalars(
-            select(VehicleCertificate)
-            .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
-            .with_for_update()
-        ).all()
+        earlier = _valid(s, vin)
         for old in earlier:
             old.revoked_at, old.reason = now, SUPERSEDED
         s.add(
@@ -136,15 +150,15 @@ def record_issued(
                 serial=serial_text(serial), vin=vin, issued_at=now, not_after=not_after
             )
         )
-        s.add(
-            AuditEntry(
-                at=now,
-                actor=actor[:64],
-                action="issue_certificate",
-                vin=vin,
-                ecu_serial=None,
-                detail={"serial": serial_text(serial), "superseded": [c.serial for c in earlier]},
-            )
+        superseded = [c.serial for c in earlier]
+        _audit(
+            s,
+            now,
+            actor,
+            "issue_certificate",
+            vin,
+            serial=serial_text(serial),
+            superseded=superseded,
         )
         return [Revoked(c.serial, c.vin) for c in earlier]
 
@@ -180,13 +194,7 @@ def revoke(
                 raise NotFoundError(f"certificate {key} of {vin} is already revoked")
             certs = [cert]
         else:
-            certs = list(
-                s.scalars(
-                    select(VehicleCertificate)
-                    .where(VehicleCertificate.vin == vin, VehicleCertificate.revoked_at.is_(None))
-                    .with_for_update()
-                )
-            )
+            certs = _valid(s, vin)
             if not certs:
                 raise NotFoundError(
                     f"no valid certificate of {vin} is recorded (revoke one issued before "
@@ -194,19 +202,10 @@ def revoke(
                 )
         for cert in certs:
             cert.revoked_at, cert.reason = now, reason
-        s.add(
-            AuditEntry(
-                at=now,
-                actor=actor[:64],
-                action="revoke_certificate",
-                vin=vin,
-                ecu_serial=None,
-                detail={"serials": [c.serial for c in certs], "reason": reason},
-            )
-        )
         revoked = [Revoked(c.serial, c.vin) for c in certs]
-    serials = ", ".join(r.serial for r in revoked)
-    logger.warning("%s revoked certificates %s of %s: %s", actor, serials, vin, reason)
+        serials = [r.serial for r in revoked]
+        _audit(s, now, actor, "revoke_certificate", vin, serials=serials, reason=reason)
+    logger.warning("%s revoked certificates %s of %s: %s", actor, ", ".join(serials), vin, reason)
     return revoked
 
 
