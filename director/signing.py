@@ -56,6 +56,7 @@ from director.metadata_build import (
 from director.records import PENDING
 from director.store import FILENAME_RE, DBMetadataStore, latest_root
 from uptane import der_metadata
+from uptane.codec import shared_member_encodings
 from uptane.errors import ConfigError
 from uptane.repository import Clock
 
@@ -312,15 +313,16 @@ class DirectorRepository:
                     if data is not None:
                         stored[vid][name] = bytes(data)
         out: dict[int, VehicleFiles] = {}
-        for vid, vin, targets_version in vehicles:
-            out[vid] = build_vehicle_files(
-                vin,
-                pending[vid],
-                stored_versions(stored[vid], targets_version),
-                signers,
-                now,
-                self.metadata_expiry,
-            )
+        with shared_member_encodings():  # the targets' custom members repeat across a batch
+            for vid, vin, targets_version in vehicles:
+                out[vid] = build_vehicle_files(
+                    vin,
+                    pending[vid],
+                    stored_versions(stored[vid], targets_version),
+                    signers,
+                    now,
+                    self.metadata_expiry,
+                )
         store_vehicle_metadata(session, out, names, now)
         return out
 

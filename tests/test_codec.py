@@ -291,3 +291,70 @@ def test_result_codes_match_the_asn1_enumeration() -> None:
     assert decoded == list(RESULT_CODES)
     with pytest.raises(CodecError):
         codec.decode("ResultCode", bytes([0x0A, 1, len(RESULT_CODES)]))
+
+
+# --- shared member encodings (issue 16) ----------------------------------------
+
+_plain_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("abc"), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(objects=st.lists(st.dictionaries(st.sampled_from("abcd"), _plain_json), max_size=6))
+def test_shared_member_encodings_give_asn1tools_own_bytes(objects: list[dict[str, Any]]) -> None:
+    """Members that repeat (few keys, small values) reuse DER; every result is the plain one."""
+    from uptane.der_values import _json_to_asn1
+
+    # the same objects twice, and 1 / True / "1" side by side under one key
+    values = [_json_to_asn1(o, "test") for o in [*objects, *objects]]
+    values += [_json_to_asn1({"a": v}, "test") for v in (1, True, "1", [1], {"a": 1})]
+    plain = [codec.encode("JsonValue", v) for v in values]
+    with codec.shared_member_encodings():
+        assert [codec.encode("JsonValue", v) for v in values] == plain
+    assert [codec.encode("JsonValue", v) for v in values] == plain  # after the block too
+
+
+def test_shared_member_encodings_reuse_within_the_block_only() -> None:
+    value = ("object", [{"key": "limits", "value": ("array", [("integer", 4)])}])
+    with codec.shared_member_encodings():
+        codec.encode("JsonValue", value)
+        held = dict(codec._SHARED.get() or {})
+        assert len(held) == 1 and list(held.values()) == [codec.encode("JsonValue", value)[2:]]
+        with codec.shared_member_encodings():  # a nested block starts empty
+            assert codec._SHARED.get() == {}
+    assert codec._SHARED.get() is None
+
+
+def test_each_member_encoder_is_wrapped_once() -> None:
+    """A JsonMember reached from several types (or a second pass) gets one wrapper."""
+    compiled = codec.spec()
+    for compiled_type in compiled.types.values():
+        codec._share_json_members(compiled_type.type, set())
+    value = ("object", [{"key": "k", "value": ("string", "v")}])
+    with codec.shared_member_encodings():
+        codec.encode("JsonValue", value)
+        assert len(codec._SHARED.get() or {}) == 1
+    wrapped: list[Any] = []
+
+    def walk(node: Any, seen: set[int]) -> None:
+        if node is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node.__dict__.get("encode"), codec._SharedEncoder):
+            wrapped.append(node.encode)
+        for attr in ("root_members", "additions", "members"):
+            for child in getattr(node, attr, None) or ():
+                walk(child, seen)
+        for attr in ("element_type", "inner"):
+            walk(getattr(node, attr, None), seen)
+
+    seen: set[int] = set()
+    for compiled_type in compiled.types.values():
+        walk(compiled_type.type, seen)
+    assert wrapped
+    assert not any(isinstance(w.encode, codec._SharedEncoder) for w in wrapped)

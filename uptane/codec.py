@@ -8,8 +8,11 @@ import). The DER form of TUF metadata is in ``uptane.der_metadata``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from importlib import resources
 from typing import Any, Final
 
@@ -26,6 +29,12 @@ DEFAULT_MAX_MESSAGE: Final = 1_100_000
 
 Buffer = bytes | bytearray | memoryview
 
+#: Most JSON members one ``shared_member_encodings`` block keeps (then it stops adding).
+MAX_SHARED_MEMBERS: Final = 8192
+_SHARED: ContextVar[dict[tuple[int, str], bytes] | None] = ContextVar(
+    "uptane_codec_shared_member_encodings", default=None
+)
+
 
 @functools.cache
 def spec() -> Any:
@@ -34,7 +43,70 @@ def spec() -> Any:
     compiled = asn1tools.compile_string(text, "der")
     for compiled_type in compiled.types.values():
         _check_array_tags(compiled_type.type, set())
+        _share_json_members(compiled_type.type, set())
     return compiled
+
+
+@contextlib.contextmanager
+def shared_member_encodings() -> Iterator[None]:
+    """Within this block, a JSON member equal to one encoded before reuses its DER.
+
+    The ``custom`` of every target in a targets file repeats most members
+    (hardware ids, limits, capabilities): 200 targets encode their members
+    in about half the time (``bench/full_verification.py``; issue 16). DER is
+    a function of the value, so the bytes are the same as asn1tools' own: the
+    reused bytes are what asn1tools produced for an equal member in this
+    block. Values are compared by ``repr`` (injective on the plain types the
+    ``uptane.der_values`` builders make). Scoped to the block and the
+    thread or task (a ``ContextVar``); keeps at most ``MAX_SHARED_MEMBERS``.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _share_json_members(node: Any, seen: set[int]) -> None:
+    """Make the ``JsonMember`` encoders of this compiled module honour ``shared_member_encodings``."""
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    names = [m.name for m in getattr(node, "root_members", None) or ()]
+    if (
+        isinstance(node, ber_codec.Sequence)
+        and names == ["key", "value"]
+        and not isinstance(node.encode, _SharedEncoder)
+    ):  # once per node
+        node.encode = _SharedEncoder(node.encode, id(node))
+    for attr in ("root_members", "additions", "members"):
+        for child in getattr(node, attr, None) or ():
+            _share_json_members(child, seen)
+    for attr in ("element_type", "inner"):
+        _share_json_members(getattr(node, attr, None), seen)
+
+
+class _SharedEncoder:
+    """A ``JsonMember`` encoder that reuses the DER of an equal member in the block."""
+
+    def __init__(self, encode: Callable[..., None], node: int) -> None:
+        self.encode = encode
+        self.node = node
+
+    def __call__(self, data: Any, encoded: bytearray, values: Any = None) -> None:
+        memo = _SHARED.get()
+        if memo is None:
+            self.encode(data, encoded)
+            return
+        key = (self.node, repr(data))
+        der = memo.get(key)
+        if der is not None:
+            encoded.extend(der)
+            return
+        start = len(encoded)
+        self.encode(data, encoded)  # asn1tools' encoders only append
+        if len(memo) < MAX_SHARED_MEMBERS:
+            memo[key] = bytes(encoded[start:])
 
 
 def _check_array_tags(node: Any, seen: set[int]) -> None:

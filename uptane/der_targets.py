@@ -15,7 +15,7 @@ from typing import Any, Final
 from asn1tools.codecs import ber as ber_codec
 from tuf.api.metadata import Targets
 
-from uptane.codec import encode, spec
+from uptane.codec import encode, shared_member_encodings, spec
 from uptane.der_metadata import SIGNED_TYPE, _signed_to_asn1, _tlv, _wrap_serialization
 from uptane.der_values import _fail
 from uptane.errors import CodecError
@@ -42,7 +42,10 @@ def targets_signed_der(
     definite length and its elements' DER one after the other, so the result
     is byte for byte the whole encoding (tests compare them). Values are
     compared with ``==``: they name each JSON value's kind (a boolean is never
-    equal to an integer there). Returns the DER and this file's pieces.
+    equal to an integer there). The targets' JSON members that repeat
+    (``custom`` hardware ids, limits) are encoded once
+    (``uptane.codec.shared_member_encodings``). Returns the DER and this
+    file's pieces.
     """
     try:
         kind, value = _signed_to_asn1(signed)
@@ -54,13 +57,14 @@ def targets_signed_der(
         head = encode(SIGNED_TYPE, (kind, value), **checks)
         held = pieces or {}
         out: TargetPieces = {}
-        for target in targets:
-            old = held.get(target["path"])
-            if old is not None and old[0] == target:
-                der = old[1]
-            else:
-                der = encode(TARGET_TYPE, target, **checks)
-            out[target["path"]] = (target, der)
+        with shared_member_encodings():  # the targets' custom members repeat
+            for target in targets:
+                old = held.get(target["path"])
+                if old is not None and old[0] == target:
+                    der = old[1]
+                else:
+                    der = encode(TARGET_TYPE, target, **checks)
+                out[target["path"]] = (target, der)
         return _put_targets(head, b"".join(der for _, der in out.values())), out
     except (CodecError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise _wrap_serialization(e) from e
