@@ -323,11 +323,35 @@ def test_shared_member_encodings_reuse_within_the_block_only() -> None:
     value = ("object", [{"key": "limits", "value": ("array", [("integer", 4)])}])
     with codec.shared_member_encodings():
         codec.encode("JsonValue", value)
-        held = dict(codec._SHARED.get() or {})
-        assert len(held) == 1 and list(held.values()) == [codec.encode("JsonValue", value)[2:]]
+        shared = codec._SHARED.get()
+        assert shared is not None
+        assert list(shared.members.values()) == [codec.encode("JsonValue", value)[2:]]
         with codec.shared_member_encodings():  # a nested block starts empty
-            assert codec._SHARED.get() == {}
+            inner = codec._SHARED.get()
+            assert inner is not None and inner.members == {} and inner.size == 0
     assert codec._SHARED.get() is None
+
+
+def test_only_outermost_members_are_kept_and_the_size_is_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Members inside a member are not looked up; past the byte cap nothing more is kept."""
+    nested = (
+        "object",
+        [{"key": "a", "value": ("object", [{"key": "b", "value": ("integer", 1)}])}],
+    )
+    with codec.shared_member_encodings():
+        codec.encode("JsonValue", nested)
+        shared = codec._SHARED.get()
+        assert shared is not None and [k[1][:12] for k in shared.members] == ["{'key': 'a',"]
+    monkeypatch.setattr(codec, "MAX_SHARED_BYTES", 60)
+    values = [("object", [{"key": "k", "value": ("string", f"value-{i}")}]) for i in range(8)]
+    plain = [codec.encode("JsonValue", v) for v in values]
+    with codec.shared_member_encodings():
+        assert [codec.encode("JsonValue", v) for v in values] == plain
+        shared = codec._SHARED.get()
+        assert shared is not None and 0 < len(shared.members) < len(values)
+        assert shared.size <= 60
 
 
 def test_each_member_encoder_is_wrapped_once() -> None:
@@ -338,7 +362,8 @@ def test_each_member_encoder_is_wrapped_once() -> None:
     value = ("object", [{"key": "k", "value": ("string", "v")}])
     with codec.shared_member_encodings():
         codec.encode("JsonValue", value)
-        assert len(codec._SHARED.get() or {}) == 1
+        shared = codec._SHARED.get()
+        assert shared is not None and len(shared.members) == 1
     wrapped: list[Any] = []
 
     def walk(node: Any, seen: set[int]) -> None:

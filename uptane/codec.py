@@ -29,9 +29,22 @@ DEFAULT_MAX_MESSAGE: Final = 1_100_000
 
 Buffer = bytes | bytearray | memoryview
 
-#: Most JSON members one ``shared_member_encodings`` block keeps (then it stops adding).
-MAX_SHARED_MEMBERS: Final = 8192
-_SHARED: ContextVar[dict[tuple[int, str], bytes] | None] = ContextVar(
+#: Most bytes (DER and keys) one ``shared_member_encodings`` block keeps (then it adds none).
+MAX_SHARED_BYTES: Final = 8 * 1024 * 1024
+
+
+class _Shared:
+    """What one ``shared_member_encodings`` block holds."""
+
+    __slots__ = ("inside", "members", "size")
+
+    def __init__(self) -> None:
+        self.members: dict[tuple[int, str], bytes] = {}
+        self.size = 0
+        self.inside = False  # encoding a member: the members within it are not looked up
+
+
+_SHARED: ContextVar[_Shared | None] = ContextVar(
     "uptane_codec_shared_member_encodings", default=None
 )
 
@@ -57,10 +70,13 @@ def shared_member_encodings() -> Iterator[None]:
     a function of the value, so the bytes are the same as asn1tools' own: the
     reused bytes are what asn1tools produced for an equal member in this
     block. Values are compared by ``repr`` (injective on the plain types the
-    ``uptane.der_values`` builders make). Scoped to the block and the
-    thread or task (a ``ContextVar``); keeps at most ``MAX_SHARED_MEMBERS``.
+    ``uptane.der_values`` builders make). Only the outermost members are
+    looked up (not the members inside one being encoded), so the ``repr``
+    work and what is kept stay proportional to the DER made. Scoped to the
+    block and the thread or task (a ``ContextVar``); keeps at most
+    ``MAX_SHARED_BYTES``.
     """
-    token = _SHARED.set({})
+    token = _SHARED.set(_Shared())
     try:
         yield
     finally:
@@ -94,19 +110,25 @@ class _SharedEncoder:
         self.node = node
 
     def __call__(self, data: Any, encoded: bytearray, values: Any = None) -> None:
-        memo = _SHARED.get()
-        if memo is None:
+        shared = _SHARED.get()
+        if shared is None or shared.inside:
             self.encode(data, encoded)
             return
         key = (self.node, repr(data))
-        der = memo.get(key)
+        der = shared.members.get(key)
         if der is not None:
             encoded.extend(der)
             return
         start = len(encoded)
-        self.encode(data, encoded)  # asn1tools' encoders only append
-        if len(memo) < MAX_SHARED_MEMBERS:
-            memo[key] = bytes(encoded[start:])
+        shared.inside = True
+        try:
+            self.encode(data, encoded)  # asn1tools' encoders only append
+        finally:
+            shared.inside = False
+        size = len(encoded) - start + len(key[1])
+        if shared.size + size <= MAX_SHARED_BYTES:
+            shared.members[key] = bytes(encoded[start:])
+            shared.size += size
 
 
 def _check_array_tags(node: Any, seen: set[int]) -> None:
