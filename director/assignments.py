@@ -410,7 +410,7 @@ class Assignments(MetadataSigner):
                         "status": PENDING,
                         "now": now,
                     },
-                ).tuples()
+                )
             }
             ids = [by_ecu[c.ecu_id] for c in chosen]
         elif rows:
