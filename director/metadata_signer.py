@@ -37,7 +37,7 @@ from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from director.db import RootMetadata, Vehicle
-from director.signing import _CHUNK, DirectorRepository, prefer_indexes
+from director.signing import _CHUNK, DirectorRepository, in_list, prefer_indexes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -68,7 +68,9 @@ class MetadataSigner(DirectorRepository):
         ids = sorted(vehicle_ids)
         for i in range(0, len(ids), _CHUNK):
             session.execute(
-                update(table).where(table.c.id.in_(ids[i : i + _CHUNK])).values(metadata_stale=True)
+                update(table)
+                .where(in_list(session, table.c.id, ids[i : i + _CHUNK]))
+                .values(metadata_stale=True)
             )
 
     def _sign_claimed(
@@ -93,7 +95,7 @@ class MetadataSigner(DirectorRepository):
                 stmt = stmt.order_by(Vehicle.vin).limit(batch).with_for_update(skip_locked=True)
             else:
                 # exactly these: wait for a check-in holding one; VIN order as assign locks
-                stmt = stmt.where(Vehicle.id.in_(list(vehicle_ids))).order_by(Vehicle.vin)
+                stmt = stmt.where(in_list(session, Vehicle.id, vehicle_ids)).order_by(Vehicle.vin)
                 stmt = stmt.with_for_update()
             rows = [(r[0], r[1], r[2]) for r in session.execute(stmt)]
             if not rows:

@@ -141,6 +141,46 @@ def test_assignment_in_batches_gives_every_vehicle_verifiable_metadata(
         assert [t.name for t in by_ecu.values()] == ["brake-2.wasm"]
 
 
+def test_batched_assignment_rows_are_the_ids_it_returns(env: Env, small_batches: None) -> None:
+    """Each returned assignment id is the stored row of that ECU (PostgreSQL: the batch's
+    rows inserted from arrays in one statement, ids matched back by ECU)."""
+    from director.db import Assignment, Ecu
+    from director.records import PENDING, SUPERSEDED
+
+    records = _fleet(env, "IDS", 17)
+    vins = [r.vin for r in records]
+    first = env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
+    infos = env.director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
+    assert env.director.sign_stale() == len(vins)
+    with env.db.transaction() as session:
+        rows = {
+            aid: (serial, image, custom, status, created)
+            for aid, serial, image, custom, status, created in session.execute(
+                select(
+                    Assignment.id,
+                    Ecu.serial,
+                    Assignment.image,
+                    Assignment.custom,
+                    Assignment.status,
+                    Assignment.created_at,
+                )
+                .join(Ecu, Assignment.ecu_id == Ecu.id)
+                .where(Assignment.id.in_([a.id for a in first + infos]))
+            )
+        }
+    assert len(rows) == 2 * len(vins)
+    for a in first:
+        assert rows[a.id][:2] == (a.ecu_serial, "brake-1.wasm")
+        assert rows[a.id][3] == SUPERSEDED
+    for a in infos:
+        serial, image, custom, status, created = rows[a.id]
+        assert (serial, image, status) == (a.ecu_serial, "brake-2.wasm", PENDING)
+        assert custom == a.custom and custom["ecu_serial"] == a.ecu_serial
+        assert created == a.created_at
+    for vin in vins:
+        assert [t.name for t in verify_vehicle(env, vin)[1].values()] == ["brake-2.wasm"]
+
+
 def test_a_refused_vehicle_refuses_the_batched_assignment_before_any_write(
     env: Env, small_batches: None
 ) -> None:
