@@ -28,6 +28,14 @@ from tuf.api.serialization.json import JSONSerializer
 from director.metadata_signer import SignerProcesses
 
 
+def _assert_signed_once(env: Env, before: dict[str, int], image: str) -> None:
+    """Each vehicle of ``before`` verifies one targets version up, its brake ECU on ``image``."""
+    for vin, version in before.items():
+        repo, by_ecu = verify_vehicle(env, vin)
+        assert repo.targets.version == version + 1
+        assert by_ecu[f"{vin}-B"].name == image
+
+
 def _wait_until(condition: object, seconds: float = 30) -> bool:
     assert callable(condition)
     deadline = time.monotonic() + seconds
@@ -70,10 +78,7 @@ def test_a_following_signer_signs_each_change_while_it_runs_and_ends_when_done(
     assert not signer.is_alive() and not errors, errors
     assert result == [len(first) + len(second)]  # each vehicle once
     assert env.director.stale_count() == 0
-    for vin in first + second:
-        repo, by_ecu = verify_vehicle(env, vin)
-        assert repo.targets.version == before[vin] + 1
-        assert by_ecu[f"{vin}-B"].name == "brake-1.wasm"
+    _assert_signed_once(env, before, "brake-1.wasm")
 
 
 def test_signer_processes_sign_an_assignment_as_it_is_written(
@@ -87,10 +92,7 @@ def test_signer_processes_sign_an_assignment_as_it_is_written(
         assert sorted(a.vin for a in infos) == sorted(vins)
         assert signers.finish() == len(vins)
     assert env.director.stale_count() == 0
-    for vin in vins:
-        repo, by_ecu = verify_vehicle(env, vin)
-        assert repo.targets.version == before[vin] + 1
-        assert by_ecu[f"{vin}-B"].name == "brake-2.wasm"
+    _assert_signed_once(env, before, "brake-2.wasm")
 
 
 def test_signer_processes_sign_what_a_failed_change_committed(env: Env) -> None:
@@ -176,10 +178,7 @@ def test_signer_processes_of_a_killed_assignment_sign_what_it_committed_and_exit
     assert parent.exitcode == -signal.SIGKILL
     assert _wait_until(lambda: all(_gone(pid) for pid in signer_pids), 60)
     assert env.director.stale_count() == 0
-    for vin in vins:
-        repo, by_ecu = verify_vehicle(env, vin)
-        assert repo.targets.version == before[vin] + 1
-        assert by_ecu[f"{vin}-B"].name == "brake-2.wasm"
+    _assert_signed_once(env, before, "brake-2.wasm")
 
 
 def test_a_failed_signer_process_is_an_error_not_a_hang(env: Env) -> None:
