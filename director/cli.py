@@ -34,6 +34,7 @@ from director.cli_common import (
     _jsonable,
     _load,
     _open,
+    check_plain_http,
 )
 from director.db_url import database_error_text
 from director.fleet_cli import COMMANDS as _FLEET_COMMANDS
@@ -155,6 +156,11 @@ def rotate_cmd(directory: Path, db_url: str | None, role: str) -> None:
 @click.option(
     "--operator-port", type=int, default=None, help="Operator API listener with --tls (PORT+1)."
 )
+@click.option(
+    "--insecure-plain-http",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address (unauthenticated vehicles; not for fleets).",
+)
 def serve_cmd(
     directory: Path,
     db_url: str | None,
@@ -165,6 +171,7 @@ def serve_cmd(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     operator_port: int | None = None,
+    insecure_plain_http: bool = False,
 ) -> None:
     """Run the Director HTTP server (migrates the database first).
 
@@ -173,7 +180,8 @@ def serve_cmd(
     resources; the operator API (bearer token) is on --operator-port; with
     --workers N each of N processes serves both (one that dies stops the server,
     exit 1). Without: plain HTTP, any client reads any vehicle's metadata (demo
-    and tests only). See docs/director-scale.md."""
+    and tests only: refused on a non-loopback address unless
+    --insecure-plain-http). See docs/director-scale.md."""
     import os
 
     import uvicorn
@@ -193,8 +201,10 @@ def serve_cmd(
     }
     bind_host = host or config.host
     bind_port = config.port if port is None else port
-    check_listen(bind_host, bind_port)
     tls = tls or tls_cert is not None or tls_key is not None
+    if not tls:
+        check_plain_http(bind_host, insecure_plain_http)
+    check_listen(bind_host, bind_port)
     if tls:
         from director.tls import server_context, tls_paths
 

@@ -94,3 +94,34 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (127/8, ::1)."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_plain_http(host: str, insecure: bool) -> None:
+    """Refuse plain HTTP on an address other hosts can reach, unless asked (issue 12).
+
+    Without TLS any client reads any vehicle's metadata, and the operator
+    token and issued certificate keys cross the network in clear: plain HTTP
+    is for the demo and tests on loopback.
+    """
+    if not insecure and not is_loopback(host):
+        raise click.ClickException(
+            f"plain HTTP on {host} would let anyone on the network read every vehicle's "
+            "metadata and the operator token: use --tls, bind 127.0.0.1, or pass "
+            "--insecure-plain-http"
+        )

@@ -26,6 +26,7 @@ from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
 from director.app import create_app
+from director.cli_common import is_loopback
 from director.config import DirectorConfig
 from director.service import Director, EcuSpec
 from uptane.cli import cli as uptane_cli
@@ -160,13 +161,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_creates_and_migrates_its_database(tmp_path: Path, image_repo: ImageRepoSim) -> None:
+@pytest.mark.parametrize("bind", [[], ["--host", "0.0.0.0", "--insecure-plain-http"]])
+def test_serve_creates_and_migrates_its_database(
+    tmp_path: Path, image_repo: ImageRepoSim, bind: list[str]
+) -> None:
     d = init(tmp_path, image_repo)
     assert not (d / "director.db").exists()
     port = _free_port()
     uptane = Path(sys.executable).parent / "uptane"
     proc = subprocess.Popen(
-        [str(uptane), "director", "serve", "--dir", str(d), "--port", str(port)],
+        [str(uptane), "director", "serve", "--dir", str(d), "--port", str(port), *bind],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -210,3 +214,41 @@ def test_rotating_the_root_key(tmp_path: Path, image_repo: ImageRepoSim) -> None
         assert director.root_file("2.root.der")
     finally:
         director.close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1"])
+def test_plain_http_on_the_network_is_refused_without_asking(
+    tmp_path: Path, image_repo: ImageRepoSim, host: str
+) -> None:
+    """Plain HTTP serves any vehicle's metadata to anyone: loopback only unless asked."""
+    d = init(tmp_path, image_repo)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as taken:
+        # held: without the refusal the command fails to listen instead of serving forever
+        if host != "192.0.2.1":
+            taken.bind((host, 0))
+        port = taken.getsockname()[1] if host != "192.0.2.1" else 8080
+        result = CliRunner().invoke(
+            uptane_cli, ["director", "serve", "--dir", str(d), "--host", host, "--port", str(port)]
+        )
+    assert result.exit_code == 1
+    assert "--insecure-plain-http" in result.output and "--tls" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (d / "director.db").exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.4.5", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("no-such-host.invalid", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
