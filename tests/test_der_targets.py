@@ -128,6 +128,33 @@ def test_a_boolean_is_not_taken_for_an_integer() -> None:
     assert new_pieces["a.wasm"][1] != pieces["a.wasm"][1]
 
 
+def test_equal_custom_members_are_built_once_and_stay_apart_by_kind() -> None:
+    """Each distinct ``custom`` member is built and encoded once (issue 16); ``1``,
+    ``True``, ``"1"``, ``[1]`` and ``{"a": 1}`` are distinct members, each repeated."""
+    notes = [1, True, "1", [1], {"a": 1}, 1, True, "1", [1], {"a": 1}]
+    signed = _targets(*(_target(f"t{i}", b"x", f"e{i}", note=n) for i, n in enumerate(notes)))
+    der, pieces = targets_signed_der(signed)
+    assert der == _whole(signed)  # asn1tools' bytes for the whole, every member in place
+
+    def member(i: int, key: str) -> Any:
+        (found,) = (m for m in pieces[f"t{i}"][0]["custom"][1] if m["key"] == key)
+        return found
+
+    assert all(member(i, "note") is member(i + 5, "note") for i in range(5))
+    assert len({id(member(i, "note")) for i in range(5)}) == 5
+    assert all(member(i, "limits") is member(0, "limits") for i in range(10))
+    assert len({id(member(i, "ecu_serial")) for i in range(10)}) == 10
+
+
+def test_shared_custom_members_still_go_through_the_constraint_pass() -> None:
+    """A member first encoded without constraints, then met where they are checked."""
+    signed = _targets(_target("a.wasm", b"a", big=2**300), _target("b.wasm", b"b", "e2"))
+    with codec.shared_member_encodings():  # as the Director signs a batch
+        targets_signed_der(signed, check_constraints=False)
+        with pytest.raises(der_metadata.DERSerializationError):
+            targets_signed_der(signed)
+
+
 # --- the primary's check with pieces held (uptane.verification.der) -----------------
 
 

@@ -36,12 +36,33 @@ MAX_SHARED_BYTES: Final = 8 * 1024 * 1024
 class _Shared:
     """What one ``shared_member_encodings`` block holds."""
 
-    __slots__ = ("inside", "members", "size")
+    __slots__ = ("built", "inside", "members", "size")
 
     def __init__(self) -> None:
         self.members: dict[tuple[int, str], bytes] = {}
+        self.built: dict[Any, EncodedMember] = {}
         self.size = 0
         self.inside = False  # encoding a member: the members within it are not looked up
+
+
+def built_members() -> tuple[dict[Any, EncodedMember], Callable[[int], bool]] | None:
+    """In a ``shared_member_encodings`` block: its store of ``EncodedMember`` values.
+
+    Returns the store (keys are the caller's) and ``room(size)``, which
+    counts ``size`` bytes against the block's ``MAX_SHARED_BYTES`` and says
+    whether one more entry may be kept. ``None`` outside a block.
+    """
+    shared = _SHARED.get()
+    if shared is None:
+        return None
+
+    def room(size: int, shared: _Shared = shared) -> bool:
+        if shared.size + size > MAX_SHARED_BYTES:
+            return False
+        shared.size += size
+        return True
+
+    return shared.built, room
 
 
 _SHARED: ContextVar[_Shared | None] = ContextVar(
@@ -102,6 +123,20 @@ def _share_json_members(node: Any, seen: set[int]) -> None:
         _share_json_members(getattr(node, attr, None), seen)
 
 
+class EncodedMember(dict[str, Any]):
+    """A ``JsonMember`` value with the DER asn1tools made of it (``der``).
+
+    Every ``JsonMember`` encoder of the compiled module writes ``der`` for
+    it instead of encoding it again: whoever builds one sets ``der`` to
+    ``encode("JsonMember", value)`` of this very value (``uptane.der_targets``).
+    As a ``dict`` it is the value itself to everything else (comparisons,
+    asn1tools' type and constraint checks).
+    """
+
+    __slots__ = ("der",)
+    der: bytes
+
+
 class _SharedEncoder:
     """A ``JsonMember`` encoder that reuses the DER of an equal member in the block."""
 
@@ -110,6 +145,9 @@ class _SharedEncoder:
         self.node = node
 
     def __call__(self, data: Any, encoded: bytearray, values: Any = None) -> None:
+        if type(data) is EncodedMember:
+            encoded.extend(data.der)
+            return
         shared = _SHARED.get()
         if shared is None or shared.inside:
             self.encode(data, encoded)

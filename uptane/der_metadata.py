@@ -7,7 +7,7 @@ encoding itself is ``uptane.codec``'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import asn1tools
@@ -154,7 +154,11 @@ def _timestamp_from_asn1(value: Mapping[str, Any]) -> dict[str, Any]:
     return out | _get_unrecognized(value, "timestamp")
 
 
-def _target_to_asn1(path: str, value: object) -> dict[str, Any]:
+def _target_to_asn1(
+    path: str,
+    value: object,
+    custom_to_asn1: Callable[[object, str], tuple[str, Any]] = _json_to_asn1,
+) -> dict[str, Any]:
     what = f"target {path!r}"
     target = _dict(value, what)
     length = target["length"]
@@ -164,7 +168,7 @@ def _target_to_asn1(path: str, value: object) -> dict[str, Any]:
         "hashes": _hashes_to_asn1(target["hashes"], f"{what} hashes"),
     }
     if "custom" in target:
-        out["custom"] = _json_to_asn1(target["custom"], f"{what} custom")
+        out["custom"] = custom_to_asn1(target["custom"], f"{what} custom")
     return _put_unrecognized(out, _split(target, ("length", "hashes", "custom"), what), what)
 
 
