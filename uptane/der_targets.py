@@ -92,9 +92,10 @@ def _custom_members(check_constraints: bool) -> Callable[[object, str], tuple[st
     (``der_values._object_to_asn1``) and encoded by asn1tools as a
     ``JsonMember``; an equal one reuses that ``EncodedMember`` (its value
     and its DER). asn1tools' constraint pass (``check_constraints``) still
-    sees every member: an ``EncodedMember`` is the member's value. Scoped to one ``targets_signed_der`` call, or to the
-    ``shared_member_encodings`` block it is called in (the Director signs a
-    batch of vehicles in one), within that block's byte cap.
+    sees every member: an ``EncodedMember`` is the member's value. Scoped to
+    one ``targets_signed_der`` call, or to the ``shared_member_encodings``
+    block it is called in (several targets files), within that block's byte
+    cap.
     """
     block = built_members()
     memo: dict[tuple[str, str], EncodedMember] = {} if block is None else block[0]
