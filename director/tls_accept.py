@@ -39,10 +39,12 @@ class _Listener:
         loop: asyncio.AbstractEventLoop,
         factory: Callable[[], asyncio.Protocol],
         context: ssl.SSLContext,
+        shutdown_timeout: float | None = None,
     ) -> None:
         self.loop = loop
         self.factory = factory
         self.context = context
+        self.shutdown_timeout = shutdown_timeout
         self.open = 0  # accepted connections whose socket is not closed yet
         self.handshakes: set[asyncio.Task[None]] = set()  # strong references
         self.server: asyncio.AbstractServer | None = None
@@ -93,12 +95,18 @@ class _Accepted(asyncio.Protocol):
             self.release()
             return
         self.wrapped = True
-        # runs after start_tls put its TLS protocol on the transport, before that
-        # protocol starts the handshake (call_soon is first in, first out)
+        # runs after start_tls put its TLS protocol on the transport and before that
+        # protocol's connection_made starts the handshake (call_soon is first in,
+        # first out): bytes given to it then are only stored, read by the handshake
         listener.loop.call_soon(self._replay_hello, raw)
         try:
             tls = await listener.loop.start_tls(
-                raw, self, listener.context, server_side=True, ssl_handshake_timeout=timeout
+                raw,
+                self,
+                listener.context,
+                server_side=True,
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=listener.shutdown_timeout,
             )
         except Exception:  # failed (a certificate refused), timed out, reset: closed
             raw.close()  # start_tls closed it already: a no-op then
@@ -187,8 +195,8 @@ class HandshakeBoundLoop(uvloop.Loop):
     ) -> Any:
         if ssl is None:
             return await super().create_server(protocol_factory, *args, **kwargs)
-        kwargs.pop("ssl_handshake_timeout", None)  # the listener bounds its handshakes
-        listener = _Listener(self, protocol_factory, ssl)
+        kwargs.pop("ssl_handshake_timeout", None)  # header_timeout bounds the handshakes
+        listener = _Listener(self, protocol_factory, ssl, kwargs.pop("ssl_shutdown_timeout", None))
         server = await super().create_server(listener.accept, *args, **kwargs)
         listener.server = server
         return server
