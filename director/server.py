@@ -12,8 +12,10 @@ The Director serves a fleet, so every connection is a possible attacker
   ``header_timeout`` of its first byte, and a new connection must send them
   within that time too (slowloris, idle connections);
 - a cap on header bytes (``max_header_bytes``: 431);
-- at most ``max_connections`` open connections per process: the next ones
-  are closed at once;
+- at most ``max_connections`` open connections per listener of a process:
+  the next ones are closed at once (on a TLS listener counted from accept,
+  the handshake included, by ``director.tls_accept``; here only from
+  ``connection_made``);
 - uvicorn's keep-alive timeout between requests;
 - errors of the HTTP layer as JSON like every other Director answer;
 - on a TLS listener, the VIN, serial and expiry of the verified client certificate

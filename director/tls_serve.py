@@ -23,7 +23,9 @@
   service, and a crash loop shows as a failed service, not as a healthy parent;
 - a worker whose parent is gone (killed with SIGKILL) notices within
   ``PARENT_CHECK_SECONDS`` and stops as on SIGTERM;
-- the TLS handshake is bounded by ``header_timeout`` (``HandshakeBoundLoop``).
+- every accepted connection counts against ``max_connections`` from accept to close,
+  its TLS handshake included, and the handshake is bounded by ``header_timeout``
+  (``director.tls_accept.HandshakeBoundLoop``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any
 import uvicorn
 import uvloop
 
+from director.tls_accept import HandshakeBoundLoop
 from uptane.errors import ConfigError
 
 PARENT_CHECK_SECONDS = 1.0  # a worker checks this often that its parent still runs
@@ -54,21 +57,6 @@ DB_ENV = "UPTANE_DIRECTOR_DB"
 # exit codes of a worker asked to stop: 0, or the signal itself when it came before
 # the worker installed its handlers (still importing at startup)
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT})
-
-
-class HandshakeBoundLoop(uvloop.Loop):
-    """uvloop whose servers bound the TLS handshake as ``DirectorProtocol`` bounds the
-    request headers (``header_timeout``). uvicorn passes no ``ssl_handshake_timeout``,
-    so a client that connects and never completes the handshake (no certificate needed)
-    would hold its socket for asyncio's default 60 s, uncounted by ``max_connections``
-    (``DirectorProtocol`` sees a connection only once the handshake is done)."""
-
-    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
-        from director.server import DirectorProtocol
-
-        if kwargs.get("ssl") is not None:
-            kwargs.setdefault("ssl_handshake_timeout", DirectorProtocol.limits.header_timeout)
-        return await super().create_server(*args, **kwargs)
 
 
 class _Server(uvicorn.Server):
@@ -169,7 +157,7 @@ def vehicle_listener(
         ca=ca,
         revocations=revocations,
         http=DirectorProtocol,
-        loop="director.tls_serve:HandshakeBoundLoop",
+        loop="director.tls_accept:HandshakeBoundLoop",
         log_level="warning",
     )[:1]
     server = uvicorn.Server(config)
