@@ -269,14 +269,29 @@ def health_cmd(directory: Path, db_url: str | None, vin: str, as_json: bool) -> 
 @_dir_option
 @_db_option
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
-def audit_cmd(directory: Path, db_url: str | None, limit: int) -> None:
-    """The latest campaign and quarantine actions, newest first."""
+@click.option(
+    "--only",
+    type=click.Choice(["fleet", "checks"]),
+    default=None,
+    help="fleet: campaigns and quarantine; checks: counter resets and certificates.",
+)
+def audit_cmd(directory: Path, db_url: str | None, limit: int, only: str | None) -> None:
+    """The latest operator actions, newest first: campaigns and quarantine
+    (``GET /api/audit/fleet``), counter resets and vehicle certificates issued or
+    revoked (``GET /api/audit``), in one list."""
+    lines: list[tuple[Any, int, str]] = []  # (when, order within its log, line)
     with _director(directory, db_url) as director:
-        entries = director.fleet_audit_log(limit)
-    for e in entries:
-        click.echo(
-            f"{e['at'].isoformat()} {e['actor']} {e['action']} {e['subject']}: {e['detail']}"
-        )
+        if only != "checks":
+            for i, e in enumerate(director.fleet_audit_log(limit)):
+                text = f"{e['actor']} {e['action']} {e['subject']}: {e['detail']}"
+                lines.append((e["at"], -i, text))
+        if only != "fleet":
+            for i, a in enumerate(director.audit_log(limit)):
+                subject = "/".join(p for p in (a.vin, a.ecu_serial) if p) or "-"
+                lines.append((a.at, -i, f"{a.actor} {a.action} {subject}: {dict(a.detail)}"))
+    lines.sort(key=lambda line: (line[0], line[1]), reverse=True)
+    for at, _, text in lines[:limit]:
+        click.echo(f"{at.isoformat()} {text}")
 
 
 COMMANDS: tuple[click.Command, ...] = (

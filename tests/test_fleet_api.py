@@ -91,6 +91,14 @@ def test_campaign_cli(env: Env, tmp_path: Path) -> None:
     )
     assert "region=eu" in run("attributes", cars[0].vin, "region=eu")
     assert f"dave campaign_create {doc['name']}" in run("audit")
+    # counter resets (and certificates) are in the same list, newest first
+    run("reset-counter", brake(cars[0]), "--vin", cars[0].vin, "--reason", "reflashed")
+    both = run("audit").splitlines()
+    assert f"cli reset_report_counter {cars[0].vin}/{brake(cars[0])}:" in both[0]
+    assert any(f"campaign_abort {doc['name']}" in line for line in both[1:])
+    assert "reset_report_counter" not in run("audit", "--only", "fleet")
+    assert "campaign_" not in run("audit", "--only", "checks")
+    assert len(run("audit", "--limit", "2").splitlines()) == 2
     cars[0].ecus[brake(cars[0])].installed = installed_image(env, "brake-2.wasm")
     report(env, cars[0], health=EcuHealth("unhealthy", 2, traps=1, rollbacks={"trap": 1}))
     line = run("health", cars[0].vin)
