@@ -54,6 +54,7 @@ from director.metadata_build import (
     RoleSigners,
     VehicleFiles,
     build_vehicle_files,
+    named_versions,
     stored_versions,
 )
 from director.records import PENDING
@@ -75,8 +76,8 @@ _ROOT_NAME_RE = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z")
 _MAX_INT32 = 2**31 - 1
 # IN lists of at most this many values (PostgreSQL takes at most 65535 parameters)
 _CHUNK = 1000
-# the stored files whose versions a new signing goes above
-_VERSIONED_BY = ("targets.json", "snapshot.json", "timestamp.json")
+# the stored file whose content gives its version (the others' are in their names)
+_TIMESTAMP_FILE = "timestamp.json"
 _IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
@@ -273,6 +274,7 @@ class DirectorRepository:
         pending: dict[int, list[PendingTarget]] = {i: [] for i in ids}
         stored: dict[int, dict[str, bytes]] = {i: {} for i in ids}
         names: dict[int, set[str]] = {i: set() for i in ids}
+        by_name: dict[int, dict[str, int]] = {}
         if not new:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
@@ -302,12 +304,14 @@ class DirectorRepository:
                     ):
                         vid, serial = owner[aid]
                         pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
+                # every file's name, the content of timestamp.json only: the targets and
+                # snapshot versions are in their versioned copies' names (issue 12)
                 for vid, name, data in session.execute(
                     select(
                         MetadataFile.vehicle_id,
                         MetadataFile.filename,
                         case(
-                            (MetadataFile.filename.in_(_VERSIONED_BY), MetadataFile.data),
+                            (MetadataFile.filename == _TIMESTAMP_FILE, MetadataFile.data),
                             else_=None,
                         ),
                     ).where(in_list(session, MetadataFile.vehicle_id, chunk))
@@ -315,13 +319,16 @@ class DirectorRepository:
                     names[vid].add(name)
                     if data is not None:
                         stored[vid][name] = bytes(data)
+            for vid in ids:
+                by_name[vid] = named_versions(names[vid])
+            _read_unnamed_versions(session, names, by_name, stored)
         out: dict[int, VehicleFiles] = {}
         with shared_member_encodings():  # the targets' custom members repeat across a batch
             for vid, vin, targets_version in vehicles:
                 out[vid] = build_vehicle_files(
                     vin,
                     pending[vid],
-                    stored_versions(stored[vid], targets_version),
+                    stored_versions(stored[vid], targets_version, by_name.get(vid)),
                     signers,
                     now,
                     self.metadata_expiry,
@@ -449,6 +456,33 @@ class DirectorRepository:
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data
+
+
+def _read_unnamed_versions(
+    session: Session,
+    names: Mapping[int, set[str]],
+    by_name: Mapping[int, Mapping[str, int]],
+    stored: dict[int, dict[str, bytes]],
+) -> None:
+    """Read the ``targets.json`` / ``snapshot.json`` stored without a versioned copy.
+
+    Only metadata stored before versioned copies were kept can lack one; the
+    version of such a file comes from its content (``stored_versions``).
+    """
+    wanted: dict[str, list[int]] = {}
+    for vid, have in names.items():
+        for role in (Targets.type, Snapshot.type):
+            if f"{role}.json" in have and role not in by_name.get(vid, {}):
+                wanted.setdefault(f"{role}.json", []).append(vid)
+    for name, vids in sorted(wanted.items()):
+        for i in range(0, len(vids), _CHUNK):
+            for vid, data in session.execute(
+                select(MetadataFile.vehicle_id, MetadataFile.data).where(
+                    MetadataFile.filename == name,
+                    in_list(session, MetadataFile.vehicle_id, vids[i : i + _CHUNK]),
+                )
+            ):
+                stored[vid][name] = bytes(data)
 
 
 def in_list(

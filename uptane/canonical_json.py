@@ -25,9 +25,7 @@ from securesystemslib.formats import encode_canonical
 from tuf.api.metadata import Signed
 from tuf.api.serialization import SerializationError, SignedSerializer
 
-_FAST = json.JSONEncoder(
-    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-)
+_FAST = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
 _SCALARS = (str, int, bool, type(None))
 
 
