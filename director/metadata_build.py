@@ -86,6 +86,7 @@ class VehicleFiles:
     targets_version: int
     snapshot_version: int
     expires: datetime
+    root_version: int  # the root whose online keys signed them
 
 
 # ``N.targets.json`` / ``N.snapshot.json``: the versioned copies a signing stores
@@ -270,4 +271,4 @@ def build_vehicle_files(
         "snapshot.json": snapshot_json,
         "timestamp.json": timestamp_json,
     }
-    return VehicleFiles(files, tv, sv, expires)
+    return VehicleFiles(files, tv, sv, expires, signers.root_version)
