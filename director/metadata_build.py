@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,11 +31,14 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from uptane import der_metadata
+from uptane.canonical_json import CanonicalJSONSerializer
 from uptane.codec import encode
 from uptane.metadata import ECU_SERIAL, set_vehicle_id
 
 _JSON = JSONSerializer(compact=True)
 _SIGNED_DER = der_metadata.DERSignedSerializer()
+# what the JSON signatures cover: tuf's canonical JSON, the same bytes faster (issue 12)
+_CANONICAL = CanonicalJSONSerializer()
 
 
 @dataclass(frozen=True)
@@ -82,25 +86,58 @@ class VehicleFiles:
     targets_version: int
     snapshot_version: int
     expires: datetime
+    root_version: int  # the root whose online keys signed them
 
 
-def stored_versions(files: Mapping[str, bytes], targets_version: int) -> Versions:
-    """The versions of a vehicle's stored ``targets/snapshot/timestamp.json`` (and column)."""
+# ``N.targets.json`` / ``N.snapshot.json``: the versioned copies a signing stores
+_VERSIONED_NAME = re.compile(r"^([1-9][0-9]{0,9})\.(targets|snapshot)\.json\Z")
 
-    def version(name: str) -> int:
-        data = files.get(name)
-        if data is None:
-            return 0
-        try:
-            value = json.loads(data)["signed"]["version"]
-        except (ValueError, KeyError, TypeError):
-            return 0
-        return value if isinstance(value, int) else 0
 
+def parsed_version(data: bytes | None) -> int:
+    """The ``signed.version`` of a stored JSON metadata file (0: none or unreadable)."""
+    if data is None:
+        return 0
+    try:
+        value = json.loads(data)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+def named_versions(names: Iterable[str]) -> dict[str, int]:
+    """The highest ``N`` of a vehicle's stored ``N.targets.json`` / ``N.snapshot.json``, by role.
+
+    Every signing stores ``targets.json`` and ``snapshot.json`` together
+    with their versioned copies (``store_vehicle_metadata``, and the
+    consistent-snapshot writes before it) and keeps the previous version
+    only, so the highest versioned name is the version of the unversioned
+    file: no need to read and parse it (issue 12). A role without a
+    versioned file is read from its unversioned one (``parsed_version``).
+    """
+    found: dict[str, int] = {}
+    for name in names:
+        m = _VERSIONED_NAME.match(name)
+        if m is not None:
+            role, version = m.group(2), int(m.group(1))
+            if version > found.get(role, 0):
+                found[role] = version
+    return found
+
+
+def stored_versions(
+    files: Mapping[str, bytes], targets_version: int, by_name: Mapping[str, int] | None = None
+) -> Versions:
+    """The versions of a vehicle's stored ``targets/snapshot/timestamp.json`` (and column).
+
+    With ``by_name`` (``named_versions`` of every stored file name of the
+    vehicle), targets and snapshot come from the versioned names where there
+    are some; else from the files' content.
+    """
+    by_name = by_name or {}
+    targets = by_name.get("targets") or parsed_version(files.get("targets.json"))
+    snapshot = by_name.get("snapshot") or parsed_version(files.get("snapshot.json"))
     return Versions(
-        max(targets_version, version("targets.json")),
-        version("snapshot.json"),
-        version("timestamp.json"),
+        max(targets_version, targets), snapshot, parsed_version(files.get("timestamp.json"))
     )
 
 
@@ -133,7 +170,7 @@ class _Timestamp(_Memo, Timestamp):
 
 def _sign_json(md: Metadata[Any], signers: Sequence[Signer]) -> bytes:
     for signer in signers:
-        md.sign(signer, append=True)
+        md.sign(signer, append=True, signed_serializer=_CANONICAL)
     return md.to_bytes(_JSON)
 
 
@@ -234,4 +271,4 @@ def build_vehicle_files(
         "snapshot.json": snapshot_json,
         "timestamp.json": timestamp_json,
     }
-    return VehicleFiles(files, tv, sv, expires)
+    return VehicleFiles(files, tv, sv, expires, signers.root_version)

@@ -54,6 +54,7 @@ from director.metadata_build import (
     RoleSigners,
     VehicleFiles,
     build_vehicle_files,
+    named_versions,
     stored_versions,
 )
 from director.records import PENDING
@@ -75,8 +76,11 @@ _ROOT_NAME_RE = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?root\.(json|der)\Z")
 _MAX_INT32 = 2**31 - 1
 # IN lists of at most this many values (PostgreSQL takes at most 65535 parameters)
 _CHUNK = 1000
-# the stored files whose versions a new signing goes above
-_VERSIONED_BY = ("targets.json", "snapshot.json", "timestamp.json")
+# the tables a batch's signing reads, as Core (no ORM row processing per row)
+_A_TABLE, _E_TABLE = Assignment.__table__, Ecu.__table__
+_A, _E, _F = _A_TABLE.c, _E_TABLE.c, MetadataFile.__table__.c
+# the stored file whose content gives its version (the others' are in their names)
+_TIMESTAMP_FILE = "timestamp.json"
 _IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
@@ -273,6 +277,7 @@ class DirectorRepository:
         pending: dict[int, list[PendingTarget]] = {i: [] for i in ids}
         stored: dict[int, dict[str, bytes]] = {i: {} for i in ids}
         names: dict[int, set[str]] = {i: set() for i in ids}
+        by_name: dict[int, dict[str, int]] = {}
         if not new:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i : i + _CHUNK]
@@ -281,47 +286,43 @@ class DirectorRepository:
                 # fleet through the status index), then read by primary key
                 owner: dict[int, tuple[int, str]] = {}
                 for aid, vid, serial, status in session.execute(
-                    select(Assignment.id, Ecu.vehicle_id, Ecu.serial, Assignment.status)
-                    .join(Ecu, Assignment.ecu_id == Ecu.id)
-                    .where(in_list(session, Ecu.vehicle_id, chunk))
+                    select(_A.id, _E.vehicle_id, _E.serial, _A.status)
+                    .join_from(_A_TABLE, _E_TABLE, _A.ecu_id == _E.id)
+                    .where(in_list(session, _E.vehicle_id, chunk))
                 ):
                     if status == PENDING:
                         owner[aid] = (vid, serial)
                 wanted = sorted(owner)
                 for j in range(0, len(wanted), _CHUNK):
                     for aid, image, length, hashes, custom in session.execute(
-                        select(
-                            Assignment.id,
-                            Assignment.image,
-                            Assignment.length,
-                            Assignment.hashes,
-                            Assignment.custom,
-                        )
-                        .where(in_list(session, Assignment.id, wanted[j : j + _CHUNK]))
-                        .order_by(Assignment.id)
+                        select(_A.id, _A.image, _A.length, _A.hashes, _A.custom)
+                        .where(in_list(session, _A.id, wanted[j : j + _CHUNK]))
+                        .order_by(_A.id)
                     ):
                         vid, serial = owner[aid]
                         pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
+                # every file's name, the content of timestamp.json only: the targets and
+                # snapshot versions are in their versioned copies' names (issue 12)
                 for vid, name, data in session.execute(
                     select(
-                        MetadataFile.vehicle_id,
-                        MetadataFile.filename,
-                        case(
-                            (MetadataFile.filename.in_(_VERSIONED_BY), MetadataFile.data),
-                            else_=None,
-                        ),
-                    ).where(in_list(session, MetadataFile.vehicle_id, chunk))
+                        _F.vehicle_id,
+                        _F.filename,
+                        case((_F.filename == _TIMESTAMP_FILE, _F.data), else_=None),
+                    ).where(in_list(session, _F.vehicle_id, chunk))
                 ):
                     names[vid].add(name)
                     if data is not None:
                         stored[vid][name] = bytes(data)
+            for vid in ids:
+                by_name[vid] = named_versions(names[vid])
+            _read_unnamed_versions(session, names, by_name, stored)
         out: dict[int, VehicleFiles] = {}
         with shared_member_encodings():  # the targets' custom members repeat across a batch
             for vid, vin, targets_version in vehicles:
                 out[vid] = build_vehicle_files(
                     vin,
                     pending[vid],
-                    stored_versions(stored[vid], targets_version),
+                    stored_versions(stored[vid], targets_version, by_name.get(vid)),
                     signers,
                     now,
                     self.metadata_expiry,
@@ -350,7 +351,7 @@ class DirectorRepository:
             session, [(vehicle.id, vehicle.vin, vehicle.targets_version)], now, new=new
         )[vehicle.id]
         vehicle.targets_version = signed.targets_version
-        vehicle.root_version = self._role_signers(session).root_version
+        vehicle.root_version = signed.root_version
         vehicle.metadata_expires = signed.expires
         vehicle.metadata_stale = False
 
@@ -358,15 +359,14 @@ class DirectorRepository:
         """Store the new state of vehicles signed by ``_sign_vehicles`` (Core, one statement)."""
         if not signed:
             return
-        root_version = self._role_signers(session).root_version
         table = Vehicle.__table__
         assert isinstance(table, Table)
-        # one statement per (targets version, expiry), not one per vehicle: a batch's
-        # vehicles mostly share both
-        groups: dict[tuple[int, datetime], list[int]] = {}
+        # one statement per (targets version, expiry, root), not one per vehicle: a
+        # batch's vehicles mostly share them; the root is the one whose keys signed
+        groups: dict[tuple[int, datetime, int], list[int]] = {}
         for vid, f in signed.items():
-            groups.setdefault((f.targets_version, f.expires), []).append(vid)
-        for (targets_version, expires), vids in sorted(groups.items()):
+            groups.setdefault((f.targets_version, f.expires, f.root_version), []).append(vid)
+        for (targets_version, expires, root_version), vids in sorted(groups.items()):
             vids.sort()
             for i in range(0, len(vids), _CHUNK):
                 session.execute(
@@ -449,6 +449,33 @@ class DirectorRepository:
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data
+
+
+def _read_unnamed_versions(
+    session: Session,
+    names: Mapping[int, set[str]],
+    by_name: Mapping[int, Mapping[str, int]],
+    stored: dict[int, dict[str, bytes]],
+) -> None:
+    """Read the ``targets.json`` / ``snapshot.json`` stored without a versioned copy.
+
+    Only metadata stored before versioned copies were kept can lack one; the
+    version of such a file comes from its content (``stored_versions``).
+    """
+    wanted: dict[str, list[int]] = {}
+    for vid, have in names.items():
+        for role in (Targets.type, Snapshot.type):
+            if f"{role}.json" in have and role not in by_name.get(vid, {}):
+                wanted.setdefault(f"{role}.json", []).append(vid)
+    for name, vids in sorted(wanted.items()):
+        for i in range(0, len(vids), _CHUNK):
+            for vid, data in session.execute(
+                select(MetadataFile.vehicle_id, MetadataFile.data).where(
+                    MetadataFile.filename == name,
+                    in_list(session, MetadataFile.vehicle_id, vids[i : i + _CHUNK]),
+                )
+            ):
+                stored[vid][name] = bytes(data)
 
 
 def in_list(

@@ -25,12 +25,12 @@ from helpers.director_env import (
     http_client,
 )
 from securesystemslib.signer import CryptoSigner
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
 from director.app import create_app
-from director.db import Vehicle
-from director.metadata_build import RoleSigners, _sign_der
+from director.db import MetadataFile, Vehicle
+from director.metadata_build import RoleSigners, _sign_der, named_versions
 from director.metadata_signer import SIGNER_ENV, sign_stale_in_processes
 from director.service import Director, EcuSpec, VehicleRecord
 from director.setup import init_director
@@ -303,17 +303,57 @@ def test_server_assignment_above_the_limit_is_signed_by_the_background_signer(
         assert verify_vehicle(env, vin)[1][f"{vin}-B"].name == "brake-1.wasm"
 
 
+def _resigned_one_up(env: Env, vin: str, first: VerifiedRepository) -> None:
+    """Re-signed as due (its ``targets_version`` set to 0): every role one version up."""
+    env.director.refresh_expiring()
+    repo = verify_vehicle(env, vin)[0]
+    assert repo.targets.version == first.targets.version + 1
+    assert repo.snapshot.version == first.snapshot.version + 1
+    assert repo.timestamp.version == first.timestamp.version + 1
+
+
 def test_signing_goes_above_every_stored_version(env: Env) -> None:
     """Versions strictly increase even when the stored files are ahead of the vehicle row."""
     vin = _fleet(env, "VER", 1)[0].vin
     first = verify_vehicle(env, vin)[0]
     with env.db.transaction(write=True) as session:
         session.execute(update(Vehicle).where(Vehicle.vin == vin).values(targets_version=0))
-    env.director.refresh_expiring()  # targets_version 0: due, re-signed
-    repo = verify_vehicle(env, vin)[0]
-    assert repo.targets.version == first.targets.version + 1
-    assert repo.snapshot.version == first.snapshot.version + 1
-    assert repo.timestamp.version == first.timestamp.version + 1
+    _resigned_one_up(env, vin, first)
+
+
+def test_versions_of_files_stored_without_versioned_copies_come_from_their_content(
+    env: Env,
+) -> None:
+    """Targets/snapshot versions come from ``N.<role>.json`` names, else from the files."""
+    vin = _fleet(env, "LEG", 1)[0].vin
+    first = verify_vehicle(env, vin)[0]
+    with env.db.transaction(write=True) as session:
+        vid = session.scalars(select(Vehicle.id).where(Vehicle.vin == vin)).one()
+        # as stored before versioned copies were kept: only the unversioned files
+        session.execute(
+            delete(MetadataFile).where(
+                MetadataFile.vehicle_id == vid,
+                MetadataFile.filename.like("%.targets.%")
+                | MetadataFile.filename.like("%.snapshot.json"),
+            )
+        )
+        session.execute(update(Vehicle).where(Vehicle.id == vid).values(targets_version=0))
+    _resigned_one_up(env, vin, first)
+
+
+def test_named_versions_take_the_highest_versioned_copy_per_role() -> None:
+    names = {
+        "3.targets.json",
+        "4.targets.json",
+        "9.targets.der",  # DER copies mirror the JSON ones: not read
+        "targets.json",
+        "2.snapshot.json",
+        "07.snapshot.json",  # not a version name
+        "5.root.json",
+        "timestamp.json",
+    }
+    assert named_versions(names) == {"targets": 4, "snapshot": 2}
+    assert named_versions({"targets.json"}) == {}
 
 
 def test_direct_der_is_what_to_der_metadata_gives(env: Env) -> None:

@@ -7,6 +7,7 @@ Each ``_x_to_asn1``/``_x_from_asn1`` pair maps one field type both ways and rais
 from __future__ import annotations
 
 import calendar
+import functools
 import itertools
 import re
 from collections.abc import Mapping
@@ -173,8 +174,14 @@ def _get_unrecognized(value: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 def _expires_to_asn1(value: object) -> int:
+    return _expires_seconds(_str(value, "expires"))
+
+
+@functools.lru_cache(maxsize=64)
+def _expires_seconds(text: str) -> int:
+    """Seconds since the epoch of an ``expires`` text; kept (issue 12: a batch shares one)."""
     try:
-        when = datetime.strptime(_str(value, "expires"), _EXPIRES_FORMAT)
+        when = datetime.strptime(text, _EXPIRES_FORMAT)
     except ValueError as e:
         raise CodecError(f"expires: {e}") from e
     return calendar.timegm(when.timetuple())
