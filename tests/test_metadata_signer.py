@@ -13,115 +13,30 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import pytest
 from helpers.director_env import (
     Env,
-    ImageRepoSim,
-    MovableClock,
     _serve_asgi,
     http_client,
 )
-from securesystemslib.signer import CryptoSigner
+from helpers.signer_env import fleet, signer_env, small_batches_fixture, verify_vehicle  # noqa: F401  (fixtures)
 from sqlalchemy import delete, select, update
-from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Targets
 
 from director.app import create_app
 from director.db import MetadataFile, Vehicle
 from director.metadata_build import RoleSigners, _sign_der, named_versions
 from director.metadata_signer import SIGNER_ENV, sign_stale_in_processes
-from director.service import Director, EcuSpec, VehicleRecord
-from director.setup import init_director
+from director.service import Director
 from uptane import der_metadata
-from uptane.metadata import UptaneTarget
-from uptane.verification.der import verify_director_der
-from uptane.verification.director_checks import check_director_targets
-from uptane.verification.full import RepositoryBytes, VerifiedRepository, verify_repository
-
-
-@pytest.fixture(scope="module")
-def env(
-    db_url: str, image_repo: ImageRepoSim, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Env]:
-    """``test_director``'s Director and server, without the server's background signer
-    (these tests decide when stale vehicles are signed)."""
-    tmp = tmp_path_factory.mktemp("director")
-    root_file = tmp / "image-root.json"
-    root_file.write_bytes(image_repo.root_bytes)
-    config = init_director(
-        tmp / "dir", image_repo_url=image_repo.url, image_repo_root=root_file, db_url=db_url
-    )
-    clock = MovableClock()
-    director = Director.from_config(config, clock=clock)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SIGNER_ENV, "0")
-        url, stop = _serve_asgi(create_app(director, config.token))
-    client, op = http_client(url), http_client(url, config.token)
-    yield Env(director, config, url, image_repo, clock, client, op, tmp)
-    client.close()
-    op.close()
-    stop()
-    director.close()
-
-
-def _fleet(env: Env, prefix: str, n: int) -> list[VehicleRecord]:
-    keys = [CryptoSigner.generate_ed25519().public_key for _ in range(2)]
-    tag = f"{prefix}{env.db.engine.dialect.name[:2].upper()}{time.monotonic_ns() % 10**6:06d}"
-    records = [
-        VehicleRecord(
-            f"{tag}{i:04d}",
-            (
-                EcuSpec(f"{tag}{i:04d}-P", "gateway", keys[0], primary=True),
-                EcuSpec(f"{tag}{i:04d}-B", "brake-ecu", keys[1]),
-            ),
-        )
-        for i in range(n)
-    ]
-    result = env.director.import_vehicles(records, batch=16)
-    assert result.added == n
-    return records
-
-
-def verify_vehicle(env: Env, vin: str) -> tuple[VerifiedRepository, dict[str, UptaneTarget]]:
-    """What ``vin``'s primary would accept from the Director now (5.4.4.2), or it raises."""
-    base = f"/vehicles/{vin}/metadata"
-    chain: list[bytes] = []
-    ders: dict[int, bytes] = {}
-    version = 1
-    while (r := env.http.get(f"{base}/{version}.root.json")).status_code == 200:
-        chain.append(r.content)
-        ders[version] = env.http.get(f"{base}/{version}.root.der").content
-        version += 1
-    # as ngclient fetches (consistent snapshots): the versions the index names, so a
-    # signing committed between two requests leaves a consistent older set
-    timestamp = env.http.get(f"{base}/timestamp.json").content
-    snapshot_version = Metadata[Timestamp].from_bytes(timestamp).signed.snapshot_meta.version
-    snapshot = env.http.get(f"{base}/{snapshot_version}.snapshot.json").content
-    targets_version = Metadata[Snapshot].from_bytes(snapshot).signed.meta["targets.json"].version
-    targets = env.http.get(f"{base}/{targets_version}.targets.json").content
-    repo = verify_repository(
-        "director", RepositoryBytes(tuple(chain), timestamp, snapshot, targets), datetime.now(UTC)
-    )
-    der = env.http.get(f"{base}/{repo.targets.version}.targets.der").content
-    verify_director_der(repo, ders, der)
-    ecus = {f"{vin}-P": "gateway", f"{vin}-B": "brake-ecu"}
-    checked = check_director_targets(repo.targets, vin=vin, ecu_hardware_ids=ecus)
-    return repo, dict(checked.by_ecu)
-
-
-@pytest.fixture
-def small_batches(env: Env) -> Iterator[None]:
-    env.director.assign_batch, env.director.sign_batch = 7, 4
-    yield
-    del env.director.assign_batch, env.director.sign_batch
+from uptane.verification.full import VerifiedRepository
 
 
 def test_assignment_in_batches_gives_every_vehicle_verifiable_metadata(
     env: Env, small_batches: None
 ) -> None:
-    records = _fleet(env, "BAT", 23)
+    records = fleet(env, "BAT", 23)
     vins = [r.vin for r in records]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
     infos = env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins)
@@ -147,7 +62,7 @@ def test_batched_assignment_rows_are_the_ids_it_returns(env: Env, small_batches:
     from director.db import Assignment, Ecu
     from director.records import PENDING, SUPERSEDED
 
-    records = _fleet(env, "IDS", 17)
+    records = fleet(env, "IDS", 17)
     vins = [r.vin for r in records]
     first = env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
     infos = env.director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
@@ -184,7 +99,7 @@ def test_batched_assignment_rows_are_the_ids_it_returns(env: Env, small_batches:
 def test_a_refused_vehicle_refuses_the_batched_assignment_before_any_write(
     env: Env, small_batches: None
 ) -> None:
-    records = _fleet(env, "REF", 15)
+    records = fleet(env, "REF", 15)
     vins = [r.vin for r in records]
     last = records[-1]  # in the last batch: the earlier batches must not be written
     with env.db.transaction(write=True) as session:
@@ -206,7 +121,7 @@ def test_a_refused_vehicle_refuses_the_batched_assignment_before_any_write(
 def test_a_vehicle_polling_mid_assignment_gets_valid_old_or_new_metadata(
     env: Env, small_batches: None
 ) -> None:
-    records = _fleet(env, "MID", 12)
+    records = fleet(env, "MID", 12)
     vins = [r.vin for r in records]
     old = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
     # rows written, nothing signed yet: every vehicle still gets its previous metadata
@@ -250,7 +165,7 @@ def vins_ids(env: Env, vins: list[str]) -> list[int]:
 
 def test_a_stale_vehicle_due_for_expiry_is_signed_when_it_polls(env: Env) -> None:
     """The expiry refresh still runs for a stale vehicle: it never gets expired metadata."""
-    records = _fleet(env, "EXP", 2)
+    records = fleet(env, "EXP", 2)
     vin = records[0].vin
     env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=[vin], sign=False)
     old = verify_vehicle(env, vin)[0]
@@ -271,7 +186,7 @@ def test_a_stale_vehicle_due_for_expiry_is_signed_when_it_polls(env: Env) -> Non
 def test_server_assignment_above_the_limit_is_signed_by_the_background_signer(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    records = _fleet(env, "BGS", 5)
+    records = fleet(env, "BGS", 5)
     vins = [r.vin for r in records]
     assert env.director.wake_signer is None  # env's server runs no signer
     monkeypatch.setenv(SIGNER_ENV, "30")  # a round every 30 s, or when woken
@@ -314,7 +229,7 @@ def _resigned_one_up(env: Env, vin: str, first: VerifiedRepository) -> None:
 
 def test_signing_goes_above_every_stored_version(env: Env) -> None:
     """Versions strictly increase even when the stored files are ahead of the vehicle row."""
-    vin = _fleet(env, "VER", 1)[0].vin
+    vin = fleet(env, "VER", 1)[0].vin
     first = verify_vehicle(env, vin)[0]
     with env.db.transaction(write=True) as session:
         session.execute(update(Vehicle).where(Vehicle.vin == vin).values(targets_version=0))
@@ -325,7 +240,7 @@ def test_versions_of_files_stored_without_versioned_copies_come_from_their_conte
     env: Env,
 ) -> None:
     """Targets/snapshot versions come from ``N.<role>.json`` names, else from the files."""
-    vin = _fleet(env, "LEG", 1)[0].vin
+    vin = fleet(env, "LEG", 1)[0].vin
     first = verify_vehicle(env, vin)[0]
     with env.db.transaction(write=True) as session:
         vid = session.scalars(select(Vehicle.id).where(Vehicle.vin == vin)).one()
@@ -357,7 +272,7 @@ def test_named_versions_take_the_highest_versioned_copy_per_role() -> None:
 
 
 def test_direct_der_is_what_to_der_metadata_gives(env: Env) -> None:
-    vin = _fleet(env, "DER", 1)[0].vin
+    vin = fleet(env, "DER", 1)[0].vin
     env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=[vin])
     targets = Metadata[Targets].from_bytes(
         env.http.get(f"/vehicles/{vin}/metadata/targets.json").content
@@ -374,7 +289,6 @@ def test_direct_der_is_what_to_der_metadata_gives(env: Env) -> None:
 
 def _sign_in_child(config_dir: str, db_url: str, results: mp.Queue[int]) -> None:
     from director.config import DirectorConfig
-    from director.service import Director
 
     config = DirectorConfig.load(config_dir)
     config.db_url = db_url
@@ -387,7 +301,7 @@ def _sign_in_child(config_dir: str, db_url: str, results: mp.Queue[int]) -> None
 
 def test_two_signer_processes_never_sign_a_vehicle_twice(env: Env) -> None:
     """Two processes claim batches at once: each stale vehicle is signed exactly once."""
-    records = _fleet(env, "TWO", 120)
+    records = fleet(env, "TWO", 120)
     vins = [r.vin for r in records]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins[:10]}
     env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
@@ -423,7 +337,7 @@ def test_sign_stale_command_signs_what_an_assignment_left(env: Env) -> None:
 
     from uptane.cli import cli as uptane_cli
 
-    vins = [r.vin for r in _fleet(env, "CLI", 9)]
+    vins = [r.vin for r in fleet(env, "CLI", 9)]
     env.director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
     assert all(verify_vehicle(env, vin)[1] == {} for vin in vins)  # old metadata meanwhile
     stale = env.director.stale_count()
@@ -454,7 +368,7 @@ def test_assign_command_with_signer_processes(env: Env) -> None:
 
     from uptane.cli import cli as uptane_cli
 
-    vins = [r.vin for r in _fleet(env, "ACLI", 7)]
+    vins = [r.vin for r in fleet(env, "ACLI", 7)]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
     args = ["director", "assign", "--dir", str(env.config.directory), "--db", env.config.db_url]
     vin_args = [a for vin in vins for a in ("--vin", vin)]

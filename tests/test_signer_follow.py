@@ -3,10 +3,9 @@
 ``MetadataSigner.sign_following`` and ``SignerProcesses``: the vehicles of
 each committed batch are re-signed while the next batches are written; each
 vehicle is signed exactly once per change and verifies as a primary checks
-it (``test_metadata_signer.verify_vehicle``). SQLite and PostgreSQL.
+it (``helpers.signer_env.verify_vehicle``). SQLite and PostgreSQL.
 """
 
-# ruff: noqa: F811  (the fixtures of test_metadata_signer are parameters here)
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 from helpers.director_env import Env
+from helpers.signer_env import fleet, signer_env, small_batches_fixture, verify_vehicle  # noqa: F401  (fixtures)
 from sqlalchemy.engine import make_url
-from test_metadata_signer import _fleet, env, small_batches, verify_vehicle  # noqa: F401
 from tuf.api.metadata import Metadata, Targets
 from tuf.api.serialization.json import JSONSerializer
 
@@ -49,8 +48,8 @@ def _wait_until(condition: object, seconds: float = 30) -> bool:
 def test_a_following_signer_signs_each_change_while_it_runs_and_ends_when_done(
     env: Env, small_batches: None
 ) -> None:
-    first = [r.vin for r in _fleet(env, "FOA", 9)]
-    second = [r.vin for r in _fleet(env, "FOB", 8)]
+    first = [r.vin for r in fleet(env, "FOA", 9)]
+    second = [r.vin for r in fleet(env, "FOB", 8)]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in first + second}
     done = threading.Event()
     result: list[int] = []
@@ -85,7 +84,7 @@ def test_signer_processes_sign_an_assignment_as_it_is_written(
     env: Env, small_batches: None
 ) -> None:
     """``SignerProcesses`` around ``assign(sign=False)``: every vehicle signed exactly once."""
-    vins = [r.vin for r in _fleet(env, "SPR", 40)]
+    vins = [r.vin for r in fleet(env, "SPR", 40)]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
     with SignerProcesses(env.config, 2, batch=3) as signers:
         infos = env.director.assign("brake-2.wasm", hardware_id="brake-ecu", vins=vins, sign=False)
@@ -96,7 +95,7 @@ def test_signer_processes_sign_an_assignment_as_it_is_written(
 
 
 def test_signer_processes_sign_what_a_failed_change_committed(env: Env) -> None:
-    vins = [r.vin for r in _fleet(env, "SPF", 6)]
+    vins = [r.vin for r in fleet(env, "SPF", 6)]
     with (
         pytest.raises(RuntimeError, match="the change failed"),
         SignerProcesses(env.config, 2, batch=2),
@@ -112,7 +111,7 @@ def test_a_deferred_assignment_wakes_the_signer_after_each_batch(
     env: Env, small_batches: None
 ) -> None:
     """The server's signer starts on the first committed batch, not after the last."""
-    vins = [r.vin for r in _fleet(env, "WAK", 15)]  # 3 batches of at most 7
+    vins = [r.vin for r in fleet(env, "WAK", 15)]  # 3 batches of at most 7
     wakes: list[int] = []
     env.director.wake_signer = lambda: wakes.append(env.director.stale_count())
     env.director.defer_signing_above = 2
@@ -129,7 +128,7 @@ def test_a_deferred_assignment_wakes_the_signer_after_each_batch(
 
 def test_signed_json_is_what_tuf_serialises(env: Env) -> None:
     """The documents are built with ``to_dict`` once (metadata_build): the bytes are tuf's."""
-    vin = _fleet(env, "JSN", 1)[0].vin
+    vin = fleet(env, "JSN", 1)[0].vin
     env.director.assign("brake-1.wasm", hardware_id="brake-ecu", vins=[vin])
     for name in ("targets.json", "snapshot.json", "timestamp.json"):
         data = env.http.get(f"/vehicles/{vin}/metadata/{name}").content
@@ -165,7 +164,7 @@ def test_signer_processes_of_a_killed_assignment_sign_what_it_committed_and_exit
     """Killed mid-change (before ``finish``): the vehicles are signed once, the signers exit."""
     if env.db.engine.dialect.name != "postgresql":
         pytest.skip("signer processes run on PostgreSQL (SQLite has one writer)")
-    vins = [r.vin for r in _fleet(env, "KIL", 14)]
+    vins = [r.vin for r in fleet(env, "KIL", 14)]
     before = {vin: verify_vehicle(env, vin)[0].targets.version for vin in vins}
     ctx = mp.get_context("spawn")
     pids: Any = ctx.Queue()
