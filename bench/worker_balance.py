@@ -6,7 +6,7 @@ client certificate) over PostgreSQL (a fresh schema), opens ``--connections`` ne
 keep-alive connections at once, one ``GET /health`` on each, holds them open, and reads
 from the kernel which worker holds the server end of each (``/proc``). Repeats
 ``--rounds`` times (all connections closed in between) and prints each round's count
-per worker.
+per worker, and ``ratio`` = the fewest any worker got / the most.
 
     .venv/bin/python bench/worker_balance.py [--workers 2] [--connections 40] [--tls]
 """
@@ -131,10 +131,12 @@ def main() -> None:
             per = sorted(counts.values(), reverse=True)
             print(f"round {r + 1}: {args.connections} connections, per worker {per}")
             time.sleep(0.5)
+        per = sorted(totals.values(), reverse=True)
+        fewest = per[-1] if len(per) == args.workers else 0
         print(
             f"{'--tls ' if args.tls else ''}--workers {args.workers}: "
-            f"{args.rounds * args.connections} connections in all, per worker "
-            f"{sorted(totals.values(), reverse=True)} ({len(totals)} workers served any)"
+            f"{args.rounds * args.connections} connections in all, per worker {per}; "
+            f"ratio={fewest / per[0]:.3f} (fewest / most, 1 = even)"
         )
     finally:
         if proc is not None:
