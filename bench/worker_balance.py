@@ -3,8 +3,9 @@
 
 Starts the Director (plain HTTP, or ``--tls``: the operator listener, which needs no
 client certificate) over PostgreSQL (a fresh schema), opens ``--connections`` new
-keep-alive connections at once, one ``GET /health`` on each, holds them open, and reads
-from the kernel which worker holds the server end of each (``/proc``). Repeats
+keep-alive connections (one after the other, or ``--together``: all at once), one
+``GET /health`` on each, holds them open, and reads from the kernel which worker
+holds the server end of each (``/proc``). Repeats
 ``--rounds`` times (all connections closed in between) and prints each round's count
 per worker, and ``ratio`` = the fewest any worker got / the most.
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from director_throughput import DEFAULT_DB, drop_postgres_schema, fresh_postgres_schema
@@ -68,6 +70,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tls", action="store_true", help="serve --tls (operator listener)")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="open the connections all at once, a thread each (as the check-ins/s lanes)",
+    )
     parser.add_argument("--db", default=DEFAULT_DB, help="PostgreSQL URL (a schema is made)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="worker-balance-"))
@@ -111,14 +118,20 @@ def main() -> None:
         time.sleep(2.0)  # the last workers' startup
         totals: dict[int, int] = {}
         for r in range(args.rounds):
-            conns = []
-            for _ in range(args.connections):
-                c = connect()
+            conns = [connect() for _ in range(args.connections)]
+
+            def first_request(c: http.client.HTTPConnection) -> None:
                 c.request("GET", "/health")
                 response = c.getresponse()
                 response.read()
                 assert response.status == 200
-                conns.append(c)
+
+            if args.together:
+                with ThreadPoolExecutor(args.connections) as pool:
+                    list(pool.map(first_request, conns))
+            else:
+                for c in conns:
+                    first_request(c)
             found = owners(proc.pid, target)
             counts: dict[int, int] = {}
             for c in conns:
