@@ -179,11 +179,10 @@ def serve_cmd(
     client certificate from the Director CA and serves each vehicle only its own
     resources; the operator API (bearer token) is on --operator-port; with
     --workers N each of N processes serves both (one that dies stops the server,
-    exit 1). Without: plain HTTP, any client reads any vehicle's metadata (demo
+    exit 1; on Linux each worker has its own listening sockets, SO_REUSEPORT, so the
+    kernel spreads connections over them). Without: plain HTTP, any client reads any vehicle's metadata (demo
     and tests only: refused on a non-loopback address unless
     --insecure-plain-http). See docs/director-scale.md."""
-    import os
-
     import uvicorn
 
     from director.app import create_app
@@ -222,38 +221,39 @@ def serve_cmd(
             "ca": ca,
         }
     director = _open(directory, db_url)  # migrate + import roots once, up front
-    if workers > 1 and tls:
+    if workers > 1:
         director.close()
-        from director.tls_serve import run_workers
+        from director.workers import run_workers
 
-        click.echo(
-            f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
-            f"required), operator API on https://{bind_host}:{operator_port}, "
-            f"{workers} worker processes"
-        )
+        ports = [bind_port]
+        options = ["--port", str(bind_port), "--keep-alive", str(config.keep_alive_timeout)]
+        if tls:
+            assert operator_port is not None  # set with the TLS paths above
+            ports.append(operator_port)
+            options += ["--tls", "--operator-port", str(operator_port)]
+            options += ["--cert", str(cert), "--key", str(key), "--ca", str(ca)]
+            click.echo(
+                f"mutual TLS: vehicles on https://{bind_host}:{bind_port} (client certificate "
+                f"required), operator API on https://{bind_host}:{operator_port}, "
+                f"{workers} worker processes"
+            )
+        else:
+            click.echo(
+                f"PLAIN HTTP on http://{bind_host}:{bind_port}: vehicles are NOT authenticated, "
+                "any client reads any vehicle's metadata (demo and tests on loopback only; "
+                f"--tls for mutual TLS), {workers} worker processes"
+            )
+        # a port taken since check_listen: ConfigError, one line (the group's handler)
         failure = run_workers(
             workers,
             directory=Path(directory),
             db_url=db_url,
-            keep_alive=config.keep_alive_timeout,
-            **listeners,
+            host=bind_host,
+            ports=ports,
+            options=options,
         )
         if failure is not None:
             raise click.ClickException(failure)
-        return
-    if workers > 1:
-        director.close()
-        os.environ["UPTANE_DIRECTOR_DIR"] = str(Path(directory).resolve())
-        if db_url:
-            os.environ["UPTANE_DIRECTOR_DB"] = db_url
-        uvicorn.run(
-            "director.app:app_from_env",
-            factory=True,
-            workers=workers,
-            host=bind_host,
-            port=bind_port,
-            **server_options,
-        )
         return
     app = create_app(
         director,

@@ -45,8 +45,7 @@ def test_bench_runs(script: str) -> None:
     _run(script, SMALL[script])
 
 
-def test_director_throughput_runs() -> None:
-    """PostgreSQL only (the bench makes a schema of its own and drops it)."""
+def _pg_url() -> str:
     try:
         user = _pg_user()
     except ConnectionError as e:  # no server: skip outside CI
@@ -54,10 +53,21 @@ def test_director_throughput_runs() -> None:
             raise
         pytest.skip(f"PostgreSQL not reachable: {e}")
     dsn = dict(part.split("=", 1) for part in PG_DSN.split())
-    url = f"postgresql+psycopg://{user}@{dsn['host']}:{dsn['port']}/{dsn['dbname']}"
+    return f"postgresql+psycopg://{user}@{dsn['host']}:{dsn['port']}/{dsn['dbname']}"
+
+
+def test_director_throughput_runs() -> None:
+    """PostgreSQL only (the bench makes a schema of its own and drops it)."""
+    url = _pg_url()
     out = _run(
         "director_throughput.py",
         ["--fleet", "300", "--active", "4", "--rounds", "2", "--polls", "100", "--db", url],
     )
     for line in ("poll:", "manifest:", "flat:", "check-ins/s with 2 worker(s)", "assign:"):
         assert line in out, out
+
+
+def test_worker_balance_runs() -> None:
+    """PostgreSQL only (the workers share a database; a schema of its own, dropped)."""
+    out = _run("worker_balance.py", ["--connections", "6", "--rounds", "1", "--db", _pg_url()])
+    assert "--workers 2: 6 connections in all" in out, out

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers.director_env import Car, new_car
+from helpers.proc_sockets import children, connection_owners, listening_sockets
 
 from director.setup import init_director
 from director.tls import (
@@ -31,6 +32,7 @@ from director.tls import (
     IssuedCertificate,
     issue_vehicle_certificate,
 )
+from director.workers import reuseport_available
 
 TOKEN = "tls-workers-operator-token-0123456789"
 
@@ -39,22 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry))
-    return found
 
 
 def _socket_inode(server_port: int, client_port: int) -> str | None:
@@ -100,7 +86,7 @@ class Served:
 
     @property
     def workers(self) -> set[int]:
-        return _children(self.proc.pid)
+        return children(self.proc.pid)
 
     def ctx(
         self, issued: IssuedCertificate | None = None, tmp: Path | None = None
@@ -328,3 +314,40 @@ def test_a_certificate_revoked_by_the_command_is_refused_by_every_worker(
     served.register(other)
     other_ctx = served.ctx(issue_vehicle_certificate(served.directory, other.vin), tmp_path / "o")
     _every_worker_answers(served, other_ctx, f"/vehicles/{other.vin}/metadata/timestamp.json", 200)
+
+
+def test_each_tls_worker_has_its_own_sockets_and_serves_its_share(served: Served) -> None:
+    """Each worker listens on its own SO_REUSEPORT socket per listener: 40 new
+    connections to the operator listener (no client certificate needed), each worker
+    holds at least 5 (a worker's count is Binomial(40, 1/2) if the kernel's hash is
+    uniform: one of two below 5 has probability 1.9e-7)."""
+    if not reuseport_available():
+        pytest.skip("SO_REUSEPORT spreading is Linux's")
+    workers = served.workers
+    assert len(workers) == 2
+    for port in (served.port, served.operator_port):
+        listening = listening_sockets({served.proc.pid, *workers}, port)
+        assert set(listening) == workers, listening  # the parent holds none
+        first, second = (listening[pid] for pid in sorted(workers))
+        assert len(first) == len(second) == 1 and not first & second, listening
+    ctx = served.ctx()
+    held = []
+    try:
+        for _ in range(40):
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", served.operator_port, context=ctx, timeout=10
+            )
+            held.append(conn)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+        owners = connection_owners(workers, served.operator_port)
+        counts = {pid: 0 for pid in workers}
+        for conn in held:
+            assert conn.sock is not None
+            counts[owners[conn.sock.getsockname()[1]]] += 1
+        assert sum(counts.values()) == 40 and min(counts.values()) >= 5, counts
+    finally:
+        for conn in held:
+            conn.close()
