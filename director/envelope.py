@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature
 
+from uptane.canonical_json import canonical_json
 from uptane.errors import CodecError, ManifestError, MetadataError
 from uptane.manifest import MANIFEST_TYPE, EcuVersionReport, split_signed_report
 from uptane.metadata import check_identifier
@@ -27,12 +27,6 @@ from uptane.metadata import check_identifier
 # the ASN.1 module's SEQUENCE OF bound on a report's signatures
 _MAX_SIGNATURES = 8
 _FIELDS = frozenset({"_type", "vin", "primary_ecu_serial", "ecu_version_reports"})
-
-
-def _canonical(obj: Any) -> bytes:
-    text = encode_canonical(obj)
-    assert text is not None  # only None when an output function is passed
-    return text.encode("utf-8")
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +71,7 @@ class ManifestEnvelope:
     @cached_property
     def signed_bytes(self) -> bytes:
         """The canonical JSON of the signed part: what the primary signed (made once)."""
-        return _canonical(self.signed)
+        return canonical_json(self.signed)
 
     def verify(self, primary_key: Key) -> Signature:
         """The signature by ``primary_key`` over the canonical signed part (5.4.2.2)."""
@@ -105,7 +99,7 @@ class ManifestEnvelope:
         return b"".join(
             (
                 b'{"signatures":[',
-                _canonical(signature.to_dict()),
+                canonical_json(signature.to_dict()),
                 b'],"signed":',
                 self.signed_bytes,
                 b"}",

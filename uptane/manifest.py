@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature, Signer
 
 from uptane import codec
+from uptane.canonical_json import canonical_json
 from uptane.errors import ATTACKS, CodecError, ManifestError, SpoofedMessageError
 from uptane.metadata import check_identifier
 
@@ -52,13 +52,6 @@ RESULT_CODES: Final = (
 )
 HEALTH_STATUSES: Final = ("healthy", "degraded", "unhealthy", "unknown")
 MAX_HEALTH_COUNTS: Final = 16
-
-
-def _canonical(obj: Any) -> bytes:
-    """Canonical JSON bytes, the form a manifest signature covers."""
-    text = encode_canonical(obj)
-    assert text is not None  # only None when an output function is passed
-    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -396,7 +389,7 @@ class VehicleVersionManifest:
     def sign(self, signer: Signer) -> bytes:
         """Return the signed JSON envelope, ready to PUT to the Director."""
         signed = self.signed_dict()
-        sig = signer.sign(_canonical(signed))
+        sig = signer.sign(canonical_json(signed))
         return json.dumps({"signed": signed, "signatures": [sig.to_dict()]}).encode("utf-8")
 
 
@@ -446,7 +439,7 @@ class SignedVehicleManifest:
             raise ManifestError(f"malformed manifest: {e}", "malformed") from e
         return cls(
             manifest=VehicleVersionManifest(vin=vin, primary_ecu_serial=primary, reports=reports),
-            signed_bytes=_canonical(signed),
+            signed_bytes=canonical_json(signed),
             signatures=sigs,
         )
 

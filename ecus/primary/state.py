@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature, Signer
 
+from uptane.canonical_json import canonical_json
 from uptane.errors import ATTACKS, StateError
 from uptane.manifest import RESULT_CODES, InstalledImage
 from uptane.repository import atomic_write
@@ -79,14 +79,8 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _canonical(obj: Any) -> bytes:
-    text = encode_canonical(obj)
-    assert text is not None
-    return text.encode()
-
-
 def _sign(signer: Signer, payload: Any) -> dict[str, Any]:
-    return {"signed": payload, "signature": signer.sign(_canonical(payload)).to_dict()}
+    return {"signed": payload, "signature": signer.sign(canonical_json(payload)).to_dict()}
 
 
 def _open_envelope(signer: Signer, data: bytes, what: str) -> Any:
@@ -95,7 +89,7 @@ def _open_envelope(signer: Signer, data: bytes, what: str) -> Any:
         raw = json.loads(data)
         payload = raw["signed"]
         signature = Signature.from_dict(dict(raw["signature"]))
-        signer.public_key.verify_signature(signature, _canonical(payload))
+        signer.public_key.verify_signature(signature, canonical_json(payload))
     except Exception as e:  # garbage, wrong shape, bad or foreign signature: all the same
         raise StateError(f"{what} failed authentication: {type(e).__name__}: {e}") from e
     return payload
