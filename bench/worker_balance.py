@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -32,7 +30,7 @@ from director_throughput import DEFAULT_DB, drop_postgres_schema, fresh_postgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers.proc_sockets import connection_owners
+from helpers.proc_sockets import connection_owners, stop_group
 from proc_cpu import tree_pids
 
 from director.setup import init_director
@@ -133,12 +131,7 @@ def main() -> None:
         )
     finally:
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
         drop_postgres_schema(db_url, schema)
         shutil.rmtree(tmp, ignore_errors=True)
 

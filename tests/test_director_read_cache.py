@@ -11,8 +11,6 @@ vehicle read only its own files.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +33,7 @@ from helpers.director_env import (
     http_client,
     new_car,
 )
+from helpers.proc_sockets import stop_group
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from tuf.api.metadata import Metadata
@@ -351,12 +350,7 @@ def _serve(directory: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc)
 
 
 def _cached_poll(http: httpx.Client, ts: str) -> httpx.Response:

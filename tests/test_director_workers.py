@@ -4,7 +4,6 @@ the connection limits of ``director.json``, each with its own listening socket
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import pytest
 from helpers.director_env import (
     new_car,
 )
-from helpers.proc_sockets import children, connection_owners, listening_sockets
+from helpers.proc_sockets import children, connection_owners, listening_sockets, stop_group
 
 from director.setup import init_director
 from director.workers import reuseport_available
@@ -78,13 +77,7 @@ def served(director: tuple[Path, str], tmp_path: Path) -> Iterator[Served]:
             time.sleep(0.2)
         yield Served(url, token, port, proc, tmp_path / "serve.log")
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the group is gone already
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)  # a group already gone is fine
         log.close()
 
 

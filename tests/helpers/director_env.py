@@ -7,6 +7,7 @@ A pytest plugin (``tests/conftest.py``): its fixtures (``db_url``, ``image_repo`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import itertools
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -230,11 +231,12 @@ def image_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageRepoSi
     stop()
 
 
-@pytest.fixture(scope="module")
-def env(
-    db_url: str, image_repo: ImageRepoSim, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def running_env(
+    db_url: str, image_repo: ImageRepoSim, tmp: Path, *, app_env: Mapping[str, str] | None = None
 ) -> Iterator[Env]:
-    tmp = tmp_path_factory.mktemp("director")
+    """A new Director in ``tmp`` and its app served on loopback (``app_env``: environment
+    variables set while the app is made, e.g. no background signer)."""
     root_file = tmp / "image-root.json"
     root_file.write_bytes(image_repo.root_bytes)
     config = init_director(
@@ -242,14 +244,27 @@ def env(
     )
     clock = MovableClock()
     director = Director.from_config(config, clock=clock)
-    url, stop = _serve_asgi(create_app(director, config.token))
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (app_env or {}).items():
+            patch.setenv(name, value)
+        url, stop = _serve_asgi(create_app(director, config.token))
     client = http_client(url)
     op = http_client(url, config.token)
-    yield Env(director, config, url, image_repo, clock, client, op, tmp)
-    client.close()
-    op.close()
-    stop()
-    director.close()
+    try:
+        yield Env(director, config, url, image_repo, clock, client, op, tmp)
+    finally:
+        client.close()
+        op.close()
+        stop()
+        director.close()
+
+
+@pytest.fixture(scope="module")
+def env(
+    db_url: str, image_repo: ImageRepoSim, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
+    with running_env(db_url, image_repo, tmp_path_factory.mktemp("director")) as running:
+        yield running
 
 
 # --- simulated vehicles ------------------------------------------------------------

@@ -1,9 +1,13 @@
 """Which process holds which socket, read from the kernel (``/proc``, Linux): for the
-tests of ``serve --workers N`` (``director.workers``)."""
+tests of ``serve --workers N`` (``director.workers``); and stopping a server's
+process group."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -74,3 +78,16 @@ def listening_sockets(pids: Iterable[int], port: int) -> dict[int, set[str]]:
         for pid in holders:
             held.setdefault(pid, set()).add(link)
     return held
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Ctrl-C to ``proc``'s process group (a server and its workers), SIGKILL after
+    ``timeout`` seconds; a group already gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

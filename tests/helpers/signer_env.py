@@ -15,11 +15,9 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Snapshot, Timestamp
 
-from director.app import create_app
 from director.metadata_signer import SIGNER_ENV
-from director.service import Director, EcuSpec, VehicleRecord
-from director.setup import init_director
-from helpers.director_env import Env, ImageRepoSim, MovableClock, _serve_asgi, http_client
+from director.service import EcuSpec, VehicleRecord
+from helpers.director_env import Env, ImageRepoSim, running_env
 from uptane.metadata import UptaneTarget
 from uptane.verification.der import verify_director_der
 from uptane.verification.director_checks import check_director_targets
@@ -33,22 +31,8 @@ def signer_env(
     """``test_director``'s Director and server, without the server's background signer
     (these tests decide when stale vehicles are signed)."""
     tmp = tmp_path_factory.mktemp("director")
-    root_file = tmp / "image-root.json"
-    root_file.write_bytes(image_repo.root_bytes)
-    config = init_director(
-        tmp / "dir", image_repo_url=image_repo.url, image_repo_root=root_file, db_url=db_url
-    )
-    clock = MovableClock()
-    director = Director.from_config(config, clock=clock)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(SIGNER_ENV, "0")
-        url, stop = _serve_asgi(create_app(director, config.token))
-    client, op = http_client(url), http_client(url, config.token)
-    yield Env(director, config, url, image_repo, clock, client, op, tmp)
-    client.close()
-    op.close()
-    stop()
-    director.close()
+    with running_env(db_url, image_repo, tmp, app_env={SIGNER_ENV: "0"}) as running:
+        yield running
 
 
 def fleet(env: Env, prefix: str, n: int) -> list[VehicleRecord]:
