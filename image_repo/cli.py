@@ -18,7 +18,8 @@ import click
 from uptane.cli import PartGroup, check_listen
 
 if TYPE_CHECKING:
-    from image_repo.repo import ImageRepository, RepoStatus
+    from image_repo.repo import ImageRepository
+    from image_repo.status import RepoStatus
 
 # image_repo.server's defaults, repeated so that --help needs no import of the server
 DEFAULT_HOST = "127.0.0.1"

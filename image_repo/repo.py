@@ -11,26 +11,18 @@ refused edit leaves every file of the repository as it was.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fcntl
-import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
-import wasmtime
-from securesystemslib.signer import CryptoSigner
-from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
-    Metadata,
     Root,
     Snapshot,
     TargetFile,
@@ -38,6 +30,13 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from image_repo.checks import (
+    check_path_pattern,
+    check_role_name,
+    delegated_hardware_ids,
+    validate_wasm,
+)
+from image_repo.edit import Edit
 from image_repo.layout import (
     CONFIG_FILE,
     KEYS_DIR,
@@ -47,15 +46,14 @@ from image_repo.layout import (
     RepoConfig,
     blob_relpath,
 )
+from image_repo.status import RepoStatus, RoleStatus, TargetStatus
 from uptane.errors import (
     ConfigError,
     DelegationViolationError,
-    KeyLoadError,
     ReleaseCounterRollbackError,
     RepositoryEditError,
-    WasmInvalidModuleError,
 )
-from uptane.keys import KeyRef, check_key_free, keyref_for, write_key
+from uptane.keys import KeyRef
 from uptane.metadata import (
     HARDWARE_IDS,
     RELEASE_COUNTER,
@@ -70,253 +68,10 @@ from uptane.repository import (
     DirectoryStore,
     ExpiryPolicy,
     SigningRepository,
-    StagedStore,
-    atomic_write,
     utc_now,
 )
 
 TARGET_HASH_ALGORITHMS: Final = ["sha256", "sha512"]
-_ROLE_NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
-_PATTERN_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._+*?-]{0,127}\Z")
-_VERSIONED_RE: Final = re.compile(r"^[0-9]+\.")
-
-
-def validate_wasm(data: bytes) -> None:
-    """Raise ``WasmInvalidModuleError`` unless ``data`` is a valid WASM module."""
-    try:
-        wasmtime.Module.validate(wasmtime.Engine(), data)
-    except wasmtime.WasmtimeError as e:
-        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise WasmInvalidModuleError(
-            f"not a valid WebAssembly module: {text or 'invalid module'}"
-        ) from e
-
-
-def check_role_name(name: str) -> str:
-    """Return ``name`` if it can name a delegated (supplier) role."""
-    if not isinstance(name, str) or not _ROLE_NAME_RE.match(name):
-        raise RepositoryEditError(
-            f"role name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter"
-        )
-    if name in TOP_LEVEL_ROLES:
-        raise RepositoryEditError(f"{name!r} is a top-level role, not a supplier name")
-    return name
-
-
-def check_path_pattern(pattern: str) -> str:
-    """Return ``pattern`` if it is a relative glob of plain segments (``*``/``?`` only)."""
-    if not isinstance(pattern, str) or not pattern or len(pattern) > 255:
-        raise RepositoryEditError("a path pattern must be 1-255 characters")
-    for segment in pattern.split("/"):
-        if not _PATTERN_SEGMENT_RE.match(segment):
-            raise RepositoryEditError(
-                f"path pattern {pattern!r}: segment {segment!r} must use only letters, "
-                "digits, ._+- and the wildcards * and ?"
-            )
-    return pattern
-
-
-def delegated_hardware_ids(role: DelegatedRole) -> tuple[str, ...] | None:
-    """Hardware ids a delegation allows (``custom.hardware_ids``), None if unrestricted."""
-    custom = role.unrecognized_fields.get("custom")
-    if not isinstance(custom, Mapping) or HARDWARE_IDS not in custom:
-        return None
-    hw = custom[HARDWARE_IDS]
-    if not isinstance(hw, list):
-        raise ConfigError(f"delegation {role.name!r}: custom.hardware_ids must be a list")
-    return tuple(str(h) for h in hw)
-
-
-# --- status ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoleStatus:
-    """One role's published metadata."""
-
-    name: str
-    version: int
-    expires: datetime
-    threshold: int
-    keyids: tuple[str, ...]
-    valid_signatures: int
-    delegated_by: str | None = None
-    paths: tuple[str, ...] = ()
-    hardware_ids: tuple[str, ...] | None = None
-
-    @property
-    def signed(self) -> bool:
-        return self.valid_signatures >= self.threshold
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["expires"] = self.expires.isoformat()
-        d["signed"] = self.signed
-        return d
-
-
-@dataclass(frozen=True)
-class TargetStatus:
-    """One published image."""
-
-    role: str
-    name: str
-    length: int
-    hashes: Mapping[str, str]
-    custom: Mapping[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"hashes": dict(self.hashes)}
-
-
-@dataclass(frozen=True)
-class RepoStatus:
-    """Roles, versions, expiries and targets of a repository (``status``)."""
-
-    roles: tuple[RoleStatus, ...]
-    targets: tuple[TargetStatus, ...]
-
-    def role(self, name: str) -> RoleStatus:
-        for r in self.roles:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "roles": [r.to_dict() for r in self.roles],
-            "targets": [t.to_dict() for t in self.targets],
-        }
-
-
-# --- one all-or-nothing edit ---------------------------------------------------
-
-
-class _Edit:
-    """Staged state of one mutation: metadata, images, new keys and config."""
-
-    def __init__(
-        self,
-        root_dir: Path,
-        config: RepoConfig,
-        clock: Clock,
-        expiry: ExpiryPolicy,
-    ) -> None:
-        self.root_dir = root_dir
-        self.config = copy.deepcopy(config)
-        self._orig_config = config.to_bytes()
-        self.store = StagedStore(DirectoryStore(root_dir / METADATA_DIR))
-        self.repo = SigningRepository(store=self.store, expiry=expiry, clock=clock)
-        self.load_errors: dict[str, str] = {}
-        self.new_keys: dict[str, CryptoSigner] = {}
-        self.blobs: dict[str, bytes] = {}
-        for ref in self.config.all_keys():
-            try:
-                self.repo.signers[ref.keyid] = ref.signer()
-            except KeyLoadError as e:
-                self.load_errors[ref.keyid] = str(e)
-
-    # staging --------------------------------------------------------------
-
-    def generate_key(self, name: str) -> KeyRef:
-        """A new ed25519 key, usable for signing now, stored on commit."""
-        check_key_free(self.config.keys_dir, name)
-        if name in self.new_keys:
-            raise KeyLoadError(f"key {name!r} is generated twice")
-        signer = CryptoSigner.generate_ed25519()
-        self.new_keys[name] = signer
-        self.repo.signers[signer.public_key.keyid] = signer
-        return keyref_for(self.config.keys_dir, name, signer.public_key)
-
-    def free_key_name(self, prefix: str) -> str:
-        i = 1
-        while True:
-            name = f"{prefix}-{i}"
-            try:
-                check_key_free(self.config.keys_dir, name)
-            except KeyLoadError:
-                i += 1
-                continue
-            if name not in self.new_keys:
-                return name
-            i += 1
-
-    def add_signer_for(self, ref: KeyRef) -> None:
-        """Try to load a key's signer into the pool (external keys may have none)."""
-        if ref.keyid in self.repo.signers:
-            return
-        try:
-            self.repo.signers[ref.keyid] = ref.signer()
-        except KeyLoadError as e:
-            self.load_errors[ref.keyid] = str(e)
-
-    def add_blob(self, name: str, data: bytes) -> None:
-        self.blobs[blob_relpath(name, hashlib.sha256(data).hexdigest())] = data
-
-    # checks and commit ----------------------------------------------------------
-
-    def written_roles(self) -> list[str]:
-        roles = []
-        for filename in self.store.pending:
-            if not _VERSIONED_RE.match(filename):
-                roles.append(filename.removesuffix(".json"))
-        return roles
-
-    def can_sign(self, role: str) -> bool:
-        keyids, threshold = self.repo.role_keys(role)
-        return len(keyids & set(self.repo.signers)) >= threshold
-
-    def _unsigned(self, role: str) -> RepositoryEditError:
-        keyids, threshold = self.repo.role_keys(role)
-        have = sorted(keyids & set(self.repo.signers))
-        msg = (
-            f"cannot sign role {role!r}: it needs {threshold} signature(s) from keys "
-            f"{', '.join(k[:12] for k in sorted(keyids))}, but only {len(have)} of them "
-            "can be loaded"
-        )
-        errors = [
-            f"{k[:12]}: {self.load_errors[k]}" for k in sorted(keyids) if k in self.load_errors
-        ]
-        if errors:
-            msg += " (" + "; ".join(errors) + ")"
-        return RepositoryEditError(msg)
-
-    def verify(self) -> None:
-        """Every role written in this edit must reach its threshold (root twice)."""
-        for role in self.written_roles():
-            try:
-                self.repo.verify_role(role)
-            except UnsignedMetadataError:
-                raise self._unsigned(role) from None
-            if role != Root.type:
-                continue
-            new = self.repo.open(Root.type)
-            prev_bytes = self.store.read(f"{new.signed.version - 1}.root.json")
-            if prev_bytes is None:
-                continue
-            prev = Metadata[Root].from_bytes(prev_bytes).signed
-            try:
-                prev.verify_delegate(Root.type, new.signed_bytes, new.signatures)
-            except UnsignedMetadataError:
-                raise RepositoryEditError(
-                    f"cannot sign root v{new.signed.version}: it needs {prev.roles['root'].threshold}"
-                    " signature(s) from the keys of the root it replaces"
-                ) from None
-
-    def commit(self) -> None:
-        self.verify()
-        targets_dir = self.root_dir / TARGETS_DIR
-        for rel, data in self.blobs.items():
-            path = targets_dir / rel
-            if path.is_file() and path.read_bytes() == data:
-                continue
-            atomic_write(path, data)
-        for name, signer in self.new_keys.items():
-            write_key(self.config.keys_dir, name, signer)
-        new_config = self.config.to_bytes()
-        if new_config != self._orig_config:
-            atomic_write(self.root_dir / CONFIG_FILE, new_config)
-        self.store.commit()
 
 
 # --- the API -------------------------------------------------------------------
@@ -379,7 +134,7 @@ class ImageRepository:
                 raise RepositoryEditError(f"{what} threshold must be at least 1")
         keys = Path(keys_dir) if keys_dir is not None else root_dir / KEYS_DIR
         config = RepoConfig(keys_dir=keys.resolve())
-        edit = _Edit(root_dir, config, clock, expiry or ExpiryPolicy())
+        edit = Edit(root_dir, config, clock, expiry or ExpiryPolicy())
         counts = {
             Root.type: root_threshold,
             Targets.type: targets_threshold,
@@ -420,12 +175,12 @@ class ImageRepository:
             os.close(fd)
 
     @contextmanager
-    def _edit(self, expiry_overrides: Mapping[str, timedelta] | None = None) -> Iterator[_Edit]:
+    def _edit(self, expiry_overrides: Mapping[str, timedelta] | None = None) -> Iterator[Edit]:
         expiry = self.expiry
         if expiry_overrides:
             expiry = dataclasses.replace(expiry, overrides={**expiry.overrides, **expiry_overrides})
         with self._locked(exclusive=True):
-            edit = _Edit(self.path, self._load_config(), self.clock, expiry)
+            edit = Edit(self.path, self._load_config(), self.clock, expiry)
             yield edit
             edit.commit()
 

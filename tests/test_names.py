@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from image_repo.checks import check_path_pattern, check_role_name
 from image_repo.delta import parse_release
-from image_repo.repo import check_path_pattern, check_role_name
 from uptane.errors import UptaneError
 from uptane.metadata import check_identifier, check_plain_target_path
 
