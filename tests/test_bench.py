@@ -65,6 +65,8 @@ def test_director_throughput_runs() -> None:
     )
     for line in ("poll:", "manifest:", "flat:", "check-ins/s with 2 worker(s)", "assign:"):
         assert line in out, out
+    # the additional figure on more connections (at most one per active vehicle)
+    assert "manifest: check-in with a new manifest on 4 connections" in out, out
 
 
 def test_worker_balance_runs() -> None:
