@@ -711,6 +711,13 @@ def assign_phase(
     sampler.start()
     try:
         n_, wall, lat = timed_polls(server, vins, etags, assign, rate)
+        # what the fleet's signed files take (a figure the machine's load does not move)
+        with director.db.engine.connect() as conn:
+            files, files_bytes = conn.execute(
+                text(
+                    "SELECT count(*), pg_total_relation_size('metadata_files') FROM metadata_files"
+                )
+            ).one()
     finally:
         sampling.set()
         sampler.join()
@@ -729,6 +736,10 @@ def assign_phase(
         f"ms/vehicle), the assigning thread (rows) {phases['rows_cpu']:.1f} s; PostgreSQL "
         f"backends of both "
         f"{sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_seen.items()):.1f} s (sampled)"
+    )
+    print(
+        f"assign: metadata_files after it: {files} rows ({files / phases['ecus']:.1f} per "
+        f"vehicle), {files_bytes / 2**20:.0f} MiB with its indexes and TOAST"
     )
     print(
         f"assign: polls (at most {rate:.0f}/s) during it {n_ / wall:.0f}/s, latency p50 "
