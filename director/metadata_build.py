@@ -89,7 +89,7 @@ class VehicleFiles:
     root_version: int  # the root whose online keys signed them
 
 
-# ``N.targets.json`` / ``N.snapshot.json``: the versioned copies a signing stores
+# ``N.targets.json`` / ``N.snapshot.json``: the versioned files a signing stores
 _VERSIONED_NAME = re.compile(r"^([1-9][0-9]{0,9})\.(targets|snapshot)\.json\Z")
 
 
