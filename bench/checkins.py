@@ -151,6 +151,22 @@ def checkin_cpu(
     return ops, wall, cpu, client_cpu, pg_cpu
 
 
+def postgres_pids(url: str, name: str) -> Callable[[], list[int]]:
+    """The pids of the PostgreSQL backends whose application_name is ``name`` (now open)."""
+    engine = create_engine(make_url(url).difference_update_query(["options", "application_name"]))
+
+    def pids() -> list[int]:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE application_name = :n"),
+                    {"n": name},
+                ).scalars()
+            )
+
+    return pids
+
+
 def postgres_cpu(url: str, name: str) -> Callable[[], float]:
     """CPU seconds of the PostgreSQL backends whose application_name is ``name`` (now open)."""
     engine = create_engine(make_url(url).difference_update_query(["options", "application_name"]))

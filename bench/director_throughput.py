@@ -32,6 +32,9 @@ Figures (each against a baseline measured in the same run):
   vehicles re-signed by ``--signers`` processes once it commits; meanwhile client
   processes poll, and their latency and throughput are printed against the
   same polls just before the assignment (``ratio`` = polls/s during / before).
+  Also the CPU time of the signer processes, of the assigning thread and of
+  their PostgreSQL backends (sampled from ``/proc`` every 0.25 s): less noisy
+  than the wall time on a shared machine.
 
     .venv/bin/python bench/director_throughput.py [--fleet 10000] [--db URL]
     .venv/bin/python bench/director_throughput.py --fleet 100000 --polls 1000
@@ -40,12 +43,14 @@ Figures (each against a baseline measured in the same run):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import http.client
 import http.server
 import multiprocessing as mp
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -60,8 +65,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from checkins import checkin_cpu, postgres_cpu  # bench/ is on sys.path when a bench runs
-from proc_cpu import tree_cpu, tree_pids, tree_rss
+from checkins import (  # bench/ is on sys.path when a bench runs
+    checkin_cpu,
+    postgres_cpu,
+    postgres_pids,
+)
+from proc_cpu import pid_cpu, tree_cpu, tree_pids, tree_rss
 from securesystemslib.signer import CryptoSigner, Key, Signature
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -681,21 +690,56 @@ def assign_phase(
 
     rate = args.poll_rate
     base_n, base_wall, base_lat = timed_polls(server, vins, etags, lambda: time.sleep(10), rate)
+    # the assignment's and the signers' PostgreSQL backends, by name: their CPU, sampled
+    # (a backend's last sample counts once it is gone)
+    app_name = f"assign_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = make_url(config.db_url).update_query_dict({"application_name": app_name})
+    config = dataclasses.replace(config, db_url=url.render_as_string(hide_password=False))
     director = Director.from_config(config, migrate=False)
     phases: dict[str, float] = {}
+    pg_seen: dict[int, float] = {}
+    sampling = threading.Event()
+    pids_of = postgres_pids(config.db_url, app_name)
+
+    def sample_pg() -> None:
+        while not sampling.wait(0.25):
+            for pid in pids_of():
+                pg_seen[pid] = max(pg_seen.get(pid, 0.0), pid_cpu(pid))
+
+    def children_cpu() -> float:
+        """CPU seconds of this process's children that ended and were waited for."""
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
 
     def assign() -> None:
         t = time.perf_counter()
+        cpu0, children0 = time.thread_time(), children_cpu()
         with SignerProcesses(config, args.signers) as signers:
             infos = director.assign("bench-app-2.wasm", hardware_id="bench-hw", sign=False)
             phases["rows"] = time.perf_counter() - t
+            phases["rows_cpu"] = time.thread_time() - cpu0
             phases["ecus"] = len(infos)
             phases["signed"] = signers.finish()
         phases["total"] = time.perf_counter() - t
+        # the signer processes have been joined; the polling clients are still running
+        phases["signers_cpu"] = children_cpu() - children0
 
+    sampler = threading.Thread(target=sample_pg, daemon=True)
+    # the connections open already (from_config's): their CPU so far is not counted
+    pg_before = {pid: pid_cpu(pid) for pid in pids_of()}
+    sampler.start()
     try:
         n_, wall, lat = timed_polls(server, vins, etags, assign, rate)
+        # what the fleet's signed files take (a figure the machine's load does not move)
+        with director.db.engine.connect() as conn:
+            files, files_bytes = conn.execute(
+                text(
+                    "SELECT count(*), pg_total_relation_size('metadata_files') FROM metadata_files"
+                )
+            ).one()
     finally:
+        sampling.set()
+        sampler.join()
         director.close()
     total = phases["total"]
     print(
@@ -704,6 +748,17 @@ def assign_phase(
         f"re-signed by {args.signers} processes meanwhile; every vehicle signed after "
         f"{total:.1f} s ({phases['ecus'] / total:.0f} vehicles/s; load average "
         f"{os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"assign: CPU: signer processes "
+        f"{phases['signers_cpu']:.1f} s ({phases['signers_cpu'] / phases['ecus'] * 1000:.2f} "
+        f"ms/vehicle), the assigning thread (rows) {phases['rows_cpu']:.1f} s; PostgreSQL "
+        f"backends of both "
+        f"{sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_seen.items()):.1f} s (sampled)"
+    )
+    print(
+        f"assign: metadata_files after it: {files} rows ({files / phases['ecus']:.1f} per "
+        f"vehicle), {files_bytes / 2**20:.0f} MiB with its indexes and TOAST"
     )
     print(
         f"assign: polls (at most {rate:.0f}/s) during it {n_ / wall:.0f}/s, latency p50 "

@@ -29,6 +29,15 @@ def tree_pids(pid: int) -> Iterator[int]:
         todo.extend(children.get(p, []))
 
 
+def pid_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` alone (0.0 once it is gone)."""
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live descendants."""
     tick = os.sysconf("SC_CLK_TCK")

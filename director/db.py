@@ -207,7 +207,13 @@ class DetectedAttack(Base):
 
 
 class MetadataFile(Base):
-    """One signed per-vehicle metadata file (``N.targets.json``, ``timestamp.json``, ...)."""
+    """One signed per-vehicle metadata file (``N.targets.json``, ``timestamp.json``, ...).
+
+    Each file once (migration 0008): ``N.targets.json``, ``N.targets.der``,
+    ``N.snapshot.json`` (the current and the previous version) and
+    ``timestamp.json``; ``targets.json``, ``targets.der`` and ``snapshot.json``
+    are served as the highest stored version (``director.store.ALIASES``).
+    """
 
     __tablename__ = "metadata_files"
 

@@ -89,7 +89,7 @@ class VehicleFiles:
     root_version: int  # the root whose online keys signed them
 
 
-# ``N.targets.json`` / ``N.snapshot.json``: the versioned copies a signing stores
+# ``N.targets.json`` / ``N.snapshot.json``: the versioned files a signing stores
 _VERSIONED_NAME = re.compile(r"^([1-9][0-9]{0,9})\.(targets|snapshot)\.json\Z")
 
 
@@ -107,12 +107,10 @@ def parsed_version(data: bytes | None) -> int:
 def named_versions(names: Iterable[str]) -> dict[str, int]:
     """The highest ``N`` of a vehicle's stored ``N.targets.json`` / ``N.snapshot.json``, by role.
 
-    Every signing stores ``targets.json`` and ``snapshot.json`` together
-    with their versioned copies (``store_vehicle_metadata``, and the
-    consistent-snapshot writes before it) and keeps the previous version
-    only, so the highest versioned name is the version of the unversioned
-    file: no need to read and parse it (issue 12). A role without a
-    versioned file is read from its unversioned one (``parsed_version``).
+    Targets and snapshot are stored under versioned names only (the
+    unversioned names are served as the highest of them, migration 0008),
+    so the names give the versions: no need to read and parse the files
+    (issue 12).
     """
     found: dict[str, int] = {}
     for name in names:
@@ -127,17 +125,17 @@ def named_versions(names: Iterable[str]) -> dict[str, int]:
 def stored_versions(
     files: Mapping[str, bytes], targets_version: int, by_name: Mapping[str, int] | None = None
 ) -> Versions:
-    """The versions of a vehicle's stored ``targets/snapshot/timestamp.json`` (and column).
+    """The versions of a vehicle's stored targets, snapshot and timestamp (and column).
 
-    With ``by_name`` (``named_versions`` of every stored file name of the
-    vehicle), targets and snapshot come from the versioned names where there
-    are some; else from the files' content.
+    ``by_name``: ``named_versions`` of every stored file name of the vehicle
+    (targets and snapshot); ``files``: the stored ``timestamp.json``, whose
+    version is in its content.
     """
     by_name = by_name or {}
-    targets = by_name.get("targets") or parsed_version(files.get("targets.json"))
-    snapshot = by_name.get("snapshot") or parsed_version(files.get("snapshot.json"))
     return Versions(
-        max(targets_version, targets), snapshot, parsed_version(files.get("timestamp.json"))
+        max(targets_version, by_name.get("targets", 0)),
+        by_name.get("snapshot", 0),
+        parsed_version(files.get("timestamp.json")),
     )
 
 
@@ -262,13 +260,12 @@ def build_vehicle_files(
     snapshot_json = _sign_json(Metadata(s), signers.snapshot)
     ts_md = _Timestamp(version=ts, expires=expires, snapshot_meta=meta_file(sv, snapshot_json))
     timestamp_json = _sign_json(Metadata(ts_md), signers.timestamp)
+    # each file once: ``targets.json`` & co. are served as the highest version
+    # (``director.store.ALIASES``; issue 12)
     files = {
         f"{tv}.targets.json": targets_json,
-        "targets.json": targets_json,
         f"{tv}.targets.der": targets_der,
-        "targets.der": targets_der,
         f"{sv}.snapshot.json": snapshot_json,
-        "snapshot.json": snapshot_json,
         "timestamp.json": timestamp_json,
     }
     return VehicleFiles(files, tv, sv, expires, signers.root_version)

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Integer, bindparam, func, select
 
-from director.db import CHANNEL_SQL, ROOT_CHANGED, Database, MetadataFile, RootMetadata, Vehicle
+from director.db import CHANNEL_SQL, ROOT_CHANGED, Database, RootMetadata, Vehicle
 from director.errors import DirectorError, NotFoundError, UnknownVehicleError
 from director.signing import _IDENT_RE, _MAX_INT32
-from director.store import FILENAME_RE
+from director.store import FILENAME_RE, file_data, stored_name
 
 if TYPE_CHECKING:
     from director.service import Director
@@ -91,13 +91,13 @@ _STATE = (
     Vehicle.root_version,
     _LATEST_ROOT.label("latest_root"),
 )
-_VEHICLE_FILE = select(
-    *_STATE,
-    select(MetadataFile.data)
-    .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == bindparam("filename"))
-    .scalar_subquery()
-    .label("data"),
-).where(Vehicle.vin == bindparam("vin"))
+# by alias (``targets.json``: the highest ``N.targets.json``) or not (``director.store``)
+_VEHICLE_FILE = {
+    alias: select(*_STATE, file_data(Vehicle.id, alias=alias).label("data")).where(
+        Vehicle.vin == bindparam("vin")
+    )
+    for alias in (False, True)
+}
 
 
 def _root_statement(column: Any) -> Any:
@@ -130,7 +130,8 @@ def load_vehicle_file(director: Director, vin: str, filename: str) -> Loaded:
         params = {"vin": vin, "version": None if version is None else int(version)}
         row = director.db.read_one(_VEHICLE_ROOT[ext], params)
     else:
-        row = director.db.read_one(_VEHICLE_FILE, {"vin": vin, "filename": filename})
+        alias, name = stored_name(filename)
+        row = director.db.read_one(_VEHICLE_FILE[alias], {"vin": vin, "filename": name})
     if row is None:
         raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
     now = director.clock()

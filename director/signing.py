@@ -58,7 +58,7 @@ from director.metadata_build import (
     stored_versions,
 )
 from director.records import PENDING
-from director.store import FILENAME_RE, DBMetadataStore, latest_root
+from director.store import FILENAME_RE, DBMetadataStore, file_data, latest_root, stored_name
 from uptane import der_metadata
 from uptane.codec import shared_member_encodings
 from uptane.errors import ConfigError
@@ -88,16 +88,17 @@ _IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 # SQL cache key, so reusing it saves building and hashing it per request.
 _LATEST_ROOT = select(func.max(RootMetadata.version)).scalar_subquery()
 # a vehicle's metadata state and one of its (non-root) files
-_METADATA_FILE = select(
-    Vehicle.metadata_expires,
-    Vehicle.targets_version,
-    Vehicle.root_version,
-    _LATEST_ROOT.label("latest_root"),
-    select(MetadataFile.data)
-    .where(MetadataFile.vehicle_id == Vehicle.id, MetadataFile.filename == bindparam("filename"))
-    .scalar_subquery()
-    .label("data"),
-).where(Vehicle.vin == bindparam("vin"))
+# (by alias or not: ``director.store.stored_name``)
+_METADATA_FILE = {
+    alias: select(
+        Vehicle.metadata_expires,
+        Vehicle.targets_version,
+        Vehicle.root_version,
+        _LATEST_ROOT.label("latest_root"),
+        file_data(Vehicle.id, alias=alias).label("data"),
+    ).where(Vehicle.vin == bindparam("vin"))
+    for alias in (False, True)
+}
 
 
 class DirectorRepository:
@@ -302,7 +303,7 @@ class DirectorRepository:
                         vid, serial = owner[aid]
                         pending[vid].append(PendingTarget(image, length, hashes, custom, serial))
                 # every file's name, the content of timestamp.json only: the targets and
-                # snapshot versions are in their versioned copies' names (issue 12)
+                # snapshot versions are in their names (stored once, issue 12)
                 for vid, name, data in session.execute(
                     select(
                         _F.vehicle_id,
@@ -315,7 +316,6 @@ class DirectorRepository:
                         stored[vid][name] = bytes(data)
             for vid in ids:
                 by_name[vid] = named_versions(names[vid])
-            _read_unnamed_versions(session, names, by_name, stored)
         out: dict[int, VehicleFiles] = {}
         with shared_member_encodings():  # the targets' custom members repeat across a batch
             for vid, vin, targets_version in vehicles:
@@ -409,7 +409,8 @@ class DirectorRepository:
                 ).where(Vehicle.vin == vin)
             )
         else:
-            row = self.db.read_one(_METADATA_FILE, {"vin": vin, "filename": filename})
+            alias, name = stored_name(filename)
+            row = self.db.read_one(_METADATA_FILE[alias], {"vin": vin, "filename": name})
         if row is None:
             raise UnknownVehicleError(f"no vehicle {vin!r} is registered")
         now = self.clock()
@@ -449,33 +450,6 @@ class DirectorRepository:
         if data is None:
             raise NotFoundError(f"no root file {filename!r}")
         return data
-
-
-def _read_unnamed_versions(
-    session: Session,
-    names: Mapping[int, set[str]],
-    by_name: Mapping[int, Mapping[str, int]],
-    stored: dict[int, dict[str, bytes]],
-) -> None:
-    """Read the ``targets.json`` / ``snapshot.json`` stored without a versioned copy.
-
-    Only metadata stored before versioned copies were kept can lack one; the
-    version of such a file comes from its content (``stored_versions``).
-    """
-    wanted: dict[str, list[int]] = {}
-    for vid, have in names.items():
-        for role in (Targets.type, Snapshot.type):
-            if f"{role}.json" in have and role not in by_name.get(vid, {}):
-                wanted.setdefault(f"{role}.json", []).append(vid)
-    for name, vids in sorted(wanted.items()):
-        for i in range(0, len(vids), _CHUNK):
-            for vid, data in session.execute(
-                select(MetadataFile.vehicle_id, MetadataFile.data).where(
-                    MetadataFile.filename == name,
-                    in_list(session, MetadataFile.vehicle_id, vids[i : i + _CHUNK]),
-                )
-            ):
-                stored[vid][name] = bytes(data)
 
 
 def in_list(
@@ -521,7 +495,8 @@ def store_vehicle_metadata(
     the transaction that holds the vehicles' locks: the files of one vehicle
     change together (targets -> snapshot -> timestamp consistent). The
     previous targets and snapshot versions are kept for clients that fetched
-    the previous timestamp; older versioned files are dropped.
+    the previous timestamp; older versioned files are dropped, and so are
+    unversioned copies an older Director stored (``director.store.ALIASES``).
     """
     metadata_changed(session, signed.keys())  # the read caches of every process drop them
     table = MetadataFile.__table__

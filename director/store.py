@@ -5,16 +5,23 @@ Every vehicle has its own Director targets, snapshot and timestamp (Uptane
 file name) so any app process can serve them. The root chain is shared by
 all vehicles and read from ``root_metadata``; the online Director never
 writes root (its keys are offline).
+
+Each file is stored once (issue 12, migration 0008): ``N.targets.json``,
+``N.targets.der``, ``N.snapshot.json`` and ``timestamp.json``. The
+unversioned ``targets.json``, ``targets.der`` and ``snapshot.json`` are not
+rows: each names the vehicle's highest stored version of that file
+(``ALIASES``), which is what the copy of it held before.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import Table, delete, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, ScalarSelect, Table, bindparam, delete, func, insert, select
+from sqlalchemy.orm import QueryableAttribute, Session
 
 from director.db import MetadataFile, RootMetadata, metadata_changed
 
@@ -22,6 +29,58 @@ from director.db import MetadataFile, RootMetadata, metadata_changed
 FILENAME_RE: Final = re.compile(
     r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.(json|der)\Z"
 )
+# The unversioned names served as the vehicle's highest ``N.<name>`` (not stored).
+ALIASES: Final = frozenset({"targets.json", "targets.der", "snapshot.json"})
+
+
+def stored_name(filename: str) -> tuple[bool, str]:
+    """How a vehicle file is looked up: (alias, the ``filename`` parameter of ``file_data``).
+
+    An alias (``targets.json``, ...) is the ``LIKE`` pattern of its versioned
+    names (``%.targets.json``); any other name is itself.
+    """
+    if filename in ALIASES:
+        return True, f"%.{filename}"
+    return False, filename
+
+
+def file_data(
+    vehicle_id: ColumnElement[Any] | QueryableAttribute[Any], *, alias: bool
+) -> ScalarSelect[Any]:
+    """The bytes of one of a vehicle's files, as a scalar subquery (bind ``filename``).
+
+    ``alias``: ``filename`` is the pattern of ``stored_name``; the highest
+    version wins (versions have no leading zeros: a longer name is a higher
+    version). Either way a range of the primary key (vehicle id, file name).
+    """
+    f = MetadataFile.__table__.c
+    if not alias:
+        return (
+            select(f.data)
+            .where(f.vehicle_id == vehicle_id, f.filename == bindparam("filename"))
+            .scalar_subquery()
+        )
+    return (
+        select(f.data)
+        .where(f.vehicle_id == vehicle_id, f.filename.like(bindparam("filename")))
+        .order_by(func.length(f.filename).desc(), f.filename.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def latest_versioned(names: Iterable[str], alias: str) -> str | None:
+    """The stored name an alias (``targets.json``, ...) stands for among ``names``."""
+    best: tuple[int, str] | None = None
+    suffix = f".{alias}"
+    for name in names:
+        if name.endswith(suffix):
+            m = FILENAME_RE.match(name)
+            if m is not None and m.group(1) is not None and f"{m.group(2)}.{m.group(3)}" == alias:
+                version = int(m.group(1))
+                if best is None or version > best[0]:
+                    best = (version, name)
+    return None if best is None else best[1]
 
 
 def latest_root(session: Session) -> RootMetadata | None:
@@ -48,7 +107,9 @@ class DBMetadataStore:
     The vehicle's files are read once (none for a ``new`` vehicle) and kept in
     memory. Writes go to the database at once, or with ``buffered`` only on
     ``flush`` (two statements), so signing a vehicle costs a fixed, small
-    number of round trips.
+    number of round trips. An alias (``targets.json``, ...) reads the highest
+    stored version; writing one stores nothing, after checking that it is
+    that version (``SigningRepository`` writes ``N.<role>.json`` first).
     """
 
     def __init__(
@@ -83,11 +144,18 @@ class DBMetadataStore:
             if filename not in self._roots:
                 self._roots[filename] = read_root_file(self.session, filename)
             return self._roots[filename]
+        if filename in ALIASES:
+            latest = latest_versioned(self._files, filename)
+            return None if latest is None else self._files[latest]
         return self._files.get(filename)
 
     def write(self, filename: str, data: bytes) -> None:
         if filename.split(".")[-2] == "root":
             raise RuntimeError("the online Director never writes root metadata")
+        if filename in ALIASES:
+            if self.read(filename) != data:
+                raise RuntimeError(f"{filename} is not a copy of its latest versioned file")
+            return  # served as that file: nothing stored (issue 12)
         self._files[filename] = data
         self._changed.add(filename)
         self._removed.discard(filename)

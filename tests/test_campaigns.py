@@ -230,7 +230,7 @@ def test_migrations_create_the_fleet_tables(env: Env) -> None:
 
     with env.db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0008"
         tables = set(conn.dialect.get_table_names(conn))
     assert {
         "campaigns",

@@ -894,7 +894,7 @@ def test_migrations_match_the_models(env: Env) -> None:
 
     from director.db import MIGRATIONS_DIR
 
-    assert head == ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head() == "0007"
+    assert head == ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head() == "0008"
 
 
 def test_root_import_checks_the_chain(env: Env) -> None:

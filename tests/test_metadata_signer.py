@@ -21,11 +21,11 @@ from helpers.director_env import (
     http_client,
 )
 from helpers.signer_env import fleet, signer_env, small_batches_fixture, verify_vehicle  # noqa: F401  (fixtures)
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from tuf.api.metadata import Metadata, Targets
 
 from director.app import create_app
-from director.db import MetadataFile, Vehicle
+from director.db import Vehicle
 from director.metadata_build import RoleSigners, _sign_der, named_versions
 from director.metadata_signer import SIGNER_ENV, sign_stale_in_processes
 from director.service import Director
@@ -236,32 +236,12 @@ def test_signing_goes_above_every_stored_version(env: Env) -> None:
     _resigned_one_up(env, vin, first)
 
 
-def test_versions_of_files_stored_without_versioned_copies_come_from_their_content(
-    env: Env,
-) -> None:
-    """Targets/snapshot versions come from ``N.<role>.json`` names, else from the files."""
-    vin = fleet(env, "LEG", 1)[0].vin
-    first = verify_vehicle(env, vin)[0]
-    with env.db.transaction(write=True) as session:
-        vid = session.scalars(select(Vehicle.id).where(Vehicle.vin == vin)).one()
-        # as stored before versioned copies were kept: only the unversioned files
-        session.execute(
-            delete(MetadataFile).where(
-                MetadataFile.vehicle_id == vid,
-                MetadataFile.filename.like("%.targets.%")
-                | MetadataFile.filename.like("%.snapshot.json"),
-            )
-        )
-        session.execute(update(Vehicle).where(Vehicle.id == vid).values(targets_version=0))
-    _resigned_one_up(env, vin, first)
-
-
 def test_named_versions_take_the_highest_versioned_copy_per_role() -> None:
     names = {
         "3.targets.json",
         "4.targets.json",
         "9.targets.der",  # DER copies mirror the JSON ones: not read
-        "targets.json",
+        "targets.json",  # an unversioned copy an older Director stored: not read
         "2.snapshot.json",
         "07.snapshot.json",  # not a version name
         "5.root.json",

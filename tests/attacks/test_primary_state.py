@@ -348,13 +348,12 @@ def test_another_vehicles_timestamp_and_snapshot_over_this_vehicles_targets_do_n
         DIRECTOR_EXPIRY,
     )
     assert files.targets_version == mine
-    snapshot = Metadata[Snapshot].from_bytes(files.files["snapshot.json"]).signed
+    other_snapshot = files.files[f"{files.snapshot_version}.snapshot.json"]
+    snapshot = Metadata[Snapshot].from_bytes(other_snapshot).signed
     assert snapshot.meta["targets.json"].version == mine  # leads to this vehicle's targets
     board = env.servers.director.overrides
     board[env.director_path("timestamp.json")] = files.files["timestamp.json"]
-    board[env.director_path(f"{files.snapshot_version}.snapshot.json")] = files.files[
-        "snapshot.json"
-    ]
+    board[env.director_path(f"{files.snapshot_version}.snapshot.json")] = other_snapshot
     before = trusted(primary, "director", "timestamp.json").signed.version
 
     result = primary.run_cycle()
