@@ -90,7 +90,7 @@ class VehicleFiles:
 
 
 # ``N.targets.json`` / ``N.snapshot.json``: the versioned files a signing stores
-_VERSIONED_NAME = re.compile(r"^([1-9][0-9]{0,9})\.(targets|snapshot)\.json\Z")
+_VERSIONED_NAME = re.compile(r"^([1-9][0-9]{0,9})\.((?:targets|snapshot)\.(?:json|der))\Z")
 
 
 def parsed_version(data: bytes | None) -> int:
@@ -112,14 +112,30 @@ def named_versions(names: Iterable[str]) -> dict[str, int]:
     so the names give the versions: no need to read and parse the files
     (issue 12).
     """
+    names = tuple(names)
     found: dict[str, int] = {}
+    for role in (Targets.type, Snapshot.type):
+        latest = latest_versioned(names, f"{role}.json")
+        if latest is not None:
+            found[role] = latest[0]
+    return found
+
+
+def latest_versioned(names: Iterable[str], filename: str) -> tuple[int, str] | None:
+    """The highest ``N`` of the names ``N.<filename>`` among ``names``, and that name.
+
+    ``filename`` is ``targets.json``, ``targets.der`` or ``snapshot.json``:
+    what the unversioned name serves (``director.store.ALIASES``). Versions
+    are compared as numbers (``10`` is above ``9``).
+    """
+    best: tuple[int, str] | None = None
     for name in names:
         m = _VERSIONED_NAME.match(name)
-        if m is not None:
-            role, version = m.group(2), int(m.group(1))
-            if version > found.get(role, 0):
-                found[role] = version
-    return found
+        if m is not None and m.group(2) == filename:
+            version = int(m.group(1))
+            if best is None or version > best[0]:
+                best = (version, name)
+    return best
 
 
 def stored_versions(

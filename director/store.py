@@ -16,7 +16,6 @@ rows: each names the vehicle's highest stored version of that file
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Final
 
@@ -24,6 +23,7 @@ from sqlalchemy import ColumnElement, ScalarSelect, Table, bindparam, delete, fu
 from sqlalchemy.orm import QueryableAttribute, Session
 
 from director.db import MetadataFile, RootMetadata, metadata_changed
+from director.metadata_build import latest_versioned
 
 # What a vehicle's metadata URL may name (consistent snapshots; JSON and DER).
 FILENAME_RE: Final = re.compile(
@@ -67,20 +67,6 @@ def file_data(
         .limit(1)
         .scalar_subquery()
     )
-
-
-def latest_versioned(names: Iterable[str], alias: str) -> str | None:
-    """The stored name an alias (``targets.json``, ...) stands for among ``names``."""
-    best: tuple[int, str] | None = None
-    suffix = f".{alias}"
-    for name in names:
-        if name.endswith(suffix):
-            m = FILENAME_RE.match(name)
-            if m is not None and m.group(1) is not None and f"{m.group(2)}.{m.group(3)}" == alias:
-                version = int(m.group(1))
-                if best is None or version > best[0]:
-                    best = (version, name)
-    return None if best is None else best[1]
 
 
 def latest_root(session: Session) -> RootMetadata | None:
@@ -146,7 +132,7 @@ class DBMetadataStore:
             return self._roots[filename]
         if filename in ALIASES:
             latest = latest_versioned(self._files, filename)
-            return None if latest is None else self._files[latest]
+            return None if latest is None else self._files[latest[1]]
         return self._files.get(filename)
 
     def write(self, filename: str, data: bytes) -> None:

@@ -74,6 +74,8 @@ class _Accepted(asyncio.Protocol):
             self.counted = False
             self.listener.open -= 1
 
+    # a stream server's transport (uvloop's TCPTransport has asyncio.Transport's methods
+    # without subclassing it), narrower than BaseProtocol's BaseTransport
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         from director.server import DirectorProtocol
 
@@ -186,6 +188,8 @@ class HandshakeBoundLoop(uvloop.Loop):
     plain TCP server running the handshake itself; servers without ``ssl`` are as
     uvloop makes them."""
 
+    # uvloop's stub spells out every keyword of create_server; this override takes the
+    # ones it needs and passes the rest on unchanged, hence the narrower signature
     async def create_server(  # type: ignore[override]
         self,
         protocol_factory: Callable[[], asyncio.Protocol],
