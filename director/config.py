@@ -75,6 +75,9 @@ class DirectorConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
+    # open connections from one peer address (an IPv6 peer: its /64) per server
+    # process; 0: no limit (behind a proxy every connection has its address)
+    max_connections_per_address: int = 0
     max_header_bytes: int = 65_536
     body_budget: int = DEFAULT_BODY_BUDGET
     # bytes of served metadata each server process keeps in memory (0: no cache)
@@ -96,6 +99,8 @@ class DirectorConfig:
             raise ConfigError("timeouts must be positive")
         if self.max_connections < 1 or self.max_header_bytes < 1024:
             raise ConfigError("max_connections >= 1 and max_header_bytes >= 1024 needed")
+        if self.max_connections_per_address < 0:
+            raise ConfigError("max_connections_per_address must be 0 (no limit) or more")
         if self.body_budget < self.max_body:
             raise ConfigError("body_budget must be at least max_body")
         if self.read_cache_bytes < 0:
@@ -110,6 +115,7 @@ class DirectorConfig:
             max_header_bytes=self.max_header_bytes,
             max_connections=self.max_connections,
             keep_alive_timeout=self.keep_alive_timeout,
+            max_connections_per_address=self.max_connections_per_address,
         )
 
     @property
@@ -170,6 +176,7 @@ class DirectorConfig:
             "body_timeout": self.body_timeout,
             "keep_alive_timeout": self.keep_alive_timeout,
             "max_connections": self.max_connections,
+            "max_connections_per_address": self.max_connections_per_address,
             "max_header_bytes": self.max_header_bytes,
             "body_budget": self.body_budget,
             "read_cache_bytes": self.read_cache_bytes,
@@ -206,6 +213,7 @@ class DirectorConfig:
                 body_timeout=float(data.get("body_timeout", DEFAULT_BODY_TIMEOUT)),
                 keep_alive_timeout=float(data.get("keep_alive_timeout", 5.0)),
                 max_connections=int(data.get("max_connections", 1000)),
+                max_connections_per_address=int(data.get("max_connections_per_address", 0)),
                 max_header_bytes=int(data.get("max_header_bytes", 65_536)),
                 body_budget=int(data.get("body_budget", DEFAULT_BODY_BUDGET)),
                 read_cache_bytes=int(data.get("read_cache_bytes", DEFAULT_READ_CACHE_BYTES)),

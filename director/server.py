@@ -16,6 +16,10 @@ The Director serves a fleet, so every connection is a possible attacker
   the next ones are closed at once (on a TLS listener counted from accept,
   the handshake included, by ``director.tls_accept``; here only from
   ``connection_made``);
+- at most ``max_connections_per_address`` open connections from one peer
+  address (an IPv6 peer: its /64) per process, when set: one host cannot
+  take every slot of ``max_connections`` (``PeerCounts``; counted the same
+  way);
 - uvicorn's keep-alive timeout between requests;
 - errors of the HTTP layer as JSON like every other Director answer;
 - on a TLS listener, the VIN, serial and expiry of the verified client certificate
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import socket
 from dataclasses import dataclass
@@ -47,6 +52,67 @@ class ConnectionLimits:
     max_header_bytes: int = 65_536
     max_connections: int = 1000
     keep_alive_timeout: float = 5.0
+    max_connections_per_address: int = 0  # 0: no limit per peer address
+
+
+def peer_key(peer: object) -> str | None:
+    """The address a peer (``get_extra_info("peername")``) is counted under.
+
+    Its IP; one IPv6 host usually holds a whole /64, so an IPv6 peer counts
+    as its /64, and an IPv4-mapped IPv6 address as its IPv4 address. None for
+    a peer that is not on IP (a Unix socket): not limited.
+    """
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return None
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class PeerCounts:
+    """Open connections per peer address in one server process (DESIGN 6; issue 12)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}
+
+    def take(self, peer: object, limit: int) -> tuple[bool, str | None]:
+        """Count a new connection from ``peer`` (its transport's ``peername``).
+
+        Returns (allowed, the key to ``release`` later or None).
+
+        With ``limit`` 0 nothing is counted; a connection over ``limit`` is
+        not counted and must be closed at once.
+        """
+        if limit <= 0:
+            return True, None
+        key = peer_key(peer)
+        if key is None:
+            return True, None
+        held = self._open.get(key, 0)
+        if held >= limit:
+            return False, None
+        self._open[key] = held + 1
+        return True, key
+
+    def release(self, key: str | None) -> None:
+        """The connection counted under ``key`` is closed."""
+        if key is None:
+            return
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+    def open(self, key: str) -> int:
+        """Connections open now under ``key``."""
+        return self._open.get(key, 0)
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -68,6 +134,9 @@ class DirectorProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the Director's connection limits."""
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    # this process's open connections per peer address, TLS listeners' included
+    # (``director.tls_accept`` counts those from accept)
+    peers: ClassVar[PeerCounts] = PeerCounts()
 
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0  # bytes received since the request began, while in its headers
@@ -75,6 +144,7 @@ class DirectorProtocol(HttpToolsProtocol):
     _headers_too_large = False
     _in_headers = True
     _tls: dict[str, str | None] | None = None  # TLS connections: the client certificate's VIN
+    _peer: str | None = None  # the key this connection is counted under (plain listeners)
 
     @classmethod
     def configure(cls, limits: ConnectionLimits) -> None:
@@ -96,10 +166,19 @@ class DirectorProtocol(HttpToolsProtocol):
         if len(self.connections) > self.limits.max_connections:
             transport.close()  # over the limit: no request is read from it
             return
+        if ssl_object is None:  # a TLS connection was counted at accept (tls_accept)
+            allowed, self._peer = self.peers.take(
+                transport.get_extra_info("peername"), self.limits.max_connections_per_address
+            )
+            if not allowed:
+                transport.close()  # this address holds its share: no request is read
+                return
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        peer, self._peer = self._peer, None
+        self.peers.release(peer)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

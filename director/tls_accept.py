@@ -9,7 +9,9 @@ TCP server (``HandshakeBoundLoop.create_server``) whose protocol, ``_Accepted``:
 
 - counts the connection at accept, per listener, until its socket is closed
   (handshake, requests and all);
-- closes a connection over ``max_connections`` at once, before any TLS work;
+- closes a connection over ``max_connections``, or over
+  ``max_connections_per_address`` from its peer address, at once, before any
+  TLS work;
 - otherwise runs the handshake itself (``loop.start_tls``, server side, bounded by
   ``header_timeout``) and, once it succeeded, creates the listener's HTTP protocol
   (uvicorn's ``DirectorProtocol``) and hands it the TLS transport, whose
@@ -63,6 +65,7 @@ class _Accepted(asyncio.Protocol):
     def __init__(self, listener: _Listener) -> None:
         self.listener = listener
         self.counted = False
+        self.peer: str | None = None  # counted under this peer address (``PeerCounts``)
         self.raw: asyncio.Transport | None = None
         self.wrapped = False  # start_tls took the TCP transport: data now comes decrypted
         self.hello: list[bytes] = []  # TCP bytes read before start_tls took the transport
@@ -71,8 +74,12 @@ class _Accepted(asyncio.Protocol):
 
     def release(self) -> None:
         if self.counted:
+            from director.server import DirectorProtocol
+
             self.counted = False
             self.listener.open -= 1
+            peer, self.peer = self.peer, None
+            DirectorProtocol.peers.release(peer)
 
     # a stream server's transport (uvloop's TCPTransport has asyncio.Transport's methods
     # without subclassing it), narrower than BaseProtocol's BaseTransport
@@ -85,6 +92,12 @@ class _Accepted(asyncio.Protocol):
         limits = DirectorProtocol.limits
         if listener.open > limits.max_connections:
             transport.close()  # over the limit: no TLS work, released in connection_lost
+            return
+        allowed, self.peer = DirectorProtocol.peers.take(
+            transport.get_extra_info("peername"), limits.max_connections_per_address
+        )
+        if not allowed:
+            transport.close()  # this address holds its share: no TLS work
             return
         self.raw = transport
         task = listener.loop.create_task(self._handshake(transport, limits.header_timeout))

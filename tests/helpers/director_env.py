@@ -113,12 +113,14 @@ def _serve_static(directory: Path) -> tuple[str, Callable[[], None]]:
     return f"http://127.0.0.1:{server.server_address[1]}", stop
 
 
-def _serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
+def _serve_asgi(app: Any, **config: Any) -> tuple[str, Callable[[], None]]:
+    """uvicorn serving ``app`` on 127.0.0.1 in a thread (``config``: more of
+    ``uvicorn.Config``); its URL and a function that stops it."""
     # proto=IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted sockets that
     # say they are TCP; without it every keep-alive request stalls ~40 ms.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
