@@ -1,0 +1,330 @@
+"""Checks of full and partial verification that no other test kept (mutation review).
+
+Each test here fails when the one check it names is removed from
+``uptane.verification`` (Uptane 2.1, 5.4.4.1 and 5.4.4.2; TUF 5.3-5.6) and
+passes with it: the checks a mutation review found unprotected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.director_sim import T0, VIN, DirectorSim
+from securesystemslib.signer import CryptoSigner
+from test_verification_full import (
+    NOW,
+    MemoryFetcher,
+    Repo,
+    delegate,
+    make_repo,
+    ngclient_image,
+    publish_image,
+    resign,
+)
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import (
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    SuccinctRoles,
+    Targets,
+    Timestamp,
+)
+from tuf.ngclient import Updater
+
+from uptane.errors import MixAndMatchError
+from uptane.verification.full import (
+    RepositoryBytes,
+    VerifiedRepository,
+    classify_hash_error,
+    verify_repository,
+    verify_root_chain,
+    verify_trusted,
+)
+from uptane.verification.partial import (
+    SecondaryIdentity,
+    TrustedDirectorState,
+    load_targets,
+    verify,
+)
+
+PARTIAL_ME = SecondaryIdentity("ecu-1", "hw-a", VIN)
+
+# --- full verification from bytes (verify_repository, 5.4.4.2) ---------------------
+
+
+def _resigned(data: bytes, signer: Any, change: Any = None) -> bytes:
+    """``data`` re-signed by ``signer`` alone, after ``change`` (if any) to its signed part."""
+    md = Metadata.from_bytes(data)
+    if change is not None:
+        change(md.signed)
+    md.signatures.clear()
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def _with_role(data: RepositoryBytes, role: str, raw: bytes) -> RepositoryBytes:
+    """``data`` with ``raw`` in place of ``role``'s file."""
+    if role == Snapshot.type:
+        return replace(data, snapshot=raw)
+    if role == Targets.type:
+        return replace(data, targets=raw)
+    return replace(data, delegated={**data.delegated, role: raw})
+
+
+def test_a_file_of_another_role_is_refused() -> None:
+    """A snapshot served as the timestamp is a typed refusal, not a crash (type check)."""
+    r = make_repo()
+    data = r.data()
+    with pytest.raises(tuf_exc.RepositoryError, match="expected timestamp, got snapshot"):
+        verify_repository("x", replace(data, timestamp=data.snapshot), NOW)
+
+
+def test_targets_that_snapshot_does_not_list_are_refused() -> None:
+    r = make_repo()
+    with r.repo.edit_snapshot() as snapshot:
+        del snapshot.meta["targets.json"]
+    r.repo.do_timestamp(force=True)
+    with pytest.raises(tuf_exc.RepositoryError, match="targets is not listed by its index"):
+        verify_repository("x", r.data(), NOW)
+
+
+@pytest.mark.parametrize("role", [Snapshot.type, Targets.type])
+def test_snapshot_and_targets_need_their_roles_keys(role: str) -> None:
+    """Signed by a key the root does not give the role: refused even at the right version."""
+    r = make_repo()
+    data = r.data()
+    forged = _resigned(getattr(data, role), CryptoSigner.generate_ed25519())
+    with pytest.raises(tuf_exc.UnsignedMetadataError, match=role):
+        verify_repository("x", _with_role(data, role, forged), NOW)
+
+
+@pytest.mark.parametrize("role", [Snapshot.type, Targets.type, "supplier"])
+def test_lengths_and_hashes_the_index_lists_are_checked(role: str) -> None:
+    """Same version, other bytes, signed by the role's own key: not the file the index lists."""
+    r = make_repo()
+    r.repo.meta_hashes = True
+    delegate(r, Targets.type, "supplier", ["*"])
+    data = r.data(delegated=("supplier",))
+    assert verify_repository("x", data, NOW).delegated.keys() == {"supplier"}
+    delegations = r.repo.targets().delegations
+    assert delegations is not None and delegations.roles is not None
+    supplier_keyids = delegations.roles["supplier"].keyids
+    supplier_key = next(s for k, s in r.repo.signers.items() if k in supplier_keyids)
+    keys = {Snapshot.type: r.keys[Snapshot.type], Targets.type: r.keys[Targets.type]}
+    raw = data.delegated[role] if role == "supplier" else getattr(data, role)
+    later = NOW + timedelta(days=2)
+    other = _resigned(raw, keys.get(role, supplier_key), lambda s: setattr(s, "expires", later))
+    assert Metadata.from_bytes(other).signed.version == Metadata.from_bytes(raw).signed.version
+    with pytest.raises(tuf_exc.LengthOrHashMismatchError):
+        verify_repository("x", _with_role(data, role, other), NOW)
+
+
+def test_an_empty_root_chain_is_a_typed_refusal() -> None:
+    with pytest.raises(tuf_exc.RepositoryError, match="no root metadata"):
+        verify_root_chain((), "x")
+
+
+def test_a_new_root_needs_a_threshold_of_its_own_keys() -> None:
+    """Root v2 signed by v1's root key only, while v2 names another root key (TUF 5.3.4)."""
+    r = make_repo()
+    first = r.data().root_chain[0]
+    new_root_key = CryptoSigner.generate_ed25519()
+    r.repo.add_signers([new_root_key])
+    with r.repo.edit_root() as root:
+        root.revoke_key(r.keys[Root.type].public_key.keyid, Root.type)
+        root.add_key(new_root_key.public_key, Root.type)
+    second = r.store.files["2.root.json"]
+    assert len(verify_root_chain((first, second), "x")) == 2
+    old_only = _resigned(second, r.keys[Root.type])
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_root_chain((first, old_only), "x")
+
+
+def test_a_role_with_a_top_level_name_is_not_a_delegated_role() -> None:
+    r = make_repo()
+    data = r.data()
+    with pytest.raises(tuf_exc.RepositoryError, match="cannot be a delegated role"):
+        verify_repository("x", replace(data, delegated={Snapshot.type: data.targets}), NOW)
+
+
+# --- the re-check over ngclient's trusted set (verify_trusted, 5.4.4.2) ------------
+
+
+@dataclass
+class _Trusted:
+    """A trusted set whose roles come from the given verified repositories.
+
+    ngclient never holds such a set: ``verify_trusted`` must refuse it anyway.
+    ``contains``: the ``(delegator, role)`` pairs the set claims it verified.
+    """
+
+    root_of: VerifiedRepository
+    timestamp_of: VerifiedRepository
+    snapshot_of: VerifiedRepository
+    targets_of: VerifiedRepository
+    delegated_of: VerifiedRepository
+    claims: frozenset[tuple[str, str]] | None = None
+
+    @property
+    def root(self) -> Root:
+        return self.root_of.root
+
+    @property
+    def timestamp(self) -> Timestamp:
+        return self.timestamp_of.timestamp
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.snapshot_of.snapshot
+
+    @property
+    def targets(self) -> Targets:
+        return self.targets_of.targets
+
+    def get(self, role: str) -> Any:
+        return self.delegated_of.delegated.get(role)
+
+    def contains(self, role: str, delegator: str) -> bool:
+        claims = self.delegated_of.edges if self.claims is None else self.claims
+        return (delegator, role) in claims
+
+
+def _same(v: VerifiedRepository, **changes: Any) -> _Trusted:
+    return replace(_Trusted(v, v, v, v, v), **changes)
+
+
+def _with_supplier(tmp: Path) -> tuple[Repo, VerifiedRepository]:
+    r = make_repo()
+    delegate(r, Targets.type, "supplier", ["apps/*"], ["hw-a"])
+    publish_image(r, "supplier", "apps/x.wasm")
+    return r, ngclient_image(r, tmp, "apps/x.wasm")
+
+
+def test_verify_trusted_accepts_what_ngclient_trusted(tmp_path: Path) -> None:
+    _, image = _with_supplier(tmp_path)
+    again = verify_trusted("image", _same(image), image.roots, NOW)
+    assert again.delegated.keys() == {"supplier"}
+    assert again.edges == {(Targets.type, "supplier")}
+
+
+def test_verify_trusted_needs_the_chain_to_end_at_the_trusted_root(tmp_path: Path) -> None:
+    _, image = _with_supplier(tmp_path)
+    other = make_repo()
+    other_roots = verify_root_chain(other.data().root_chain, "other")
+    with pytest.raises(tuf_exc.RepositoryError, match="does not end at the trusted root"):
+        verify_trusted("image", _same(image), other_roots, NOW)
+
+
+def test_verify_trusted_refuses_a_root_chain_with_a_gap(tmp_path: Path) -> None:
+    r = make_repo()
+    resign(r, Root.type)
+    resign(r, Root.type)
+    updater = Updater(
+        str(tmp_path),
+        "http://repo/",
+        fetcher=MemoryFetcher(r.store.files),
+        bootstrap=r.store.files["1.root.json"],
+    )
+    updater.refresh()
+    trusted = updater._trusted_set
+    roots = verify_root_chain(r.data().root_chain, "image")
+    assert [x.version for x in roots] == [1, 2, 3]
+    assert verify_trusted("image", trusted, roots, NOW).root.version == 3
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="v3 does not follow v1"):
+        verify_trusted("image", trusted, (roots[0], roots[2]), NOW)
+
+
+def test_verify_trusted_refuses_a_snapshot_its_timestamp_does_not_name(tmp_path: Path) -> None:
+    r, image = _with_supplier(tmp_path)
+    resign(r, Snapshot.type)
+    newer = ngclient_image(r, tmp_path / "newer", "apps/x.wasm")
+    assert newer.snapshot.version > image.snapshot.version
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="snapshot"):
+        verify_trusted("image", _same(image, timestamp_of=newer), image.roots, NOW)
+
+
+def test_verify_trusted_refuses_a_delegated_role_its_snapshot_does_not_name(
+    tmp_path: Path,
+) -> None:
+    r, image = _with_supplier(tmp_path)
+    resign(r, "supplier")
+    newer = ngclient_image(r, tmp_path / "newer", "apps/x.wasm")
+    assert newer.delegated["supplier"].version > image.delegated["supplier"].version
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="supplier"):
+        verify_trusted("image", _same(image, delegated_of=newer), image.roots, NOW)
+
+
+def test_verify_trusted_refuses_a_role_no_trusted_delegator_delegates(tmp_path: Path) -> None:
+    """The set claims top-level targets verified 'ghost', which targets does not delegate."""
+    r, image = _with_supplier(tmp_path)
+    ghost = replace(image, delegated={**image.delegated, "ghost": image.delegated["supplier"]})
+    with r.repo.edit_snapshot() as snapshot:
+        snapshot.meta["ghost.json"] = snapshot.meta["supplier.json"]
+    r.repo.do_timestamp(force=True)
+    listed = replace(ghost, snapshot=r.repo.snapshot(), timestamp=r.repo.timestamp())
+    claims = frozenset({(Targets.type, "supplier"), (Targets.type, "ghost")})
+    with pytest.raises(tuf_exc.RepositoryError, match=r"\['ghost'\] are not delegated"):
+        verify_trusted("image", _same(listed, claims=claims), image.roots, NOW)
+
+
+def test_a_role_outside_the_hash_bins_is_not_delegated_by_them() -> None:
+    """TAP 15: succinct delegations delegate their bins only, not any role name."""
+    r = make_repo()
+    signer = CryptoSigner.generate_ed25519()
+    succinct = SuccinctRoles([], 1, 1, "bin")
+    with r.repo.edit_targets() as t:
+        t.delegations = Delegations(keys={}, succinct_roles=succinct)
+        t.add_key(signer.public_key)
+    r.repo.publish(force=True)
+    bin_name = succinct.get_role_for_target("apps/x.wasm")
+    bin_md = Metadata(Targets(expires=NOW + timedelta(days=1)))
+    bin_md.sign(signer)
+    with r.repo.edit_snapshot() as snapshot:
+        snapshot.meta[f"{bin_name}.json"] = MetaFile(version=1)
+        snapshot.meta["ghost.json"] = MetaFile(version=1)
+    r.repo.do_timestamp(force=True)
+    data = r.data()
+    image = verify_repository("image", replace(data, delegated={bin_name: bin_md.to_bytes()}), NOW)
+    assert image.edges == {(Targets.type, bin_name)}
+    with pytest.raises(tuf_exc.RepositoryError, match="not delegated by any trusted role"):
+        verify_repository("image", replace(data, delegated={"ghost": bin_md.to_bytes()}), NOW)
+
+
+def test_an_older_file_than_its_hashed_index_lists_is_named_a_rollback() -> None:
+    """A length/hash mismatch of ``N.role.json`` (4.3.3): older bytes roll back, others mix."""
+    r = make_repo()
+    resign(r, Targets.type)
+    v1, v2 = r.store.files["1.targets.json"], r.store.files["2.targets.json"]
+    err = tuf_exc.LengthOrHashMismatchError("x")
+    older = classify_hash_error(err, "2.targets.json", v1)
+    assert isinstance(older, tuf_exc.BadVersionNumberError)
+    assert not isinstance(older, MixAndMatchError)
+    assert isinstance(classify_hash_error(err, "1.targets.json", v2), MixAndMatchError)
+    assert isinstance(classify_hash_error(err, "2.targets.json", v2), MixAndMatchError)
+    assert classify_hash_error(err, "timestamp.json", r.store.files["timestamp.json"]) is err
+    assert classify_hash_error(err, None, None) is err
+
+
+# --- partial verification on a secondary (5.4.4.1) --------------------------------
+
+
+def test_partial_refuses_a_trusted_root_that_is_not_a_root() -> None:
+    """The persisted state's root must be a root (type check before any key lookup)."""
+    sim = DirectorSim()
+    state = TrustedDirectorState(sim.targets_ders[1])
+    with pytest.raises(tuf_exc.RepositoryError, match="expected root metadata"):
+        verify(PARTIAL_ME, state, sim.targets_ders[1], T0, 0)
+
+
+def test_load_targets_refuses_a_root() -> None:
+    sim = DirectorSim()
+    assert load_targets(sim.targets_ders[1]).version == 1
+    with pytest.raises(tuf_exc.RepositoryError, match="expected targets metadata"):
+        load_targets(sim.root_ders[1])
