@@ -7,6 +7,7 @@ passes with it: the checks a mutation review found unprotected.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,10 @@ from test_verification_full import (
     NOW,
     MemoryFetcher,
     Repo,
+    _tlv,
     delegate,
+    director_with_der,
+    good_map,
     make_repo,
     ngclient_image,
     publish_image,
@@ -38,7 +42,9 @@ from tuf.api.metadata import (
 )
 from tuf.ngclient import Updater
 
-from uptane.errors import MixAndMatchError
+from uptane import codec, der_metadata
+from uptane.errors import ConfigError, MetadataError, MixAndMatchError
+from uptane.verification.der import MAX_SIGNATURES, DerCache, verify_director_der
 from uptane.verification.full import (
     RepositoryBytes,
     VerifiedRepository,
@@ -47,6 +53,7 @@ from uptane.verification.full import (
     verify_root_chain,
     verify_trusted,
 )
+from uptane.verification.matching import MAX_MAP_SIZE, RepositoryMap
 from uptane.verification.partial import (
     SecondaryIdentity,
     TrustedDirectorState,
@@ -328,3 +335,94 @@ def test_load_targets_refuses_a_root() -> None:
     assert load_targets(sim.targets_ders[1]).version == 1
     with pytest.raises(tuf_exc.RepositoryError, match="expected targets metadata"):
         load_targets(sim.root_ders[1])
+
+
+# --- DER forms the primary forwards (DESIGN 3) --------------------------------------
+
+
+def _der_envelope(signed: bytes, entries: list[bytes]) -> bytes:
+    """A DER ``Metadata``: ``signed`` and the given ``Signature`` elements, in order."""
+    return _tlv(0x30, _tlv(0xA0, signed) + _tlv(0xA1, b"".join(entries)))
+
+
+def _signature_entry(signer: Any, signed: bytes) -> bytes:
+    sig = signer.sign(signed)
+    value = {"keyid": sig.keyid, "value": bytes.fromhex(sig.signature)}
+    return codec.encode("Signature", value)
+
+
+def test_der_over_the_size_limit_is_refused() -> None:
+    r, roots, targets = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    limit = max(len(targets), *(len(d) for d in roots.values()))
+    assert verify_director_der(verified, roots, targets, max_size=limit).targets == targets
+    with pytest.raises(MetadataError, match="exceeds the limit"):
+        verify_director_der(verified, roots, targets, max_size=len(targets) - 1)
+
+
+def test_der_with_one_signature_twice_is_refused() -> None:
+    """The same keyid twice: no secondary should be sent what counts a key twice."""
+    r, roots, _ = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    signed = der_metadata.der_signed_bytes(r.repo.open(Targets.type).signed)
+    entry = _signature_entry(r.keys[Targets.type], signed)
+    assert verify_director_der(verified, roots, _der_envelope(signed, [entry])).targets_version
+    with pytest.raises(MetadataError, match="appears twice"):
+        verify_director_der(verified, roots, _der_envelope(signed, [entry, entry]))
+
+
+def test_der_with_more_signatures_than_the_schema_allows_is_refused() -> None:
+    """``SEQUENCE (SIZE(0..64)) OF Signature``: a 65th is refused before any secondary sees it."""
+    r, roots, _ = director_with_der()
+    verified = verify_repository("director", r.data(), NOW)
+    signed = der_metadata.der_signed_bytes(r.repo.open(Targets.type).signed)
+    entries = [_signature_entry(r.keys[Targets.type], signed)]
+    entries += [
+        _signature_entry(CryptoSigner.generate_ed25519(), signed) for _ in range(MAX_SIGNATURES)
+    ]
+    assert verify_director_der(verified, roots, _der_envelope(signed, entries[:-1])).targets
+    with pytest.raises(MetadataError, match=f"more than {MAX_SIGNATURES} signatures"):
+        verify_director_der(verified, roots, _der_envelope(signed, entries))
+
+
+def test_der_cache_does_not_take_another_roots_envelope() -> None:
+    """A cached DER root v1 is reused only for the same JSON root v1, not any root v1."""
+    a, a_roots, a_targets = director_with_der()
+    b, b_roots, b_targets = director_with_der()
+    cache = DerCache()
+    verify_director_der(
+        verify_repository("director", a.data(), NOW), a_roots, a_targets, cache=cache
+    )
+    b_verified = verify_repository("director", b.data(), NOW)
+    with pytest.raises((MetadataError, tuf_exc.UnsignedMetadataError)):
+        verify_director_der(b_verified, a_roots, b_targets, cache=cache)
+    assert verify_director_der(b_verified, b_roots, b_targets, cache=cache).root_chain == (
+        b_roots[1],
+    )
+
+
+# --- repository map (TAP 4) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        good_map() | {"extra": 1},
+        good_map() | {"repositories": {"director": [], "image": ["http://y"]}},
+        good_map() | {"repositories": {"director": ["ftp://x"], "image": ["http://y"]}},
+        good_map() | {"repositories": {"director": ["http://"], "image": ["http://y"]}},
+        good_map() | {"mapping": []},
+    ],
+)
+def test_repository_map_refuses_each_malformed_part(raw: Any) -> None:
+    assert RepositoryMap.from_dict(good_map()).mapping
+    with pytest.raises(ConfigError):
+        RepositoryMap.from_dict(raw)
+
+
+def test_repository_map_refuses_an_oversized_file() -> None:
+    data = json.dumps(good_map()).encode()
+    assert RepositoryMap.from_bytes(data).mapping
+    padded = data[:-1] + b" " * MAX_MAP_SIZE + b"}"
+    with pytest.raises(ConfigError, match="over"):
+        RepositoryMap.from_bytes(padded)
