@@ -28,9 +28,11 @@ from test_verification_full import (
     ngclient_image,
     publish_image,
     resign,
+    verified,
 )
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import (
+    DelegatedRole,
     Delegations,
     Metadata,
     MetaFile,
@@ -42,6 +44,7 @@ from tuf.api.metadata import (
 )
 from tuf.ngclient import Updater
 
+from ecus.primary.stale import check_floor
 from uptane import codec, der_metadata
 from uptane.errors import ConfigError, MetadataError, MixAndMatchError
 from uptane.verification.der import MAX_SIGNATURES, DerCache, verify_director_der
@@ -53,7 +56,12 @@ from uptane.verification.full import (
     verify_root_chain,
     verify_trusted,
 )
-from uptane.verification.matching import MAX_MAP_SIZE, RepositoryMap
+from uptane.verification.matching import (
+    MAX_MAP_SIZE,
+    DelegationStep,
+    RepositoryMap,
+    find_image_target,
+)
 from uptane.verification.partial import (
     SecondaryIdentity,
     TrustedDirectorState,
@@ -426,3 +434,86 @@ def test_repository_map_refuses_an_oversized_file() -> None:
     padded = data[:-1] + b" " * MAX_MAP_SIZE + b"}"
     with pytest.raises(ConfigError, match="over"):
         RepositoryMap.from_bytes(padded)
+
+
+# --- Image repository delegations (How to resolve delegations; 5.4.4.2 step 7) -----
+
+
+def test_a_three_deep_delegation_is_checked_against_its_own_delegator() -> None:
+    """targets -> a -> b -> c: 'c' must satisfy b's delegation (the one walked to it)."""
+    r = make_repo()
+    delegate(r, Targets.type, "a", ["apps/*"], ["hw-a"])
+    delegate(r, "a", "b", ["apps/*"], ["hw-a"])
+    delegate(r, "b", "c", ["apps/*"], ["hw-a"])
+    image = publish_image(r, "c", "apps/x.wasm")
+    found = find_image_target(verified(r), "apps/x.wasm")
+    assert found is not None and found.target == image and found.role == "c"
+    assert [step.role for step in found.chain] == ["a", "b", "c"]
+
+
+def test_hash_bins_end_the_search_like_a_terminating_delegation() -> None:
+    """TAP 15: succinct delegations are terminating: a later sibling is not searched."""
+    r = make_repo()
+    delegate(r, Targets.type, "binned", ["apps/*"])
+    delegate(r, Targets.type, "later", ["apps/*"])
+    publish_image(r, "later", "apps/x.wasm")
+    signer = CryptoSigner.generate_ed25519()
+    succinct = SuccinctRoles([], 1, 1, "bin")
+    with r.repo.edit_targets("binned") as t:
+        t.delegations = Delegations(keys={}, succinct_roles=succinct)
+        t.add_key(signer.public_key)
+    r.repo.publish(force=True)
+    bin_name = succinct.get_role_for_target("apps/x.wasm")
+    bin_md = Metadata(Targets(expires=NOW + timedelta(days=1)))  # lists nothing
+    bin_md.sign(signer)
+    with r.repo.edit_snapshot() as snapshot:
+        snapshot.meta[f"{bin_name}.json"] = MetaFile(version=1)
+    r.repo.do_timestamp(force=True)
+    data = r.data(delegated=("binned", "later"))
+    image = verify_repository(
+        "image", replace(data, delegated={**data.delegated, bin_name: bin_md.to_bytes()}), NOW
+    )
+    assert find_image_target(image, "apps/x.wasm") is None
+    without_bins = verify_repository("image", r.data(delegated=("later",)), NOW)
+    assert without_bins.delegated.keys() == {"later"}
+
+
+@pytest.mark.parametrize(
+    ("custom", "message"),
+    [(["hw-a"], "custom must be an object"), ({"hardware_ids": {"hw-a": True}}, "be a list")],
+)
+def test_a_malformed_delegation_hardware_field_is_not_taken_for_no_restriction(
+    custom: Any, message: str
+) -> None:
+    """A delegation's custom fields that are not the documented shape refuse, not allow all."""
+    role = DelegatedRole("acme", [], 1, False, paths=["*"], unrecognized_fields={"custom": custom})
+    with pytest.raises(MetadataError, match=message):
+        _ = DelegationStep("acme", role).hardware_ids
+    fine = DelegatedRole("acme", [], 1, False, paths=["*"])
+    assert DelegationStep("acme", fine).hardware_ids is None
+
+
+# --- a refetched snapshot against the one set aside (TUF 5.5.5) ---------------------
+
+
+def test_check_floor_refuses_a_fresh_snapshot_below_the_stored_one() -> None:
+    r = make_repo()
+    delegate(r, Targets.type, "supplier", ["*"])
+    floor = verify_repository("x", r.data(delegated=("supplier",)), NOW).snapshot
+    resign(r, Targets.type)
+    fresh = verify_repository("x", r.data(delegated=("supplier",)), NOW)
+    check_floor("image", floor, fresh)
+    older = replace(fresh, snapshot=_snapshot_with(fresh.snapshot, version=floor.version - 1))
+    with pytest.raises(tuf_exc.BadVersionNumberError, match="snapshot version"):
+        check_floor("image", floor, older)
+    dropped = _snapshot_with(fresh.snapshot)
+    del dropped.meta["supplier.json"]
+    with pytest.raises(tuf_exc.RepositoryError, match=r"no longer lists supplier\.json"):
+        check_floor("image", floor, replace(fresh, snapshot=dropped))
+
+
+def _snapshot_with(snapshot: Snapshot, **changes: Any) -> Snapshot:
+    copied = Snapshot.from_dict(snapshot.to_dict())
+    for name, value in changes.items():
+        setattr(copied, name, value)
+    return copied
