@@ -39,11 +39,14 @@ from tuf.api.metadata import (
     Root,
     Snapshot,
     SuccinctRoles,
+    TargetFile,
     Targets,
     Timestamp,
 )
 from tuf.ngclient import Updater
 
+from ecus.primary.config import DownloadPolicy
+from ecus.primary.download import download_image, safe_target_path
 from ecus.primary.stale import check_floor
 from uptane import codec, der_metadata
 from uptane.errors import ConfigError, MetadataError, MixAndMatchError
@@ -517,3 +520,40 @@ def _snapshot_with(snapshot: Snapshot, **changes: Any) -> Snapshot:
     for name, value in changes.items():
         setattr(copied, name, value)
     return copied
+
+
+# --- image download (5.4.4.2 step 8) ------------------------------------------------
+
+
+def test_a_file_already_at_the_image_path_is_reused_only_when_its_hashes_match(
+    tmp_path: Path,
+) -> None:
+    """Other bytes where the image goes (a torn write, a planted file) are downloaded over."""
+    r = make_repo()
+    data = b"\0asm\x01\0\0\0 the image"
+    image = TargetFile.from_data("app.wasm", data, ["sha256"])
+    resign(r, Targets.type, lambda t: t.targets.__setitem__(image.path, image))
+    files = dict(r.store.files)
+    files[f"{image.hashes['sha256']}.app.wasm"] = data
+    fetcher = MemoryFetcher(files)
+    updater = Updater(
+        str(tmp_path / "metadata"),
+        "http://repo/",
+        target_base_url="http://repo/targets/",
+        fetcher=fetcher,
+        bootstrap=r.store.files["1.root.json"],
+    )
+    updater.refresh()
+    info = updater.get_targetinfo("app.wasm")
+    assert info is not None
+    images = tmp_path / "images"
+    images.mkdir()
+    dest = safe_target_path(images, "app.wasm")
+    dest.write_bytes(b"\0asm\x01\0\0\0 planted!!")
+    assert len(dest.read_bytes()) == len(data)
+    assert download_image(updater, info, DownloadPolicy(), images) == dest
+    assert dest.read_bytes() == data
+    # the right bytes are reused as they are: nothing to fetch
+    del files[f"{image.hashes['sha256']}.app.wasm"]
+    assert download_image(updater, info, DownloadPolicy(), images) == dest
+    assert dest.read_bytes() == data
