@@ -557,3 +557,46 @@ def test_a_file_already_at_the_image_path_is_reused_only_when_its_hashes_match(
     del files[f"{image.hashes['sha256']}.app.wasm"]
     assert download_image(updater, info, DownloadPolicy(), images) == dest
     assert dest.read_bytes() == data
+
+
+# --- delegation walk on verified keys only (issue 10, item 10) ----------------------
+
+
+def _shared_signed_for_targets_only() -> Repo:
+    """'shared' is delegated by top-level targets (apps/*) and by 'vendor' (other/*, with
+    another key), and signed with top-level targets' key for it only."""
+    r = make_repo()
+    delegate(r, Targets.type, "shared", ["apps/*"], ["hw-a"])
+    delegate(r, Targets.type, "vendor", ["vendor.wasm", "other/*"], ["hw-a"])
+    vendor_key = CryptoSigner.generate_ed25519()  # never signs 'shared'
+    with r.repo.edit_targets("vendor") as t:
+        role = DelegatedRole("shared", [], 1, False, paths=["other/*"])
+        t.delegations = Delegations(keys={}, roles={"shared": role})
+        t.add_key(vendor_key.public_key, "shared")
+    r.repo.publish(force=True)
+    publish_image(r, "shared", "apps/x.wasm")
+    publish_image(r, "shared", "other/x.wasm")
+    publish_image(r, "vendor", "vendor.wasm")
+    return r
+
+
+def test_a_role_trusted_through_one_delegator_is_checked_for_each_other() -> None:
+    """verify_repository: once 'shared' is trusted via targets, vendor's delegation to it
+    is still checked against vendor's keys before a walk may follow it."""
+    r = _shared_signed_for_targets_only()
+    image = verify_repository("image", r.data(delegated=("shared", "vendor")), NOW)
+    assert image.edges == {(Targets.type, "shared"), (Targets.type, "vendor")}
+    found = find_image_target(image, "apps/x.wasm")
+    assert found is not None and found.role == "shared"
+    with pytest.raises(tuf_exc.UnsignedMetadataError, match="'vendor' delegates it to"):
+        find_image_target(image, "other/x.wasm")  # targets -> vendor -> shared
+
+
+def test_verify_trusted_takes_only_the_delegations_ngclient_verified(tmp_path: Path) -> None:
+    """ngclient verified 'shared' for targets only: vendor's delegation to it is no edge."""
+    r = _shared_signed_for_targets_only()
+    image = ngclient_image(r, tmp_path, "apps/x.wasm", "vendor.wasm")
+    assert image.delegated.keys() == {"shared", "vendor"}
+    assert image.edges == {(Targets.type, "shared"), (Targets.type, "vendor")}
+    with pytest.raises(tuf_exc.UnsignedMetadataError, match="'vendor' delegates it to"):
+        find_image_target(image, "other/x.wasm")
