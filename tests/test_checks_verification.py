@@ -600,3 +600,27 @@ def test_verify_trusted_takes_only_the_delegations_ngclient_verified(tmp_path: P
     assert image.edges == {(Targets.type, "shared"), (Targets.type, "vendor")}
     with pytest.raises(tuf_exc.UnsignedMetadataError, match="'vendor' delegates it to"):
         find_image_target(image, "other/x.wasm")
+
+
+def test_der_cache_reuses_a_root_only_after_the_same_predecessor() -> None:
+    """A DER root v2 verified after root v1 is checked again after another v1 (TUF 5.3.4)."""
+    r, roots, _ = director_with_der()
+    resign(r, Root.type)
+    v2 = r.repo.open(Root.type)
+    ders = {**roots, 2: der_metadata.to_der_metadata(v2, [r.keys[Root.type]])}
+    targets = der_metadata.to_der_metadata(r.repo.open(Targets.type), [r.keys[Targets.type]])
+    director = verify_repository("director", r.data(), NOW)
+    assert [x.version for x in director.roots] == [1, 2]
+    cache = DerCache()
+    verify_director_der(director, ders, targets, cache=cache)
+    # another root v1, whose root key (not the one signing v2's DER) is another
+    other_key = CryptoSigner.generate_ed25519()
+    other_v1 = Root.from_dict(director.roots[0].to_dict())
+    other_v1.revoke_key(r.keys[Root.type].public_key.keyid, Root.type)
+    other_v1.add_key(other_key.public_key, Root.type)
+    other_der = der_metadata.to_der_metadata(Metadata(other_v1), [other_key])
+    other = replace(director, roots=(other_v1, director.roots[1]))
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(other, {**ders, 1: other_der}, targets)
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        verify_director_der(other, {**ders, 1: other_der}, targets, cache=cache)
