@@ -47,7 +47,7 @@ from tuf.ngclient import Updater
 
 from ecus.primary.config import DownloadPolicy
 from ecus.primary.download import download_image, safe_target_path
-from ecus.primary.stale import check_floor
+from ecus.primary.stale import check_floor, check_stored, stored_files
 from uptane import codec, der_metadata
 from uptane.errors import ConfigError, MetadataError, MixAndMatchError
 from uptane.verification.der import MAX_SIGNATURES, DerCache, verify_director_der
@@ -624,3 +624,27 @@ def test_der_cache_reuses_a_root_only_after_the_same_predecessor() -> None:
         verify_director_der(other, {**ders, 1: other_der}, targets)
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         verify_director_der(other, {**ders, 1: other_der}, targets, cache=cache)
+
+
+# --- stored metadata ngclient reused (TUF 5.5.2, 5.6.2) ------------------------------
+
+
+def test_check_stored_fails_closed_on_a_stored_file_it_cannot_read(tmp_path: Path) -> None:
+    r = make_repo()
+    r.repo.meta_hashes = True
+    resign(r, Targets.type)
+    metadata = tmp_path / "metadata"
+    updater = Updater(
+        str(metadata),
+        "http://repo/",
+        fetcher=MemoryFetcher(r.store.files),
+        bootstrap=r.store.files["1.root.json"],
+    )
+    updater.refresh()
+    trusted = updater._trusted_set
+    stored = stored_files(metadata)
+    assert {"snapshot.json", "targets.json"} <= stored
+    check_stored(metadata, trusted, stored)
+    (metadata / "snapshot.json").unlink()
+    with pytest.raises(tuf_exc.RepositoryError, match="stored snapshot metadata is unreadable"):
+        check_stored(metadata, trusted, stored)
