@@ -888,39 +888,52 @@ def test_verify_trusted_rechecks_expiry_and_version_links(tmp_path: Path) -> Non
     with pytest.raises(tuf_exc.BadVersionNumberError):
         verify_trusted(
             "image",
-            _Mixed(newer, image),
+            _Trusted(newer, newer, newer, image, image),
             newer.roots,
             NOW,  # snapshot of one, targets of another
         )
     with pytest.raises(tuf_exc.RepositoryError, match="trusted root"):
-        verify_trusted("image", _Mixed(newer, newer), (), NOW)
+        verify_trusted("image", _same(newer), (), NOW)
 
 
 @dataclass
-class _Mixed:
-    """A trusted set made of two repository states (what ngclient never holds)."""
+class _Trusted:
+    """A trusted set whose roles come from the given verified repositories.
 
-    a: VerifiedRepository
-    b: VerifiedRepository
+    ngclient never holds such a set: ``verify_trusted`` must refuse it anyway.
+    ``contains``: the ``(delegator, role)`` pairs the set claims it verified.
+    """
+
+    root_of: VerifiedRepository
+    timestamp_of: VerifiedRepository
+    snapshot_of: VerifiedRepository
+    targets_of: VerifiedRepository
+    delegated_of: VerifiedRepository
+    claims: frozenset[tuple[str, str]] | None = None
 
     @property
     def root(self) -> Root:
-        return self.a.root
+        return self.root_of.root
 
     @property
     def timestamp(self) -> Timestamp:
-        return self.a.timestamp
+        return self.timestamp_of.timestamp
 
     @property
     def snapshot(self) -> Snapshot:
-        return self.a.snapshot
+        return self.snapshot_of.snapshot
 
     @property
     def targets(self) -> Targets:
-        return self.b.targets
+        return self.targets_of.targets
 
     def get(self, role: str) -> Any:
-        return self.b.delegated.get(role)
+        return self.delegated_of.delegated.get(role)
 
     def contains(self, role: str, delegator: str) -> bool:
-        return (delegator, role) in self.b.edges
+        claims = self.delegated_of.edges if self.claims is None else self.claims
+        return (delegator, role) in claims
+
+
+def _same(v: VerifiedRepository, **changes: Any) -> _Trusted:
+    return replace(_Trusted(v, v, v, v, v), **changes)
