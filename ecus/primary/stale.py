@@ -1,7 +1,8 @@
 """A stale stored snapshot: what ngclient reuses, checked, set aside and refetched (TUF 5.5, 5.6).
 
 Used by ``RepositorySync._sync_repository`` (issue 10 item 7): ngclient loads a stored
-snapshot/targets whose version the new index names without checking its hashes.
+snapshot whose version the new timestamp names without checking its hashes (tuf 7.0.1
+checks a stored targets or delegated role against its snapshot entry itself).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def stored_files(metadata_dir: Path) -> frozenset[str]:
 def check_stored(metadata_dir: Path, trusted: Any, stored: Collection[str] | None = None) -> None:
     """Files ngclient took from its own store match the lengths and hashes listed for them.
 
-    ngclient loads a stored snapshot (targets, delegated role) whose version
-    the new index names as trusted, without checking the hashes that index
-    lists (TUF 5.5.2, 5.6.2). This checks them, for the files whose index
+    ngclient loads a stored snapshot whose version the new timestamp names as
+    trusted, without checking the hashes the timestamp lists (TUF 5.5.2; tuf
+    7.0.1 checks a stored targets or delegated role against its snapshot
+    entry itself, so checking those here is defence in depth against an older
+    or changed ngclient). This checks them, for the files whose index
     lists a length or hashes: ``LengthOrHashMismatchError`` when the stored
     copy is not the file the index names (``RepositorySync._sync_repository`` refetches).
     ``stored``: the file names ``stored_files`` found before the refresh; a

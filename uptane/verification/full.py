@@ -426,21 +426,3 @@ def classify_version_error(
             f"version {expected}: metadata from different repository states combined"
         )
     return error
-    match = _CONSISTENT_NAME.match(filename)
-    if match is None:
-        return error
-    try:
-        served = Metadata.from_bytes(data).signed.version
-    except DeserializationError:
-        return error
-    expected = int(match.group("version"))
-    if match.group("role") == Root.type and served != expected:  # no index names roots
-        return RootRotationError(
-            f"{filename} carries root version {served}: not the rotation to version {expected}"
-        )
-    if served > expected:
-        return MixAndMatchError(
-            f"{match.group('role')} version {served} served where its index names "
-            f"version {expected}: metadata from different repository states combined"
-        )
-    return error
