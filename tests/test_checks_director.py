@@ -1,0 +1,188 @@
+"""Director security checks no other test pinned down (a mutation review).
+
+Each test here fails when one check of ``director.envelope``, ``director.intake``,
+``director.tls`` or ``director.http_layer`` is removed: the refusals of Uptane 2.1
+5.4.2 (the vehicle version manifest), and hostile input getting a typed refusal,
+never a 500. Real Director over real HTTP, SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from helpers.director_env import Car, Env, dump, new_car, put_manifest, register
+from securesystemslib.formats import encode_canonical
+from securesystemslib.signer import CryptoSigner, Signer
+from sqlalchemy import select
+
+from director.db import Database, Vehicle
+from director.service import Director
+from uptane.errors import ManifestError
+from uptane.manifest import VehicleVersionManifest
+
+
+def _resigned(data: bytes, change: Callable[[dict[str, Any]], None], signer: Signer) -> bytes:
+    """``data`` with its signed part changed, then signed again by ``signer`` alone."""
+    doc = json.loads(data)
+    change(doc["signed"])
+    canonical = encode_canonical(doc["signed"])
+    assert canonical is not None
+    doc["signatures"] = [signer.sign(canonical.encode()).to_dict()]
+    return json.dumps(doc).encode()
+
+
+def _signatures(data: bytes, change: Callable[[list[dict[str, Any]]], None]) -> bytes:
+    doc = json.loads(data)
+    change(doc["signatures"])
+    return json.dumps(doc).encode()
+
+
+def _refused(env: Env, car: Car, body: bytes, status: int, reason: str) -> None:
+    """``body`` is refused with ``status``/``reason`` and changes nothing."""
+    before = dump(env.db)
+    r = put_manifest(env, car, body)
+    assert (r.status_code, r.json()["error"]) == (status, reason), r.text
+    assert r.json()["detail"]
+    assert dump(env.db) == before
+
+
+# --- the manifest's ECU set (5.4.2: every ECU of the vehicle, no other) -----------------
+
+
+def test_an_unknown_ecu_in_place_of_a_registered_one_is_refused(env: Env) -> None:
+    """As many reports as the vehicle has ECUs, one from a serial it does not have:
+    refused as ``unknown_ecu`` (the report count alone does not see it)."""
+    car = register(env, new_car())
+    s1 = f"{car.vin}-S1"
+    stranger = CryptoSigner.generate_ed25519()
+    reports = {s: car.report(s) for s in car.ecus if s != s1}
+    reports[f"{car.vin}-S9"] = car.report(s1, ecu_serial=f"{car.vin}-S9", signer=stranger)
+    body = VehicleVersionManifest(car.vin, car.primary.serial, reports).sign(car.primary.signer)
+    _refused(env, car, body, 422, "unknown_ecu")
+    assert put_manifest(env, car, car.manifest()).status_code == 200
+
+
+# --- the manifest's shape: hostile input gets 400 malformed -----------------------------
+
+
+def _malformed(car: Car) -> list[tuple[str, bytes, str]]:
+    """(what, body, reason) of manifests the primary signed but no Director accepts."""
+    p, s0 = car.primary.serial, f"{car.vin}-S0"
+    sign = car.primary.signer
+
+    def resigned(change: Callable[[dict[str, Any]], None]) -> bytes:
+        return _resigned(car.manifest(), change, sign)
+
+    def listed(signed: dict[str, Any]) -> None:
+        signed["ecu_version_reports"] = list(signed["ecu_version_reports"])
+
+    def nine(sigs: list[dict[str, Any]]) -> None:
+        sigs.extend(
+            {"keyid": f"{n:064x}", "sig": sigs[0]["sig"]} for n in range(1, 9)
+        )  # the primary's own signature and eight others
+
+    return [
+        ("an extra signed field", resigned(lambda s: s.__setitem__("note", "x")), "malformed"),
+        ("a missing signed field", resigned(lambda s: s.pop("primary_ecu_serial")), "malformed"),
+        ("a VIN that is not a string", resigned(lambda s: s.__setitem__("vin", 7)), "malformed"),
+        (
+            "a VIN that is not an identifier",
+            resigned(lambda s: s.__setitem__("vin", car.vin + "/x")),
+            "malformed",
+        ),
+        (
+            "a primary serial that is not a string",
+            resigned(lambda s: s.__setitem__("primary_ecu_serial", [p])),
+            "malformed",
+        ),
+        ("reports as a list of serials", resigned(listed), "malformed"),
+        (
+            "a report that is not a string",
+            resigned(lambda s: s["ecu_version_reports"].__setitem__(s0, 12345)),
+            "malformed",
+        ),
+        ("no signature", _signatures(car.manifest(), lambda sigs: sigs.clear()), "malformed"),
+        ("nine signatures", _signatures(car.manifest(), nine), "malformed"),
+    ]
+
+
+def test_malformed_manifests_signed_by_the_primary_are_refused_as_malformed(env: Env) -> None:
+    """The envelope's shape checks (``director.envelope``): each such manifest gets
+    ``400 malformed``, never another refusal or a 500, and changes nothing."""
+    car = register(env, new_car())
+    assert put_manifest(env, car, car.manifest()).status_code == 200
+    for what, body, reason in _malformed(car):
+        before = dump(env.db)
+        r = put_manifest(env, car, body)
+        assert (r.status_code, r.json()["error"]) == (400, reason), (what, r.text)
+        assert dump(env.db) == before, what
+    assert put_manifest(env, car, car.manifest()).status_code == 200
+
+
+# --- the primary's signature (5.4.2.2) ----------------------------------------------------
+
+
+def test_the_primary_signature_is_found_by_its_keyid_among_others(env: Env) -> None:
+    """A manifest carrying another key's signature before the primary's is checked with
+    the primary's, found by key id; what is stored keeps only that signature."""
+    car = register(env, new_car())
+    stranger = CryptoSigner.generate_ed25519()
+    signed = json.loads(car.manifest())["signed"]
+    canonical = (encode_canonical(signed) or "").encode()
+    foreign = stranger.sign(canonical).to_dict()
+    body = _signatures(car.manifest(), lambda sigs: sigs.insert(0, foreign))
+    r = put_manifest(env, car, body)
+    assert r.status_code == 200, r.text
+    with env.db.transaction() as s:
+        last = s.scalar(select(Vehicle.last_manifest).where(Vehicle.vin == car.vin))
+    assert last is not None
+    stored = json.loads(last)
+    assert [s["keyid"] for s in stored["signatures"]] == [car.primary.signer.public_key.keyid]
+
+
+# --- limits and times checked by the Director itself, not only by its HTTP layer -------------
+
+
+def test_the_service_refuses_an_oversized_manifest_by_itself(env: Env) -> None:
+    """``Director.receive_manifest`` caps the manifest size itself (``max_manifest``),
+    whatever caps the HTTP body in front of it."""
+    car = register(env, new_car())
+    data = car.manifest()
+    padded = data[:-1] + b" " * (env.director.max_manifest - len(data) + 1) + data[-1:]
+    before = dump(env.db)
+    with pytest.raises(ManifestError) as e:
+        env.director.receive_manifest(car.vin, padded)
+    assert e.value.reason == "too_large"
+    assert dump(env.db) == before
+
+
+def test_a_primary_report_exactly_at_the_time_tolerance_is_accepted(env: Env) -> None:
+    """5.4.2.1: a report time up to ``report_time_tolerance`` ahead of the Director's
+    clock is accepted, the primary's and a secondary's alike; one second more is not."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    director = Director(
+        Database(env.config.db_url),
+        env.config.online_signers(),
+        clock=lambda: now,
+        report_time_tolerance=timedelta(minutes=10),
+    )
+    try:
+        car = register(env, new_car())
+        edge = now + timedelta(minutes=10)
+        receipt = director.receive_manifest(
+            car.vin, car.manifest(reports={s: car.report(s, latest_time=edge) for s in car.ecus})
+        )
+        assert dict(receipt.refused_reports) == {}
+        with pytest.raises(ManifestError) as e:
+            late = edge + timedelta(seconds=1)
+            director.receive_manifest(
+                car.vin,
+                car.manifest(reports={s: car.report(s, latest_time=late) for s in car.ecus}),
+            )
+        assert e.value.reason == "report_time_in_future"
+    finally:
+        director.close()
