@@ -9,20 +9,29 @@ never a 500. Real Director over real HTTP, SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.director_env import Car, Env, dump, new_car, put_manifest, register
+import test_director_tls
+from helpers.director_env import Car, Env, _serve_asgi, dump, new_car, put_manifest, register
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Signer
 from sqlalchemy import select
+from test_director_tls import TOKEN, TlsDirector
 
+from director.app import create_app
 from director.db import Database, Vehicle
-from director.service import Director
+from director.service import Director, EcuSpec
+from director.tls import REFUSED_BODY, issue_vehicle_certificate
 from uptane.errors import ManifestError
 from uptane.manifest import VehicleVersionManifest
+
+# the mutual-TLS Director of test_director_tls (module-scoped: one for this module)
+tls_director = test_director_tls.tls_director
 
 
 def _resigned(data: bytes, change: Callable[[dict[str, Any]], None], signer: Signer) -> bytes:
@@ -186,3 +195,61 @@ def test_a_primary_report_exactly_at_the_time_tolerance_is_accepted(env: Env) ->
         assert e.value.reason == "report_time_in_future"
     finally:
         director.close()
+
+
+# --- the operator token is checked before any body is read (GuardMiddleware) -------------
+
+
+def test_operator_requests_without_the_token_are_refused_before_their_body(env: Env) -> None:
+    """``/api/...`` without the bearer token (none, another scheme, a wrong token) is
+    refused at once, before the body it announces is read: an unauthenticated client
+    cannot make the Director wait for, or hold, a body. The body never comes here, so
+    a guard that read it first would answer ``408`` at the body timeout instead."""
+    token = env.config.token
+    url, stop = _serve_asgi(create_app(env.director, token, body_timeout=3.0))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for auth in (b"", f"Basic {token}".encode(), b"Bearer not-the-token"):
+            head = b"POST /api/vehicles HTTP/1.1\r\nHost: d\r\nContent-Length: 1000\r\n"
+            if auth:
+                head += b"Authorization: " + auth + b"\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(head + b"\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 401 "), (auth, answer[:200])
+    finally:
+        stop()
+
+
+# --- the vehicle listener serves a vehicle only /vehicles/{its VIN}/... (director.tls) -------
+
+
+def test_the_vehicle_listener_serves_no_other_route_named_by_the_vin(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    """A vehicle whose VIN is also a path segment of another route (``vehicles``) reaches,
+    on the vehicle listener, only ``/vehicles/vehicles/...``: not the operator API's
+    ``/api/vehicles/vehicles``, even with the operator's token."""
+    car = new_car(1)
+    car.vin = "vehicles"
+    tls_director.director.register_vehicle(
+        car.vin,
+        [
+            EcuSpec(e.serial, e.hardware_id, e.signer.public_key, primary=e.primary)
+            for e in car.ecus.values()
+        ],
+    )
+    issued = issue_vehicle_certificate(tls_director.directory, car.vin)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with tls_director.client(issued, tmp_path) as http:
+        assert http.get("/vehicles/vehicles/metadata/timestamp.json").status_code == 200
+        for path in ("/api/vehicles/vehicles", "/api/vehicles/vehicles/certificate"):
+            r = http.get(path, headers=auth)
+            assert (r.status_code, r.content) == (404, REFUSED_BODY), (path, r.text)
+        r = http.post("/api/vehicles/vehicles/certificate", headers=auth)
+        assert (r.status_code, r.content) == (404, REFUSED_BODY), r.text
