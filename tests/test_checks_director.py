@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import test_director_tls
 from helpers.director_env import Car, Env, _serve_asgi, dump, new_car, put_manifest, register
@@ -25,8 +27,14 @@ from test_director_tls import TOKEN, TlsDirector
 
 from director.app import create_app
 from director.db import Database, Vehicle
+from director.revocation import RevocationList
 from director.service import Director, EcuSpec
-from director.tls import REFUSED_BODY, issue_vehicle_certificate
+from director.tls import (
+    REFUSED_BODY,
+    UNCHECKED_BODY,
+    issue_vehicle_certificate,
+    running_vehicle_listener,
+)
 from uptane.errors import ManifestError
 from uptane.manifest import VehicleVersionManifest
 
@@ -253,3 +261,30 @@ def test_the_vehicle_listener_serves_no_other_route_named_by_the_vin(
             assert (r.status_code, r.content) == (404, REFUSED_BODY), (path, r.text)
         r = http.post("/api/vehicles/vehicles/certificate", headers=auth)
         assert (r.status_code, r.content) == (404, REFUSED_BODY), r.text
+
+
+def test_the_vehicle_listener_fails_closed_when_revocations_cannot_be_read(
+    tls_director: TlsDirector, tmp_path: Path
+) -> None:
+    """A vehicle listener whose revocation list cannot be read (here: a database without
+    the table) serves no vehicle request, a valid certificate's neither: ``503``."""
+    unreadable = Database(f"sqlite:///{tmp_path / 'unmigrated.db'}")
+    try:
+        app = create_app(tls_director.director, TOKEN)
+        revocations = RevocationList(unreadable)
+        with running_vehicle_listener(app, tls_director.directory, revocations=revocations) as url:
+            car = tls_director.car()
+            cert, key, _ = issue_vehicle_certificate(tls_director.directory, car.vin).write(
+                tmp_path, "client"
+            )
+            ctx = ssl.create_default_context(cafile=str(tls_director.ca))
+            ctx.load_cert_chain(cert, key)
+            with httpx.Client(base_url=url, verify=ctx, timeout=10, trust_env=False) as http:
+                for path in (f"/vehicles/{car.vin}/metadata/timestamp.json", "/health"):
+                    r = http.get(path)
+                    assert (r.status_code, r.content) == (503, UNCHECKED_BODY), (path, r.text)
+                r = http.put(f"/vehicles/{car.vin}/manifest", content=car.manifest())
+                assert (r.status_code, r.content) == (503, UNCHECKED_BODY), r.text
+        assert tls_director.director.vehicle_status(car.vin).last_seen is None
+    finally:
+        unreadable.dispose()
