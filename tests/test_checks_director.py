@@ -288,3 +288,18 @@ def test_the_vehicle_listener_fails_closed_when_revocations_cannot_be_read(
         assert tls_director.director.vehicle_status(car.vin).last_seen is None
     finally:
         unreadable.dispose()
+
+
+# --- metadata paths (director.http_layer.MetadataFastPath) -----------------------------------
+
+
+def test_a_metadata_path_with_more_after_the_file_name_serves_no_file(env: Env) -> None:
+    """``/vehicles/{vin}/metadata/{name}`` names one file: a path going on past the name
+    is answered 404 as the app's routes answer it, not with the file it begins with."""
+    car = register(env, new_car())
+    base = f"/vehicles/{car.vin}/metadata/timestamp.json"
+    assert env.http.get(base).status_code == 200
+    for path in (f"{base}/x", f"{base}/x/y", "/root/1.root.json/x"):
+        r = env.http.get(path)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["error"], path
