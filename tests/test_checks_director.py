@@ -29,13 +29,17 @@ from director.app import create_app
 from director.db import Database, Vehicle
 from director.revocation import RevocationList
 from director.service import Director, EcuSpec
+from director.store import DBMetadataStore
 from director.tls import (
     REFUSED_BODY,
     UNCHECKED_BODY,
+    create_ca,
     issue_vehicle_certificate,
     running_vehicle_listener,
+    server_certificate,
+    tls_paths,
 )
-from uptane.errors import ManifestError
+from uptane.errors import ConfigError, ManifestError
 from uptane.manifest import VehicleVersionManifest
 
 # the mutual-TLS Director of test_director_tls (module-scoped: one for this module)
@@ -303,3 +307,33 @@ def test_a_metadata_path_with_more_after_the_file_name_serves_no_file(env: Env) 
         r = env.http.get(path)
         assert r.status_code == 404, (path, r.text)
         assert r.json()["error"], path
+
+
+# --- what the Director stores and serves (director.store, director.tls) ------------------------
+
+
+def test_the_online_director_never_writes_root_metadata(env: Env) -> None:
+    """Root is signed offline (Uptane 2.1 5.1): a vehicle's metadata store refuses to
+    write any root file, versioned or not, JSON or DER, and nothing is stored."""
+    car = register(env, new_car())
+    before = dump(env.db)
+    with env.db.transaction(write=True) as session:
+        vehicle_id = session.scalar(select(Vehicle.id).where(Vehicle.vin == car.vin))
+        assert vehicle_id is not None
+        store = DBMetadataStore(session, vehicle_id, env.clock())
+        for name in ("root.json", "2.root.json", "2.root.der", "1.root.json"):
+            with pytest.raises(RuntimeError, match="never writes root"):
+                store.write(name, b"{}")
+    assert dump(env.db) == before
+
+
+def test_serve_tls_takes_both_a_certificate_and_its_key_or_neither(tmp_path: Path) -> None:
+    """``--tls-cert`` without ``--tls-key`` (or the reverse) is a configuration error,
+    not a server quietly presenting the Director CA's own server certificate."""
+    directory = tmp_path / "d"
+    create_ca(directory)
+    cert, key = server_certificate(directory)
+    for given in ((cert, None), (None, key)):
+        with pytest.raises(ConfigError, match="both --tls-cert and --tls-key"):
+            tls_paths(directory, *given)
+    assert tls_paths(directory, cert, key)[1:] == (cert, key)
