@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import test_director_tls
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers.director_env import Car, Env, _serve_asgi, dump, new_car, put_manifest, register
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Signer
@@ -337,3 +339,21 @@ def test_serve_tls_takes_both_a_certificate_and_its_key_or_neither(tmp_path: Pat
         with pytest.raises(ConfigError, match="both --tls-cert and --tls-key"):
             tls_paths(directory, *given)
     assert tls_paths(directory, cert, key)[1:] == (cert, key)
+
+
+def test_a_vehicle_certificate_can_sign_nothing_the_director_ca_trusts(tmp_path: Path) -> None:
+    """Two locks, each enough alone, that no vehicle issues certificates for another VIN:
+    a vehicle's certificate is no CA, and the Director CA allows no intermediate CA (the
+    handshake refusing such a chain: ``test_certificates_the_handshake_refuses``)."""
+    directory = tmp_path / "d"
+    ca_pem = create_ca(directory).read_bytes()
+    ca = x509.load_pem_x509_certificate(ca_pem).extensions.get_extension_for_class(
+        x509.BasicConstraints
+    )
+    assert (ca.critical, ca.value.ca, ca.value.path_length) == (True, True, 0)
+    issued = issue_vehicle_certificate(directory, "VIN-CA-CHECK-1")
+    vehicle = x509.load_pem_x509_certificate(issued.certificate).extensions
+    constraints = vehicle.get_extension_for_class(x509.BasicConstraints)
+    assert (constraints.critical, constraints.value.ca) == (True, False)
+    usage = vehicle.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
