@@ -8,9 +8,11 @@ never a 500. Real Director over real HTTP, SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,8 +35,11 @@ from director.revocation import RevocationList
 from director.service import Director, EcuSpec
 from director.store import DBMetadataStore
 from director.tls import (
+    EXPIRED_BODY,
     REFUSED_BODY,
     UNCHECKED_BODY,
+    VEHICLE,
+    ListenerGate,
     create_ca,
     issue_vehicle_certificate,
     running_vehicle_listener,
@@ -357,3 +362,67 @@ def test_a_vehicle_certificate_can_sign_nothing_the_director_ca_trusts(tmp_path:
     assert (constraints.critical, constraints.value.ca) == (True, False)
     usage = vehicle.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_a_vehicle_request_without_its_certificate_expiry_is_refused() -> None:
+    """``ListenerGate`` fails closed: a vehicle connection whose certificate expiry its
+    protocol did not record (``client_not_after``) is refused like an expired one."""
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"served"})
+
+    async def answer(tls: dict[str, str]) -> tuple[int, bytes]:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        path = "/vehicles/VIN-GATE-1/metadata/timestamp.json"
+        scope = {"type": "http", "path": path, "extensions": {"tls": tls}}
+        await ListenerGate(app, VEHICLE)(scope, receive, send)
+        return sent[0]["status"], sent[1]["body"]
+
+    later = str(time.time() + 3600)
+    assert asyncio.run(answer({"client_vin": "VIN-GATE-1", "client_not_after": later})) == (
+        200,
+        b"served",
+    )
+    assert asyncio.run(answer({"client_vin": "VIN-GATE-1"})) == (403, EXPIRED_BODY)
+    assert len(reached) == 1
+
+
+def test_stored_report_times_never_go_back_when_the_director_clock_does(env: Env) -> None:
+    """5.4.2.1: an ECU's stored last report time never goes backwards, even when the
+    Director's clock steps back (the time stored is capped at the clock): a report older
+    than one accepted earlier stays refused."""
+    t = datetime.now(UTC).replace(microsecond=0)
+    now = [t]
+    director = Director(
+        Database(env.config.db_url), env.config.online_signers(), clock=lambda: now[0]
+    )
+    try:
+        car = register(env, new_car())
+        p = car.primary.serial
+
+        def send(at: datetime) -> None:
+            reports = {s: car.report(s, latest_time=at) for s in car.ecus}
+            director.receive_manifest(car.vin, car.manifest(reports=reports))
+
+        send(t)
+        now[0] = t - timedelta(minutes=10)  # the Director's clock steps back
+        send(t)  # the same ECU time: accepted, stored as it was
+        stored = {e.serial: e.last_report_time for e in director.vehicle_status(car.vin).ecus}
+        assert stored[p] == t
+        before = dump(env.db)
+        with pytest.raises(ManifestError) as e:
+            send(t - timedelta(minutes=5))  # before the report accepted at t
+        assert e.value.reason == "report_time_in_past"
+        assert dump(env.db) == before
+    finally:
+        director.close()
