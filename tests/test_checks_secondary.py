@@ -1,0 +1,108 @@
+"""Tests that pin the secondary ECU's checks found unprotected by a mutation review.
+
+Each test here fails when the check it names is removed (the condition made
+``False`` or the ``raise`` deleted) and passes with it: partial verification
+and image checks (Uptane 2.1, 5.4.4.1-5.4.4.4), rollback protection, the
+primary's signed statements (DESIGN 7), the A/B slots and the WASM trial
+(DESIGN 5). Real parts throughout: real DER, real signatures, real wasmtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_secondary
+from helpers.director_sim import VIN, DirectorSim
+from securesystemslib.signer import CryptoSigner
+from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
+from tuf.api import exceptions as tuf_exc
+
+from ecus.secondary import Secondary
+from uptane.manifest import SignedEcuVersionReport
+from uptane.verification import partial
+
+ecu = test_secondary.ecu  # the fixture, under its own name
+
+
+# --- the image the ECU believes it runs (ecu._is_installed) ---------------------
+
+
+def test_new_build_under_the_installed_name_and_length_is_installed(ecu: Ecu) -> None:
+    """A target with the installed image's name and length but other hashes is an update:
+    the ECU must not take it for the image it already runs (ecu._is_installed, hashes)."""
+    ecu.install_v1()
+    v1 = app("blink_v1")
+    rebuilt = v1.replace(b"blink v1: self-test ok", b"blink v1: self-test OK")
+    assert len(rebuilt) == len(v1) and rebuilt != v1
+    tf = ecu.target("apps/blink_v1.wasm", rebuilt, release_counter=2, capabilities=V1_CAPS)
+    result = SignedEcuVersionReport.from_der(ecu.update(tf, rebuilt))
+    report = result.verify(ecu.signer.public_key)
+    assert report.installed is not None
+    assert report.installed.hashes == dict(tf.hashes)
+    assert report.installed.release_counter == 2
+    store = ecu.secondary.store
+    assert store.active is not None
+    assert store.slot_path(store.active).read_bytes() == rebuilt
+
+
+# --- provisioning (ecu.Secondary.__init__) ----------------------------------------
+
+
+@pytest.mark.parametrize("what", ["garbage", "targets"])
+def test_a_bad_director_root_is_refused_at_provisioning(tmp_path: Path, what: str) -> None:
+    """A Director root that is not root metadata is refused when the ECU is made, with a
+    typed error, not accepted and found out at the first metadata push (5.4.4.1)."""
+    sim = DirectorSim()
+    bad = b"\x30\x03\x02\x01\x00" if what == "garbage" else sim.publish_targets([])
+    with pytest.raises(tuf_exc.RepositoryError):
+        Secondary(
+            ecu_serial=SERIAL,
+            hardware_id=HW,
+            vin=VIN,
+            signer=CryptoSigner.generate_ed25519(),
+            director_root=bad,
+            slot_dir=tmp_path / "slots",
+            clock=Clock(),
+        )
+    assert not (tmp_path / "slots" / "state.json").exists()
+
+
+# --- metadata pushes (ecu._on_metadata) -------------------------------------------
+
+
+def test_root_versions_buffered_are_bounded(ecu: Ecu) -> None:
+    """A primary cannot make the ECU buffer more root versions than partial verification
+    would ever take: the one past ``MAX_ROOT_ROTATIONS`` is refused, a resent one is not."""
+    before = ecu.slots()
+    junk = b"\x30\x00" * 64
+    for version in range(2, 2 + partial.MAX_ROOT_ROTATIONS):
+        push = {"repository": "director", "role": "root", "version": version, "der": junk}
+        assert ecu.ask("metadataPush", push)[1]["code"] == "ok"
+    extra = {"repository": "director", "role": "root", "version": 99, "der": junk}
+    kind, value = ecu.ask("metadataPush", extra)
+    assert (kind, value["code"]) == ("ack", "badRequest")
+    assert "too many root versions" in value["text"]
+    again = {"repository": "director", "role": "root", "version": 2, "der": junk}
+    assert ecu.ask("metadataPush", again)[1]["code"] == "ok"
+    assert ecu.slots() == before
+
+
+def test_a_push_of_another_director_role_is_refused_and_keeps_the_buffered_root(
+    ecu: Ecu,
+) -> None:
+    """Only root and targets are pushed to a partial-verification ECU: any other role is a
+    bad request that changes nothing, not even the root versions already buffered."""
+    ecu.install_v1()
+    root_v2 = ecu.sim.rotate_root(targets_key=True)
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    targets = ecu.sim.publish_targets([v2])
+    push = {"repository": "director", "role": "root", "version": 2, "der": root_v2}
+    assert ecu.ask("metadataPush", push)[1]["code"] == "ok"
+    for role in ("snapshot", "timestamp"):
+        other = {"repository": "director", "role": role, "version": 2, "der": targets}
+        kind, value = ecu.ask("metadataPush", other)
+        assert (kind, value["code"]) == ("ack", "badRequest")
+    assert ecu.report().attacks_detected == ()
+    assert ecu.client.push_metadata([], targets) == "ok"  # root v2 was still buffered
+    assert ecu.secondary.trusted.root.version == 2
