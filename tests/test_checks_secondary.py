@@ -18,7 +18,9 @@ from securesystemslib.signer import CryptoSigner
 from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
 from tuf.api import exceptions as tuf_exc
 
+from ecus.primary.can_link import MetadataRejectedError
 from ecus.secondary import Secondary
+from uptane.errors import ATTACK_ROLLBACK
 from uptane.manifest import SignedEcuVersionReport
 from uptane.verification import partial
 
@@ -106,3 +108,29 @@ def test_a_push_of_another_director_role_is_refused_and_keeps_the_buffered_root(
     assert ecu.report().attacks_detected == ()
     assert ecu.client.push_metadata([], targets) == "ok"  # root v2 was still buffered
     assert ecu.secondary.trusted.root.version == 2
+
+
+# --- rollback protection (5.4.4.1: the installed image's release counter) ----------
+
+
+def test_rollback_below_the_installed_image_after_targets_that_assign_nothing(
+    ecu: Ecu,
+) -> None:
+    """The installed image's release counter is a floor of its own: after Director targets
+    that assign this ECU nothing (the trusted release floor is then 0), a target with a
+    lower release counter than the running image is still a rollback attack."""
+    tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), capabilities=V1_CAPS, release_counter=5)
+    ecu.update(tf, app("blink_v1"))
+    assert ecu.client.push_metadata([], ecu.sim.publish_targets([])) == "noUpdate"
+    assert ecu.secondary.trusted.release_counter == 0
+    ecu.report()
+    before = ecu.slots()
+    old = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=4)
+    with pytest.raises(MetadataRejectedError) as e:
+        ecu.client.push_metadata([], ecu.sim.publish_targets([old]))
+    assert e.value.code == "metadataRejected"
+    report = ecu.report()
+    assert ATTACK_ROLLBACK in report.attacks_detected
+    assert report.installed is not None and report.installed.release_counter == 5
+    assert ecu.secondary.pending_target is None
+    assert ecu.slots() == before
