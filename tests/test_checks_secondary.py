@@ -18,9 +18,9 @@ from securesystemslib.signer import CryptoSigner
 from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
 from tuf.api import exceptions as tuf_exc
 
-from ecus.primary.can_link import MetadataRejectedError
+from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
-from uptane.errors import ATTACK_ROLLBACK
+from uptane.errors import ATTACK_ROLLBACK, ATTACK_WRONG_ECU
 from uptane.manifest import SignedEcuVersionReport
 from uptane.verification import partial
 
@@ -134,3 +134,68 @@ def test_rollback_below_the_installed_image_after_targets_that_assign_nothing(
     assert report.installed is not None and report.installed.release_counter == 5
     assert ecu.secondary.pending_target is None
     assert ecu.slots() == before
+
+
+# --- offers and chunks (ecu._on_offer, ecu._on_chunk) -------------------------------
+
+
+def test_offer_of_an_unassigned_image_while_running_the_assigned_one_is_reported(
+    ecu: Ecu,
+) -> None:
+    """With nothing pending, only the image the ECU already runs is a quiet ``noUpdate``;
+    any other offer is refused and reported as ``wrong_ecu`` (5.4.4.1: the ECU takes only
+    what verified Director metadata assigns it)."""
+    before = ecu.install_v1()
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    with pytest.raises(ImageRefusedError) as e:
+        ecu.client.offer(ecu.info_of(v2))
+    assert e.value.code == "noUpdate"
+    report = ecu.report()
+    assert ATTACK_WRONG_ECU in report.attacks_detected
+    assert ecu.slots() == before
+
+
+@pytest.mark.parametrize("assign_next", [True, False])
+def test_new_director_targets_stop_the_transfer_of_the_old_image(
+    ecu: Ecu, assign_next: bool
+) -> None:
+    """Once verified Director targets assign another image (or none), chunks of the image
+    they replaced are no longer written: the writer of the old transfer is dropped."""
+    ecu.install_v1()
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    ecu.client.push_metadata([], ecu.sim.publish_targets([v2]))
+    assert ecu.client.offer(ecu.info_of(v2)) == 0
+    data = app("blink_v2")
+    assert ecu.client.send_chunk(0, data[:100], len(data)) == 100
+    store = ecu.secondary.store
+    slot = store.inactive_slot()
+    entries = []
+    if assign_next:
+        rebuilt = data.replace(b"blink v2", b"blink v3")
+        assert rebuilt != data
+        entries = [ecu.target("apps/blink_v3.wasm", rebuilt, release_counter=3)]
+    ecu.client.push_metadata([], ecu.sim.publish_targets(entries))
+    kind, value = ecu.ask("imageChunk", {"offset": 100, "data": data[100:200]})
+    assert (kind, value["code"]) == ("chunkAck", "notReady")
+    assert store.slot_info(slot).written == 100
+    assert store.slot_path(slot).stat().st_size == 100
+
+
+# --- install requests (ecu._on_install) ---------------------------------------------
+
+
+def test_install_request_for_another_filename_installs_nothing(ecu: Ecu) -> None:
+    """An install request must name the pending verified target: a complete transfer is
+    not installed under another name, and stays ready for the right request."""
+    ecu.install_v1()
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    ecu.client.push_metadata([], ecu.sim.publish_targets([v2]))
+    ecu.client.send_image(app("blink_v2"), ecu.info_of(v2))
+    before = ecu.slots()
+    outcome = ecu.client.install("apps/blink_v1.wasm")
+    assert outcome.code == "noUpdate"
+    assert ecu.slots() == before
+    assert ecu.secondary.store.trial is None
+    assert ecu.secondary.tick(9) == 9  # still blink v1
+    assert ecu.client.install(v2.path).ok
+    assert ecu.slots().name == "apps/blink_v2.wasm"
