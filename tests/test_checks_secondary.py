@@ -20,8 +20,10 @@ from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
-from uptane.errors import ATTACK_ROLLBACK, ATTACK_WRONG_ECU
-from uptane.manifest import SignedEcuVersionReport
+from ecus.secondary.slots import COMMITTED
+from uptane import codec
+from uptane.errors import ATTACK_ROLLBACK, ATTACK_SPOOFED_MESSAGE, ATTACK_WRONG_ECU
+from uptane.manifest import SignedEcuVersionReport, sign_statement
 from uptane.verification import partial
 
 ecu = test_secondary.ecu  # the fixture, under its own name
@@ -199,3 +201,49 @@ def test_install_request_for_another_filename_installs_nothing(ecu: Ecu) -> None
     assert ecu.secondary.tick(9) == 9  # still blink v1
     assert ecu.client.install(v2.path).ok
     assert ecu.slots().name == "apps/blink_v2.wasm"
+
+
+# --- boot (ecu._boot, slots.SlotStore.boot) ------------------------------------------
+
+
+def test_trial_interrupted_by_a_restart_is_run_again_then_committed(ecu: Ecu) -> None:
+    """With ``max_trial_boots`` set, an image whose trial a restart interrupted is tried
+    again at boot and committed only once it passes: it never runs off trial unchecked."""
+    ecu.install_v1()
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    ecu.client.push_metadata([], ecu.sim.publish_targets([v2]))
+    ecu.client.send_image(app("blink_v2"), ecu.info_of(v2))
+    writer = ecu.secondary._writer
+    assert writer is not None
+    writer.finish()
+    ecu.secondary.store.start_trial()  # the power is cut here, mid-trial
+    secondary = ecu.boot(max_trial_boots=1)
+    store = secondary.store
+    assert store.trial is None
+    assert store.slot_info(store.active or "").status == COMMITTED
+    assert ecu.slots().name == "apps/blink_v2.wasm"
+    assert secondary.tick(7) == 2 * 7 + 5  # blink v2 runs, after passing its trial
+    assert ecu.report().last_result == "ok"
+
+
+# --- the primary's signed statements (primary_statements, DESIGN 7) -------------------
+
+
+def test_receipt_signatures_without_a_counter_are_a_spoofed_receipt(ecu: Ecu) -> None:
+    """A report request carrying receipt signatures but no counter clears nothing, is
+    reported as ``spoofed_message``, and is still answered with a signed report."""
+    tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), hardware_ids=["other-hw"])
+    with pytest.raises(MetadataRejectedError):
+        ecu.client.push_metadata([], ecu.sim.publish_targets([tf]))
+    carried = ecu.report()
+    receipt = {"ecuSerial": SERIAL, "reportCounter": carried.report_counter}
+    request = codec.encode_message(
+        "versionReportRequest",
+        {"nonce": b"n", "receiptSignatures": sign_statement("reportReceipt", receipt, ecu.primary)},
+    )
+    kind, value = codec.decode_message(ecu.secondary.handle(request))
+    assert kind == "versionReportResponse"
+    answered = SignedEcuVersionReport.from_der(bytes(value["signedReport"]))
+    report = answered.verify(ecu.signer.public_key)
+    assert report.nonce == b"n"
+    assert set(report.attacks_detected) == {ATTACK_WRONG_ECU, ATTACK_SPOOFED_MESSAGE}
