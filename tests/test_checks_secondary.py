@@ -13,20 +13,23 @@ from pathlib import Path
 
 import pytest
 import test_secondary
+import test_slots
 from helpers.director_sim import VIN, DirectorSim
 from securesystemslib.signer import CryptoSigner
 from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
+from test_slots import T2, V2, write_all
 from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
-from ecus.secondary.slots import COMMITTED
+from ecus.secondary.slots import COMMITTED, SlotStore
 from uptane import codec
 from uptane.errors import ATTACK_ROLLBACK, ATTACK_SPOOFED_MESSAGE, ATTACK_WRONG_ECU
 from uptane.manifest import SignedEcuVersionReport, sign_statement
 from uptane.verification import partial
 
-ecu = test_secondary.ecu  # the fixture, under its own name
+ecu = test_secondary.ecu  # the fixtures, under their own names
+v1_store = test_slots.v1_store
 
 
 # --- the image the ECU believes it runs (ecu._is_installed) ---------------------
@@ -247,3 +250,17 @@ def test_receipt_signatures_without_a_counter_are_a_spoofed_receipt(ecu: Ecu) ->
     report = answered.verify(ecu.signer.public_key)
     assert report.nonce == b"n"
     assert set(report.attacks_detected) == {ATTACK_WRONG_ECU, ATTACK_SPOOFED_MESSAGE}
+
+
+# --- the A/B slot store (slots.SlotStore) ------------------------------------------------
+
+
+def test_no_image_is_resumed_while_one_is_on_trial(v1_store: SlotStore) -> None:
+    """``resume_image`` refuses like ``begin_image`` while a trial runs: the slot on trial
+    (the inactive one) is never handed out for writing (DESIGN 5)."""
+    write_all(v1_store, T2, V2)
+    v1_store.start_trial()
+    with pytest.raises(RuntimeError):
+        v1_store.resume_image(T2)
+    assert v1_store.trial is not None
+    assert v1_store.read_image(v1_store.trial) == V2
