@@ -264,3 +264,25 @@ def test_no_image_is_resumed_while_one_is_on_trial(v1_store: SlotStore) -> None:
         v1_store.resume_image(T2)
     assert v1_store.trial is not None
     assert v1_store.read_image(v1_store.trial) == V2
+
+
+def test_a_finished_writer_cannot_touch_its_slot_on_trial_or_after_commit(
+    v1_store: SlotStore,
+) -> None:
+    """Once its slot is on trial, and after it is committed, the writer that filled it is
+    no longer current: finishing it again would mark the running slot merely verified."""
+    writer = v1_store.resume_image(T2)
+    for offset in range(0, len(V2), 200):
+        writer.write(offset, V2[offset : offset + 200])
+    writer.finish()
+    trial = v1_store.start_trial().slot
+    with pytest.raises(RuntimeError):
+        writer.finish()
+    assert v1_store.trial == trial
+    v1_store.commit()
+    with pytest.raises(RuntimeError):
+        writer.finish()
+    assert v1_store.active == trial
+    assert v1_store.slot_info(trial).status == COMMITTED
+    booted = SlotStore(v1_store.path).boot()
+    assert booted is not None and booted.slot == trial and booted.image == V2
