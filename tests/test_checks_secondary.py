@@ -22,9 +22,9 @@ from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
-from ecus.secondary.slots import COMMITTED, SlotStore
+from ecus.secondary.slots import COMMITTED, FAILED, SlotStore
 from uptane import codec
-from uptane.errors import ATTACK_ROLLBACK, ATTACK_SPOOFED_MESSAGE, ATTACK_WRONG_ECU
+from uptane.errors import ATTACK_ROLLBACK, ATTACK_SPOOFED_MESSAGE, ATTACK_WRONG_ECU, InstallError
 from uptane.manifest import SignedEcuVersionReport, sign_statement
 from uptane.verification import partial
 
@@ -286,3 +286,15 @@ def test_a_finished_writer_cannot_touch_its_slot_on_trial_or_after_commit(
     assert v1_store.slot_info(trial).status == COMMITTED
     booted = SlotStore(v1_store.path).boot()
     assert booted is not None and booted.slot == trial and booted.image == V2
+
+
+def test_a_slot_that_failed_its_trial_is_never_read_as_verified(v1_store: SlotStore) -> None:
+    """A slot whose image failed its trial keeps bytes that match its target, yet
+    ``read_image`` refuses it: only verified or committed slots are handed out to run."""
+    write_all(v1_store, T2, V2)
+    slot = v1_store.start_trial().slot
+    v1_store.rollback("self_test_failed")
+    assert v1_store.slot_info(slot).status == FAILED
+    assert v1_store.slot_path(slot).read_bytes() == V2
+    with pytest.raises(InstallError, match="no verified image"):
+        v1_store.read_image(slot)
