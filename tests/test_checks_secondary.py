@@ -9,6 +9,7 @@ primary's signed statements (DESIGN 7), the A/B slots and the WASM trial
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import test_slots
 from helpers.director_sim import VIN, DirectorSim
 from securesystemslib.signer import CryptoSigner
 from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
-from test_slots import T2, V2, write_all
+from test_slots import T2, V1, V2, write_all
 from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
@@ -298,3 +299,45 @@ def test_a_slot_that_failed_its_trial_is_never_read_as_verified(v1_store: SlotSt
     assert v1_store.slot_path(slot).read_bytes() == V2
     with pytest.raises(InstallError, match="no verified image"):
         v1_store.read_image(slot)
+
+
+def test_a_trial_image_changed_before_its_retry_is_rolled_back_at_boot(
+    v1_store: SlotStore,
+) -> None:
+    """With ``max_trial_boots`` set, the image of an interrupted trial is checked again at
+    boot: bytes that no longer match their target are rolled back and the previous image
+    boots, instead of the ECU failing to start."""
+    write_all(v1_store, T2, V2)
+    slot = v1_store.start_trial().slot
+    path = v1_store.slot_path(slot)
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    reopened = SlotStore(v1_store.path, max_trial_boots=1)
+    booted = reopened.boot()
+    assert booted is not None and booted.image == V1 and not booted.trial
+    assert booted.rolled_back == "trial image no longer matches its metadata"
+    assert reopened.trial is None
+    assert reopened.slot_info(slot).status == FAILED
+
+
+def test_commit_or_rollback_without_a_trial_is_refused(v1_store: SlotStore) -> None:
+    """Commit and rollback need an image on trial: a typed refusal, nothing changes."""
+    state = (v1_store.path / "state.json").read_bytes()
+    with pytest.raises(RuntimeError, match="no image is on trial"):
+        v1_store.commit()
+    with pytest.raises(RuntimeError, match="no image is on trial"):
+        v1_store.rollback("self_test_failed")
+    assert (v1_store.path / "state.json").read_bytes() == state
+
+
+@pytest.mark.parametrize("length", [-1, True, "768"])
+def test_a_state_record_with_a_bad_target_length_is_refused(
+    v1_store: SlotStore, length: object
+) -> None:
+    """A slot target whose length is not a non-negative integer makes the state record
+    invalid: a typed ``InstallError`` at load, never a store that trusts it."""
+    path = v1_store.path / "state.json"
+    state = json.loads(path.read_bytes())
+    state["slots"][v1_store.active]["target"]["length"] = length
+    path.write_text(json.dumps(state))
+    with pytest.raises(InstallError, match="invalid"):
+        SlotStore(v1_store.path)
