@@ -10,7 +10,9 @@ primary's signed statements (DESIGN 7), the A/B slots and the WASM trial
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_secondary
@@ -338,6 +340,60 @@ def test_a_state_record_with_a_bad_target_length_is_refused(
     path = v1_store.path / "state.json"
     state = json.loads(path.read_bytes())
     state["slots"][v1_store.active]["target"]["length"] = length
+    path.write_text(json.dumps(state))
+    with pytest.raises(InstallError, match="invalid"):
+        SlotStore(v1_store.path)
+
+
+def test_a_state_record_with_a_non_hex_digest_is_refused(v1_store: SlotStore) -> None:
+    """A slot target digest that is not hex makes the state record invalid (typed error),
+    rather than a slot that can never be verified."""
+    path = v1_store.path / "state.json"
+    state = json.loads(path.read_bytes())
+    state["slots"][v1_store.active]["target"]["hashes"]["sha256"] = "zz" * 32
+    path.write_text(json.dumps(state))
+    with pytest.raises(InstallError, match="invalid"):
+        SlotStore(v1_store.path)
+
+
+def _set(path: tuple[object, ...], value: object) -> Callable[[dict[str, Any], str], None]:
+    """An edit of the state record: ``value`` at ``path`` ("ACTIVE" names the active slot)."""
+
+    def edit(state: dict[str, Any], active: str) -> None:
+        keys = [active if k == "ACTIVE" else k for k in path]
+        node: Any = state
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(_set(("format",), 2), id="format"),
+        pytest.param(lambda s, a: s.update(trial=a), id="trial-is-active"),
+        pytest.param(_set(("slots", "ACTIVE", "status"), "booted"), id="status"),
+        pytest.param(_set(("slots", "ACTIVE", "target", "name"), "../x.wasm"), id="target"),
+        pytest.param(_set(("slots", "ACTIVE", "written"), -1), id="written"),
+        pytest.param(_set(("slots", "ACTIVE", "target"), None), id="active-without-target"),
+        pytest.param(_set(("report_counter",), "7"), id="report-counter"),
+        pytest.param(_set(("boot_attempts",), None), id="boot-attempts"),
+        pytest.param(_set(("metadata",), []), id="metadata"),
+        pytest.param(_set(("extra",), "x"), id="extra"),
+        pytest.param(_set(("time_floor",), "yesterday"), id="time-floor"),
+    ],
+)
+def test_an_invalid_state_record_is_refused_at_load(
+    v1_store: SlotStore, edit: Callable[[dict[str, Any], str], None]
+) -> None:
+    """Every field of the slot state record is checked when the ECU starts: a record it
+    did not write (or a newer format) is a typed ``InstallError``, never half-trusted."""
+    path = v1_store.path / "state.json"
+    state = json.loads(path.read_bytes())
+    assert v1_store.active is not None
+    edit(state, v1_store.active)
     path.write_text(json.dumps(state))
     with pytest.raises(InstallError, match="invalid"):
         SlotStore(v1_store.path)
