@@ -10,13 +10,15 @@ primary's signed statements (DESIGN 7), the A/B slots and the WASM trial
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import test_secondary
 import test_slots
+from helpers.delta_ecu import DeltaEcu, patch_v1_v2
+from helpers.delta_images import release
 from helpers.director_sim import VIN, DirectorSim
 from securesystemslib.signer import CryptoSigner
 from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
@@ -25,9 +27,16 @@ from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
+from ecus.secondary.delta import DELTA_FILE, DELTA_KEY
 from ecus.secondary.slots import COMMITTED, FAILED, SlotStore
 from uptane import codec
-from uptane.errors import ATTACK_ROLLBACK, ATTACK_SPOOFED_MESSAGE, ATTACK_WRONG_ECU, InstallError
+from uptane.errors import (
+    ATTACK_ROLLBACK,
+    ATTACK_SPOOFED_MESSAGE,
+    ATTACK_WRONG_ECU,
+    CodecError,
+    InstallError,
+)
 from uptane.manifest import SignedEcuVersionReport, sign_statement
 from uptane.verification import partial
 
@@ -397,3 +406,60 @@ def test_an_invalid_state_record_is_refused_at_load(
     path.write_text(json.dumps(state))
     with pytest.raises(InstallError, match="invalid"):
         SlotStore(v1_store.path)
+
+
+# --- deltas (delta.DeltaWriter, delta.start_delta; docs/deltas.md) -----------------------
+
+
+@pytest.fixture
+def delta_ecu(tmp_path: Path) -> Iterator[DeltaEcu]:
+    e = DeltaEcu(tmp_path)
+    e.install_v1()
+    e.report()  # a clean slate of attacks
+    yield e
+    e.close()
+
+
+def test_a_delta_that_does_not_decode_marks_its_slot_failed(delta_ecu: DeltaEcu) -> None:
+    """A delta refused mid-transfer leaves its slot failed (it can never go on trial), the
+    failure recorded and no transfer record or patch bytes behind."""
+    patch = bytearray(patch_v1_v2())
+    patch[5] ^= 0x10  # the patch no longer decodes
+    update = delta_ecu.with_delta(delta_ecu.update(2), bytes(patch))
+    assert update.delta is not None
+    delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
+    with pytest.raises(ImageRefusedError) as e:
+        delta_ecu.client.send_image(bytes(patch), update.installed_image, delta=update.delta.offer)
+    assert e.value.code == "imageMismatch"
+    store = delta_ecu.secondary.store
+    slot = store.inactive_slot()
+    assert store.slot_info(slot).status == FAILED
+    failure = store.last_failure
+    assert failure is not None and (failure.slot, failure.target) == (slot, update.target.name)
+    assert store.get_extra(DELTA_KEY) is None
+    assert not (store.path / DELTA_FILE).exists()
+    assert delta_ecu.active_bytes() == release(1)
+
+
+def test_a_delta_whose_patch_bytes_were_lost_starts_over(delta_ecu: DeltaEcu) -> None:
+    """After a restart that lost the received patch bytes (the record says more than the
+    file holds), the next offer starts the delta from 0 and it installs: no stale offset
+    is trusted, nothing is padded with zeros."""
+    patch = patch_v1_v2()
+    update = delta_ecu.with_delta(delta_ecu.update(2), patch)
+    assert update.delta is not None
+    delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
+    delta_ecu.client.chunk_size = 64
+    delta_ecu.cut_at = ("delta_chunk", 3)
+    with pytest.raises(CodecError):  # the ECU died mid-exchange
+        delta_ecu.client.send_image(patch, update.installed_image, delta=update.delta.offer)
+    store_path = delta_ecu.secondary.store.path
+    record = delta_ecu.secondary.store.get_extra(DELTA_KEY)
+    assert record is not None and record["received"] > 0
+    (store_path / DELTA_FILE).write_bytes(b"")  # the patch bytes did not survive
+    delta_ecu.boot()
+    delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
+    assert delta_ecu.client.offer(update.installed_image, update.delta.offer) == 0
+    delta_ecu.client.send_update(update)
+    assert delta_ecu.report().installed == delta_ecu.installed(2)
+    assert delta_ecu.active_bytes() == release(2)
