@@ -9,11 +9,13 @@ primary's signed statements (DESIGN 7), the A/B slots and the WASM trial
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import detools
 import pytest
 import test_secondary
 import test_slots
@@ -461,5 +463,40 @@ def test_a_delta_whose_patch_bytes_were_lost_starts_over(delta_ecu: DeltaEcu) ->
     delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
     assert delta_ecu.client.offer(update.installed_image, update.delta.offer) == 0
     delta_ecu.client.send_update(update)
+    assert delta_ecu.report().installed == delta_ecu.installed(2)
+    assert delta_ecu.active_bytes() == release(2)
+
+
+def test_another_delta_for_the_same_target_does_not_resume_the_first(
+    delta_ecu: DeltaEcu,
+) -> None:
+    """The durable bytes of an interrupted delta are resumed only by the same delta (its
+    base, result and length): another patch for the same target starts from 0."""
+    first = patch_v1_v2()
+    out = io.BytesIO()
+    detools.create_patch(
+        io.BytesIO(release(1)),
+        io.BytesIO(release(2)),
+        out,
+        compression="heatshrink",
+        patch_type="sequential",
+        heatshrink_window_sz2=8,
+        heatshrink_lookahead_sz2=4,
+    )
+    second = out.getvalue()
+    assert len(second) != len(first)
+    update = delta_ecu.with_delta(delta_ecu.update(2), first)
+    assert update.delta is not None
+    delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
+    delta_ecu.client.chunk_size = 64
+    delta_ecu.cut_at = ("delta_chunk", 3)
+    with pytest.raises(CodecError):  # the ECU died mid-exchange
+        delta_ecu.client.send_image(first, update.installed_image, delta=update.delta.offer)
+    delta_ecu.boot()
+    other = delta_ecu.with_delta(update, second)
+    assert other.delta is not None
+    delta_ecu.client.push_metadata(other.director_root_chain, other.director_targets)
+    assert delta_ecu.client.offer(other.installed_image, other.delta.offer) == 0
+    delta_ecu.client.send_update(other)
     assert delta_ecu.report().installed == delta_ecu.installed(2)
     assert delta_ecu.active_bytes() == release(2)
