@@ -19,11 +19,12 @@ import detools
 import pytest
 import test_secondary
 import test_slots
+import wasmtime
 from helpers.delta_ecu import DeltaEcu, patch_v1_v2
 from helpers.delta_images import release
 from helpers.director_sim import VIN, DirectorSim
 from securesystemslib.signer import CryptoSigner
-from test_secondary import HW, SERIAL, V1_CAPS, Clock, Ecu, app
+from test_secondary import HW, REPO, SERIAL, V1_CAPS, Clock, Ecu, app
 from test_slots import T2, V1, V2, write_all
 from tuf.api import exceptions as tuf_exc
 
@@ -31,6 +32,7 @@ from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
 from ecus.secondary.delta import DELTA_FILE, DELTA_KEY
 from ecus.secondary.slots import COMMITTED, FAILED, SlotStore
+from ecus.secondary.wasm_host import MAX_LOGS_PER_CALL, SimPeripherals, WasmHost
 from uptane import codec
 from uptane.errors import (
     ATTACK_ROLLBACK,
@@ -40,6 +42,7 @@ from uptane.errors import (
     InstallError,
 )
 from uptane.manifest import SignedEcuVersionReport, sign_statement
+from uptane.metadata import Limits
 from uptane.verification import partial
 
 ecu = test_secondary.ecu  # the fixtures, under their own names
@@ -500,3 +503,43 @@ def test_another_delta_for_the_same_target_does_not_resume_the_first(
     delta_ecu.client.send_update(other)
     assert delta_ecu.report().installed == delta_ecu.installed(2)
     assert delta_ecu.active_bytes() == release(2)
+
+
+# --- the WASM host (wasm_host.WasmApp, DESIGN 5) -----------------------------------------
+
+_LOG_FLOOD = """
+(module
+  (import "uptane" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "hello")
+  (func (export "self_test") (result i32)
+    (local $i i32)
+    (loop $again
+      (call $log (i32.const 0) (i32.const 5))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 100))))
+    (i32.const 0))
+  (func (export "tick") (param $t i64) (result i64) (local.get $t)))
+"""
+
+
+def test_a_module_cannot_flood_the_log_sink() -> None:
+    """At most ``MAX_LOGS_PER_CALL`` messages per call reach the log sink; the rest are
+    counted as dropped, and the module keeps running."""
+    peripherals = SimPeripherals()
+    limits = Limits(confirm_ticks=1)
+    result = WasmHost().trial(bytes(wasmtime.wat2wasm(_LOG_FLOOD)), ("log",), limits, peripherals)
+    assert result.passed, result
+    assert len(peripherals.logs) == MAX_LOGS_PER_CALL
+    assert result.app is not None and result.app.logs_dropped == 100 - MAX_LOGS_PER_CALL
+
+
+@pytest.mark.parametrize("value", [True, 2**63, -(2**63) - 1, 1.5])
+def test_a_sensor_value_that_is_not_an_i64_is_a_host_error(value: object) -> None:
+    """A peripheral returning anything but a signed 64-bit integer (a bool included) fails
+    the trial as ``host_error``: the module never sees a converted value."""
+    peripherals = SimPeripherals(sensors={0: value})  # type: ignore[dict-item]
+    sensor_tick = bytes(wasmtime.wat2wasm((REPO / "tests" / "wat" / "sensor_tick.wat").read_text()))
+    result = WasmHost().trial(sensor_tick, ("sensor.read",), Limits(confirm_ticks=2), peripherals)
+    assert not result.passed and result.reason == "host_error", result
+    assert "not a signed 64-bit integer" in result.detail
