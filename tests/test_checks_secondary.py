@@ -31,8 +31,9 @@ from tuf.api import exceptions as tuf_exc
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
 from ecus.secondary import Secondary
 from ecus.secondary.delta import DELTA_FILE, DELTA_KEY
+from ecus.secondary.report_state import ReportState
 from ecus.secondary.slots import COMMITTED, FAILED, SlotStore
-from ecus.secondary.wasm_host import MAX_LOGS_PER_CALL, SimPeripherals, WasmHost
+from ecus.secondary.wasm_host import MAX_LOG_BYTES, MAX_LOGS_PER_CALL, SimPeripherals, WasmHost
 from uptane import codec
 from uptane.errors import (
     ATTACK_ROLLBACK,
@@ -543,3 +544,67 @@ def test_a_sensor_value_that_is_not_an_i64_is_a_host_error(value: object) -> Non
     result = WasmHost().trial(sensor_tick, ("sensor.read",), Limits(confirm_ticks=2), peripherals)
     assert not result.passed and result.reason == "host_error", result
     assert "not a signed 64-bit integer" in result.detail
+
+
+_LONG_LOG = """
+(module
+  (import "uptane" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "self_test") (result i32)
+    (memory.fill (i32.const 0) (i32.const 65) (i32.const 65536))
+    (call $log (i32.const 0) (i32.const 65536))
+    (i32.const 0))
+  (func (export "tick") (param $t i64) (result i64) (local.get $t)))
+"""
+
+
+def test_a_log_message_is_cut_to_max_log_bytes() -> None:
+    """A module logging its whole memory gets at most ``MAX_LOG_BYTES`` into the sink."""
+    peripherals = SimPeripherals()
+    module = bytes(wasmtime.wat2wasm(_LONG_LOG))
+    result = WasmHost().trial(module, ("log",), Limits(confirm_ticks=1), peripherals)
+    assert result.passed, result
+    assert peripherals.logs == ["A" * MAX_LOG_BYTES]
+
+
+# --- what the next reports carry (report_state.ReportState, DESIGN 7) ----------------------
+
+
+def test_a_receipt_keeps_the_attacks_recorded_after_the_report_it_names(ecu: Ecu) -> None:
+    """An attack recorded after report N was signed is not in report N: the receipt for N
+    clears what N carried and keeps that one, whose counter is N itself."""
+    ecu.install_v1()
+    unsigned = ecu.ask("timeMessage", {"time": 0})
+    assert unsigned[1]["code"] == "badRequest"
+    carried = ecu.report()
+    assert carried.attacks_detected == (ATTACK_SPOOFED_MESSAGE,)
+    v2 = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=2)
+    with pytest.raises(ImageRefusedError):
+        ecu.client.offer(ecu.info_of(v2))  # recorded at counter N: after report N
+    receipt = {"ecuSerial": SERIAL, "reportCounter": carried.report_counter}
+    request = codec.encode_message(
+        "versionReportRequest",
+        {
+            "nonce": b"r",
+            "lastAccepted": carried.report_counter,
+            "receiptSignatures": sign_statement("reportReceipt", receipt, ecu.primary),
+        },
+    )
+    ecu.secondary.handle(request)
+    assert ecu.report().attacks_detected == (ATTACK_WRONG_ECU,)
+
+
+def test_a_persisted_report_state_is_read_defensively() -> None:
+    """Unknown attack names and result codes in the persisted report state never reach a
+    signed report: the names are dropped, the code becomes ``internalError``."""
+    state = ReportState.from_dict(
+        {
+            "attacks": ["not_an_attack", ATTACK_WRONG_ECU],
+            "since": [1, 2],
+            "last_result": "allGood",
+            "last_result_text": "x",
+        }
+    )
+    assert state.attacks == (ATTACK_WRONG_ECU,)
+    assert state.since == (2,)
+    assert state.last_result == "internalError"
