@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,14 @@ from uptane.errors import (
     CodecError,
     InstallError,
 )
-from uptane.manifest import SignedEcuVersionReport, sign_statement
+from uptane.manifest import (
+    MAX_REPORT_SIZE,
+    EcuHealth,
+    EcuVersionReport,
+    SignedEcuVersionReport,
+    sign_statement,
+    split_signed_report,
+)
 from uptane.metadata import Limits
 from uptane.verification import partial
 
@@ -608,3 +616,75 @@ def test_a_persisted_report_state_is_read_defensively() -> None:
     assert state.attacks == (ATTACK_WRONG_ECU,)
     assert state.since == (2,)
     assert state.last_result == "internalError"
+
+
+# --- the signed report envelope and its health (uptane.manifest, 5.4.2.1) ------------------
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    length = bytes([n]) if n < 0x80 else bytes([0x81, n]) if n < 0x100 else b"\x82" + n.to_bytes(2)
+    return bytes([tag]) + length + content
+
+
+def _envelope(report: bytes, sigs: list[tuple[bytes, bytes]]) -> bytes:
+    entries = b"".join(_tlv(0x30, _tlv(0x80, k) + _tlv(0x81, v)) for k, v in sigs)
+    return _tlv(0x30, _tlv(0x80, report) + _tlv(0xA1, entries))
+
+
+def test_the_report_envelope_reader_refuses_lengths_not_in_their_shortest_form() -> None:
+    """DER lengths in their shortest form only (X.690 10.1): a short length in the long
+    form (0x81) and a one-byte length in the two-byte form (0x82) are refused."""
+    short = _envelope(b"\x30\x00", [(b"a" * 64, b"\x01")])
+    assert short[1] < 0x80 and split_signed_report(short)[0] == b"\x30\x00"
+    with pytest.raises(CodecError, match="shortest form"):
+        split_signed_report(b"\x30\x81" + short[1:])
+    medium = _envelope(b"\x30\x00", [(b"a" * 64, b"\x01" * 120)])
+    assert medium[1] == 0x81 and split_signed_report(medium)[0] == b"\x30\x00"
+    with pytest.raises(CodecError, match="shortest form"):
+        split_signed_report(b"\x30\x82\x00" + medium[2:])
+
+
+def test_the_report_envelope_reader_refuses_more_than_max_report_size() -> None:
+    """An envelope over ``MAX_REPORT_SIZE`` is refused even when every part is in range."""
+    sigs = [(bytes([0x41 + i]) * 64, b"\x01" * 512) for i in range(8)]
+    data = _envelope(b"\x30" * 4096, sigs)
+    assert len(data) > MAX_REPORT_SIZE
+    with pytest.raises(CodecError, match="exceeds"):
+        split_signed_report(data)
+
+
+def _report_with_health(status: str, rollbacks: list[dict[str, Any]]) -> bytes:
+    value = EcuVersionReport("ecu-1", "hw", None, 1, datetime(2026, 5, 1, tzinfo=UTC)).to_der()
+    decoded = codec.decode("EcuVersionReport", value, MAX_REPORT_SIZE)
+    decoded["health"] = {
+        "status": status,
+        "healthCode": 0,
+        "traps": 0,
+        "capabilityDenials": [],
+        "rollbacks": rollbacks,
+    }
+    return codec.encode("EcuVersionReport", decoded)
+
+
+@pytest.mark.parametrize(
+    "rollbacks",
+    [
+        [{"name": "trap", "count": 1}, {"name": "trap", "count": 2}],
+        [{"name": "trap", "count": 1}, {"name": "fuel_exhausted", "count": 2}],
+    ],
+    ids=["duplicate", "unsorted"],
+)
+def test_health_counts_must_be_unique_and_sorted(rollbacks: list[dict[str, Any]]) -> None:
+    """Health counts in a report are one per name, sorted: anything else is a CodecError."""
+    with pytest.raises(CodecError, match="health counts"):
+        EcuVersionReport.from_der(_report_with_health("healthy", rollbacks))
+
+
+def test_an_unknown_health_status_is_not_encoded() -> None:
+    """An ECU cannot sign a report with a health status outside ``HEALTH_STATUSES``."""
+    report = EcuVersionReport(
+        "ecu-1", "hw", None, 1, datetime(2026, 5, 1, tzinfo=UTC), health=EcuHealth("fine")
+    )
+    with pytest.raises(CodecError, match="unknown health status"):
+        report.to_der()
