@@ -42,6 +42,7 @@ from uptane.errors import (
     ATTACK_WRONG_ECU,
     CodecError,
     InstallError,
+    SpoofedMessageError,
 )
 from uptane.manifest import (
     MAX_REPORT_SIZE,
@@ -49,6 +50,7 @@ from uptane.manifest import (
     SignedEcuVersionReport,
     sign_statement,
     split_signed_report,
+    verify_statement,
 )
 from uptane.metadata import Limits
 from uptane.verification import partial
@@ -689,3 +691,16 @@ def test_health_counts_must_be_unique_and_sorted(rollbacks: list[dict[str, Any]]
     """Health counts in a report are one per name, sorted: anything else is a CodecError."""
     with pytest.raises(CodecError, match="health counts"):
         EcuVersionReport.from_der(_report_with_health("healthy", rollbacks))
+
+
+def test_a_statement_is_checked_with_the_signature_of_the_primary_key_only() -> None:
+    """``verify_statement`` looks for the primary key's signature by key id: another key's
+    signature before it is skipped, not taken for a bad signature of the primary."""
+    primary, other = CryptoSigner.generate_ed25519(), CryptoSigner.generate_ed25519()
+    value = {"ecuSerial": SERIAL, "reportCounter": 3}
+    both = sign_statement("reportReceipt", value, other) + sign_statement(
+        "reportReceipt", value, primary
+    )
+    verify_statement("reportReceipt", value, both, primary.public_key)
+    with pytest.raises(SpoofedMessageError):
+        verify_statement("reportReceipt", value, both[:1], primary.public_key)
