@@ -42,12 +42,15 @@ from uptane.errors import (
     ATTACK_WRONG_ECU,
     CodecError,
     InstallError,
+    ManifestError,
     SpoofedMessageError,
 )
 from uptane.manifest import (
     MAX_REPORT_SIZE,
     EcuVersionReport,
     SignedEcuVersionReport,
+    SignedVehicleManifest,
+    VehicleVersionManifest,
     sign_statement,
     split_signed_report,
     verify_statement,
@@ -704,3 +707,16 @@ def test_a_statement_is_checked_with_the_signature_of_the_primary_key_only() -> 
     verify_statement("reportReceipt", value, both, primary.public_key)
     with pytest.raises(SpoofedMessageError):
         verify_statement("reportReceipt", value, both[:1], primary.public_key)
+
+
+def test_a_vehicle_manifest_with_more_than_256_reports_is_refused() -> None:
+    """The Director parses at most 256 ECU reports per vehicle manifest (5.4.2.2)."""
+    signer = CryptoSigner.generate_ed25519()
+    report = EcuVersionReport("ecu-0", "hw", None, 1, datetime(2026, 5, 1, tzinfo=UTC))
+    signed = SignedEcuVersionReport.sign(report, signer)
+    ok = VehicleVersionManifest(VIN, "primary", {f"ecu-{i}": signed for i in range(256)})
+    assert len(SignedVehicleManifest.from_bytes(ok.sign(signer)).manifest.reports) == 256
+    big = VehicleVersionManifest(VIN, "primary", {f"ecu-{i}": signed for i in range(257)})
+    with pytest.raises(ManifestError) as e:
+        SignedVehicleManifest.from_bytes(big.sign(signer))
+    assert e.value.reason == "malformed"
