@@ -720,3 +720,15 @@ def test_a_vehicle_manifest_with_more_than_256_reports_is_refused() -> None:
     with pytest.raises(ManifestError) as e:
         SignedVehicleManifest.from_bytes(big.sign(signer))
     assert e.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("serial", ["", "ecu 1", "x" * 300, "../ecu"])
+def test_a_vehicle_manifest_keyed_by_a_bad_ecu_serial_is_refused(serial: str) -> None:
+    """Every ECU serial that keys a report in a vehicle manifest must be an identifier."""
+    signer = CryptoSigner.generate_ed25519()
+    report = EcuVersionReport("ecu-0", "hw", None, 1, datetime(2026, 5, 1, tzinfo=UTC))
+    signed = SignedEcuVersionReport.sign(report, signer)
+    manifest = VehicleVersionManifest(VIN, "primary", {serial: signed})
+    with pytest.raises(ManifestError) as e:
+        SignedVehicleManifest.from_bytes(manifest.sign(signer))
+    assert e.value.reason == "malformed"
