@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from uptane.errors import InstallError, MetadataError
+from uptane.errors import InstallError, MetadataError, UnsafeTargetPathError
 from uptane.metadata import (
     Limits,
     UptaneTarget,
@@ -233,6 +233,6 @@ def _check_state(state: Any) -> dict[str, Any]:
             raise ValueError("bad metadata/extra")
         if state["time_floor"] is not None:
             datetime.fromisoformat(state["time_floor"])
-    except (KeyError, TypeError, ValueError, MetadataError) as e:
+    except (KeyError, TypeError, ValueError, MetadataError, UnsafeTargetPathError) as e:
         raise InstallError(f"slot state record is invalid: {e!r}") from e
     return state
