@@ -81,7 +81,9 @@ VALUE = b"\x01" * 64
 def _refusals() -> list[tuple[str, bytes]]:
     good = _envelope(b"\x30\x00", [(KEYID, VALUE)])
     assert split_signed_report(good)[0] == b"\x30\x00"
-    nonminimal = b"\x30\x81" + bytes([len(good) - 2]) + good[2:]
+    short = _envelope(b"\x30\x00", [(KEYID, b"\x01")])  # under 128 bytes: a short length
+    assert short[1] == len(short) - 2 < 0x80 and split_signed_report(short)[0] == b"\x30\x00"
+    nonminimal = b"\x30\x81" + short[1:]  # the same length in a needless long form
     return [
         ("trailing byte", good + b"\x00"),
         ("truncated", good[:-1]),
