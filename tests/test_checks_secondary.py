@@ -732,3 +732,22 @@ def test_a_vehicle_manifest_keyed_by_a_bad_ecu_serial_is_refused(serial: str) ->
     with pytest.raises(ManifestError) as e:
         SignedVehicleManifest.from_bytes(manifest.sign(signer))
     assert e.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(("count", "accepted"), [(0, False), (1, True), (8, True), (9, False)])
+def test_a_vehicle_manifest_carries_one_to_eight_signatures(count: int, accepted: bool) -> None:
+    """``SignedVehicleManifest.from_bytes`` takes 1-8 signatures (the module's bound)."""
+    signer = CryptoSigner.generate_ed25519()
+    report = EcuVersionReport("ecu-0", "hw", None, 1, datetime(2026, 5, 1, tzinfo=UTC))
+    manifest = VehicleVersionManifest(
+        VIN, "primary", {"ecu-0": SignedEcuVersionReport.sign(report, signer)}
+    )
+    doc = json.loads(manifest.sign(signer))
+    doc["signatures"] = doc["signatures"] * count
+    data = json.dumps(doc).encode()
+    if accepted:
+        assert len(SignedVehicleManifest.from_bytes(data).signatures) == count
+        return
+    with pytest.raises(ManifestError) as e:
+        SignedVehicleManifest.from_bytes(data)
+    assert e.value.reason == "malformed"
