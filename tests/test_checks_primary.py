@@ -1,0 +1,234 @@
+"""Checks of the primary that no other test protected (mutation review).
+
+Each test here fails when one refusal in ``ecus.primary`` is removed: the
+sealed trusted state (Uptane 2.1, 5.4.4.2; DESIGN 2), version reports from
+secondaries (5.4.2.1), the manifest answer, the install policy and the CAN
+client's checks of what a secondary answers (DESIGN 4). Real parts only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.servers import Switchboard, fixed, serve
+from helpers.uptane_env import PRIMARY, VIN
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import Metadata, Root
+
+from ecus.primary import Primary
+from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
+from ecus.primary.links import InMemorySecondary
+from ecus.primary.result import MAX_RESPONSE_BYTES
+from ecus.primary.state import REPORTS, PrimaryState, ReportState
+from uptane.errors import (
+    ATTACK_FREEZE,
+    ATTACK_SPOOFED_MESSAGE,
+    ManifestError,
+    StateError,
+)
+from uptane.keys import generate_ed25519
+from uptane.manifest import InstalledImage, SignedEcuVersionReport
+from uptane.verification.matching import RepositoryMap
+
+SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
+IMAGE = InstalledImage("a.wasm", 1, {"sha256": "00"}, 2)
+
+
+# --- sealed trusted state (5.4.4.2, DESIGN 2) ------------------------------------------
+
+
+def test_current_link_to_something_not_a_generation_is_a_state_error(tmp_path: Path) -> None:
+    """``trusted/current`` pointing anywhere but ``gen-N`` is corrupt state, typed."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    gen = state.current()
+    link = state.trusted_dir / "current"
+    link.unlink()
+    os.symlink(f"../{gen.parent.name}/{gen.name}", link)  # resolves to the same directory
+    with pytest.raises(StateError, match="not a generation"):
+        state.current()
+    with pytest.raises(StateError, match="not a generation"):
+        state.installed()
+
+
+# --- a primary with two in-memory secondaries and a stand-in Director -----------------
+
+
+@pytest.fixture(scope="module")
+def director() -> Iterator[tuple[Switchboard, str]]:
+    """A loopback server whose answers the tests set (``overrides``): a Director's front."""
+    board = Switchboard()
+    with serve(board) as url:
+        yield board, url
+
+
+class RecordingSecondary(InMemorySecondary):
+    """An in-memory secondary that records the receipts (``last_accepted``) it is sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receipts: list[int] = []
+
+    def version_report(self, nonce: bytes, last_accepted: int = 0) -> bytes:
+        self.receipts.append(last_accepted)
+        return super().version_report(nonce, last_accepted)
+
+
+def make_primary(
+    tmp_path: Path, director_url: str = "http://127.0.0.1:9"
+) -> tuple[Primary, dict[str, RecordingSecondary]]:
+    """A primary (its own key) with secondaries ecu-a (hw-a) and ecu-b (hw-b), all linked."""
+    signers = {s: CryptoSigner.generate_ed25519() for s in ("ecu-a", "ecu-b")}
+    repo_map = RepositoryMap.from_dict(
+        {
+            "repositories": {"director": [director_url], "image": ["http://127.0.0.1:9"]},
+            "mapping": [
+                {
+                    "paths": ["*"],
+                    "repositories": ["director", "image"],
+                    "terminating": True,
+                    "threshold": 2,
+                }
+            ],
+        }
+    )
+    config = PrimaryConfig(
+        vin=VIN,
+        ecu_serial=PRIMARY,
+        hardware_id="gateway",
+        key=generate_ed25519(tmp_path / "keys", "primary"),
+        repository_map=repo_map,
+        director_root=root_bytes(),
+        image_root=root_bytes(),
+        state_dir=tmp_path / "state",
+        download_dir=tmp_path / "images",
+        secondaries=tuple(EcuEntry(s, f"hw-{s[-1]}", k.public_key) for s, k in signers.items()),
+        download=DownloadPolicy(socket_timeout=5.0),
+        metadata_limits=MetadataLimits(),
+    )
+    ecus = {s: RecordingSecondary(s, f"hw-{s[-1]}", k) for s, k in signers.items()}
+    return Primary(config, ecus.values()), ecus
+
+
+def root_bytes() -> bytes:
+    signer = CryptoSigner.generate_ed25519()
+    root = Root()
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.add_key(signer.public_key, role)
+    md = Metadata(root)
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def answer_manifest(board: Switchboard, body: bytes, status: int = 200) -> None:
+    board.reset()
+    board.overrides[f"/vehicles/{VIN}/manifest"] = fixed(
+        body, status, **{"content-type": "application/json"}
+    )
+
+
+def relabelled(signer: Signer, **changes: Any) -> Callable[[bytes], bytes]:
+    """A ``tamper`` re-signing the ECU's own report with ``changes`` made (its key, its nonce)."""
+
+    def tamper(data: bytes) -> bytes:
+        report = replace(SignedEcuVersionReport.from_der(data).report, **changes)
+        return SignedEcuVersionReport.sign(report, signer).to_der()
+
+    return tamper
+
+
+# --- version reports from secondaries (5.4.2.1) -----------------------------------------
+
+
+@pytest.mark.parametrize("claim", [{"ecu_serial": "ecu-b"}, {"hardware_id": "hw-b"}])
+def test_report_signed_by_the_ecu_but_naming_another_ecu_is_refused(
+    tmp_path: Path, claim: dict[str, str]
+) -> None:
+    """ecu-a's key signs a report saying it is ecu-b or ecu-b's hardware: spoofed, left out."""
+    primary, ecus = make_primary(tmp_path)
+    ecus["ecu-a"].tamper = relabelled(ecus["ecu-a"].signer, **claim)
+    signed, reports, issues = primary.collect_reports()
+    assert "ecu-a" not in signed and "ecu-a" not in reports
+    assert "ecu-b" in reports  # the other ECU's report is unaffected
+    (issue,) = issues
+    assert issue.ecu_serial == "ecu-a" and issue.attack == ATTACK_SPOOFED_MESSAGE
+    assert isinstance(issue.error, ManifestError)
+
+
+# --- the Director's answer to the manifest (5.4.2.2) -------------------------------------
+
+
+def test_manifest_answer_is_read_only_when_small_and_accepted_only_when_it_says_true(
+    tmp_path: Path, director: tuple[Switchboard, str]
+) -> None:
+    board, url = director
+    primary, _ = make_primary(tmp_path, url)
+    signed, _, _ = primary.collect_reports()
+    accepted = {"accepted": True, "metadata_version": 3}
+    answer_manifest(board, json.dumps(accepted).encode())
+    assert primary.upload_manifest(signed).accepted  # the real thing, as a baseline
+    # "accepted" must be the JSON true, not any truthy value
+    answer_manifest(board, json.dumps({"accepted": "yes"}).encode())
+    assert not primary.upload_manifest(signed).accepted
+    # an answer larger than MAX_RESPONSE_BYTES is not parsed: not accepted
+    padded = {**accepted, "padding": "x" * MAX_RESPONSE_BYTES}
+    answer_manifest(board, json.dumps(padded).encode())
+    assert not primary.upload_manifest(signed).accepted
+    # JSON that is no object: a refusal, not a crash
+    answer_manifest(board, b"[1, 2]", 400)
+    outcome = primary.upload_manifest(signed)
+    assert not outcome.accepted and outcome.status == 400 and outcome.reason == "http_error"
+    # a metadata version that is no integer is not passed on
+    answer_manifest(board, json.dumps({"accepted": True, "metadata_version": "7"}).encode())
+    outcome = primary.upload_manifest(signed)
+    assert outcome.accepted and outcome.metadata_version is None
+
+
+def test_refused_reports_name_only_ecus_of_this_manifest_and_get_no_receipt(
+    tmp_path: Path, director: tuple[Switchboard, str]
+) -> None:
+    """A report the Director left out gets no receipt: its attacks must reach it (DESIGN 7)."""
+    board, url = director
+    primary, ecus = make_primary(tmp_path, url)
+    signed, _, _ = primary.collect_reports()
+    refused = {"ecu-a": "replayed_report", "ecu-zz": "whatever"}
+    answer_manifest(board, json.dumps({"accepted": True, "refused_reports": refused}).encode())
+    assert primary.upload_manifest(signed).refused_reports == {"ecu-a": "replayed_report"}
+    result = primary.run_cycle()  # the manifest accepted but ecu-a's report left out
+    assert result.manifest is not None and result.manifest.accepted
+    assert any(i.ecu_serial == "ecu-a" and i.stage == "manifest" for i in result.issues)
+    primary.run_cycle()
+    assert ecus["ecu-a"].receipts[-1] == 0  # never a receipt for the refused report
+    assert ecus["ecu-b"].receipts[-1] == ecus["ecu-b"].report_counter - 1
+
+
+def test_attacks_stay_in_the_report_until_a_manifest_is_accepted(
+    tmp_path: Path, director: tuple[Switchboard, str]
+) -> None:
+    board, url = director
+    primary, _ = make_primary(tmp_path, url)
+    state = primary.state.reports()
+    state.note_failure([ATTACK_FREEZE], "metadataRejected", "an earlier cycle")
+    primary.state.save_reports(state)
+    answer_manifest(board, json.dumps({"error": "bad_manifest", "detail": "no"}).encode(), 400)
+    result = primary.run_cycle()
+    assert result.manifest is not None and not result.manifest.accepted
+    assert ATTACK_FREEZE in primary.report_state().attacks
+    assert ATTACK_FREEZE in primary.own_report().report.attacks_detected
+
+
+def test_report_counter_is_never_reused_after_report_state_fails_authentication(
+    tmp_path: Path,
+) -> None:
+    """A ``reports.json`` that fails authentication restarts the counter above any used."""
+    primary, _ = make_primary(tmp_path)
+    used = [primary.own_report().report.report_counter for _ in range(3)]
+    (primary.config.state_dir / REPORTS).write_bytes(b"{}")  # not signed by the primary
+    report = primary.own_report().report
+    assert report.report_counter > max(used)
+    assert report.last_result == "internalError"
