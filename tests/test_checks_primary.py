@@ -8,6 +8,7 @@ client's checks of what a secondary answers (DESIGN 4). Real parts only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from ecus.primary import Primary
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary.links import InMemorySecondary
 from ecus.primary.result import MAX_RESPONSE_BYTES
-from ecus.primary.state import REPORTS, PrimaryState, ReportState
+from ecus.primary.state import INSTALLED, REPORTS, SEAL, PrimaryState, installed_to_bytes
 from uptane.errors import (
     ATTACK_FREEZE,
     ATTACK_SPOOFED_MESSAGE,
@@ -54,6 +55,22 @@ def test_current_link_to_something_not_a_generation_is_a_state_error(tmp_path: P
         state.current()
     with pytest.raises(StateError, match="not a generation"):
         state.installed()
+
+
+def test_installed_images_are_read_only_under_an_authentic_seal(tmp_path: Path) -> None:
+    """Lowered release counters with a seal rewritten to match, but not re-signed: refused."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    state.update_installed({"ecu-a": IMAGE})
+    gen = state.current()
+    forged = installed_to_bytes({"ecu-a": replace(IMAGE, release_counter=0)})
+    (gen / INSTALLED).write_bytes(forged)
+    envelope = json.loads((gen / SEAL).read_bytes())
+    envelope["signed"]["files"][INSTALLED] = hashlib.sha256(forged).hexdigest()
+    (gen / SEAL).write_bytes(json.dumps(envelope).encode())  # the old signature kept
+    with pytest.raises(StateError, match="failed authentication"):
+        state.installed()
+    with pytest.raises(StateError, match="failed authentication"):
+        PrimaryState(tmp_path / "s", SIGNER).installed()
 
 
 # --- a primary with two in-memory secondaries and a stand-in Director -----------------
