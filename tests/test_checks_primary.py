@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from helpers.servers import Switchboard, fixed, serve
-from helpers.uptane_env import PRIMARY, VIN
+from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template
 from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
 
 from ecus.primary import Primary
@@ -28,6 +29,7 @@ from ecus.primary.links import InMemorySecondary
 from ecus.primary.result import MAX_RESPONSE_BYTES
 from ecus.primary.state import INSTALLED, REPORTS, SEAL, PrimaryState, installed_to_bytes
 from uptane.errors import (
+    ATTACK_DROP_REQUEST,
     ATTACK_FREEZE,
     ATTACK_SPOOFED_MESSAGE,
     ManifestError,
@@ -249,3 +251,49 @@ def test_report_counter_is_never_reused_after_report_state_fails_authentication(
     report = primary.own_report().report
     assert report.report_counter > max(used)
     assert report.last_result == "internalError"
+
+
+# --- full verification against real Director and Image servers (5.4.4.2) -----------------
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    image, director = Switchboard(), Switchboard()
+    with serve(image) as image_url, serve(director) as director_url:
+        yield Servers(image, image_url, director, director_url)
+
+
+@pytest.fixture(scope="module")
+def template(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_template(tmp_path_factory.mktemp("template"), servers.image_url)
+
+
+@pytest.fixture
+def env(tmp_path: Path, template: Path, servers: Servers) -> Iterator[Env]:
+    e = Env(tmp_path, template, servers)
+    yield e
+    e.close()
+
+
+def test_a_mirror_that_answers_with_an_http_error_is_not_skipped(
+    env: Env, director: tuple[Switchboard, str]
+) -> None:
+    """Only a mirror that cannot be reached is skipped; one that drops requests is reported."""
+    board, url = director
+    board.reset()  # no app: every request answered 503
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    config = env.primary_config()
+    mirrors = RepositoryMap.from_dict(
+        {
+            "repositories": {
+                "director": [url, *config.repository_map.director_urls],
+                "image": list(config.repository_map.image_urls),
+            },
+            "mapping": [{"paths": ["*"], "repositories": ["director", "image"], "threshold": 2}],
+        }
+    )
+    result = env.primary(repository_map=mirrors).run_cycle()
+    assert not result.ok and result.stage == "director"
+    assert isinstance(result.error, tuf_exc.DownloadHTTPError)
+    assert ATTACK_DROP_REQUEST in result.attacks
