@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers.servers import Switchboard, fixed, serve
-from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template
+from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template, wasm
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
@@ -297,3 +297,23 @@ def test_a_mirror_that_answers_with_an_http_error_is_not_skipped(
     assert not result.ok and result.stage == "director"
     assert isinstance(result.error, tuf_exc.DownloadHTTPError)
     assert ATTACK_DROP_REQUEST in result.attacks
+
+
+def test_warm_cycle_looks_up_a_newly_assigned_image_behind_a_delegation(env: Env) -> None:
+    """Image repository unchanged, but the Director now names an image not looked up before:
+    ngclient must walk the delegations for it (not stop after the timestamp)."""
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.image_repo.delegate("supplier-b", paths=["apps/*"], hardware_ids=["hw-b"])
+    env.image_repo.add_target(
+        wasm(2), name="apps/b.wasm", hardware_ids=["hw-b"], release_counter=1, role="supplier-b"
+    )
+    env.assign("app.wasm", "ecu-a")
+    primary = env.primary()
+    first = primary.run_cycle()
+    assert first.ok, [str(i) for i in first.issues]
+    assert not (primary.state.current() / "image" / "supplier-b.json").exists()
+    env.assign("apps/b.wasm", "ecu-b")  # a new Director targets; the Image repository as it was
+    second = primary.run_cycle()
+    assert second.ok, [str(i) for i in second.issues]
+    assert second.updates["ecu-b"].image_path.read_bytes() == wasm(2)
+    assert (primary.state.current() / "image" / "supplier-b.json").is_file()
