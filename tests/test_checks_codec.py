@@ -1,0 +1,56 @@
+"""Checks of the DER codec that no other test protected (mutation review, DESIGN 3).
+
+Each test here fails when one check in ``uptane.codec``, ``uptane.der_values``
+or ``uptane.der_metadata`` is removed.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, TargetFile, Targets
+
+from uptane import codec
+from uptane.der_metadata import (
+    DERMetadataDeserializer,
+    DERSignedSerializer,
+    der_signed_bytes,
+    to_der_metadata,
+)
+
+EXPIRES = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def _targets_der(signer: CryptoSigner) -> bytes:
+    targets = Targets(version=3, expires=EXPIRES)
+    target = TargetFile.from_data("app.wasm", b"\0asm\x01\0\0\0", ["sha256"])
+    targets.targets[target.path] = target
+    return to_der_metadata(Metadata(targets), [signer])
+
+
+def test_received_signed_bytes_belong_to_that_very_object_not_a_copy() -> None:
+    """A copy of a decoded ``signed`` changed afterwards is encoded, never given the
+    bytes received for the original (a signature over those must not cover the copy)."""
+    signer = CryptoSigner.generate_ed25519()
+    md = DERMetadataDeserializer().deserialize(_targets_der(signer))
+    received = der_signed_bytes(md.signed)
+    changed = copy.deepcopy(md.signed)
+    changed.version += 1
+    assert der_signed_bytes(changed) == DERSignedSerializer().serialize(changed) != received
+    assert der_signed_bytes(md.signed) == received  # the original keeps what was received
+
+
+def test_shared_member_encodings_count_what_they_keep() -> None:
+    """``built_members``' ``room`` refuses past ``MAX_SHARED_BYTES`` (a bounded cache)."""
+    assert codec.built_members() is None
+    with codec.shared_member_encodings():
+        shared = codec.built_members()
+        assert shared is not None
+        _store, room = shared
+        assert room(codec.MAX_SHARED_BYTES - 10)
+        assert not room(11)
+        assert room(10)
+        assert not room(1)
+    assert codec.built_members() is None
