@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 
+import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
@@ -17,8 +18,11 @@ from uptane.der_metadata import (
     DERMetadataDeserializer,
     DERSignedSerializer,
     der_signed_bytes,
+    join_envelope,
+    split_envelope,
     to_der_metadata,
 )
+from uptane.errors import CodecError
 
 EXPIRES = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -54,3 +58,16 @@ def test_shared_member_encodings_count_what_they_keep() -> None:
         assert room(10)
         assert not room(1)
     assert codec.built_members() is None
+
+
+def test_split_envelope_refuses_headers_with_other_tags() -> None:
+    """``split_envelope`` reads only headers, but each must carry its ``Metadata`` tag."""
+    data = _targets_der(CryptoSigner.generate_ed25519())
+    signed, signatures = split_envelope(data)
+    assert join_envelope(signed, signatures) == data
+    outer = 1 + (data[1] & 0x7F if data[1] & 0x80 else 0) + 1  # where [0] signed starts
+    assert data[outer] == 0xA0
+    for at, tag in ((0, 0x31), (outer, 0xA2)):
+        other = data[:at] + bytes((tag,)) + data[at + 1 :]
+        with pytest.raises(CodecError, match="expected tag"):
+            split_envelope(other)
