@@ -21,7 +21,7 @@ from helpers.servers import Switchboard, fixed, serve
 from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template, wasm
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, Root
+from tuf.api.metadata import Metadata, Root, Targets
 
 from ecus.primary import Primary
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
@@ -317,3 +317,24 @@ def test_warm_cycle_looks_up_a_newly_assigned_image_behind_a_delegation(env: Env
     assert second.ok, [str(i) for i in second.issues]
     assert second.updates["ecu-b"].image_path.read_bytes() == wasm(2)
     assert (primary.state.current() / "image" / "supplier-b.json").is_file()
+
+
+def test_warm_cycle_verifies_again_after_a_root_rotation_with_the_same_timestamp(
+    env: Env,
+) -> None:
+    """A new Image root revokes the targets key; the timestamp served is the one the last
+    cycle verified. The targets it names, signed by the revoked key, must be refused
+    (TUF 5.3.11), not reused as unchanged."""
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    primary = env.primary()
+    assert primary.run_cycle().ok
+    old_timestamp = env.image_file("timestamp.json")
+    old_targets = env.image_file("targets.json")
+    revoked = Metadata.from_bytes(old_targets).signatures
+    env.image_repo.rotate_key(Targets.type, next(iter(revoked)))
+    env.servers.image.overrides["/metadata/timestamp.json"] = old_timestamp
+    result = primary.run_cycle()
+    assert not result.ok and result.stage == "image"
+    assert isinstance(result.error, tuf_exc.UnsignedMetadataError), repr(result.error)
+    assert (primary.state.current() / "image" / "root_history" / "2.root.json").is_file()
