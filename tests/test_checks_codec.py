@@ -10,12 +10,14 @@ import copy
 from datetime import UTC, datetime
 
 import pytest
+from asn1tools.codecs import ber as ber_codec
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, Role, Root, TargetFile, Targets
 
 from uptane import codec
 from uptane.der_metadata import (
     DERMetadataDeserializer,
+    DERSerializationError,
     DERSignedSerializer,
     der_signed_bytes,
     join_envelope,
@@ -71,3 +73,32 @@ def test_split_envelope_refuses_headers_with_other_tags() -> None:
         other = data[:at] + bytes((tag,)) + data[at + 1 :]
         with pytest.raises(CodecError, match="expected tag"):
             split_envelope(other)
+
+
+def test_split_envelope_refuses_bytes_outside_its_elements() -> None:
+    data = _targets_der(CryptoSigner.generate_ed25519())
+    signed, signatures = split_envelope(data)
+    with pytest.raises(CodecError, match="bytes after the envelope"):
+        split_envelope(data + b"\x00")
+    inner = _tlv(0xA0, signed) + _tlv(0xA1, b"".join(signatures)) + b"\x05\x00"
+    with pytest.raises(CodecError, match="bytes after the signatures"):
+        split_envelope(_tlv(0x30, inner))
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + bytes(ber_codec.encode_length_definite(len(content))) + content
+
+
+def test_root_roles_other_than_the_top_level_four_cannot_be_encoded() -> None:
+    """An extra role in a root would be dropped from its DER form: refused instead."""
+    signer = CryptoSigner.generate_ed25519()
+    root = Root()
+    for role in TOP_LEVEL_ROLE_NAMES:
+        root.add_key(signer.public_key, role)
+    DERSignedSerializer().serialize(root)  # the four roles: fine
+    root.roles["mirror"] = Role([signer.public_key.keyid], 1)
+    with pytest.raises(DERSerializationError, match="root roles"):
+        DERSignedSerializer().serialize(root)
+    del root.roles["mirror"], root.roles["timestamp"]
+    with pytest.raises(DERSerializationError):
+        DERSignedSerializer().serialize(root)
