@@ -12,7 +12,16 @@ from datetime import UTC, datetime
 import pytest
 from asn1tools.codecs import ber as ber_codec
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, Role, Root, TargetFile, Targets
+from tuf.api.metadata import (
+    TOP_LEVEL_ROLE_NAMES,
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    Role,
+    Root,
+    TargetFile,
+    Targets,
+)
 
 from uptane import codec
 from uptane.der_metadata import (
@@ -102,3 +111,24 @@ def test_root_roles_other_than_the_top_level_four_cannot_be_encoded() -> None:
     del root.roles["mirror"], root.roles["timestamp"]
     with pytest.raises(DERSerializationError):
         DERSignedSerializer().serialize(root)
+
+
+def test_delegations_naming_both_kinds_of_roles_cannot_be_encoded() -> None:
+    """A field the DER form would drop (both kinds of roles given) is refused, not dropped."""
+    key = CryptoSigner.generate_ed25519().public_key
+    role = DelegatedRole("a", [key.keyid], 1, False, paths=["a/*"])
+    targets = Targets(expires=EXPIRES)
+    targets.delegations = Delegations({key.keyid: key}, roles={"a": role})
+    DERSignedSerializer().serialize(targets)  # one kind: fine
+    targets.delegations.unrecognized_fields["succinct_roles"] = {
+        "keyids": [key.keyid],
+        "threshold": 1,
+        "bit_length": 1,
+        "name_prefix": "bin",
+    }
+    with pytest.raises(DERSerializationError, match="exactly one of roles"):
+        DERSignedSerializer().serialize(targets)
+    del targets.delegations.unrecognized_fields["succinct_roles"]
+    role.unrecognized_fields["path_hash_prefixes"] = ["ab"]
+    with pytest.raises(DERSerializationError, match="exactly one of paths"):
+        DERSignedSerializer().serialize(targets)
