@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 from asn1tools.codecs import ber as ber_codec
-from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import CryptoSigner, Signature
 from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
     DelegatedRole,
@@ -26,6 +26,7 @@ from tuf.api.metadata import (
 from uptane import codec
 from uptane.der_metadata import (
     DERMetadataDeserializer,
+    DERMetadataSerializer,
     DERSerializationError,
     DERSignedSerializer,
     der_signed_bytes,
@@ -132,3 +133,18 @@ def test_delegations_naming_both_kinds_of_roles_cannot_be_encoded() -> None:
     role.unrecognized_fields["path_hash_prefixes"] = ["ab"]
     with pytest.raises(DERSerializationError, match="exactly one of paths"):
         DERSignedSerializer().serialize(targets)
+
+
+def test_signature_entries_the_der_form_cannot_hold_are_refused() -> None:
+    """A signature filed under another keyid, or with fields of its own, is not encoded."""
+    signer = CryptoSigner.generate_ed25519()
+    md = DERMetadataDeserializer().deserialize(_targets_der(signer))
+    keyid = signer.public_key.keyid
+    sig = md.signatures[keyid]
+    md.signatures[keyid] = Signature(keyid, sig.signature, {"note": "unsigned"})
+    with pytest.raises(DERSerializationError, match="malformed signature entry"):
+        DERMetadataSerializer().serialize(md)
+    other = "0" * 64
+    md.signatures = {other: Signature(keyid, sig.signature)}
+    with pytest.raises(DERSerializationError, match="malformed signature entry"):
+        DERMetadataSerializer().serialize(md)
