@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,30 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 
 from ecus.primary import Primary
+from ecus.primary.can_link import (
+    CanSecondaryClient,
+    ImageRefusedError,
+    MetadataRejectedError,
+    SecondaryRefusedError,
+    TransferFailedError,
+)
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
-from ecus.primary.links import InMemorySecondary
+from ecus.primary.links import EcuUpdate, InMemorySecondary
 from ecus.primary.result import MAX_RESPONSE_BYTES
 from ecus.primary.state import INSTALLED, REPORTS, SEAL, PrimaryState, installed_to_bytes
+from ecus.transport.memory import memory_pair
+from uptane import codec
 from uptane.errors import (
     ATTACK_DROP_REQUEST,
     ATTACK_FREEZE,
     ATTACK_SPOOFED_MESSAGE,
+    CodecError,
     ManifestError,
     StateError,
 )
 from uptane.keys import generate_ed25519
 from uptane.manifest import InstalledImage, SignedEcuVersionReport
+from uptane.metadata import UptaneTarget
 from uptane.verification.matching import RepositoryMap
 
 SIGNER = CryptoSigner.generate_ed25519()  # the primary's key, sealing its state
@@ -338,3 +351,182 @@ def test_warm_cycle_verifies_again_after_a_root_rotation_with_the_same_timestamp
     assert not result.ok and result.stage == "image"
     assert isinstance(result.error, tuf_exc.UnsignedMetadataError), repr(result.error)
     assert (primary.state.current() / "image" / "root_history" / "2.root.json").is_file()
+
+
+# --- the CAN client's checks of what a secondary answers (DESIGN 4) -----------------------
+
+Answer = Callable[[str, Any], tuple[str, Any]]
+CAN_IMAGE = InstalledImage("a.wasm", 8, {"sha256": "00" * 32}, 1)
+
+
+@contextmanager
+def rogue(
+    answer: Answer, *, max_response: int = 4096, **options: Any
+) -> Iterator[CanSecondaryClient]:
+    """A client whose secondary answers each request (kind, value) with ``answer``.
+
+    ``max_response`` is the link's limit (the secondary may send more: it is lost).
+    """
+
+    def handler(request: bytes) -> bytes:
+        return codec.encode_message(*answer(*codec.decode_message(request)))
+
+    link, endpoint = memory_pair(
+        handler, timeout=5.0, max_response=max_response, endpoint_max_response=1 << 20
+    )
+    endpoint.start()
+    try:
+        yield CanSecondaryClient(link, "ecu-a", **options)
+    finally:
+        endpoint.close()
+
+
+def ack(code: str, text: str = "") -> tuple[str, Any]:
+    return "ack", {"code": code, "text": text}
+
+
+def test_can_client_settings_are_checked() -> None:
+    link, _endpoint = memory_pair(lambda r: r, max_request=1000, timeout=0.5)  # nobody answers
+    for options in ({"max_retries": -1}, {"window": 0}, {"chunk_size": 0}, {"chunk_size": 969}):
+        with pytest.raises(ValueError):
+            CanSecondaryClient(link, "ecu-a", **{"chunk_size": 968, **options})
+    client = CanSecondaryClient(link, "ecu-a", chunk_size=968)
+    with pytest.raises(ValueError, match="does not fit"):
+        client.send_image(b"12345678", CAN_IMAGE, chunk_size=969)
+    with pytest.raises(ValueError, match="its info says"):
+        client.send_image(b"1234567", CAN_IMAGE)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        client.send_time(datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="signer"):
+        client.send_time(datetime(2030, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError, match="root_versions"):
+        client.push_metadata([b"root"], b"targets", root_versions=[1, 2], targets_version=1)
+
+
+def test_can_client_refusals_are_typed() -> None:
+    answers = {
+        "timeNonceRequest": ("timeNonceResponse", {"nonce": b"n" * 16}),
+        "timeMessage": ack("badRequest", "behind my floor"),
+        "imageOffer": ("chunkAck", {"code": "noSpace", "nextOffset": 0}),
+    }
+    with rogue(lambda kind, _value: answers[kind], signer=SIGNER) as client:
+        with pytest.raises(SecondaryRefusedError, match="behind my floor"):
+            client.send_time(datetime(2030, 1, 1, tzinfo=UTC))
+        with pytest.raises(ImageRefusedError) as e:
+            client.offer(CAN_IMAGE)
+        assert e.value.code == "noSpace"
+    pushes: list[str] = []
+
+    def metadata(refuse: str, code: str) -> Answer:
+        def answer(kind: str, value: Any) -> tuple[str, Any]:
+            pushes.append(value["role"])
+            return ack(code, f"{refuse} refused") if value["role"] == refuse else ack("ok")
+
+        return answer
+
+    for refuse, code in (("root", "metadataRejected"), ("targets", "busy")):
+        pushes.clear()
+        with rogue(metadata(refuse, code)) as client, pytest.raises(MetadataRejectedError) as e:
+            client.push_metadata([b"root"], b"targets", root_versions=[1], targets_version=1)
+        assert e.value.code == code and pushes[-1] == refuse
+    with rogue(metadata("targets", "noUpdate")) as client:
+        assert (
+            client.push_metadata([b"r"], b"t", root_versions=[1], targets_version=1) == "noUpdate"
+        )
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (ack("imageMismatch", "no"), ImageRefusedError, "no"),
+        (("chunkAck", {"code": "noSpace", "nextOffset": 4}), ImageRefusedError, "noSpace"),
+        (("infoRequest", {"protocolVersion": 1}), CodecError, "expected chunkAck"),
+        (("chunkAck", {"code": "ok", "nextOffset": 9}), CodecError, "offset 9"),
+    ],
+)
+def test_can_client_refuses_a_bad_chunk_ack(
+    answer: tuple[str, Any], error: type[Exception], match: str
+) -> None:
+    with rogue(lambda kind, value: answer) as client, pytest.raises(error, match=match):
+        client.send_chunk(0, b"1234", CAN_IMAGE.length)
+
+
+def test_can_client_answers_of_another_kind_are_codec_errors() -> None:
+    with (
+        rogue(lambda kind, value: ("chunkAck", {"code": "ok", "nextOffset": 0})) as client,
+        pytest.raises(CodecError, match="expected infoResponse"),
+    ):
+        client.get_info()
+    with rogue(lambda kind, value: ack("busy", "later")) as client:
+        with pytest.raises(SecondaryRefusedError) as e:
+            client.get_info()
+        assert (e.value.code, e.value.text) == ("busy", "later")
+    info = {
+        "ecuSerial": "ecu-a",
+        "hardwareId": "hw-a",
+        "keyType": "ed25519",
+        "scheme": "ed25519",
+        "publicKey": b"\x01\x02",  # not an ed25519 key
+        "protocolVersion": 1,
+        "verificationMode": "partial",
+        "freeSlotSize": 0,
+    }
+    with (
+        rogue(lambda kind, value: ("infoResponse", info)) as client,
+        pytest.raises(CodecError, match="unusable public key"),
+    ):
+        client.get_info()
+
+
+def test_can_transfer_gives_up_after_max_retries_and_without_progress() -> None:
+    """A secondary that never acknowledges a chunk, or never moves on: bounded, typed."""
+    calls = [0]
+
+    def lost(kind: str, value: Any) -> tuple[str, Any]:
+        calls[0] += 1
+        if calls[0] > 50:  # the client should have given up long ago
+            return ack("internalError", "too many requests")
+        if kind == "imageOffer":
+            return "chunkAck", {"code": "ok", "nextOffset": 0}
+        return "versionReportResponse", {"signedReport": b"x" * 2000}  # too large: lost
+
+    with (
+        rogue(lost, max_response=1000, chunk_size=4, max_retries=2) as client,
+        pytest.raises(TransferFailedError, match="failed 3 times"),
+    ):
+        client.send_image(b"12345678", CAN_IMAGE)
+    calls[0] = 0
+
+    def stuck(kind: str, value: Any) -> tuple[str, Any]:
+        calls[0] += 1
+        if calls[0] > 50:
+            return ack("internalError", "too many requests")
+        code = "ok" if kind == "imageOffer" else "transferIncomplete"
+        return "chunkAck", {"code": code, "nextOffset": 0}
+
+    with (
+        rogue(stuck, chunk_size=4, max_retries=2, window=1) as client,
+        pytest.raises(TransferFailedError, match="no progress"),
+    ):
+        client.send_image(b"12345678", CAN_IMAGE)
+
+
+def test_can_update_for_another_ecu_is_not_sent() -> None:
+    sent: list[str] = []
+
+    def record(kind: str, value: Any) -> tuple[str, Any]:
+        sent.append(kind)
+        return ack("ok")
+
+    target = UptaneTarget(
+        name="b.wasm",
+        length=8,
+        hashes={"sha256": "00" * 32},
+        hardware_ids=("hw-b",),
+        release_counter=1,
+        ecu_serial="ecu-b",
+    )
+    update = EcuUpdate("ecu-b", "hw-b", target, Path("b.wasm"), (b"root",), (1,), b"t", 1)
+    with rogue(record) as client, pytest.raises(ValueError, match="ecu-b"):
+        client.send_update(update)
+    assert sent == []
