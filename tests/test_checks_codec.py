@@ -148,3 +148,17 @@ def test_signature_entries_the_der_form_cannot_hold_are_refused() -> None:
     md.signatures = {other: Signature(keyid, sig.signature)}
     with pytest.raises(DERSerializationError, match="malformed signature entry"):
         DERMetadataSerializer().serialize(md)
+
+
+def test_booleans_and_integers_are_not_taken_for_each_other() -> None:
+    """JSON ``true`` is no version and ``1`` no boolean: the DER form would say otherwise."""
+    flagged = Targets(version=True, expires=EXPIRES)  # python-tuf lets a bool through
+    with pytest.raises(DERSerializationError, match="expected an integer, got bool"):
+        DERSignedSerializer().serialize(flagged)
+    signer = CryptoSigner.generate_ed25519()
+    root = Root()
+    for role in TOP_LEVEL_ROLE_NAMES:
+        root.add_key(signer.public_key, role)
+    root.consistent_snapshot = 1  # type: ignore[assignment]
+    with pytest.raises(DERSerializationError, match="expected a boolean, got int"):
+        DERSignedSerializer().serialize(root)
