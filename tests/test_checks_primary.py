@@ -25,7 +25,7 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 
-from ecus.primary import Primary
+from ecus.primary import CycleResult, Primary
 from ecus.primary.can_link import (
     CanSecondaryClient,
     ImageRefusedError,
@@ -42,13 +42,16 @@ from uptane import codec
 from uptane.errors import (
     ATTACK_DROP_REQUEST,
     ATTACK_FREEZE,
+    ATTACK_ROLLBACK,
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
     ManifestError,
+    ReleaseCounterRollbackError,
     StateError,
+    TransportError,
 )
 from uptane.keys import generate_ed25519
-from uptane.manifest import InstalledImage, SignedEcuVersionReport
+from uptane.manifest import EcuVersionReport, InstalledImage, SignedEcuVersionReport
 from uptane.metadata import UptaneTarget
 from uptane.verification.matching import RepositoryMap
 
@@ -353,6 +356,43 @@ def test_warm_cycle_verifies_again_after_a_root_rotation_with_the_same_timestamp
     assert (primary.state.current() / "image" / "root_history" / "2.root.json").is_file()
 
 
+def test_recorded_release_counter_protects_an_ecu_that_does_not_report(env: Env) -> None:
+    """installed.json's counter is a rollback floor even in a cycle where the ECU is silent
+    (5.4.4.2: the release counter must not be lower than the installed image's)."""
+    env.add_image("app.wasm", 1, ("hw-a",), counter=3)
+    env.assign("app.wasm", "ecu-a")
+    env.secondaries["ecu-a"].fail_with = TransportError("bus off")
+    primary = env.primary()
+    primary.mark_installed("ecu-a", InstalledImage("app-new.wasm", 30, {"sha256": "ab" * 32}, 5))
+    result = primary.run_cycle()
+    assert not result.ok and result.stage == "match"
+    assert isinstance(result.error, ReleaseCounterRollbackError)
+    assert ATTACK_ROLLBACK in result.attacks
+
+
+def test_an_install_report_never_lowers_the_recorded_release_counter(tmp_path: Path) -> None:
+    """A secondary that reports an older image after an update does not lower the floor."""
+    primary, _ = make_primary(tmp_path)
+    primary.mark_installed("ecu-a", replace(IMAGE, release_counter=5))
+    data = b"\0asm older"
+    path = tmp_path / "older.wasm"
+    path.write_bytes(data)
+    target = UptaneTarget(
+        name="older.wasm",
+        length=len(data),
+        hashes={"sha256": hashlib.sha256(data).hexdigest()},
+        hardware_ids=("hw-a",),
+        release_counter=2,
+        ecu_serial="ecu-a",
+    )
+    update = EcuUpdate("ecu-a", "hw-a", target, path, (), (), b"", 1)
+    outcomes = primary.distribute(CycleResult(ok=True, updates={"ecu-a": update}))
+    assert isinstance(outcomes["ecu-a"], EcuVersionReport)
+    assert outcomes["ecu-a"].installed is not None
+    assert outcomes["ecu-a"].installed.release_counter == 2  # what the ECU said
+    assert primary.installed()["ecu-a"].release_counter == 5  # what the primary keeps
+
+
 # --- the CAN client's checks of what a secondary answers (DESIGN 4) -----------------------
 
 Answer = Callable[[str, Any], tuple[str, Any]]
@@ -387,7 +427,13 @@ def ack(code: str, text: str = "") -> tuple[str, Any]:
 
 def test_can_client_settings_are_checked() -> None:
     link, _endpoint = memory_pair(lambda r: r, max_request=1000, timeout=0.5)  # nobody answers
-    for options in ({"max_retries": -1}, {"window": 0}, {"chunk_size": 0}, {"chunk_size": 969}):
+    settings: list[dict[str, Any]] = [
+        {"max_retries": -1},
+        {"window": 0},
+        {"chunk_size": 0},
+        {"chunk_size": 969},
+    ]
+    for options in settings:
         with pytest.raises(ValueError):
             CanSecondaryClient(link, "ecu-a", **{"chunk_size": 968, **options})
     client = CanSecondaryClient(link, "ecu-a", chunk_size=968)
@@ -426,9 +472,12 @@ def test_can_client_refusals_are_typed() -> None:
 
     for refuse, code in (("root", "metadataRejected"), ("targets", "busy")):
         pushes.clear()
-        with rogue(metadata(refuse, code)) as client, pytest.raises(MetadataRejectedError) as e:
+        with (
+            rogue(metadata(refuse, code)) as client,
+            pytest.raises(MetadataRejectedError) as rejected,
+        ):
             client.push_metadata([b"root"], b"targets", root_versions=[1], targets_version=1)
-        assert e.value.code == code and pushes[-1] == refuse
+        assert rejected.value.code == code and pushes[-1] == refuse
     with rogue(metadata("targets", "noUpdate")) as client:
         assert (
             client.push_metadata([b"r"], b"t", root_versions=[1], targets_version=1) == "noUpdate"
