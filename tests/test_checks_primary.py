@@ -393,6 +393,20 @@ def test_an_install_report_never_lowers_the_recorded_release_counter(tmp_path: P
     assert primary.installed()["ecu-a"].release_counter == 5  # what the primary keeps
 
 
+def test_an_ecu_runs_a_target_only_if_a_common_hash_says_so(env: Env) -> None:
+    """Same name and length but no hash function in common with the target: not proof that
+    the ECU runs it, so the update is sent (5.4.4.2: images are matched by hashes)."""
+    target, _ = env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    assert "sha384" not in target.hashes
+    env.secondaries["ecu-a"].installed = InstalledImage(
+        "app.wasm", target.length, {"sha384": "00" * 48}, 1
+    )
+    result = env.primary().run_cycle()
+    assert result.ok, [str(i) for i in result.issues]
+    assert "ecu-a" in result.updates
+
+
 # --- the CAN client's checks of what a secondary answers (DESIGN 4) -----------------------
 
 Answer = Callable[[str, Any], tuple[str, Any]]
