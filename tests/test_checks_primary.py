@@ -42,6 +42,7 @@ from uptane import codec
 from uptane.errors import (
     ATTACK_DROP_REQUEST,
     ATTACK_FREEZE,
+    ATTACK_PARTIAL_BUNDLE,
     ATTACK_ROLLBACK,
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
@@ -175,6 +176,16 @@ def relabelled(signer: Signer, **changes: Any) -> Callable[[bytes], bytes]:
         return SignedEcuVersionReport.sign(report, signer).to_der()
 
     return tamper
+
+
+def test_links_and_installs_only_for_ecus_of_this_vehicle(tmp_path: Path) -> None:
+    primary, ecus = make_primary(tmp_path)
+    stranger = InMemorySecondary("ecu-zz", "hw-a", CryptoSigner.generate_ed25519())
+    with pytest.raises(ValueError, match="ecu-zz"):
+        Primary(primary.config, [*ecus.values(), stranger])
+    with pytest.raises(ValueError, match="ecu-zz"):
+        primary.mark_installed("ecu-zz", IMAGE)
+    assert primary.installed() == {}
 
 
 # --- version reports from secondaries (5.4.2.1) -----------------------------------------
@@ -370,22 +381,42 @@ def test_recorded_release_counter_protects_an_ecu_that_does_not_report(env: Env)
     assert ATTACK_ROLLBACK in result.attacks
 
 
+def an_update(tmp_path: Path, serial: str, counter: int = 2) -> EcuUpdate:
+    """A verified update of ``serial`` (as a cycle makes it), its image on disk."""
+    data = f"\0asm image for {serial} v{counter}".encode()
+    path = tmp_path / f"{serial}-{counter}.wasm"
+    path.write_bytes(data)
+    target = UptaneTarget(
+        name=path.name,
+        length=len(data),
+        hashes={"sha256": hashlib.sha256(data).hexdigest()},
+        hardware_ids=(f"hw-{serial[-1]}",),
+        release_counter=counter,
+        ecu_serial=serial,
+    )
+    return EcuUpdate(serial, f"hw-{serial[-1]}", target, path, (), (), b"", 1)
+
+
+def test_install_reports_are_verified_before_anything_is_recorded(tmp_path: Path) -> None:
+    """After an update, a report not signed by the ECU's key, or naming another ECU, is
+    refused; nothing it says is recorded (5.4.2.1)."""
+    primary, ecus = make_primary(tmp_path)
+    updates = {s: an_update(tmp_path, s) for s in ecus}
+    ecus["ecu-a"].signer = CryptoSigner.generate_ed25519()
+    ecus["ecu-b"].tamper = relabelled(ecus["ecu-b"].signer, ecu_serial="ecu-a")
+    outcomes = primary.distribute(CycleResult(ok=True, updates=updates))
+    for serial in ecus:
+        error = outcomes[serial]
+        assert isinstance(error, ManifestError) and error.reason == "bad_ecu_signature"
+    assert primary.installed() == {}
+    assert ATTACK_PARTIAL_BUNDLE not in primary.report_state().attacks
+
+
 def test_an_install_report_never_lowers_the_recorded_release_counter(tmp_path: Path) -> None:
     """A secondary that reports an older image after an update does not lower the floor."""
     primary, _ = make_primary(tmp_path)
     primary.mark_installed("ecu-a", replace(IMAGE, release_counter=5))
-    data = b"\0asm older"
-    path = tmp_path / "older.wasm"
-    path.write_bytes(data)
-    target = UptaneTarget(
-        name="older.wasm",
-        length=len(data),
-        hashes={"sha256": hashlib.sha256(data).hexdigest()},
-        hardware_ids=("hw-a",),
-        release_counter=2,
-        ecu_serial="ecu-a",
-    )
-    update = EcuUpdate("ecu-a", "hw-a", target, path, (), (), b"", 1)
+    update = an_update(tmp_path, "ecu-a", counter=2)
     outcomes = primary.distribute(CycleResult(ok=True, updates={"ecu-a": update}))
     assert isinstance(outcomes["ecu-a"], EcuVersionReport)
     assert outcomes["ecu-a"].installed is not None
