@@ -326,6 +326,18 @@ def test_a_mirror_that_answers_with_an_http_error_is_not_skipped(
     assert ATTACK_DROP_REQUEST in result.attacks
 
 
+def test_an_http_error_for_the_timestamp_is_a_dropped_request(env: Env) -> None:
+    """The timestamp goes through the conditional GET (``If-None-Match``): an error status
+    there is a download error too, never bytes handed to ngclient as metadata."""
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    env.servers.director.overrides[env.director_path("timestamp.json")] = fixed(b"gone", 503)
+    result = env.primary().run_cycle()
+    assert not result.ok and result.stage == "director"
+    assert isinstance(result.error, tuf_exc.DownloadHTTPError), repr(result.error)
+    assert ATTACK_DROP_REQUEST in result.attacks
+
+
 def test_warm_cycle_looks_up_a_newly_assigned_image_behind_a_delegation(env: Env) -> None:
     """Image repository unchanged, but the Director now names an image not looked up before:
     ngclient must walk the delegations for it (not stop after the timestamp)."""
