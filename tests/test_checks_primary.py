@@ -35,6 +35,7 @@ from ecus.primary.can_link import (
 )
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
 from ecus.primary.links import EcuUpdate, InMemorySecondary
+from ecus.primary.policy import DEFER, INSTALL, Ask, AskFile, Conditions, UpdateOffer
 from ecus.primary.result import MAX_RESPONSE_BYTES
 from ecus.primary.state import INSTALLED, REPORTS, SEAL, PrimaryState, installed_to_bytes
 from ecus.transport.memory import memory_pair
@@ -636,3 +637,29 @@ def test_can_update_for_another_ecu_is_not_sent() -> None:
     with rogue(record) as client, pytest.raises(ValueError, match="ecu-b"):
         client.send_update(update)
     assert sent == []
+
+
+# --- install policy (issue 14): only an explicit yes installs ------------------------------
+
+OFFER = UpdateOffer("VIN1", {"ecu-a": "a.wasm"}, {"ecu-a": 2})
+
+
+def test_only_an_explicit_yes_installs(tmp_path: Path) -> None:
+    """Truthy answers that are not ``True`` / ``"approve"`` hold the update back."""
+    for answer in ("yes", 1, [True]):
+
+        def prompt(offer: UpdateOffer, answer: Any = answer) -> Any:
+            return answer
+
+        assert Ask(prompt).decide(OFFER).verdict == DEFER
+
+    def sensor() -> Any:
+        return "yes"
+
+    assert Conditions({"parked": sensor}).decide(OFFER).verdict == DEFER
+    file = tmp_path / "approvals.json"
+    for answers in ({"a.wasm": "yes"}, {"a.wasm": True}, ["a.wasm"]):
+        file.write_text(json.dumps(answers))
+        assert AskFile(file).decide(OFFER).verdict == DEFER
+    file.write_text(json.dumps({"a.wasm": "approve"}))
+    assert AskFile(file).decide(OFFER).verdict == INSTALL
