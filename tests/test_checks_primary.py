@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from helpers.servers import Switchboard, fixed, serve
 from helpers.uptane_env import PRIMARY, VIN, Env, Servers, build_template, wasm
@@ -45,10 +47,12 @@ from uptane.errors import (
     ATTACK_FREEZE,
     ATTACK_PARTIAL_BUNDLE,
     ATTACK_ROLLBACK,
+    ATTACK_SLOW_RETRIEVAL,
     ATTACK_SPOOFED_MESSAGE,
     CodecError,
     ManifestError,
     ReleaseCounterRollbackError,
+    SlowRetrievalError,
     StateError,
     TransportError,
 )
@@ -339,6 +343,37 @@ def test_an_http_error_for_the_timestamp_is_a_dropped_request(env: Env) -> None:
     assert ATTACK_DROP_REQUEST in result.attacks
 
 
+def test_a_mirror_that_never_answers_is_slow_retrieval_not_skipped(env: Env) -> None:
+    """Connected, request sent, no response within ``socket_timeout``: slow retrieval
+    (4.3.1), reported; not taken for a mirror that cannot be reached."""
+    env.add_image("app.wasm", 1, ("hw-a",))
+    env.assign("app.wasm", "ecu-a")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nothing ever answers
+        config = env.primary_config()
+        mirrors = RepositoryMap.from_dict(
+            {
+                "repositories": {
+                    "director": [
+                        f"http://127.0.0.1:{silent.getsockname()[1]}",
+                        *config.repository_map.director_urls,
+                    ],
+                    "image": list(config.repository_map.image_urls),
+                },
+                "mapping": [
+                    {"paths": ["*"], "repositories": ["director", "image"], "threshold": 2}
+                ],
+            }
+        )
+        primary = env.primary(repository_map=mirrors, download=DownloadPolicy(socket_timeout=0.3))
+        primary._http = httpx.Client(timeout=0.3, trust_env=False)  # the manifest PUT too
+        result = primary.run_cycle()
+    assert not result.ok and result.stage == "director"
+    assert isinstance(result.error, SlowRetrievalError), repr(result.error)
+    assert ATTACK_SLOW_RETRIEVAL in result.attacks
+
+
 def test_warm_cycle_looks_up_a_newly_assigned_image_behind_a_delegation(env: Env) -> None:
     """Image repository unchanged, but the Director now names an image not looked up before:
     ngclient must walk the delegations for it (not stop after the timestamp)."""
@@ -437,18 +472,32 @@ def test_an_install_report_never_lowers_the_recorded_release_counter(tmp_path: P
     assert primary.installed()["ecu-a"].release_counter == 5  # what the primary keeps
 
 
-def test_an_ecu_runs_a_target_only_if_a_common_hash_says_so(env: Env) -> None:
-    """Same name and length but no hash function in common with the target: not proof that
-    the ECU runs it, so the update is sent (5.4.4.2: images are matched by hashes)."""
+@pytest.mark.parametrize(
+    "differs", ["nothing", "filename", "length", "no common hash", "a common hash"]
+)
+def test_an_ecu_runs_a_target_only_if_name_length_and_a_common_hash_agree(
+    env: Env, differs: str
+) -> None:
+    """The update is skipped only for an ECU that reports the target's name, length and
+    equal digests under at least one hash function the target has (5.4.4.2)."""
     target, _ = env.add_image("app.wasm", 1, ("hw-a",))
     env.assign("app.wasm", "ecu-a")
     assert "sha384" not in target.hashes
-    env.secondaries["ecu-a"].installed = InstalledImage(
-        "app.wasm", target.length, {"sha384": "00" * 48}, 1
-    )
+    installed = InstalledImage("app.wasm", target.length, dict(target.hashes), 1)
+    if differs == "filename":
+        installed = replace(installed, filename="other.wasm")
+    elif differs == "length":
+        installed = replace(installed, length=target.length + 1)
+    elif differs == "no common hash":
+        installed = replace(installed, hashes={"sha384": "00" * 48})
+    elif differs == "a common hash":
+        installed = replace(
+            installed, hashes={a: "00" * (len(d) // 2) for a, d in target.hashes.items()}
+        )
+    env.secondaries["ecu-a"].installed = installed
     result = env.primary().run_cycle()
     assert result.ok, [str(i) for i in result.issues]
-    assert "ecu-a" in result.updates
+    assert ("ecu-a" in result.updates) == (differs != "nothing")
 
 
 # --- the CAN client's checks of what a secondary answers (DESIGN 4) -----------------------
