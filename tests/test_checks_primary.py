@@ -39,7 +39,15 @@ from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, Primar
 from ecus.primary.links import EcuUpdate, InMemorySecondary
 from ecus.primary.policy import DEFER, INSTALL, Ask, AskFile, Conditions, UpdateOffer
 from ecus.primary.result import MAX_RESPONSE_BYTES
-from ecus.primary.state import INSTALLED, REPORTS, SEAL, PrimaryState, installed_to_bytes
+from ecus.primary.state import (
+    INSTALLED,
+    MAX_RESULT_TEXT,
+    REPORTS,
+    SEAL,
+    PrimaryState,
+    ReportState,
+    installed_to_bytes,
+)
 from ecus.transport.memory import memory_pair
 from uptane import codec
 from uptane.errors import (
@@ -95,6 +103,26 @@ def test_installed_images_are_read_only_under_an_authentic_seal(tmp_path: Path) 
         state.installed()
     with pytest.raises(StateError, match="failed authentication"):
         PrimaryState(tmp_path / "s", SIGNER).installed()
+
+
+def test_only_a_scratch_of_this_state_can_be_committed(tmp_path: Path) -> None:
+    """``commit`` takes ``begin``'s scratch copy only, never some other directory."""
+    state = PrimaryState(tmp_path / "s", SIGNER)
+    before = state.current()
+    elsewhere = tmp_path / "gen-000001"  # the next generation's name, outside work/
+    (elsewhere / "director").mkdir(parents=True)
+    (elsewhere / "image").mkdir()
+    (elsewhere / INSTALLED).write_bytes(installed_to_bytes({"ecu-a": IMAGE}))
+    with pytest.raises(ValueError, match="not a scratch generation"):
+        state.commit(elsewhere)
+    assert state.current() == before and state.installed() == {}
+
+
+def test_report_text_is_bounded_when_noted() -> None:
+    """The text goes into a report whose ``lastResultText`` holds 512 characters at most."""
+    state = ReportState()
+    state.note_failure([ATTACK_FREEZE], "metadataRejected", "x" * 2000)
+    assert len(state.last_result_text) == MAX_RESULT_TEXT <= 512
 
 
 # --- a primary with two in-memory secondaries and a stand-in Director -----------------
