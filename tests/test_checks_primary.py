@@ -36,6 +36,7 @@ from ecus.primary.can_link import (
     TransferFailedError,
 )
 from ecus.primary.config import DownloadPolicy, EcuEntry, MetadataLimits, PrimaryConfig
+from ecus.primary.fetch import PolicyFetcher
 from ecus.primary.links import EcuUpdate, InMemorySecondary
 from ecus.primary.policy import DEFER, INSTALL, Ask, AskFile, Conditions, UpdateOffer
 from ecus.primary.result import MAX_RESPONSE_BYTES
@@ -311,6 +312,37 @@ def test_report_counter_is_never_reused_after_report_state_fails_authentication(
     report = primary.own_report().report
     assert report.report_counter > max(used)
     assert report.last_result == "internalError"
+
+
+# --- conditional timestamp polls (issue 12): a 304 only for the very bytes held -------------
+
+
+def test_a_304_never_hands_back_bytes_a_weak_or_later_answer_did_not_validate(
+    director: tuple[Switchboard, str],
+) -> None:
+    board, url = director
+    board.reset()
+    path = "/cond/timestamp.json"
+    fetcher = PolicyFetcher(DownloadPolicy(socket_timeout=5.0))
+
+    def answer(body: bytes = b"", status: int = 200, **headers: str) -> None:
+        board.overrides[path] = fixed(body, status, **headers)
+
+    # a weak tag is no promise of the same bytes: such a body is not kept
+    answer(b'{"v": 1}', ETag='W/"1"')
+    assert fetcher.download_bytes(url + path, 10_000) == b'{"v": 1}'
+    answer(status=304, ETag='W/"1"')
+    with pytest.raises(tuf_exc.DownloadHTTPError, match="304"):
+        fetcher.download_bytes(url + path, 10_000)
+    # a body kept under a strong tag, then a new body without one: the old is dropped
+    answer(b'{"v": 2}', ETag='"2"')
+    assert fetcher.download_bytes(url + path, 10_000) == b'{"v": 2}'
+    answer(b'{"v": 3}')
+    assert fetcher.download_bytes(url + path, 10_000) == b'{"v": 3}'
+    answer(status=304)
+    with pytest.raises(tuf_exc.DownloadHTTPError, match="304"):
+        fetcher.download_bytes(url + path, 10_000)
+    assert not fetcher.not_modified
 
 
 # --- full verification against real Director and Image servers (5.4.4.2) -----------------
