@@ -162,3 +162,15 @@ def test_booleans_and_integers_are_not_taken_for_each_other() -> None:
     root.consistent_snapshot = 1  # type: ignore[assignment]
     with pytest.raises(DERSerializationError, match="expected a boolean, got int"):
         DERSignedSerializer().serialize(root)
+
+
+def test_a_string_where_a_list_belongs_is_refused_not_split_into_characters() -> None:
+    """``paths: "a/*"`` (python-tuf keeps what it is given) is no list of three paths."""
+    key = CryptoSigner.generate_ed25519().public_key
+    role = DelegatedRole("a", [key.keyid], 1, False, paths=["a/*"])
+    targets = Targets(expires=EXPIRES)
+    targets.delegations = Delegations({key.keyid: key}, roles={"a": role})
+    DERSignedSerializer().serialize(targets)
+    role.paths = "a/*"  # type: ignore[assignment]
+    with pytest.raises(DERSerializationError, match="expected a list, got str"):
+        DERSignedSerializer().serialize(targets)
