@@ -772,3 +772,11 @@ def test_only_an_explicit_yes_installs(tmp_path: Path) -> None:
         assert AskFile(file).decide(OFFER).verdict == DEFER
     file.write_text(json.dumps({"a.wasm": "approve"}))
     assert AskFile(file).decide(OFFER).verdict == INSTALL
+
+
+def test_in_memory_secondary_takes_only_its_own_updates(tmp_path: Path) -> None:
+    """The in-process stand-in refuses another ECU's update as a link would (a wrong route)."""
+    _, ecus = make_primary(tmp_path)
+    with pytest.raises(TransportError, match="ecu-b"):
+        ecus["ecu-a"].send_update(an_update(tmp_path, "ecu-b"))
+    assert ecus["ecu-a"].received == [] and ecus["ecu-a"].installed is None
