@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers.servers import Switchboard, endless, serve, trickle
+from helpers.primary_fixtures import env_fixture, servers_fixture, template_fixture  # noqa: F401  (fixtures)
+from helpers.servers import endless, trickle
 from helpers.uptane_env import (
     PRIMARY,
     VIN,
     Env,
     Servers,
-    build_template,
     shifted,
     tree_digest,
     wasm,
@@ -37,25 +37,6 @@ from uptane.manifest import EcuVersionReport, InstalledImage
 from uptane.metadata import build_custom, set_vehicle_id
 from uptane.repository import utc_now
 from uptane.verification.matching import RepositoryMap
-
-
-@pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
-    image, director = Switchboard(), Switchboard()
-    with serve(image) as image_url, serve(director) as director_url:
-        yield Servers(image, image_url, director, director_url)
-
-
-@pytest.fixture(scope="session")
-def template(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template"), servers.image_url)
-
-
-@pytest.fixture
-def env(tmp_path: Path, template: Path, servers: Servers) -> Iterator[Env]:
-    e = Env(tmp_path, template, servers)
-    yield e
-    e.close()
 
 
 @pytest.fixture

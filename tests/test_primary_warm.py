@@ -10,26 +10,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers.servers import Switchboard, serve
-from helpers.uptane_env import PRIMARY, Env, Servers, build_template
+from helpers.primary_fixtures import servers_fixture, template_fixture  # noqa: F401  (fixtures)
+from helpers.servers import Switchboard
+from helpers.uptane_env import PRIMARY, Env, Servers
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import MetaFile, Snapshot, Targets, Timestamp
 
 from ecus.primary import Primary
 from image_repo.layout import CONFIG_FILE, RepoConfig
 from uptane.repository import DirectoryStore, ExpiryPolicy, SigningRepository, utc_now
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
-    image, director = Switchboard(), Switchboard()
-    with serve(image) as image_url, serve(director) as director_url:
-        yield Servers(image, image_url, director, director_url)
-
-
-@pytest.fixture(scope="module")
-def template(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template"), servers.image_url)
 
 
 @pytest.fixture

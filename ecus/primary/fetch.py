@@ -104,7 +104,11 @@ class PolicyFetcher(Urllib3Fetcher):
                 return self._tls_pool.request("GET", url, **options)
             return self._proxy_env.request("GET", url, **options)
         except urllib3.exceptions.MaxRetryError as e:
-            if isinstance(e.reason, urllib3.exceptions.TimeoutError):
+            # connected, request sent, no response within socket_timeout: slow retrieval
+            # (4.3.1). A connection refused or not made in time (NewConnectionError and
+            # ConnectTimeoutError, also urllib3 TimeoutErrors) is a mirror that cannot be
+            # reached: a plain DownloadError, and the primary tries the next one.
+            if isinstance(e.reason, urllib3.exceptions.ReadTimeoutError):
                 raise tuf_exc.SlowRetrievalError from e
             raise
 
@@ -186,7 +190,16 @@ class PolicyFetcher(Urllib3Fetcher):
             response.release_conn()
 
     def fetch(self, url: str) -> Iterator[bytes]:
-        chunks = super().fetch(url)
+        try:
+            chunks = super().fetch(url)
+        except tuf_exc.DownloadError as e:
+            # FetcherInterface.fetch wraps every error of _fetch but a DownloadError in a
+            # DownloadError, which would make a server that never answers look like one
+            # that cannot be reached (the next mirror is tried): keep it slow retrieval
+            cause = e.__cause__
+            if isinstance(cause, SlowRetrievalError):
+                raise cause from cause.__cause__
+            raise
         self._open.append(chunks)
         return chunks
 

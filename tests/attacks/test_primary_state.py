@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers.servers import Switchboard, fixed, serve
-from helpers.uptane_env import DIRECTOR_EXPIRY, PRIMARY, Env, Servers, build_template
+from helpers.primary_fixtures import env_fixture, servers_fixture, template_fixture  # noqa: F401  (fixtures)
+from helpers.servers import fixed
+from helpers.uptane_env import DIRECTOR_EXPIRY, PRIMARY, Env
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
@@ -34,25 +33,6 @@ from ecus.sim.compromise import craft_director_targets
 from image_repo.layout import CONFIG_FILE, RepoConfig
 from uptane import errors
 from uptane.manifest import InstalledImage
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
-    image, director = Switchboard(), Switchboard()
-    with serve(image) as image_url, serve(director) as director_url:
-        yield Servers(image, image_url, director, director_url)
-
-
-@pytest.fixture(scope="module")
-def template(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template"), servers.image_url)
-
-
-@pytest.fixture
-def env(tmp_path: Path, template: Path, servers: Servers) -> Iterator[Env]:
-    e = Env(tmp_path, template, servers)
-    yield e
-    e.close()
 
 
 @pytest.fixture
