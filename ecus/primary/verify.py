@@ -413,9 +413,10 @@ class RepositorySync:
     ) -> tuple[Updater, str, VerifiedRepository]:
         """Refresh one repository with ngclient, look ``lookups`` up, re-check what it trusts.
 
-        ngclient reuses a stored snapshot (targets, delegated role) when the
-        new index names the version it holds, without checking its hashes
-        (``stale.check_stored``); if the repository changed that file's content
+        ngclient reuses a stored snapshot when the new timestamp names the
+        version it holds, without checking its hashes (``stale.check_stored``,
+        which checks the stored targets and delegated roles too; tuf 7.0.1
+        checks those itself); if the repository changed that file's content
         without a version bump that stored copy would be refused every cycle.
         So once, on a length/hash mismatch, the stored snapshot and targets
         files are set aside, their versions kept as the rollback floor
