@@ -329,9 +329,16 @@ def test_targets_for_another_vehicle(ecu: Ecu) -> None:
     assert_unchanged_and_running_v1(ecu, before)
 
 
-def test_release_counter_rollback(ecu: Ecu) -> None:
+@pytest.mark.parametrize("after_empty_targets", [False, True], ids=["installed", "then_no_target"])
+def test_release_counter_rollback(ecu: Ecu, after_empty_targets: bool) -> None:
+    """A target below the running image's release counter is a rollback attack. The
+    installed image's counter is a floor of its own: also after Director targets that
+    assign this ECU nothing (the trusted release floor is then 0)."""
     tf = ecu.target("apps/blink_v1.wasm", app("blink_v1"), capabilities=V1_CAPS, release_counter=5)
     ecu.update(tf, app("blink_v1"))
+    if after_empty_targets:
+        assert ecu.client.push_metadata([], ecu.sim.publish_targets([])) == "noUpdate"
+        assert ecu.secondary.trusted.release_counter == 0
     ecu.report()
     before = ecu.slots()
     old = ecu.target("apps/blink_v2.wasm", app("blink_v2"), release_counter=4)
@@ -341,6 +348,7 @@ def test_release_counter_rollback(ecu: Ecu) -> None:
     report = ecu.report()
     assert ATTACK_ROLLBACK in report.attacks_detected
     assert report.installed is not None and report.installed.release_counter == 5
+    assert ecu.secondary.pending_target is None
     assert_unchanged_and_running_v1(ecu, before)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import detools
 import pytest
-from helpers.delta_ecu import DeltaEcu, patch_v1_v2
+from helpers.delta_ecu import DeltaEcu, patch_v1_v2, running_v1
 from helpers.delta_images import release
 
 from ecus.primary.can_link import ImageRefusedError
@@ -30,11 +30,7 @@ from uptane.errors import ATTACK_ARBITRARY_SOFTWARE, ATTACK_ENDLESS_DATA, CodecE
 
 @pytest.fixture
 def ecu(tmp_path: Path) -> Iterator[DeltaEcu]:
-    e = DeltaEcu(tmp_path)
-    e.install_v1()
-    e.report()  # a clean slate of attacks
-    yield e
-    e.close()
+    yield from running_v1(tmp_path)
 
 
 def active_unchanged(ecu: DeltaEcu) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -160,3 +161,12 @@ class DeltaEcu:
 
 def patch_v1_v2() -> bytes:
     return make_delta(release(1), release(2))
+
+
+def running_v1(tmp: Path) -> Iterator[DeltaEcu]:
+    """A ``DeltaEcu`` with release 1 installed and no attack reported yet (for a fixture)."""
+    e = DeltaEcu(tmp)
+    e.install_v1()
+    e.report()  # a clean slate of attacks
+    yield e
+    e.close()
