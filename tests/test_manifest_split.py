@@ -78,6 +78,16 @@ KEYID = b"a" * 64
 VALUE = b"\x01" * 64
 
 
+def _overlong_signature() -> bytes:
+    """The last signature's SEQUENCE and value each claim one byte more than the
+    signatures container holds: read as given, the value would end past the data and
+    be taken short."""
+    value = b"\x01" * 8
+    inner = _tlv(0x80, KEYID) + bytes([0x81, len(value) + 1]) + value
+    signature = bytes([0x30, len(inner) + 1]) + inner
+    return _tlv(0x30, _tlv(0x80, b"\x30\x00") + _tlv(0xA1, signature))
+
+
 def _refusals() -> list[tuple[str, bytes]]:
     good = _envelope(b"\x30\x00", [(KEYID, VALUE)])
     assert split_signed_report(good)[0] == b"\x30\x00"
@@ -89,6 +99,7 @@ def _refusals() -> list[tuple[str, bytes]]:
         ("truncated", good[:-1]),
         ("long form for a short length", nonminimal),
         ("indefinite length", b"\x30\x80" + good[2:] + b"\x00\x00"),
+        ("a signature's lengths run past its container", _overlong_signature()),
         ("empty report", _envelope(b"", [(KEYID, VALUE)])),
         ("report over 4096 bytes", _envelope(b"\x00" * 4097, [(KEYID, VALUE)])),
         ("no signature", _envelope(b"\x30\x00", [])),
