@@ -30,6 +30,7 @@ from test_slots import T2, V1, V2, write_all
 from tuf.api import exceptions as tuf_exc
 
 from ecus.primary.can_link import ImageRefusedError, MetadataRejectedError
+from ecus.primary.links import EcuUpdate
 from ecus.secondary import Secondary
 from ecus.secondary.delta import DELTA_FILE, DELTA_KEY
 from ecus.secondary.report_state import ReportState
@@ -428,18 +429,24 @@ def test_a_delta_that_does_not_decode_marks_its_slot_failed(delta_ecu: DeltaEcu)
     assert delta_ecu.active_bytes() == release(1)
 
 
-def test_a_delta_whose_patch_bytes_were_lost_starts_over(delta_ecu: DeltaEcu) -> None:
-    """After a restart that lost the received patch bytes (the record says more than the
-    file holds), the next offer starts the delta from 0 and it installs: no stale offset
-    is trusted, nothing is padded with zeros."""
-    patch = patch_v1_v2()
-    update = delta_ecu.with_delta(delta_ecu.update(2), patch)
+def _interrupted(delta_ecu: DeltaEcu, update: EcuUpdate, patch: bytes) -> None:
+    """``patch`` sent 64 bytes at a time until the ECU dies at its third delta chunk."""
     assert update.delta is not None
     delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
     delta_ecu.client.chunk_size = 64
     delta_ecu.cut_at = ("delta_chunk", 3)
     with pytest.raises(CodecError):  # the ECU died mid-exchange
         delta_ecu.client.send_image(patch, update.installed_image, delta=update.delta.offer)
+
+
+def test_a_delta_whose_patch_bytes_were_lost_starts_over(delta_ecu: DeltaEcu) -> None:
+    """After a restart that lost the received patch bytes (the record says more than the
+    file holds), the next offer starts the delta from 0 and it installs: no stale offset
+    is trusted, nothing is padded with zeros."""
+    patch = patch_v1_v2()
+    update = delta_ecu.with_delta(delta_ecu.update(2), patch)
+    _interrupted(delta_ecu, update, patch)
+    assert update.delta is not None
     store_path = delta_ecu.secondary.store.path
     record = delta_ecu.secondary.store.get_extra(DELTA_KEY)
     assert record is not None and record["received"] > 0
@@ -471,12 +478,7 @@ def test_another_delta_for_the_same_target_does_not_resume_the_first(
     second = out.getvalue()
     assert len(second) != len(first)
     update = delta_ecu.with_delta(delta_ecu.update(2), first)
-    assert update.delta is not None
-    delta_ecu.client.push_metadata(update.director_root_chain, update.director_targets)
-    delta_ecu.client.chunk_size = 64
-    delta_ecu.cut_at = ("delta_chunk", 3)
-    with pytest.raises(CodecError):  # the ECU died mid-exchange
-        delta_ecu.client.send_image(first, update.installed_image, delta=update.delta.offer)
+    _interrupted(delta_ecu, update, first)
     delta_ecu.boot()
     other = delta_ecu.with_delta(update, second)
     assert other.delta is not None

@@ -28,6 +28,7 @@ from test_verification_full import (
     make_repo,
     ngclient_image,
     publish_image,
+    refreshed,
     resign,
     verified,
 )
@@ -201,13 +202,7 @@ def test_verify_trusted_refuses_a_root_chain_with_a_gap(tmp_path: Path) -> None:
     r = make_repo()
     resign(r, Root.type)
     resign(r, Root.type)
-    updater = Updater(
-        str(tmp_path),
-        "http://repo/",
-        fetcher=MemoryFetcher(r.store.files),
-        bootstrap=r.store.files["1.root.json"],
-    )
-    updater.refresh()
+    updater = refreshed(r, tmp_path)
     trusted = updater._trusted_set
     roots = verify_root_chain(r.data().root_chain, "image")
     assert [x.version for x in roots] == [1, 2, 3]
@@ -591,13 +586,7 @@ def test_check_stored_fails_closed_on_a_stored_file_it_cannot_read(tmp_path: Pat
     r.repo.meta_hashes = True
     resign(r, Targets.type)
     metadata = tmp_path / "metadata"
-    updater = Updater(
-        str(metadata),
-        "http://repo/",
-        fetcher=MemoryFetcher(r.store.files),
-        bootstrap=r.store.files["1.root.json"],
-    )
-    updater.refresh()
+    updater = refreshed(r, metadata)
     trusted = updater._trusted_set
     stored = stored_files(metadata)
     assert {"snapshot.json", "targets.json"} <= stored

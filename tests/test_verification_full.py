@@ -848,7 +848,8 @@ class MemoryFetcher(FetcherInterface):
         return iter([self.files[name]])
 
 
-def ngclient_image(r: Repo, tmp: Path, *paths: str) -> VerifiedRepository:
+def refreshed(r: Repo, tmp: Path) -> Updater:
+    """An ngclient ``Updater`` over ``r``'s files, from its first root, refreshed."""
     updater = Updater(
         str(tmp),
         "http://repo/",
@@ -856,6 +857,11 @@ def ngclient_image(r: Repo, tmp: Path, *paths: str) -> VerifiedRepository:
         bootstrap=r.store.files["1.root.json"],
     )
     updater.refresh()
+    return updater
+
+
+def ngclient_image(r: Repo, tmp: Path, *paths: str) -> VerifiedRepository:
+    updater = refreshed(r, tmp)
     for path in paths:
         updater.get_targetinfo(path)
     roots = verify_root_chain((r.store.files["1.root.json"],), "image")
